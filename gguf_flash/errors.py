@@ -1,0 +1,37 @@
+"""Typed errors. Library code raises these; only the CLI turns them into one line and exit code 2."""
+
+
+class GGUFFlashError(Exception):
+    """Base class of every error gguf_flash raises on purpose."""
+
+
+class GGUFFormatError(GGUFFlashError):
+    """The file is not a GGUF, is truncated, or is inconsistent."""
+
+
+class UnsupportedModelError(GGUFFlashError):
+    """An architecture, tensor type or tokenizer this engine does not implement."""
+
+
+class ModelFetchError(GGUFFlashError):
+    """A real model could not be downloaded or verified."""
+
+
+class ContextOverflowError(GGUFFlashError):
+    """More tokens than the context (-c) holds."""
+
+
+class RamCapError(GGUFFlashError):
+    """The RAM cap cannot be met (refused before loading) or was exceeded while running."""
+
+    def __init__(self, message, tokens=None):
+        super().__init__(message)
+        self.tokens = list(tokens or [])  # what was generated before the cap was hit
+
+
+class FlashFormatError(GGUFFormatError):
+    """A flash-GGUF file whose flash.* keys or bundle tensors are missing or inconsistent."""
+
+
+class InvalidArgumentError(GGUFFlashError):
+    """A bad option value (sampling parameter, size string, ...)."""
