@@ -19,11 +19,7 @@ import pytest
 from gguf_flash.errors import UnsupportedModelError
 from gguf_flash.tokenizer_bpe import BPETokenizer, clean_spaces
 
-MODEL = Path(os.path.expanduser("~/.cache/gguf-flash/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "smollm2.json"
-if not REFERENCE.exists():
-    REFERENCE = Path("/work/shared/reference/smollm2.json")
-GPL3 = Path("/usr/share/common-licenses/GPL-3")
+from conftest import GPL3, reference
 
 
 def gpt2_bytes_to_unicode():
@@ -47,15 +43,10 @@ U2B = {c: b for b, c in B2U.items()}
 # SmolLM2 against llama.cpp
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smol_md():
-    if not MODEL.exists() or not REFERENCE.exists():
-        pytest.skip(f"needs {MODEL} and {REFERENCE} (real model and llama.cpp reference outputs)")
-    import gguf
-
-    reader = gguf.GGUFReader(MODEL)
-    md = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.ggml.")}
-    md["tokenizer.ggml.token_type"] = np.asarray(md["tokenizer.ggml.token_type"], dtype=np.int32)
-    return md
+def smol_md(smollm2_path):
+    from gguf_flash.gguf_file import GGUFFile
+    f = GGUFFile(smollm2_path)
+    return {k: v for k, v in f.meta.items() if k.startswith("tokenizer.ggml.")}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +56,7 @@ def smol(smol_md):
 
 @pytest.fixture(scope="module")
 def ref():
-    return json.loads(REFERENCE.read_text())
+    return reference("smollm2")
 
 
 def test_construction_is_fast(smol_md):
@@ -428,8 +419,7 @@ STRESS = ("Hello\r\n\r\n  world's   'RE  x\t\ty  123456789 ... 'll' ¡Olé! 你�
 def test_pre_tokenizer_matches_llama_cpp_matcher(pre, twin):
     tok = tiny(pre)
     texts = [STRESS, GPL3.read_text(encoding="utf-8")[:20000]]
-    if REFERENCE.exists():
-        texts += [p["text"] for p in json.loads(REFERENCE.read_text())["prompts"]]
+    texts += [p["text"] for p in reference("smollm2")["prompts"]]
     for text in texts:
         if pre == "smollm" and any(unicodedata.category(c) == "Nd" and not c.isascii() for c in text):
             continue

