@@ -1,0 +1,72 @@
+"""The Python API: `gguf_flash.load(name_or_path)` -> LLM (tokenize, detokenize, generate, logits, chat)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import models
+from .errors import InvalidArgumentError
+from .generate import GenerationResult, generate, render_chat, stream_text
+from .gguf_file import GGUFFile
+from .model import Model
+from .sampling import GREEDY, SamplingParams
+from .tokenizer import tokenizer_from_gguf
+
+
+class LLM:
+    def __init__(self, path, n_ctx: int | None = None, n_threads: int | None = None):
+        self.path = models.resolve(path)
+        self.file = GGUFFile(self.path)
+        self.model = Model(self.file, n_ctx=n_ctx, n_threads=n_threads)
+        self.cfg = self.model.cfg
+        self.tokenizer = tokenizer_from_gguf(self.file)
+
+    # ---- text <-> tokens ----
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list:
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, ids, special: bool = False) -> str:
+        return self.tokenizer.decode(list(ids), special=special)
+
+    # ---- model ----
+    def logits(self, tokens, all_positions: bool = False) -> np.ndarray:
+        """Logits of a fresh context fed `tokens`: (n_vocab,) for the last one, or (n, n_vocab)."""
+        tokens = list(tokens)
+        if not all_positions:
+            return self.model.prefill(tokens, 0).copy()
+        out = np.zeros((len(tokens), self.cfg.n_vocab), np.float32)
+        for start, chunk in self.model.prefill(tokens, 0, logits_rows="all"):
+            out[start:start + len(chunk)] = chunk
+        return out
+
+    def generate(self, prompt: str | list, n_predict: int = 128, params: SamplingParams = GREEDY,
+                 stop=(), stream=None, ignore_eos: bool = False) -> GenerationResult:
+        """Generate from a prompt (text, tokenized with the model's BOS rule, or token ids).
+        stream: a callable receiving text pieces as they become printable."""
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if n_predict < 0:
+            raise InvalidArgumentError(f"n_predict must be >= 0, got {n_predict}")
+        return generate(self.model, self.tokenizer, ids, n_predict, params, stop, stream, ignore_eos)
+
+    def stream(self, prompt, n_predict: int = 128, params: SamplingParams = GREEDY, stop=()):
+        """Generator of text pieces, produced as generation goes (nothing is buffered)."""
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        yield from stream_text(self.model, self.tokenizer, ids, n_predict, params, stop)
+
+    def chat_prompt(self, messages, add_generation_prompt: bool = True) -> str:
+        tok = self.tokenizer
+        bos = tok.decode([tok.bos_id], special=True) if tok.bos_id is not None else ""
+        eos = tok.decode([tok.eos_id], special=True) if tok.eos_id is not None else ""
+        return render_chat(self.file.get("tokenizer.chat_template"), messages, bos, eos, add_generation_prompt)
+
+    def chat(self, messages, n_predict: int = 256, params: SamplingParams = GREEDY, stream=None):
+        text = self.chat_prompt(messages)
+        ids = self.tokenizer.encode(text, add_special=True, parse_special=True)
+        # a template that writes BOS itself must not get a second one (llama.cpp warns and drops it)
+        if len(ids) > 1 and ids[0] == ids[1] == self.tokenizer.bos_id:
+            ids = ids[1:]
+        return self.generate(ids, n_predict, params, stream=stream)
+
+
+def load(name_or_path, n_ctx: int | None = None, n_threads: int | None = None) -> LLM:
+    return LLM(name_or_path, n_ctx=n_ctx, n_threads=n_threads)

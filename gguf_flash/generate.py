@@ -1,0 +1,141 @@
+"""Generation as a chain of small verbs (gpt-fast): prefill -> decode one -> decode n -> generate.
+Also chat templates (the GGUF's own Jinja2 `tokenizer.chat_template`, sandboxed) and timing stats."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .errors import ContextOverflowError, GGUFFormatError
+from .sampling import GREEDY, Sampler, SamplingParams
+from .tokenizer import StreamDecoder
+
+# llama.cpp falls back to ChatML when a model has no template of its own
+CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+                   "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    tokens: list = field(default_factory=list)
+    n_prompt: int = 0
+    prompt_s: float = 0.0
+    decode_s: float = 0.0
+    stop_reason: str = "length"       # "length", "eog", "stop", "error"
+    per_token: list = field(default_factory=list)   # optional per-token stats (flash mode)
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.n_prompt / self.prompt_s if self.prompt_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        # the first generated token comes from the prefill's logits: decode steps = tokens - 1
+        n = max(len(self.tokens) - 1, 0)
+        return n / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def prefill(model, prompt_ids, pos0: int = 0):
+    """Logits of the last prompt token; the KV cache holds the whole prompt."""
+    if not prompt_ids:
+        raise GGUFFormatError("empty prompt: nothing to condition on")
+    return model.prefill(prompt_ids, pos0)
+
+
+def decode_one(model, sampler: Sampler, logits, history) -> int:
+    return sampler.sample(logits, history)
+
+
+def generate_tokens(model, prompt_ids, n_predict: int, sampler: Sampler, eog_ids=frozenset(),
+                    result: GenerationResult | None = None):
+    """Yields generated token ids; `result` collects timing. Stops at n_predict, an end-of-generation
+    token (not yielded), or the context's end."""
+    res = result if result is not None else GenerationResult()
+    res.n_prompt = len(prompt_ids)
+    if len(prompt_ids) > model.n_ctx:
+        raise ContextOverflowError(f"prompt of {len(prompt_ids)} tokens does not fit the context of "
+                                   f"{model.n_ctx} (use -c to enlarge it)")
+    t0 = time.perf_counter()
+    logits = prefill(model, prompt_ids)
+    res.prompt_s = time.perf_counter() - t0
+    history = list(prompt_ids)
+    pos = len(prompt_ids)
+    t0 = time.perf_counter()
+    for i in range(n_predict):
+        tok = decode_one(model, sampler, logits, history)
+        if tok in eog_ids:
+            res.stop_reason = "eog"
+            break
+        res.tokens.append(tok)
+        history.append(tok)
+        yield tok
+        if i == n_predict - 1:
+            break
+        if pos >= model.n_ctx:
+            res.stop_reason = "context"
+            break
+        logits = model.forward(tok, pos)
+        pos += 1
+    res.decode_s = time.perf_counter() - t0
+
+
+def stream_text(model, tokenizer, prompt_ids, n_predict: int, params: SamplingParams = GREEDY,
+                stop=(), ignore_eos: bool = False, result: GenerationResult | None = None):
+    """Yields text pieces as they become printable; stops at a stop string (not yielded).
+    `result` (if given) receives the tokens, full text and timing."""
+    res = result if result is not None else GenerationResult()
+    sampler = Sampler(params)
+    dec = StreamDecoder(tokenizer)
+    stop = [s for s in stop if s]
+    eog = frozenset() if ignore_eos else tokenizer.eog_ids
+    held = ""  # text withheld while it could be the start of a stop string
+    for tok in generate_tokens(model, prompt_ids, n_predict, sampler, eog, res):
+        held += dec.push(tok)
+        hit = min((held.find(s) for s in stop if s in held), default=-1)
+        if hit >= 0:
+            held = held[:hit]
+            res.stop_reason = "stop"
+            break
+        partial = max((k for k in range(1, len(held) + 1) if any(s.startswith(held[-k:]) for s in stop)),
+                      default=0)
+        if len(held) > partial:
+            piece, held = held[:len(held) - partial], held[len(held) - partial:]
+            res.text += piece
+            yield piece
+    if res.stop_reason != "stop":
+        held += dec.flush()
+    if held:
+        res.text += held
+        yield held
+
+
+def generate(model, tokenizer, prompt_ids, n_predict: int = 128, params: SamplingParams = GREEDY,
+             stop=(), on_text=None, ignore_eos: bool = False) -> GenerationResult:
+    """Generate text; on_text(piece) is called as text becomes printable."""
+    res = GenerationResult()
+    for piece in stream_text(model, tokenizer, prompt_ids, n_predict, params, stop, ignore_eos, res):
+        if on_text:
+            on_text(piece)
+    return res
+
+
+def render_chat(template: str | None, messages, bos_token: str = "", eos_token: str = "",
+                add_generation_prompt: bool = True) -> str:
+    """Apply a chat template in Jinja2's immutable sandbox (templates come from untrusted files)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(msg):
+        raise TemplateError(msg)
+
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template or CHATML_TEMPLATE).render(
+            messages=messages, bos_token=bos_token, eos_token=eos_token,
+            add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise GGUFFormatError(f"chat template failed: {e}") from None

@@ -1,0 +1,154 @@
+"""Dispatch from a ggml type id to its kernels, inside numba code.
+
+The forward pass is one compiled function per token, so the per-matrix choice of kernel happens here:
+one comparison chain per matrix call (not per row or block); the inner loops are the per-type kernels
+of quant_basic.py and quant_k.py. A weight is addressed as (offset, n_rows, row_bytes, qtype) into the
+memory-mapped file `blob` (file_size,) uint8, so one compiled forward serves every mix of types.
+"""
+
+import numpy as np
+from numba import njit
+
+from . import quant_basic as qb
+from . import quant_k as qk
+
+# ggml type ids (gguf.GGMLQuantizationType)
+F32 = 0
+F16 = 1
+BF16 = 30
+Q4_0 = 2
+Q4_1 = 3
+Q5_0 = 6
+Q5_1 = 7
+Q8_0 = 8
+Q2_K = 10
+Q3_K = 11
+Q4_K = 12
+Q5_K = 13
+Q6_K = 14
+IQ4_NL = 20
+SUPPORTED = (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL)
+
+
+@njit(cache=True, inline="always")
+def weight(blob, m):
+    """(n_rows, row_bytes) uint8 view of the weight described by m = (offset, n_rows, row_bytes, qtype)."""
+    return blob[m[0]:m[0] + m[1] * m[2]].reshape((m[1], m[2]))
+
+
+@njit(cache=True)
+def quantize_x(xq, x):
+    """xq (q8x_scratch_bytes(n),) uint8 <- x (n,) as 8-bit blocks, once per input vector: the
+    Q4/Q5/Q8 matvecs then use integer dot products (llama.cpp's scheme, ~2x the float path)."""
+    qb.quantize_x_q8(xq, x)
+
+
+@njit(cache=True)
+def matvec(out, blob, m, x, xq):
+    """out (n_rows,) = W @ x; xq is x after quantize_x (used by the Q4/Q5/Q8 types)."""
+    w = weight(blob, m)
+    qt = m[3]
+    if qt == Q4_1:
+        qb.matvec_q8x_q4_1(out, w, xq)
+    elif qt == Q8_0:
+        qb.matvec_q8x_q8_0(out, w, xq)
+    elif qt == Q4_0:
+        qb.matvec_q8x_q4_0(out, w, xq)
+    elif qt == Q5_0:
+        qb.matvec_q8x_q5_0(out, w, xq)
+    elif qt == Q5_1:
+        qb.matvec_q8x_q5_1(out, w, xq)
+    elif qt == F32:
+        qb.matvec_f32(out, w, x)
+    elif qt == F16:
+        qb.matvec_f16(out, w, x)
+    elif qt == BF16:
+        qb.matvec_bf16(out, w, x)
+    elif qt == Q2_K:
+        qk.matvec_q2_k(out, w, x)
+    elif qt == Q3_K:
+        qk.matvec_q3_k(out, w, x)
+    elif qt == Q4_K:
+        qk.matvec_q4_k(out, w, x)
+    elif qt == Q5_K:
+        qk.matvec_q5_k(out, w, x)
+    elif qt == Q6_K:
+        qk.matvec_q6_k(out, w, x)
+    elif qt == IQ4_NL:
+        qk.matvec_iq4_nl(out, w, x)
+    else:
+        raise ValueError("unsupported ggml type")
+
+
+@njit(cache=True)
+def matmat(out, blob, m, x):
+    """out (n_tok, n_rows) = X @ W.T for X (n_tok, n_cols)."""
+    w = weight(blob, m)
+    qt = m[3]
+    if qt == F32:
+        qb.matmat_f32(out, w, x)
+    elif qt == F16:
+        qb.matmat_f16(out, w, x)
+    elif qt == BF16:
+        qb.matmat_bf16(out, w, x)
+    elif qt == Q4_0:
+        qb.matmat_q4_0(out, w, x)
+    elif qt == Q4_1:
+        qb.matmat_q4_1(out, w, x)
+    elif qt == Q5_0:
+        qb.matmat_q5_0(out, w, x)
+    elif qt == Q5_1:
+        qb.matmat_q5_1(out, w, x)
+    elif qt == Q8_0:
+        qb.matmat_q8_0(out, w, x)
+    elif qt == Q2_K:
+        qk.matmat_q2_k(out, w, x)
+    elif qt == Q3_K:
+        qk.matmat_q3_k(out, w, x)
+    elif qt == Q4_K:
+        qk.matmat_q4_k(out, w, x)
+    elif qt == Q5_K:
+        qk.matmat_q5_k(out, w, x)
+    elif qt == Q6_K:
+        qk.matmat_q6_k(out, w, x)
+    elif qt == IQ4_NL:
+        qk.matmat_iq4_nl(out, w, x)
+    else:
+        raise ValueError("unsupported ggml type")
+
+
+@njit(cache=True)
+def dequant_row(out, blob, m, r):
+    """out (n_cols,) = row r of the weight, dequantized (embedding lookup)."""
+    w = weight(blob, m)
+    qt = m[3]
+    if qt == F32:
+        qb.dequant_row_f32(out, w[r])
+    elif qt == F16:
+        qb.dequant_row_f16(out, w[r])
+    elif qt == BF16:
+        qb.dequant_row_bf16(out, w[r])
+    elif qt == Q4_0:
+        qb.dequant_row_q4_0(out, w[r])
+    elif qt == Q4_1:
+        qb.dequant_row_q4_1(out, w[r])
+    elif qt == Q5_0:
+        qb.dequant_row_q5_0(out, w[r])
+    elif qt == Q5_1:
+        qb.dequant_row_q5_1(out, w[r])
+    elif qt == Q8_0:
+        qb.dequant_row_q8_0(out, w[r])
+    elif qt == Q2_K:
+        qk.dequant_row_q2_k(out, w[r])
+    elif qt == Q3_K:
+        qk.dequant_row_q3_k(out, w[r])
+    elif qt == Q4_K:
+        qk.dequant_row_q4_k(out, w[r])
+    elif qt == Q5_K:
+        qk.dequant_row_q5_k(out, w[r])
+    elif qt == Q6_K:
+        qk.dequant_row_q6_k(out, w[r])
+    elif qt == IQ4_NL:
+        qk.dequant_row_iq4_nl(out, w[r])
+    else:
+        raise ValueError("unsupported ggml type")

@@ -1,0 +1,136 @@
+"""Element-wise and attention kernels: RMSNorm, RoPE, activations, softmax attention over a KV cache.
+
+Conventions (STYLE.md): output first, then inputs, then sizes; float32 everywhere; nothing allocated
+inside. Every kernel has a numpy twin in tests/test_kernels_nn.py.
+"""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ..config import ACT_GELU_TANH, ACT_RELU, ROPE_NEOX
+
+FASTMATH = {"contract", "reassoc", "arcp", "nsz", "afn"}  # no nnan/ninf: -inf masks must work
+SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def rmsnorm(out, x, w, eps):
+    """out (n,) = x / rms(x) * w; out may alias x."""
+    ss = np.float32(0.0)
+    for i in range(x.shape[0]):
+        ss += x[i] * x[i]
+    s = np.float32(1.0) / np.sqrt(ss / np.float32(x.shape[0]) + np.float32(eps))
+    for i in range(x.shape[0]):
+        out[i] = x[i] * s * w[i]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def rmsnorm_heads(x, w, n_head, head_dim, eps):
+    """In place: per-head RMSNorm of x (n_head * head_dim,) with weight w (head_dim,) (q/k norms)."""
+    for h in range(n_head):
+        o = h * head_dim
+        ss = np.float32(0.0)
+        for i in range(head_dim):
+            ss += x[o + i] * x[o + i]
+        s = np.float32(1.0) / np.sqrt(ss / np.float32(head_dim) + np.float32(eps))
+        for i in range(head_dim):
+            x[o + i] = x[o + i] * s * w[i]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def rope_cos_sin(cos, sin, pos, inv_freq):
+    """cos, sin (rope_dim/2,) for position pos; inv_freq (rope_dim/2,) = base^(-2i/d) / freq_factor_i."""
+    for i in range(inv_freq.shape[0]):
+        theta = np.float64(pos) * np.float64(inv_freq[i])
+        cos[i] = np.float32(math.cos(theta))
+        sin[i] = np.float32(math.sin(theta))
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def rope(x, cos, sin, n_head, head_dim, style):
+    """In place on x (n_head * head_dim,). NORM rotates pairs (2i, 2i+1); NEOX rotates (i, i + d/2),
+    d = 2 * len(cos) (may be < head_dim: the rest is left as is). llama.cpp ggml_rope_ext."""
+    half = cos.shape[0]
+    for h in range(n_head):
+        o = h * head_dim
+        if style == ROPE_NEOX:
+            for i in range(half):
+                a, b = x[o + i], x[o + i + half]
+                x[o + i] = a * cos[i] - b * sin[i]
+                x[o + i + half] = a * sin[i] + b * cos[i]
+        else:
+            for i in range(half):
+                a, b = x[o + 2 * i], x[o + 2 * i + 1]
+                x[o + 2 * i] = a * cos[i] - b * sin[i]
+                x[o + 2 * i + 1] = a * sin[i] + b * cos[i]
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def activate(g, act):
+    if act == ACT_GELU_TANH:
+        return np.float32(0.5) * g * (np.float32(1.0) + np.tanh(SQRT_2_OVER_PI * (g + np.float32(0.044715) * g * g * g)))
+    if act == ACT_RELU:
+        return g if g > np.float32(0.0) else np.float32(0.0)
+    return g / (np.float32(1.0) + np.exp(-g))  # SiLU
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def glu(out, gate, up, act, threshold):
+    """out (n_ff,) = act(gate) * up where |act(gate)| > threshold, else 0 (CATS-style sparsity:
+    threshold 0 is the dense FFN, since a neuron with act(gate) = 0 contributes nothing anyway)."""
+    for i in range(out.shape[0]):
+        a = activate(gate[i], act)
+        out[i] = a * up[i] if abs(a) > threshold else np.float32(0.0)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _attend_head(out, q, k_cache, v_cache, scores, t0, t1, kv_off, head_dim, scale):
+    """out (head_dim,) = softmax(q . K[t0:t1]^T * scale) V[t0:t1] for one head; scores (>= t1,) scratch."""
+    m = -np.inf
+    for t in range(t0, t1):
+        s = np.float32(0.0)
+        for i in range(head_dim):
+            s += q[i] * k_cache[t, kv_off + i]
+        s *= scale
+        scores[t] = s
+        if s > m:
+            m = s
+    total = np.float32(0.0)
+    for t in range(t0, t1):
+        e = np.exp(scores[t] - m)
+        scores[t] = e
+        total += e
+    for i in range(head_dim):
+        out[i] = np.float32(0.0)
+    for t in range(t0, t1):
+        p = scores[t] / total
+        for i in range(head_dim):
+            out[i] += p * v_cache[t, kv_off + i]
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def attention(out, q, k_cache, v_cache, scores, pos, window, n_head, n_head_kv, head_dim, scale):
+    """One query token at `pos` over cache rows [0, pos] (or the last `window` when window > 0).
+    out, q (n_head * head_dim,); k_cache, v_cache (n_ctx, n_head_kv * head_dim); scores (n_head, n_ctx)."""
+    t0 = max(0, pos - window + 1) if window > 0 else 0
+    group = n_head // n_head_kv
+    for h in prange(n_head):
+        _attend_head(out[h * head_dim:(h + 1) * head_dim], q[h * head_dim:(h + 1) * head_dim],
+                     k_cache, v_cache, scores[h], t0, pos + 1, (h // group) * head_dim, head_dim, scale)
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def attention_batch(out, q, k_cache, v_cache, scores, pos0, window, n_head, n_head_kv, head_dim, scale):
+    """A batch of query tokens at positions pos0 .. pos0 + n_tok - 1 (their K/V already in the cache).
+    out, q (n_tok, n_head * head_dim); scores (n_tok * n_head, >= pos0 + n_tok) scratch, one row per task."""
+    n_tok = q.shape[0]
+    group = n_head // n_head_kv
+    for task in prange(n_tok * n_head):
+        j, h = task // n_head, task % n_head
+        pos = pos0 + j
+        t0 = max(0, pos - window + 1) if window > 0 else 0
+        _attend_head(out[j, h * head_dim:(h + 1) * head_dim], q[j, h * head_dim:(h + 1) * head_dim],
+                     k_cache, v_cache, scores[task], t0, pos + 1,
+                     (h // group) * head_dim, head_dim, scale)

