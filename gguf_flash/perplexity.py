@@ -24,6 +24,21 @@ class PerplexityResult:
     chunk_ppl: list
 
 
+def chunk_nll(model, inp) -> tuple[float, int]:
+    """Sum of -log p(inp[p+1] | inp[:p+1]) over a fresh context fed `inp`, and the count scored."""
+    inp = np.asarray(inp, np.int64)
+    nll, n = 0.0, 0
+    for start, logits in model.prefill(inp, 0, logits_rows="all"):
+        targets = np.arange(start, start + len(logits)) + 1   # position p predicts input p + 1
+        ok = targets < len(inp)
+        if not ok.any():
+            continue
+        lp = log_softmax(logits[ok])
+        nll -= float(lp[np.arange(ok.sum()), inp[targets[ok]]].sum())
+        n += int(ok.sum())
+    return nll, n
+
+
 def perplexity(llm, text: str, chunk: int = 512, max_chunks: int | None = None, progress=None) -> PerplexityResult:
     tok = llm.tokenizer
     ids = tok.encode(text, add_special=False, parse_special=False)
@@ -34,18 +49,7 @@ def perplexity(llm, text: str, chunk: int = 512, max_chunks: int | None = None, 
     starts = list(range(0, len(ids), chunk))[:max_chunks]
     total, n_scored, chunk_ppl = 0.0, 0, []
     for ci, s in enumerate(starts):
-        piece = ids[s:s + chunk]
-        inp = ([tok.bos_id] if add_bos else []) + piece
-        nll, n = 0.0, 0
-        for start, logits in llm.model.prefill(inp, 0, logits_rows="all"):
-            rows = np.arange(start, start + len(logits))
-            targets = rows + 1                                  # position p predicts input p + 1
-            ok = targets < len(inp)
-            if not ok.any():
-                continue
-            lp = log_softmax(logits[ok])
-            nll -= lp[np.arange(ok.sum()), np.asarray(inp)[targets[ok]]].sum()
-            n += int(ok.sum())
+        nll, n = chunk_nll(llm.model, ([tok.bos_id] if add_bos else []) + ids[s:s + chunk])
         total += nll
         n_scored += n
         chunk_ppl.append(float(np.exp(nll / max(n, 1))))

@@ -5,6 +5,8 @@ perplexity on GPL-3 within 1%, and the decode path against the batch path."""
 import numpy as np
 import pytest
 
+from gguf_flash.sampling import log_softmax
+
 MODELS = ["smollm2", "gemma3"]
 
 
@@ -41,15 +43,26 @@ def test_teacher_forced_greedy(case):
     print(f"{name}: teacher-forced top-1 agreement per prompt (of 32): {agree_free}")
 
 
-def test_decode_path_equals_batch_path(case):
-    _, llm, ref = case
-    p = ref["prompts"][1]
-    ids = p["tokens_add_special"] + p["greedy_ids"][:8]
-    batch = llm.logits(ids, all_positions=True)
-    m = llm.model
-    for pos, tok in enumerate(ids):
-        step = m.forward(tok, pos)
-        np.testing.assert_allclose(step, batch[pos], atol=2e-3 * np.abs(batch[pos]).max())
+def test_decode_path_teacher_forced(case):
+    """The token-by-token path (8-bit activations, llama.cpp's decode scheme) meets the same reference
+    check, and its next-token distribution stays close to the exact batch path (KL < 0.1 nats)."""
+    name, llm, ref = case
+    worst = 0.0
+    for p in ref["prompts"][:3]:
+        prompt, greedy = p["tokens_add_special"], p["greedy_ids"]
+        ids = prompt + greedy[:-1]
+        batch = llm.logits(ids, all_positions=True)
+        m = llm.model
+        for pos, tok in enumerate(ids):
+            step = m.forward(tok, pos)
+            lp_step, lp_batch = log_softmax(step), log_softmax(batch[pos])
+            kl = float((np.exp(lp_batch) * (lp_batch - lp_step)).sum())
+            worst = max(worst, kl)
+            assert kl < 0.1, (p["id"], pos, kl)
+            i = pos - (len(prompt) - 1)
+            if i >= 0 and p["greedy_top1_top2_margin"][i] >= 0.5:
+                assert int(np.argmax(step)) == greedy[i], (p["id"], i)
+    print(f"{name}: worst KL(batch || decode) {worst:.4f} nats")
 
 
 def test_free_running_greedy_reported(case):
@@ -73,3 +86,17 @@ def test_perplexity_gpl3(case, gpl3_text):
     print(f"{name}: perplexity {r.ppl:.4f} vs llama.cpp {want['ppl']:.4f} ({r.n_scored} scored)")
     assert r.n_tokens == want["n_text_tokens"] and r.n_scored == want["n_scored"]
     assert abs(r.ppl / want["ppl"] - 1) < 0.01
+
+
+def test_gemma3_sliding_window_beyond_512(gemma3_llm, gemma3_path, gpl3_text):
+    """A 700-token context: positions past 512 must not see the first tokens on sliding-window layers
+    (layers 5, 11, 17 are global). Compared with the float64 numpy reference forward pass, which
+    implements the window independently."""
+    from reference_forward import load_reference
+    ids = gemma3_llm.tokenize(gpl3_text)[:700]
+    ours = gemma3_llm.logits(ids, all_positions=True)[[100, 520, 699]]
+    ref = load_reference(gemma3_path).logits(ids)[[100, 520, 699]]
+    for row, (a, b) in enumerate(zip(ours, ref)):
+        assert int(np.argmax(a)) == int(np.argmax(b)), row
+        top = np.argsort(-b)[:10]
+        assert np.abs(a[top] - b[top]).max() < 1.0, row

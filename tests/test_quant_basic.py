@@ -187,7 +187,7 @@ def quantize_x_twin(x):
     xd = (np.abs(xb).max(axis=1) / np.float32(127)).astype(np.float32)
     inv = np.where(xd > 0, np.float32(1) / np.where(xd > 0, xd, 1), 0).astype(np.float32)
     xq = np.rint(xb * inv[:, None])
-    return xq, xd, xb.astype(np.float64).sum(axis=1)
+    return xq, xd, xd.astype(np.float64) * xq.sum(axis=1)
 
 
 def block_offsets(w, qtype):
@@ -231,7 +231,10 @@ def test_q8x_matches_twin(qtype, shape, rng):
     assert_close_rows(out, w_ref, x, ref)
     got = np.array([dot_q8x(w[i], scratch, n_cols) for i in range(n_rows)])
     assert_close_rows(got, w_ref, x, ref)
-    # and it is an approximation of the exact product: x's 8-bit rounding, well under 2% of |w||x|
+    # it is exactly the product with x's 8-bit rounding (llama.cpp's scheme) ...
+    xq_deq = (xq * xd[:, None].astype(np.float64)).reshape(-1)
+    assert_close_rows(out, w_ref, x, w_ref @ xq_deq)
+    # ... so an approximation of the exact product, well under 2% of |w||x|
     exact = w_ref @ x.astype(np.float64)
     assert np.all(np.abs(out - exact) <= 0.02 * np.linalg.norm(w_ref, axis=1) * np.linalg.norm(x))
 
