@@ -45,15 +45,59 @@ def _params(a):
                           seed=None if a.seed < 0 else a.seed)
 
 
+def _add_flash(p):
+    p.add_argument("--max-ram", default=None,
+                   help="RAM cap for the whole process (RSS), e.g. 220M or 1.5G (flash GGUF; a known model "
+                        "name is converted into the cache first)")
+    p.add_argument("--mode", choices=("flash", "naive", "dense"), default=None,
+                   help="flash GGUF only: flash (default), naive (every FFN weight read every token), dense")
+    p.add_argument("--selector", choices=("auto", "predictor", "gate"), default="auto",
+                   help="how flash mode chooses neurons: low-rank predictor or resident gate rows "
+                        "(auto: whichever is smaller in RAM)")
+    p.add_argument("--cold", action="store_true", help="read bundles bypassing the page cache (benchmarks)")
+    p.add_argument("--stats", action="store_true", help="per-token flash statistics on stderr")
+
+
+def _flash_path_for(model):
+    """A known model name run with --max-ram/--mode: its flash conversion in the cache (made once)."""
+    from .models import REGISTRY, cache_dir, resolve
+    from pathlib import Path
+    if model not in REGISTRY:
+        return model
+    path = cache_dir("models") / (Path(REGISTRY[model].filename).stem + ".flash.gguf")
+    if not path.exists():
+        from .flash.convert import convert
+        print(f"gguf-flash: converting {model} to {path} (once)", file=sys.stderr)
+        convert(resolve(model), path, progress=True)
+    return path
+
+
 def _load(a):
     from .engine import load
     if a.ctx_size < 0 or a.threads < 0:
         raise InvalidArgumentError("-c and -t must be >= 0")
-    return load(a.model, n_ctx=a.ctx_size or None, n_threads=a.threads or None)
+    flash = getattr(a, "max_ram", None) is not None or getattr(a, "mode", None) in ("flash", "naive")
+    model = _flash_path_for(a.model) if flash else a.model
+    return load(model, n_ctx=a.ctx_size or None, n_threads=a.threads or None,
+                max_ram=getattr(a, "max_ram", None), mode=getattr(a, "mode", None),
+                selector=getattr(a, "selector", "auto"), cold=getattr(a, "cold", False))
 
 
 def _n_predict(a, llm, n_prompt):
     return a.n_predict if a.n_predict >= 0 else llm.model.n_ctx - n_prompt
+
+
+def cmd_convert(a):
+    from .flash.convert import convert
+    r = convert(a.input, a.output, calib=a.calib, calib_tokens=a.calib_tokens, sparsity=a.sparsity,
+                rank=a.rank, down_type=a.down_type, force=a.force, progress=True)
+    print(f"wrote {r.out}: sparsity {r.sparsity:.2f}, bundles {r.bundle_bytes / 2**20:.1f} MiB "
+          f"(FFN in the source {r.ffn_bytes / 2**20:.1f} MiB), predictors {r.predictor_bytes / 2**20:.1f} MiB "
+          f"({100 * r.predictor_bytes / r.ffn_bytes:.0f}% of the FFN), rank {min(r.ranks)}-{max(r.ranks)}, "
+          f"recall {min(r.recall):.3f}-{max(r.recall):.3f}, precision {min(r.precision):.3f}-{max(r.precision):.3f}")
+    print("held-out perplexity by sparsity: " + ", ".join(f"{s:.1f}: {p:.2f}" for s, p in r.curve))
+    print(f"total {r.seconds:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in r.phases.items())
+          + f"), peak RSS {r.peak_rss_mb:.0f} MiB")
 
 
 def _print_timings(res, llm, t_load):
@@ -100,11 +144,27 @@ def cmd_run(a):
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    res = llm.generate(ids, _n_predict(a, llm, len(ids)), _params(a), stop=a.stop, stream=out,
-                       ignore_eos=a.ignore_eos)
-    sys.stdout.write("\n")
+    try:
+        res = llm.generate(ids, _n_predict(a, llm, len(ids)), _params(a), stop=a.stop, stream=out,
+                           ignore_eos=a.ignore_eos)
+    finally:
+        sys.stdout.write("\n")
+        if a.stats:
+            _print_flash_stats(llm)
     if not a.quiet:
         _print_timings(res, llm, t_load)
+
+
+def _print_flash_stats(llm):
+    stats = getattr(llm.model, "stats", None)
+    if not stats:
+        print("(no flash statistics: the model runs dense)", file=sys.stderr)
+        return
+    print("token predicted loaded  KiB-read reads hit%  io-ms  mm-ms compute-ms  RSS-MiB", file=sys.stderr)
+    for i, s in enumerate(stats):
+        print(f"{i:5d} {s.predicted:9d} {s.loaded:6d} {s.bytes_read / 1024:9.0f} {s.read_calls:5d} "
+              f"{100 * s.hit_rate:4.0f} {s.io_ms:6.1f} {s.mm_ms:6.1f} {s.compute_ms:10.1f} "
+              f"{s.rss / 2**20:8.1f}", file=sys.stderr)
 
 
 def cmd_chat(a):
@@ -152,6 +212,33 @@ def cmd_inspect(a):
     if not a.all_tensors:
         print("  (blk.1 .. blk.N like blk.0; --all-tensors lists them)")
     print("\nbytes by type: " + ", ".join(f"{k} {v:,}" for k, v in sorted(by_type.items())))
+    from .flash.format import is_flash
+    if is_flash(f):
+        _print_flash_summary(f)
+
+
+def _print_flash_summary(f):
+    import numpy as np
+    from .config import config_from_gguf
+    from .flash.format import K_CURVE_PPL, K_CURVE_S, K_LAYER_SPARSITY, read_flash
+    cfg = config_from_gguf(f)
+    info = read_flash(f, cfg)
+    lsp = f.get(K_LAYER_SPARSITY, [float("nan")] * cfg.n_layer)
+    print(f"\nflash v{info.version}: activation {info.activation}, target sparsity {info.sparsity:.2f}, "
+          f"calibration {info.calibration_tokens} tokens of {info.calibration_source}, "
+          f"source sha256 {info.source_sha256[:16]}...")
+    curve = list(zip(f.get(K_CURVE_S, []), f.get(K_CURVE_PPL, [])))
+    if curve:
+        print("held-out perplexity by sparsity: " + ", ".join(f"{s:.1f}: {p:.2f}" for s, p in curve))
+    print("layer threshold sparsity rank recall precision bundle-B  freq@1 @10% @50% @90%")
+    for il, l in enumerate(info.layers):
+        fr = l.freq
+        at = [fr[int(q * (len(fr) - 1))] for q in (0, 0.1, 0.5, 0.9)]
+        print(f"{il:5d} {l.threshold:9.4f} {lsp[il]:8.3f} {l.pred_a.shape[1]:4d} {l.recall:6.3f} "
+              f"{l.precision:9.3f} {l.bundle_bytes:8d}  " + " ".join(f"{x:5.2f}" for x in at))
+    pred = sum((l.pred_a.size + l.pred_b.size) * 2 + l.pred_bias.size * 4 for l in info.layers)
+    print(f"bundles {info.bundle_bytes_total / 2**20:.1f} MiB, predictors {pred / 2**20:.1f} MiB "
+          f"({100 * pred / info.bundle_bytes_total:.0f}% of the bundles)")
 
 
 def cmd_perplexity(a):
@@ -195,11 +282,26 @@ def build_parser():
     _add_sampling(p)
     p.set_defaults(func=cmd_run)
 
+    _add_flash(p)
+
+    p = sub.add_parser("convert", help="write the flash GGUF variant of a GGUF (neuron bundles + predictors)")
+    p.add_argument("input", help="GGUF file or known model name")
+    p.add_argument("output", help="the flash GGUF to write")
+    p.add_argument("--calib", help="calibration text file (default: Python's pydoc_data.topics)")
+    p.add_argument("--calib-tokens", type=int, default=4096)
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="target fraction of inactive neurons (default: largest within 2%% held-out perplexity)")
+    p.add_argument("--rank", type=int, default=None, help="predictor rank (default: smallest reaching recall 0.95)")
+    p.add_argument("--down-type", default="Q8_0", help="type of the re-quantized down columns (default Q8_0)")
+    p.add_argument("--force", action="store_true", help="overwrite OUTPUT")
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("chat", help="interactive chat with the model's chat template")
     _add_model(p)
     p.add_argument("-sys", "--system", default="", help="system prompt")
     _add_runtime(p)
     _add_sampling(p)
+    _add_flash(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inspect", help="metadata, tensors, types and sizes of a GGUF")
@@ -213,6 +315,7 @@ def build_parser():
     p.add_argument("--chunk", type=int, default=512, help="tokens per chunk (default 512)")
     p.add_argument("--chunks", type=int, default=-1, help="evaluate at most this many chunks")
     _add_runtime(p)
+    _add_flash(p)
     p.set_defaults(func=cmd_perplexity)
     return ap
 

@@ -14,12 +14,26 @@ from .tokenizer import tokenizer_from_gguf
 
 
 class LLM:
-    def __init__(self, path, n_ctx: int | None = None, n_threads: int | None = None):
+    """A model ready to generate. A flash GGUF runs in `mode` flash (default), naive or dense under
+    `max_ram` (bytes or '220M'); a plain GGUF runs dense."""
+
+    def __init__(self, path, n_ctx: int | None = None, n_threads: int | None = None, max_ram=None,
+                 mode: str | None = None, selector: str = "auto", cold: bool = False):
+        from .flash.format import is_flash
         self.path = models.resolve(path)
         self.file = GGUFFile(self.path)
-        self.model = Model(self.file, n_ctx=n_ctx, n_threads=n_threads)
-        self.cfg = self.model.cfg
         self.tokenizer = tokenizer_from_gguf(self.file)
+        if is_flash(self.file):
+            from .flash.runtime import FlashModel
+            self.model = FlashModel(self.file, max_ram=max_ram, mode=mode or "flash", selector=selector,
+                                    n_ctx=n_ctx, n_threads=n_threads, cold=cold)
+        elif max_ram is not None or mode in ("flash", "naive"):
+            raise InvalidArgumentError(
+                f"{self.path}: not a flash GGUF, so it cannot run under --max-ram or in {mode or 'flash'} "
+                f"mode; convert it first: gguf-flash convert {self.path} OUT.flash.gguf")
+        else:
+            self.model = Model(self.file, n_ctx=n_ctx, n_threads=n_threads)
+        self.cfg = self.model.cfg
 
     # ---- text <-> tokens ----
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list:
@@ -68,5 +82,7 @@ class LLM:
         return self.generate(ids, n_predict, params, stream=stream)
 
 
-def load(name_or_path, n_ctx: int | None = None, n_threads: int | None = None) -> LLM:
-    return LLM(name_or_path, n_ctx=n_ctx, n_threads=n_threads)
+def load(name_or_path, n_ctx: int | None = None, n_threads: int | None = None, max_ram=None,
+         mode: str | None = None, selector: str = "auto", cold: bool = False) -> LLM:
+    return LLM(name_or_path, n_ctx=n_ctx, n_threads=n_threads, max_ram=max_ram, mode=mode,
+               selector=selector, cold=cold)

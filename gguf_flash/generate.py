@@ -114,10 +114,15 @@ def stream_text(model, tokenizer, prompt_ids, n_predict: int, params: SamplingPa
 def generate(model, tokenizer, prompt_ids, n_predict: int = 128, params: SamplingParams = GREEDY,
              stop=(), on_text=None, ignore_eos: bool = False) -> GenerationResult:
     """Generate text; on_text(piece) is called as text becomes printable."""
+    from .errors import RamCapError
     res = GenerationResult()
-    for piece in stream_text(model, tokenizer, prompt_ids, n_predict, params, stop, ignore_eos, res):
-        if on_text:
-            on_text(piece)
+    try:
+        for piece in stream_text(model, tokenizer, prompt_ids, n_predict, params, stop, ignore_eos, res):
+            if on_text:
+                on_text(piece)
+    except RamCapError as e:  # the cap was hit mid-run: hand back what was generated so far
+        e.tokens, e.text = list(res.tokens), res.text
+        raise
     return res
 
 

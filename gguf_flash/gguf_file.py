@@ -213,6 +213,17 @@ class GGUFFile:
         except KeyError:
             raise GGUFFormatError(f"{self.path}: missing tensor {name}") from None
 
+    def release(self, offset: int, n_bytes: int) -> None:
+        """Drop the mapped pages of [offset, offset + n_bytes) from this process's RSS (they stay in the
+        page cache). A page of the map that was read counts in RSS until released (DESIGN.md 5)."""
+        import mmap
+        page = mmap.PAGESIZE
+        start = offset // page * page
+        end = -(-(offset + n_bytes) // page) * page
+        m = getattr(self._mm, "_mmap", None)
+        if m is not None and end > start:
+            m.madvise(mmap.MADV_DONTNEED, start, min(end, len(m)) - start)
+
     def close(self):
         mm, self._mm = self._mm, None
         if mm is not None and hasattr(mm, "_mmap") and mm._mmap is not None:

@@ -66,3 +66,13 @@ def tiny_llama_path(tmp_path_factory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("syn") / "tiny-llama.gguf", arch="llama", n_layer=2,
                            n_embd=64, n_ff=128, n_head=4, n_head_kv=2, n_vocab=300, n_ctx=256,
                            qtype="Q8_0", seed=1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_flash(smollm2_path, tmp_path_factory):
+    """SmolLM2 converted with a short calibration and fixed sparsity/rank (fast); the full default
+    conversion is measured by tools/bench_convert.py, not here."""
+    from gguf_flash.flash.convert import convert
+    out = tmp_path_factory.mktemp("flash") / "smollm2.flash.gguf"
+    report = convert(smollm2_path, out, calib_tokens=1024, sparsity=0.3, rank=32)
+    return out, report

@@ -166,6 +166,13 @@ class BundleStore:
             raise
         self.total = ReadStats(0, 0, 0.0, 0)  # running sums over read_rows calls
 
+    def select(self, data_offset: int, row_bytes: int, n_rows: int) -> None:
+        """Point the store at another bundle tensor of the same file. Layers are read one after the
+        other, so one thread pool and one set of staging buffers serve every layer."""
+        if row_bytes + 2 * ALIGN > self.max_range:
+            raise InvalidArgumentError(f"row of {row_bytes} bytes does not fit the staging buffers")
+        self.data_offset, self.row_bytes, self.n_rows = int(data_offset), int(row_bytes), int(n_rows)
+
     def _probe_direct(self):
         """Some filesystems accept O_DIRECT at open and refuse the read: fall back to fadvise."""
         buf = mmap.mmap(-1, ALIGN)

@@ -152,3 +152,77 @@ def dequant_row(out, blob, m, r):
         qk.dequant_row_iq4_nl(out, w[r])
     else:
         raise ValueError("unsupported ggml type")
+
+
+# ---- one row at a time (the sparse FFN over bundle slots) ----------------------------------------
+# The sparse FFN visits a few hundred rows per layer and token, each a dot of n_embd values; the type
+# test below costs a few compares per row, against hundreds of multiply-adds. (numba cannot cache a
+# kernel that takes the per-type functions as arguments, which would be the table-driven version.)
+
+@njit(cache=True, inline="always")
+def dot_row(qt, row, x, xq):
+    """row (row_bytes,) uint8 . x (n,) f32; xq is x after quantize_x (Q4/Q5/Q8 use it)."""
+    if qt == F32:
+        return qb.dot_f32(row, x)
+    elif qt == F16:
+        return qb.dot_f16(row, x)
+    elif qt == BF16:
+        return qb.dot_bf16(row, x)
+    elif qt == Q4_0:
+        return qb.dot_q8x_q4_0(row, xq, x.shape[0])
+    elif qt == Q4_1:
+        return qb.dot_q8x_q4_1(row, xq, x.shape[0])
+    elif qt == Q5_0:
+        return qb.dot_q8x_q5_0(row, xq, x.shape[0])
+    elif qt == Q5_1:
+        return qb.dot_q8x_q5_1(row, xq, x.shape[0])
+    elif qt == Q8_0:
+        return qb.dot_q8x_q8_0(row, xq, x.shape[0])
+    elif qt == Q2_K:
+        return qk.dot_q2_k(row, x)
+    elif qt == Q3_K:
+        return qk.dot_q3_k(row, x)
+    elif qt == Q4_K:
+        return qk.dot_q4_k(row, x)
+    elif qt == Q5_K:
+        return qk.dot_q5_k(row, x)
+    elif qt == Q6_K:
+        return qk.dot_q6_k(row, x)
+    elif qt == IQ4_NL:
+        return qk.dot_iq4_nl(row, x)
+    raise ValueError("unsupported ggml type")
+
+
+@njit(cache=True, inline="always")
+def axpy_row(qt, out, a, row):
+    """out (n,) += a * dequant(row)."""
+    if qt == F32:
+        qb.axpy_f32(out, a, row)
+    elif qt == F16:
+        qb.axpy_f16(out, a, row)
+    elif qt == BF16:
+        qb.axpy_bf16(out, a, row)
+    elif qt == Q4_0:
+        qb.axpy_q4_0(out, a, row)
+    elif qt == Q4_1:
+        qb.axpy_q4_1(out, a, row)
+    elif qt == Q5_0:
+        qb.axpy_q5_0(out, a, row)
+    elif qt == Q5_1:
+        qb.axpy_q5_1(out, a, row)
+    elif qt == Q8_0:
+        qb.axpy_q8_0(out, a, row)
+    elif qt == Q2_K:
+        qk.axpy_q2_k(out, a, row)
+    elif qt == Q3_K:
+        qk.axpy_q3_k(out, a, row)
+    elif qt == Q4_K:
+        qk.axpy_q4_k(out, a, row)
+    elif qt == Q5_K:
+        qk.axpy_q5_k(out, a, row)
+    elif qt == Q6_K:
+        qk.axpy_q6_k(out, a, row)
+    elif qt == IQ4_NL:
+        qk.axpy_iq4_nl(out, a, row)
+    else:
+        raise ValueError("unsupported ggml type")

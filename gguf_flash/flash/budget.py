@@ -1,0 +1,89 @@
+"""The RAM plan and the RSS watchdog (DESIGN.md section 5: the cap is process RSS, as psutil says).
+
+Plan = measured runtime baseline + resident parts (attention, norms, embedding/head, predictors or
+gate rows, KV cache, scratch) + window slots split across layers by need. A cap below the must-have
+part is refused before anything large is loaded, with the numbers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import psutil
+
+from ..errors import InvalidArgumentError, RamCapError
+
+MiB = 1 << 20
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": MiB, "MB": MiB, "MIB": MiB,
+          "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+# compiled kernels loaded into the process on the first token (measured: see docs/design.md)
+KERNEL_CODE_BYTES = 48 * MiB
+HEADROOM = 4 * MiB   # the watchdog shrinks the window when RSS comes this close to the cap
+
+
+def parse_size(text) -> int:
+    """'512K', '220M', '1.5G', '123456' -> bytes (binary units, like llama.cpp's -ctk sizes)."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise InvalidArgumentError(f"bad size {text!r} (use e.g. 512K, 220M, 1.5G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def mib(n) -> str:
+    return f"{n / MiB:.0f} MiB"
+
+
+@dataclass
+class Plan:
+    cap: int
+    baseline: int                 # runtime RSS (Python, numpy, numba, kernels) before the model
+    resident: dict                # part -> bytes
+    window_bytes: int
+    capacities: list              # slots per layer
+    head_streamed: bool = False   # output head read from the map and released every token
+    notes: list = field(default_factory=list)
+
+    @property
+    def must_have(self) -> int:
+        return self.baseline + sum(self.resident.values())
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {mib(v)}" for k, v in self.resident.items())
+        return (f"cap {mib(self.cap)} = runtime {mib(self.baseline)} + {parts} + window "
+                f"{mib(self.window_bytes)} ({sum(self.capacities)} bundle slots)")
+
+
+def make_plan(cap: int, baseline: int, resident: dict, head_bytes: int, bundle_bytes: list,
+              min_slots: list, want_slots: list, path: str) -> Plan:
+    """Fit the window into cap - baseline - resident. head_bytes is part of `resident` but may be
+    streamed (released after each token) when that is all that does not fit."""
+    must = baseline + sum(resident.values())
+    min_window = sum(b * n for b, n in zip(bundle_bytes, min_slots))
+    streamed = False
+    if must + min_window > cap and must - head_bytes + min_window + HEADROOM <= cap and head_bytes:
+        resident = dict(resident)
+        resident["output head (streamed)"] = 0
+        resident.pop("output head", None)
+        must -= head_bytes
+        streamed = True
+    if must + min_window > cap:
+        raise RamCapError(f"{path}: needs at least {mib(must + min_window)} "
+                          f"({mib(baseline)} runtime + {mib(must - baseline)} resident + {mib(min_window)} "
+                          f"minimum window), cap is {mib(cap)}")
+    room = cap - must - HEADROOM
+    want = sum(b * n for b, n in zip(bundle_bytes, want_slots))
+    if want <= room:
+        caps = list(want_slots)
+    else:  # scale each layer between its minimum and its want by the same fraction
+        extra = max(room - min_window, 0)
+        span = max(want - min_window, 1)
+        caps = [lo + int((hi - lo) * extra / span) for lo, hi in zip(min_slots, want_slots)]
+    window = sum(b * n for b, n in zip(bundle_bytes, caps))
+    return Plan(cap, baseline, resident, window, caps, streamed)

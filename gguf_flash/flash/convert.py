@@ -1,0 +1,331 @@
+"""GGUF -> flash GGUF (docs/flash-gguf.md): calibrate, choose thresholds, order neurons hot-first,
+bundle gate|up|down rows, train predictors, write atomically.
+
+Phases (each with a progress bar when `progress` is true):
+  1. calibrate   dense model over calibration text -> per-layer FFN inputs (calibrate.py)
+  2. sparsity    per-layer |act(gate . x)| quantiles; held-out perplexity at each grid point; the default
+                 sparsity is the largest whose held-out perplexity stays within 2% of dense (CATS)
+  3. predictors  per layer, the smallest rank whose predictor reaches the target recall (predictor.py)
+  4. write       every non-FFN tensor byte for byte, then bundles (gate, up copied; down columns
+                 re-quantized), neuron ids, frequencies and predictors; temp file renamed on success
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, quants
+
+from .. import models
+from ..config import ACT_GELU_TANH, ACT_RELU, ACT_SILU
+from ..errors import InvalidArgumentError
+from ..gguf_file import GGUFFile
+from ..model import Model
+from ..perplexity import chunk_nll
+from ..tokenizer import tokenizer_from_gguf
+from . import format as ff
+from .calibrate import calibrate, read_calibration_text
+from .predictor import active_mask, fit_smallest_rank, train_predictor
+
+log = logging.getLogger(__name__)
+
+ACT_NAMES = {ACT_SILU: "silu", ACT_GELU_TANH: "gelu", ACT_RELU: "relu"}
+SPARSITY_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+PPL_BUDGET = 1.02          # default sparsity: held-out perplexity within 2% of dense
+DOWN_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "F32")
+
+
+@dataclass
+class ConvertReport:
+    out: str
+    sparsity: float
+    curve: list                     # [(sparsity, held-out ppl)], sparsity 0 = dense
+    thresholds: list
+    layer_sparsity: list
+    ranks: list
+    recall: list
+    precision: list
+    predictor_bytes: int
+    ffn_bytes: int
+    bundle_bytes: int
+    seconds: float
+    peak_rss_mb: float
+    phases: dict = field(default_factory=dict)
+
+
+def _progress(enabled, total, desc):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="", leave=True, dynamic_ncols=True)
+
+
+def dequant(f, name) -> np.ndarray:
+    """(n_rows, n_cols) float32 of a 2-D weight."""
+    info = f.tensor(name)
+    return quants.dequantize(f.raw(name), GGMLQuantizationType(info.qtype)).astype(np.float32, copy=False)
+
+
+def _heldout_nll(model, cal, thresholds) -> float:
+    """Mean NLL over the held-out calibration chunks with these FFN thresholds (zeros: dense)."""
+    model.w.thresholds[:] = thresholds
+    total, n = 0.0, 0
+    for s in range(cal.n_train, len(cal.tokens), cal.chunk):
+        nll, k = chunk_nll(model, cal.tokens[s:s + cal.chunk])
+        total, n = total + nll, n + k
+    model.w.thresholds[:] = 0
+    return total / max(n, 1)
+
+
+def _act_abs(G, act):
+    if act == ACT_RELU:
+        return np.maximum(G, 0)
+    if act == ACT_GELU_TANH:
+        return np.abs(0.5 * G * (1 + np.tanh(0.7978845608 * (G + 0.044715 * G ** 3))))
+    return np.abs(G / (1 + np.exp(-G)))
+
+
+def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float | None = None,
+            rank: int | None = None, down_type: str = "Q8_0", force: bool = False,
+            target_recall: float = 0.95, progress: bool = False) -> ConvertReport:
+    t_start = time.perf_counter()
+    src_path = models.resolve(src)
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise InvalidArgumentError(f"{dst}: exists (use --force to overwrite)")
+    if down_type not in DOWN_TYPES:
+        raise InvalidArgumentError(f"--down-type {down_type}: choose one of {', '.join(DOWN_TYPES)}")
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise InvalidArgumentError(f"--sparsity must be in [0, 1), got {sparsity}")
+    if rank is not None and rank < 1:
+        raise InvalidArgumentError(f"--rank must be >= 1, got {rank}")
+    f = GGUFFile(src_path)
+    if ff.is_flash(f):
+        raise InvalidArgumentError(f"{src_path}: already a flash GGUF")
+    chunk = 512
+    model = Model(f, n_ctx=chunk)
+    cfg = model.cfg
+    for il in range(cfg.n_layer):
+        for part in ("ffn_gate", "ffn_up", "ffn_down"):
+            f.tensor(f"blk.{il}.{part}.weight")  # refuses a file without a gated FFN
+    tok = tokenizer_from_gguf(f)
+    text, source = read_calibration_text(calib)
+    phases = {}
+
+    # ---- 1. calibration ----
+    t = time.perf_counter()
+    bar = _progress(progress, max(calib_tokens // chunk, 2), "calibrate")
+    cal = calibrate(model, tok, text, calib_tokens, chunk,
+                    progress=(lambda i, n: bar.update(1)) if bar else None)
+    if bar:
+        bar.close()
+    phases["calibrate"] = time.perf_counter() - t
+
+    # ---- 2. thresholds and the sparsity curve ----
+    t = time.perf_counter()
+    act = cfg.activation
+    grid = np.array(SPARSITY_GRID if sparsity is None else sorted({sparsity}), np.float64)
+    q_train = np.zeros((cfg.n_layer, len(grid)), np.float32)   # per-layer |act| quantiles
+    freq = []
+    W_gates = []
+    for il in range(cfg.n_layer):
+        Wg = dequant(f, f"blk.{il}.ffn_gate.weight")           # (n_ff, n_embd)
+        W_gates.append(Wg)
+        A = _act_abs(cal.train(il) @ Wg.T, act)                  # (n_train, n_ff)
+        q_train[il] = 0.0 if act == ACT_RELU else np.quantile(A, grid)
+    bar = _progress(progress, len(grid) + 1, "sparsity")
+    dense_nll = _heldout_nll(model, cal, np.zeros(cfg.n_layer, np.float32))
+    curve = [(0.0, float(np.exp(dense_nll)))]
+    if bar:
+        bar.update(1)
+    for j, s in enumerate(grid):
+        if act == ACT_RELU:
+            break
+        curve.append((float(s), float(np.exp(_heldout_nll(model, cal, q_train[:, j])))))
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    if act == ACT_RELU:
+        chosen, thresholds = 0.0, np.zeros(cfg.n_layer, np.float32)
+    elif sparsity is not None:
+        chosen, thresholds = float(sparsity), q_train[:, 0].copy()
+    else:
+        ok = [j for j, (s, p) in enumerate(curve[1:]) if p <= curve[0][1] * PPL_BUDGET]
+        j = max(ok) if ok else None
+        chosen = float(grid[j]) if j is not None else 0.0
+        thresholds = q_train[:, j].copy() if j is not None else np.zeros(cfg.n_layer, np.float32)
+    phases["sparsity"] = time.perf_counter() - t
+
+    # ---- 3. predictors, frequencies, hot-first order ----
+    t = time.perf_counter()
+    preds, orders, layer_sparsity = [], [], []
+    bar = _progress(progress, cfg.n_layer, "predictors")
+    for il in range(cfg.n_layer):
+        Xt, Xv = cal.train(il), cal.held_out(il)
+        Yt = active_mask(Xt, W_gates[il], float(thresholds[il]), ACT_NAMES[act])
+        Yv = active_mask(Xv, W_gates[il], float(thresholds[il]), ACT_NAMES[act])
+        fr = Yt.mean(axis=0).astype(np.float32)                  # (n_ff,) activation frequency
+        order = np.argsort(-fr, kind="stable")                   # hot-first
+        freq.append(fr[order])
+        orders.append(order)
+        layer_sparsity.append(float(1.0 - Yv.mean()))
+        if rank is not None:
+            p = train_predictor(Xt, Yt, Xv, Yv, W_gates[il], rank=min(rank, cfg.n_embd),
+                                target_recall=target_recall)
+        else:
+            p = fit_smallest_rank(Xt, Yt, Xv, Yv, W_gates[il], target_recall=target_recall)
+        preds.append(p)
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    del W_gates
+    phases["predictors"] = time.perf_counter() - t
+
+    # ---- 4. write ----
+    t = time.perf_counter()
+    down_q = GGMLQuantizationType[down_type]
+    part_types, part_bytes = [], []
+    for il in range(cfg.n_layer):
+        g, u = f.tensor(f"blk.{il}.ffn_gate.weight"), f.tensor(f"blk.{il}.ffn_up.weight")
+        types = (g.qtype, u.qtype, int(down_q))
+        part_types += types
+        part_bytes += [ff.part_bytes(q, cfg.n_embd) for q in types]
+    sha = models.sha256_file(src_path)
+    meta = dict(
+        version=ff.FLASH_VERSION, sha=sha, types=part_types, bytes=part_bytes, act=ACT_NAMES[act],
+        thresholds=thresholds, sparsity=chosen, layer_sparsity=layer_sparsity, preds=preds,
+        cal_tokens=len(cal.tokens), source=source, curve=curve)
+    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent if str(dst.parent) else ".")
+    os.close(fd)
+    try:
+        _write(f, cfg, tmp, meta, orders, freq, down_q, progress)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    phases["write"] = time.perf_counter() - t
+    ffn_bytes = sum(f.tensor(f"blk.{il}.{p}.weight").n_bytes for il in range(cfg.n_layer)
+                    for p in ("ffn_gate", "ffn_up", "ffn_down"))
+    return ConvertReport(
+        str(dst), chosen, curve, [float(x) for x in thresholds], layer_sparsity, [p.rank for p in preds],
+        [p.recall for p in preds], [p.precision for p in preds], sum(p.n_bytes for p in preds), ffn_bytes,
+        sum(cfg.n_ff * sum(part_bytes[3 * il:3 * il + 3]) for il in range(cfg.n_layer)),
+        time.perf_counter() - t_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, phases)
+
+
+def _write(f, cfg, path, meta, orders, freq, down_q, progress):
+    """Stream the flash GGUF: header and tensor infos first, then each tensor's data in order."""
+    w = GGUFWriter(path, cfg.arch)
+    w.add_custom_alignment(ff.ALIGNMENT)
+    for key, value in f.meta.items():
+        if key in ("general.architecture", "general.alignment"):
+            continue
+        vtype, itype = f.meta_types[key]
+        vtype = GGUFValueType(vtype)
+        if vtype == GGUFValueType.ARRAY:
+            w.add_key_value(key, list(value) if isinstance(value, np.ndarray) else value, vtype,
+                            sub_type=GGUFValueType(itype))
+        else:
+            w.add_key_value(key, value, vtype)
+    L = cfg.n_layer
+    preds = meta["preds"]
+    w.add_uint32(ff.K_VERSION, meta["version"])
+    w.add_string(ff.K_SOURCE_SHA, meta["sha"])
+    w.add_array(ff.K_PARTS, list(ff.PARTS))
+    w.add_key_value(ff.K_TYPES, [int(x) for x in meta["types"]], GGUFValueType.ARRAY, GGUFValueType.UINT32)
+    w.add_key_value(ff.K_BYTES, [int(x) for x in meta["bytes"]], GGUFValueType.ARRAY, GGUFValueType.UINT32)
+    w.add_string(ff.K_ACTIVATION, meta["act"])
+    f32s = lambda key, xs: w.add_key_value(key, [float(x) for x in xs], GGUFValueType.ARRAY,  # noqa: E731
+                                           GGUFValueType.FLOAT32)
+    f32s(ff.K_THRESHOLD, meta["thresholds"])
+    w.add_float32(ff.K_SPARSITY, meta["sparsity"])
+    f32s(ff.K_LAYER_SPARSITY, meta["layer_sparsity"])
+    w.add_key_value(ff.K_RANK, [int(p.rank) for p in preds], GGUFValueType.ARRAY, GGUFValueType.UINT32)
+    f32s(ff.K_RECALL, [p.recall for p in preds])
+    f32s(ff.K_PRECISION, [p.precision for p in preds])
+    w.add_key_value(ff.K_PRED_KIND, [int(p.kind == "abs") for p in preds], GGUFValueType.ARRAY,
+                    GGUFValueType.UINT32)
+    f32s(ff.K_PRED_OFFSET, [p.offset for p in preds])
+    w.add_uint32(ff.K_CAL_TOKENS, meta["cal_tokens"])
+    w.add_string(ff.K_CAL_SOURCE, meta["source"])
+    f32s(ff.K_CURVE_S, [s for s, _ in meta["curve"]])
+    f32s(ff.K_CURVE_PPL, [p for _, p in meta["curve"]])
+
+    ffn = {f"blk.{il}.{p}.weight" for il in range(L) for p in ("ffn_gate", "ffn_up", "ffn_down")}
+    plan = []   # (name, producer) in file order
+    for name, info in f.tensors.items():
+        if name in ffn:
+            continue
+        if info.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.I32):
+            arr = f.array(name)
+            w.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes)
+            plan.append(lambda a=arr: a)
+        else:
+            raw = f.raw(name)
+            w.add_tensor_info(name, raw.shape, np.uint8, raw.nbytes, raw_dtype=GGMLQuantizationType(info.qtype))
+            plan.append(lambda r=raw: r)
+    for il in range(L):
+        bb = sum(meta["bytes"][3 * il:3 * il + 3])
+        p = preds[il]
+        w.add_tensor_info(ff.t_bundle(il), (cfg.n_ff, bb), np.dtype(np.int8), cfg.n_ff * bb)
+        plan.append(lambda il=il: _bundle(f, cfg, il, orders[il], down_q).view(np.int8))
+        w.add_tensor_info(ff.t_neuron_id(il), (cfg.n_ff,), np.dtype(np.int32), cfg.n_ff * 4)
+        plan.append(lambda il=il: orders[il].astype(np.int32))
+        w.add_tensor_info(ff.t_freq(il), (cfg.n_ff,), np.dtype(np.float32), cfg.n_ff * 4)
+        plan.append(lambda il=il: freq[il])
+        # predictor columns follow the stored (hot-first) row order, so predicted rows index bundles
+        A, B = _balanced(p.A, p.B[:, orders[il]])
+        w.add_tensor_info(ff.t_pred_a(il), A.shape, np.dtype(np.float16), A.size * 2)
+        plan.append(lambda A=A: A.astype(np.float16))
+        w.add_tensor_info(ff.t_pred_b(il), B.shape, np.dtype(np.float16), B.size * 2)
+        plan.append(lambda B=B: B.astype(np.float16))
+        w.add_tensor_info(ff.t_pred_bias(il), p.bias.shape, np.dtype(np.float32), p.bias.size * 4)
+        plan.append(lambda p=p, il=il: p.bias[orders[il]].astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    bar = _progress(progress, len(plan), "write")
+    for produce in plan:
+        w.write_tensor_data(np.ascontiguousarray(produce()))
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    w.close()
+
+
+def _balanced(A, B):
+    """(A diag(s), diag(1/s) B) with equal column/row norms: the same product, and both factors
+    inside float16's range (a trained factor pair can drift to scales F16 cannot hold)."""
+    na = np.linalg.norm(A, axis=0) + 1e-12                       # (r,)
+    nb = np.linalg.norm(B, axis=1) + 1e-12                       # (r,)
+    s = np.sqrt(nb / na).astype(np.float32)
+    A, B = A * s[None, :], B / s[:, None]
+    if max(np.abs(A).max(), np.abs(B).max()) >= 65504:
+        raise InvalidArgumentError("predictor weights exceed float16 range even after balancing")
+    return np.ascontiguousarray(A, np.float32), np.ascontiguousarray(B, np.float32)
+
+
+def _bundle(f, cfg, il, order, down_q) -> np.ndarray:
+    """(n_ff, bundle_bytes) uint8: row i = gate[order[i]] | up[order[i]] | requantized down[:, order[i]]."""
+    gate = f.raw(f"blk.{il}.ffn_gate.weight")                     # (n_ff, gate_bytes)
+    up = f.raw(f"blk.{il}.ffn_up.weight")                         # (n_ff, up_bytes)
+    down = dequant(f, f"blk.{il}.ffn_down.weight")                # (n_embd, n_ff)
+    down_cols = np.ascontiguousarray(down.T[order])               # (n_ff, n_embd)
+    if down_q == GGMLQuantizationType.F32:
+        dq = down_cols.view(np.uint8)
+    elif down_q == GGMLQuantizationType.F16:
+        dq = down_cols.astype(np.float16).view(np.uint8)
+    else:
+        dq = quants.quantize(down_cols, down_q)                   # (n_ff, down_bytes)
+    return np.concatenate([gate[order], up[order], dq.reshape(cfg.n_ff, -1)], axis=1)

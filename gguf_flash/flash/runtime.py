@@ -1,0 +1,274 @@
+"""FlashModel: the forward pass of a flash GGUF under a RAM cap (DESIGN.md sections 1, 5, 6).
+
+Per token and layer: attention (resident weights) -> FFN input -> choose active neurons (low-rank
+predictor, or exact gate values from resident gate rows) -> window.update (LRU-free slots, paper 3.3)
+-> store.read_rows (only the missing bundles, coalesced, parallel) -> sparse FFN over the slots.
+Modes: "flash" (the product), "naive" (every FFN bundle read from the file every token, the paper's
+baseline), "dense" (every bundle resident, every neuron computed: the identity with the source model
+up to the down re-quantization). Same interface as model.Model: forward, prefill, head, cfg, n_ctx.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import config_from_gguf
+from ..errors import ContextOverflowError, GGUFFormatError, InvalidArgumentError, RamCapError
+from ..kernels import dispatch, forward as fw, nn, sparse
+from ..model import RunState, Weights
+from . import budget
+from .format import read_flash
+from .store import BundleStore
+from .window import Window
+
+log = logging.getLogger(__name__)
+MODES = ("flash", "naive", "dense")
+SELECTORS = ("auto", "predictor", "gate")
+
+
+@dataclass
+class TokenStats:
+    predicted: int = 0      # neurons chosen (summed over layers)
+    active: int = 0         # of those, |act(gate . x)| > threshold: exactly computed contributions
+    loaded: int = 0         # bundles read from the file
+    bytes_read: int = 0
+    read_calls: int = 0
+    hit_rate: float = 0.0   # chosen neurons already in the window
+    io_ms: float = 0.0
+    mm_ms: float = 0.0      # window bookkeeping (memory management)
+    compute_ms: float = 0.0
+    rss: int = 0
+
+
+class FlashModel:
+    def __init__(self, f, *, max_ram=None, mode: str = "flash", selector: str = "auto",
+                 n_ctx: int | None = None, n_threads: int | None = None, cold: bool = False,
+                 window_k: int = 8, io_threads: int = 4):
+        if mode not in MODES:
+            raise InvalidArgumentError(f"--mode {mode}: choose one of {', '.join(MODES)}")
+        if selector not in SELECTORS:
+            raise InvalidArgumentError(f"--selector {selector}: choose one of {', '.join(SELECTORS)}")
+        if n_threads:
+            import numba
+            numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
+        self.file, self.mode = f, mode
+        self.cfg = c = config_from_gguf(f)
+        self.info = info = read_flash(f, c)
+        self.n_ctx = int(n_ctx) if n_ctx else min(1024 if max_ram else 4096, c.n_ctx_train)
+        self.w = Weights(f, c, ffn=False)
+        self.st = RunState(c, self.n_ctx)
+        L = c.n_layer
+        pred_bytes = sum((l.pred_a.size + l.pred_b.size + l.pred_bias.size) * 4 for l in info.layers)
+        gate_bytes = sum(c.n_ff * l.part_bytes[0] for l in info.layers)
+        if selector == "auto":  # the smaller resident set wins (small models: gate rows)
+            selector = "predictor" if pred_bytes < gate_bytes else "gate"
+        self.selector = selector if mode == "flash" else "none"
+        self.thresholds = np.array([l.threshold for l in info.layers], np.float32) if mode == "flash" \
+            else np.zeros(L, np.float32)
+
+        # ---- the plan (refuses an impossible cap before anything large is loaded) ----
+        bb = [l.bundle_bytes for l in info.layers]
+        attn = int(sum(self.w.mats[il, j, 1] * self.w.mats[il, j, 2] for il in range(L) for j in range(4)))
+        head = int(self.w.output[1] * self.w.output[2])
+        scratch = sum(a.nbytes for a in vars(self.st).values() if isinstance(a, np.ndarray)) \
+            - self.st.k_cache.nbytes - self.st.v_cache.nbytes
+        resident = {"attention": attn, "output head": head,
+                    "KV cache": self.st.k_cache.nbytes + self.st.v_cache.nbytes, "scratch": scratch}
+        if self.selector == "predictor":
+            resident["predictors"] = pred_bytes
+        elif self.selector == "gate":
+            resident["gate rows"] = gate_bytes
+        if mode == "naive":
+            resident["naive staging"] = max(bb) * c.n_ff
+            min_slots = want_slots = [0] * L
+        elif mode == "dense":
+            min_slots = want_slots = [c.n_ff] * L
+        else:
+            layer_sparsity = np.asarray(f.get("flash.sparsity.layer", [info.sparsity] * L), np.float64)
+            min_slots = [max(1, int(math.ceil((1 - s) * c.n_ff))) for s in layer_sparsity]
+            want_slots = [c.n_ff] * L
+        self.cap = budget.parse_size(max_ram) if max_ram is not None else None
+        baseline = budget.rss() + budget.KERNEL_CODE_BYTES
+        if self.cap is not None:
+            self.plan = budget.make_plan(self.cap, baseline, resident, head, bb, min_slots, want_slots, f.path)
+        else:
+            self.plan = budget.Plan(0, baseline, resident, sum(b * n for b, n in zip(bb, want_slots)),
+                                    list(want_slots))
+        log.info("RAM plan: %s", self.plan.describe())
+
+        # ---- per-layer arrays ----
+        self.types = [np.array(l.types, np.int64) for l in info.layers]
+        self.offs = [np.array(np.cumsum((0,) + l.part_bytes), np.int64) for l in info.layers]
+        self.store = BundleStore(f.path, info.layers[0].bundle_offset, bb[0], c.n_ff, cold=cold,
+                                 n_threads=io_threads, stat=f.stat, max_range=max(1 << 20, 2 * max(bb)))
+        self.windows = [Window(c.n_ff, bb[il], max(self.plan.capacities[il], 1), window_k) for il in range(L)] \
+            if mode != "naive" else []
+        if mode == "naive":
+            self.staging = np.zeros((c.n_ff, max(bb)), np.uint8)
+            self.all_rows = np.arange(c.n_ff, dtype=np.int32)
+        self.active = np.arange(c.n_ff, dtype=np.int32)  # (n_ff,) chosen rows this layer (all unless flash)
+        self.gvals = np.zeros(c.n_ff, np.float32)    # (n_ff,) their gate values (gate mode)
+        self.z = np.zeros(c.n_ff, np.float32)        # (n_ff,) predictor logits
+        self.ffn_out = np.zeros(c.n_embd, np.float32)
+        import numba
+        self.partial = np.zeros((max(2, numba.get_num_threads()), c.n_embd), np.float32)
+        if self.selector == "predictor":
+            self.pred_tmp = np.zeros(max(l.pred_a.shape[1] for l in info.layers), np.float32)
+        if self.selector == "gate":
+            self.gates = self._read_gate_rows()
+        if mode == "dense":
+            for il in range(L):
+                self._load(il, np.arange(c.n_ff, dtype=np.int32), 0)
+        self.stats: list = []
+        self.t = 0   # token counter for the window
+
+    # ---- set-up helpers ----
+    def _read_gate_rows(self):
+        """Gate rows of every layer, resident (n_ff, gate_bytes) uint8, read once through the store."""
+        out = []
+        for il, l in enumerate(self.info.layers):
+            buf = np.zeros((self.cfg.n_ff, l.bundle_bytes), np.uint8)
+            self.store.select(l.bundle_offset, l.bundle_bytes, self.cfg.n_ff)
+            rows = np.arange(self.cfg.n_ff, dtype=np.int32)
+            self.store.read_rows(rows, buf, rows)
+            out.append(np.ascontiguousarray(buf[:, :l.part_bytes[0]]))
+            del buf
+        return out
+
+    def _load(self, il, rows, t):
+        """window.update + read of the missing bundles; returns (missing count, ReadStats, mm ms)."""
+        l = self.info.layers[il]
+        win = self.windows[il]
+        t0 = time.perf_counter()
+        missing, slots = win.update(rows, t)
+        mm = (time.perf_counter() - t0) * 1e3
+        self.store.select(l.bundle_offset, l.bundle_bytes, self.cfg.n_ff)
+        rs = self.store.read_rows(missing, win.slots, slots)
+        return len(missing), rs, mm
+
+    # ---- forward ----
+    def _check_pos(self, pos, n=1):
+        if pos < 0 or pos + n > self.n_ctx:
+            raise ContextOverflowError(f"{self.file.path}: {pos + n} tokens do not fit the context of "
+                                       f"{self.n_ctx} (use -c to enlarge it)")
+
+    def forward(self, token: int, pos: int) -> np.ndarray:
+        self._check_pos(pos)
+        if not 0 <= token < self.cfg.n_vocab:
+            raise GGUFFormatError(f"{self.file.path}: token id {token} out of range")
+        self.store.check_unchanged()
+        c, w, s = self.cfg, self.w, self.st
+        ts = TokenStats()
+        tc = time.perf_counter()
+        fw.embed(s.x, w.blob, w.embd, int(token), w.fp[fw.FP_EMBD_SCALE])
+        nn.rope_cos_sin(s.cos[0], s.sin[0], pos, w.inv_freq[0])
+        nn.rope_cos_sin(s.cos[1], s.sin[1], pos, w.inv_freq[1])
+        compute = time.perf_counter() - tc
+        eps = float(w.fp[fw.FP_EPS])
+        for il in range(c.n_layer):
+            tc = time.perf_counter()
+            fw.attention_layer(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin,
+                               s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa,
+                               w.ip, w.fp, il, pos)
+            nn.rmsnorm(s.xb, s.x, w.norms[il, fw.NORM_FFN], eps)
+            dispatch.quantize_x(s.xq_embd, s.xb)
+            n, have_gate = self._select(il, ts)
+            compute += time.perf_counter() - tc
+            if self.mode == "naive":
+                l = self.info.layers[il]
+                self.store.select(l.bundle_offset, l.bundle_bytes, c.n_ff)
+                slots = self.staging[:, :l.bundle_bytes] if l.bundle_bytes == self.staging.shape[1] \
+                    else self.staging.reshape(-1)[:c.n_ff * l.bundle_bytes].reshape(c.n_ff, l.bundle_bytes)
+                rs = self.store.read_rows(self.all_rows, slots, self.all_rows)
+                neuron_slot, loaded, mm = self.all_rows, c.n_ff, 0.0
+            else:
+                loaded, rs, mm = self._load(il, self.active[:n], self.t)
+                slots, neuron_slot = self.windows[il].slots, self.windows[il].neuron_slot
+            ts.loaded += loaded
+            ts.bytes_read += rs.bytes_read
+            ts.read_calls += rs.n_reads
+            ts.io_ms += rs.ms
+            ts.mm_ms += mm
+            tc = time.perf_counter()
+            sparse.sparse_ffn(self.ffn_out, self.partial, slots, neuron_slot, self.active, n, self.gvals,
+                              have_gate, s.xb, s.xq_embd, self.types[il], self.offs[il], c.activation,
+                              self.thresholds[il])
+            fw.residual_add(s.x, self.ffn_out, w.norms[il, fw.NORM_POST_FFW], eps, c.post_norms)
+            compute += time.perf_counter() - tc
+        tc = time.perf_counter()
+        fw.output_head(s.logits, s.x, s.xb, s.xq_embd, w.blob, w.output, w.output_norm, eps)
+        if self.plan.head_streamed:
+            self.file.release(int(w.output[0]), int(w.output[1] * w.output[2]))
+        ts.compute_ms = (compute + time.perf_counter() - tc) * 1e3
+        ts.hit_rate = 1.0 - ts.loaded / max(ts.predicted, 1) if self.mode == "flash" else 0.0
+        self.t += 1
+        ts.rss = self._watchdog()
+        self.stats.append(ts)
+        return s.logits
+
+    def _select(self, il, ts):
+        """Fill self.active[:n] with the rows to compute; returns (n, gate values known)."""
+        c = self.cfg
+        if self.mode != "flash":
+            ts.predicted += c.n_ff
+            ts.active += c.n_ff
+            return c.n_ff, False
+        l = self.info.layers[il]
+        s = self.st
+        if self.selector == "gate":
+            sparse.matvec_rows(s.hg, self.gates[il], int(l.types[0]), s.xb, s.xq_embd)
+            n = sparse.select_by_gate(self.active, self.gvals, s.hg, c.activation, l.threshold)
+            score = None
+        else:
+            sparse.predictor_logits(self.z, self.pred_tmp[:l.pred_a.shape[1]], s.xb, l.pred_a, l.pred_b,
+                                    l.pred_bias)
+            n = sparse.select_by_logit(self.active, self.z, l.pred_offset, l.pred_abs)
+            score = self.z
+        cap = self.windows[il].capacity
+        if n > cap:  # more than the window holds at this cap: keep the strongest
+            rows = self.active[:n]
+            strength = np.abs(s.hg[rows]) if score is None else np.abs(score[rows])
+            keep = np.sort(rows[np.argsort(-strength, kind="stable")[:cap]])
+            if score is None:
+                self.gvals[:cap] = s.hg[keep]
+            self.active[:cap] = keep
+            n = cap
+        ts.predicted += n
+        ts.active += n
+        return n, self.selector == "gate"
+
+    def _watchdog(self) -> int:
+        """RSS at every token: shrink the windows before the cap; past it, RamCapError."""
+        r = budget.rss()
+        if self.cap is None:
+            return r
+        tries = 0
+        while r > self.cap - budget.HEADROOM and self.windows and tries < 8:
+            for win in self.windows:
+                win.shrink(max(1, int(win.capacity * 0.9)))
+            r = budget.rss()
+            tries += 1
+        if r > self.cap:
+            raise RamCapError(f"{self.file.path}: RSS {budget.mib(r)} exceeds the cap {budget.mib(self.cap)}")
+        return r
+
+    def prefill(self, tokens, pos0: int = 0, logits_rows: str = "last"):
+        tokens = [int(t) for t in tokens]
+        self._check_pos(pos0, len(tokens))
+        if logits_rows == "all":
+            return self._prefill_all(tokens, pos0)
+        for i, t in enumerate(tokens):
+            logits = self.forward(t, pos0 + i)
+        return logits
+
+    def _prefill_all(self, tokens, pos0):
+        for i, t in enumerate(tokens):
+            yield i, self.forward(t, pos0 + i)[None, :]
+
+    def close(self):
+        self.store.close()
