@@ -17,8 +17,6 @@ from ..errors import InvalidArgumentError, RamCapError
 MiB = 1 << 20
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": MiB, "MB": MiB, "MIB": MiB,
           "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
-# compiled kernels loaded into the process on the first token (measured: see docs/design.md)
-KERNEL_CODE_BYTES = 48 * MiB
 HEADROOM = 4 * MiB   # the watchdog shrinks the window when RSS comes this close to the cap
 
 
@@ -69,9 +67,9 @@ def make_plan(cap: int, baseline: int, resident: dict, head_bytes: int, bundle_b
     streamed = False
     if must + min_window > cap and must - head_bytes + min_window + HEADROOM <= cap and head_bytes:
         resident = dict(resident)
-        resident["output head (streamed)"] = 0
+        resident["output head (streamed, 2 MiB chunks)"] = 2 * MiB
         resident.pop("output head", None)
-        must -= head_bytes
+        must += 2 * MiB - head_bytes
         streamed = True
     if must + min_window > cap:
         raise RamCapError(f"{path}: needs at least {mib(must + min_window)} "

@@ -61,8 +61,8 @@ class FlashLayer:
     neuron_id: np.ndarray    # (n_ff,) int32: original neuron of each stored row
     freq: np.ndarray         # (n_ff,) f32: calibration activation frequency (descending)
     threshold: float
-    pred_a: np.ndarray       # (n_embd, r) f32
-    pred_b: np.ndarray       # (r, n_ff) f32
+    pred_a: np.ndarray       # (n_embd, r) f16 view into the file map
+    pred_b: np.ndarray       # (r, n_ff) f16 view
     pred_bias: np.ndarray    # (n_ff,) f32
     recall: float
     precision: float
@@ -124,8 +124,8 @@ def read_flash(f, cfg) -> FlashInfo:
         nid = np.asarray(f.array(t_neuron_id(il)), np.int32)
         if nid.shape != (cfg.n_ff,) or not np.array_equal(np.sort(nid), np.arange(cfg.n_ff)):
             raise FlashFormatError(f"{f.path}: {t_neuron_id(il)} is not a permutation of {cfg.n_ff} neurons")
-        a = np.asarray(f.array(t_pred_a(il)), np.float32)
-        b = np.asarray(f.array(t_pred_b(il)), np.float32)
+        # predictor factors stay float16 views into the map (not resident) until a runtime uses them
+        a, b = f.array(t_pred_a(il)), f.array(t_pred_b(il))
         bias = np.asarray(f.array(t_pred_bias(il)), np.float32)
         if a.ndim != 2 or a.shape[0] != cfg.n_embd or b.shape != (a.shape[1], cfg.n_ff) or bias.shape != (cfg.n_ff,):
             raise FlashFormatError(f"{f.path}: layer {il} predictor shapes {a.shape} {b.shape} {bias.shape}")

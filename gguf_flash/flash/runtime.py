@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import numba
+
 from ..config import config_from_gguf
 from ..errors import ContextOverflowError, GGUFFormatError, InvalidArgumentError, RamCapError
 from ..kernels import dispatch, forward as fw, nn, sparse
@@ -28,6 +30,7 @@ from .window import Window
 
 log = logging.getLogger(__name__)
 MODES = ("flash", "naive", "dense")
+HEAD_CHUNK = 2 << 20  # bytes of a streamed output head in RSS at once
 SELECTORS = ("auto", "predictor", "gate")
 
 
@@ -54,7 +57,6 @@ class FlashModel:
         if selector not in SELECTORS:
             raise InvalidArgumentError(f"--selector {selector}: choose one of {', '.join(SELECTORS)}")
         if n_threads:
-            import numba
             numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
         self.file, self.mode = f, mode
         self.cfg = c = config_from_gguf(f)
@@ -63,6 +65,13 @@ class FlashModel:
         self.w = Weights(f, c, ffn=False)
         self.st = RunState(c, self.n_ctx)
         L = c.n_layer
+        self.active = np.arange(c.n_ff, dtype=np.int32)  # (n_ff,) chosen rows this layer (all unless flash)
+        self.gvals = np.zeros(c.n_ff, np.float32)    # (n_ff,) their gate values (gate mode)
+        self.z = np.zeros(c.n_ff, np.float32)        # (n_ff,) predictor logits
+        self.ffn_out = np.zeros(c.n_embd, np.float32)
+        self.partial = np.zeros((max(2, numba.get_num_threads()), c.n_embd), np.float32)
+        self.partial = np.zeros((max(2, numba.get_num_threads()), c.n_embd), np.float32)  # (n_part, n_embd)
+
         pred_bytes = sum((l.pred_a.size + l.pred_b.size + l.pred_bias.size) * 4 for l in info.layers)
         gate_bytes = sum(c.n_ff * l.part_bytes[0] for l in info.layers)
         if selector == "auto":  # the smaller resident set wins (small models: gate rows)
@@ -93,7 +102,10 @@ class FlashModel:
             min_slots = [max(1, int(math.ceil((1 - s) * c.n_ff))) for s in layer_sparsity]
             want_slots = [c.n_ff] * L
         self.cap = budget.parse_size(max_ram) if max_ram is not None else None
-        baseline = budget.rss() + budget.KERNEL_CODE_BYTES
+        max_range = max(1 << 20, 2 * max(bb))
+        resident["I/O staging"] = io_threads * max_range
+        self._warmup()
+        baseline = budget.rss()  # Python, numpy, numba and the compiled kernels, measured
         if self.cap is not None:
             self.plan = budget.make_plan(self.cap, baseline, resident, head, bb, min_slots, want_slots, f.path)
         else:
@@ -105,20 +117,16 @@ class FlashModel:
         self.types = [np.array(l.types, np.int64) for l in info.layers]
         self.offs = [np.array(np.cumsum((0,) + l.part_bytes), np.int64) for l in info.layers]
         self.store = BundleStore(f.path, info.layers[0].bundle_offset, bb[0], c.n_ff, cold=cold,
-                                 n_threads=io_threads, stat=f.stat, max_range=max(1 << 20, 2 * max(bb)))
+                                 n_threads=io_threads, stat=f.stat, max_range=max_range)
         self.windows = [Window(c.n_ff, bb[il], max(self.plan.capacities[il], 1), window_k) for il in range(L)] \
             if mode != "naive" else []
         if mode == "naive":
             self.staging = np.zeros((c.n_ff, max(bb)), np.uint8)
             self.all_rows = np.arange(c.n_ff, dtype=np.int32)
-        self.active = np.arange(c.n_ff, dtype=np.int32)  # (n_ff,) chosen rows this layer (all unless flash)
-        self.gvals = np.zeros(c.n_ff, np.float32)    # (n_ff,) their gate values (gate mode)
-        self.z = np.zeros(c.n_ff, np.float32)        # (n_ff,) predictor logits
-        self.ffn_out = np.zeros(c.n_embd, np.float32)
-        import numba
-        self.partial = np.zeros((max(2, numba.get_num_threads()), c.n_embd), np.float32)
         if self.selector == "predictor":
             self.pred_tmp = np.zeros(max(l.pred_a.shape[1] for l in info.layers), np.float32)
+            self.pred = [(np.ascontiguousarray(l.pred_a, np.float32), np.ascontiguousarray(l.pred_b, np.float32))
+                         for l in info.layers]   # (n_embd, r), (r, n_ff) f32, resident
         if self.selector == "gate":
             self.gates = self._read_gate_rows()
         if mode == "dense":
@@ -128,6 +136,54 @@ class FlashModel:
         self.t = 0   # token counter for the window
 
     # ---- set-up helpers ----
+    def _warmup(self):
+        """Load every compiled kernel the token loop uses (from numba's cache) on tiny inputs, so the
+        runtime's own RSS can be measured before the plan, and nothing compiles under the cap."""
+        c, s, w = self.cfg, self.st, self.w
+        fw.embed(s.x, w.blob, w.embd, 0, w.fp[fw.FP_EMBD_SCALE])
+        nn.rope_cos_sin(s.cos[0], s.sin[0], 0, w.inv_freq[0])
+        nn.rmsnorm(s.xb, s.x, w.norms[0, fw.NORM_FFN], 1e-5)
+        dispatch.quantize_x(s.xq_embd, s.xb)
+        fw.residual_add(s.x, s.xb, w.norms[0, fw.NORM_POST_FFW], 1e-5, False)
+        one = np.zeros((1, self.info.layers[0].bundle_bytes), np.uint8)
+        fw.attention_layer(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin,
+                           s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa,
+                           w.ip, w.fp, 0, 0)
+        sparse.sparse_ffn(self.ffn_out, self.partial, one, np.zeros(c.n_ff, np.int32),
+                          np.zeros(1, np.int32), 0, np.zeros(1, np.float32), False, s.xb, s.xq_embd,
+                          np.array(self.info.layers[0].types, np.int64),
+                          np.array(np.cumsum((0,) + self.info.layers[0].part_bytes), np.int64),
+                          c.activation, np.float32(0))
+        sparse.select_by_gate(np.zeros(1, np.int32), np.zeros(1, np.float32), s.hg[:1], c.activation, 0.0)
+        sparse.select_by_logit(np.zeros(1, np.int32), s.hg[:1], 0.0, True)
+        l0 = self.info.layers[0]
+        r = l0.pred_a.shape[1]
+        sparse.predictor_logits(s.hg[:1], np.zeros(r, np.float32), s.xb, np.zeros((c.n_embd, r), np.float32),
+                                np.zeros((r, 1), np.float32), l0.pred_bias[:1])
+        head = self.w.output.copy()
+        head[1] = 1
+        dispatch.matvec(s.logits[:1], w.blob, head, s.xb, s.xq_embd)
+        self.file.release(int(head[0]), int(head[2]))
+        win = Window(4, 8, 4, 1)
+        win.update(np.arange(2, dtype=np.int32), 0)
+
+    def _head(self, eps):
+        """logits = W_out @ RMSNorm(x); a streamed head is read in chunks, each released after use,
+        so it never holds more than one chunk in RSS."""
+        w, s = self.w, self.st
+        if not self.plan.head_streamed:
+            fw.output_head(s.logits, s.x, s.xb, s.xq_embd, w.blob, w.output, w.output_norm, eps)
+            return
+        nn.rmsnorm(s.xb, s.x, w.output_norm, eps)
+        dispatch.quantize_x(s.xq_embd, s.xb)
+        off, n_rows, rb = int(w.output[0]), int(w.output[1]), int(w.output[2])
+        step = max(1, HEAD_CHUNK // rb)
+        m = w.output.copy()
+        for r0 in range(0, n_rows, step):
+            m[0], m[1] = off + r0 * rb, min(step, n_rows - r0)
+            dispatch.matvec(s.logits[r0:r0 + m[1]], w.blob, m, s.xb, s.xq_embd)
+            self.file.release(int(m[0]), int(m[1]) * rb)
+
     def _read_gate_rows(self):
         """Gate rows of every layer, resident (n_ff, gate_bytes) uint8, read once through the store."""
         out = []
@@ -201,9 +257,7 @@ class FlashModel:
             fw.residual_add(s.x, self.ffn_out, w.norms[il, fw.NORM_POST_FFW], eps, c.post_norms)
             compute += time.perf_counter() - tc
         tc = time.perf_counter()
-        fw.output_head(s.logits, s.x, s.xb, s.xq_embd, w.blob, w.output, w.output_norm, eps)
-        if self.plan.head_streamed:
-            self.file.release(int(w.output[0]), int(w.output[1] * w.output[2]))
+        self._head(eps)
         ts.compute_ms = (compute + time.perf_counter() - tc) * 1e3
         ts.hit_rate = 1.0 - ts.loaded / max(ts.predicted, 1) if self.mode == "flash" else 0.0
         self.t += 1
@@ -225,8 +279,8 @@ class FlashModel:
             n = sparse.select_by_gate(self.active, self.gvals, s.hg, c.activation, l.threshold)
             score = None
         else:
-            sparse.predictor_logits(self.z, self.pred_tmp[:l.pred_a.shape[1]], s.xb, l.pred_a, l.pred_b,
-                                    l.pred_bias)
+            a, b = self.pred[il]
+            sparse.predictor_logits(self.z, self.pred_tmp[:a.shape[1]], s.xb, a, b, l.pred_bias)
             n = sparse.select_by_logit(self.active, self.z, l.pred_offset, l.pred_abs)
             score = self.z
         cap = self.windows[il].capacity

@@ -1,0 +1,121 @@
+"""The flash runtime: the sparse FFN identity, the RAM cap (sampled from outside the process), refusal
+of impossible caps, a file changed under the reader, statistics."""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import gguf_flash
+from gguf_flash.errors import FlashFormatError, InvalidArgumentError, RamCapError
+from gguf_flash.flash.budget import parse_size
+
+
+def test_parse_size():
+    assert parse_size("512K") == 512 * 1024 and parse_size("220M") == 220 << 20
+    assert parse_size("1.5G") == int(1.5 * (1 << 30)) and parse_size("4096") == 4096
+    for bad in ("", "12Q", "-5M", "M"):
+        with pytest.raises(InvalidArgumentError):
+            parse_size(bad)
+
+
+def test_sparse_ffn_with_every_neuron_equals_dense_ffn(tmp_path):
+    """Identity (STYLE.md 8): down columns kept in F32, every neuron selected -> the flash file's
+    logits equal the dense model's on the source (same gate/up bytes; float vs 8-bit activations
+    on the down projection is the only difference)."""
+    from gguf_flash.synthetic import write_synthetic
+    src = write_synthetic(tmp_path / "t.gguf", arch="llama", n_layer=2, n_embd=64, n_ff=128, n_head=4,
+                          n_head_kv=2, n_vocab=300, qtype="Q8_0", seed=5)
+    calib = tmp_path / "c.txt"
+    calib.write_text(" ".join(f"w{i % 50} x{i % 7}" for i in range(3000)))
+    gguf_flash.convert(src, tmp_path / "t.flash.gguf", calib=calib, calib_tokens=1024, sparsity=0.5,
+                       rank=8, down_type="F32")
+    dense = gguf_flash.load(src, n_ctx=64)
+    flash = gguf_flash.load(tmp_path / "t.flash.gguf", mode="dense", n_ctx=64)
+    for pos, tok in enumerate([5, 17, 99, 200, 3, 42]):
+        a = dense.model.forward(tok, pos).copy()
+        b = flash.model.forward(tok, pos)
+        np.testing.assert_allclose(b, a, atol=0.02 * np.abs(a).max())
+
+
+def test_flash_mode_quality_and_stats(smollm2_flash, smollm2_ref):
+    """Flash mode (exact gate selection at the file's sparsity) keeps llama.cpp's top-1 at the end of
+    every prompt where the margin is clear, and reports per-token statistics."""
+    path, _ = smollm2_flash
+    llm = gguf_flash.load(path, n_ctx=128, selector="gate")
+    for p in smollm2_ref["prompts"][:3]:
+        logits = llm.model.prefill(p["tokens_add_special"], 0)
+        if p["greedy_top1_top2_margin"][0] >= 1.0:
+            assert int(np.argmax(logits)) == p["greedy_ids"][0], p["id"]
+    s = llm.model.stats[-1]
+    n_ff, L = llm.cfg.n_ff, llm.cfg.n_layer
+    assert 0 < s.predicted < n_ff * L and s.active == s.predicted
+    assert 0.0 <= s.hit_rate <= 1.0 and s.io_ms >= 0 and s.compute_ms > 0 and s.rss > 0
+
+
+def test_impossible_cap_is_refused_before_loading(smollm2_flash):
+    path, _ = smollm2_flash
+    with pytest.raises(RamCapError, match=r"needs at least \d+ MiB.*cap is 100 MiB"):
+        gguf_flash.load(path, max_ram="100M")
+    proc = subprocess.run([sys.executable, "-m", "gguf_flash.cli", "run", "-m", str(path), "--max-ram", "100M",
+                           "-p", "hi", "-n", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "needs at least" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_changed_file_is_detected(smollm2_flash, tmp_path):
+    path, _ = smollm2_flash
+    copy = tmp_path / "copy.flash.gguf"
+    copy.write_bytes(path.read_bytes())
+    llm = gguf_flash.load(copy, n_ctx=64)
+    llm.model.forward(5, 0)
+    st = copy.stat()
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(FlashFormatError, match="changed"):
+        llm.model.forward(6, 1)
+
+
+RUN_UNDER_CAP = r"""
+import sys, gguf_flash
+llm = gguf_flash.load(sys.argv[1], max_ram=sys.argv[2], n_ctx=400, n_threads=2)
+print("READY", flush=True)
+res = llm.generate("Once upon a time", n_predict=300, ignore_eos=True)
+print("TOKENS", len(res.tokens), "MAXRSS", max(s.rss for s in llm.model.stats), flush=True)
+"""
+
+
+MIN_CAP = r"""
+import sys, gguf_flash
+try:
+    gguf_flash.load(sys.argv[1], max_ram="1M", n_ctx=400, n_threads=2)
+except gguf_flash.RamCapError as e:
+    print(str(e).split("needs at least ")[1].split(" MiB")[0])
+"""
+
+
+def test_300_tokens_under_a_tight_cap_sampled_every_5ms(smollm2_flash):
+    """A second process samples the generating process's RSS every 5 ms: the maximum stays under the
+    cap. The cap is the smallest the plan accepts (asked of a fresh process) plus 6 MiB, so the window
+    is tight and the watchdog has work to do."""
+    import psutil
+    path, _ = smollm2_flash
+    need = subprocess.run([sys.executable, "-c", MIN_CAP, str(path)], capture_output=True, text=True,
+                          timeout=300)
+    cap_mib = int(need.stdout.strip()) + 6
+    proc = subprocess.Popen([sys.executable, "-c", RUN_UNDER_CAP, str(path), f"{cap_mib}M"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, p.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(0.005)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert "TOKENS 300" in out, out
+    print(f"peak RSS sampled from outside: {peak / 2**20:.1f} MiB, cap {cap_mib} MiB")
+    assert peak <= cap_mib << 20
