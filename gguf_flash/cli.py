@@ -87,6 +87,26 @@ def _n_predict(a, llm, n_prompt):
     return a.n_predict if a.n_predict >= 0 else llm.model.n_ctx - n_prompt
 
 
+def cmd_bench_io(a):
+    from .flash import diskprobe
+    from .models import cache_dir
+    where = a.path or str(cache_dir())
+    sizes = (4096, 16384, 65536, 262144, 1 << 20, 4 << 20)
+    threads = (1, 4, 16)
+    print(f"probing {where}: O_DIRECT random reads, {a.seconds} s per cell", file=sys.stderr)
+    rows = diskprobe.probe(where, sizes=sizes, threads=threads, seconds=a.seconds)
+    print("| read size | " + " | ".join(f"{t} thread{'s' if t > 1 else ''}" for t in threads) + " |")
+    print("|---|" + "---|" * len(threads))
+    for size in sizes:
+        cells = [next(r.mib_s for r in rows if r.size == size and r.threads == t) for t in threads]
+        label = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+        print(f"| {label} | " + " | ".join(f"{c:.0f} MiB/s" for c in cells) + " |")
+    gap, n = diskprobe.recommend(rows)
+    saved = diskprobe.save(rows, where)
+    print(f"store settings for this device: coalesce gaps below {gap >> 10} KiB, {n} read threads "
+          f"(saved in {saved})")
+
+
 def cmd_convert(a):
     from .flash.convert import convert
     r = convert(a.input, a.output, calib=a.calib, calib_tokens=a.calib_tokens, sparsity=a.sparsity,
@@ -283,6 +303,12 @@ def build_parser():
     p.set_defaults(func=cmd_run)
 
     _add_flash(p)
+
+    p = sub.add_parser("bench-io", help="read throughput by read size and threads on this disk (saved "
+                                        "per device; the flash store uses it)")
+    p.add_argument("path", nargs="?", help="a file to read, or a folder for a scratch file (default: the cache)")
+    p.add_argument("--seconds", type=float, default=0.5, help="seconds per measurement")
+    p.set_defaults(func=cmd_bench_io)
 
     p = sub.add_parser("convert", help="write the flash GGUF variant of a GGUF (neuron bundles + predictors)")
     p.add_argument("input", help="GGUF file or known model name")

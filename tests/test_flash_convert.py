@@ -143,3 +143,20 @@ def test_relu_model_gets_zero_threshold(tmp_path):
     assert all(0.2 < s < 0.8 for s in r.layer_sparsity)   # ReLU's natural zeros, measured
     f = GGUFFile(tmp_path / "relu.flash.gguf")
     assert f.get(ff.K_ACTIVATION) == "relu"
+
+
+def test_cli_convert_and_inspect(tmp_path, tiny_llama_path):
+    import subprocess
+    import sys
+    out = tmp_path / "t.flash.gguf"
+    cmd = [sys.executable, "-m", "gguf_flash.cli"]
+    p = subprocess.run(cmd + ["convert", str(tiny_llama_path), str(out), "--calib", str(_calib_file(tmp_path)),
+                              "--calib-tokens", "1024", "--sparsity", "0.5", "--rank", "8"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "wrote" in p.stdout and "peak RSS" in p.stdout and out.exists()
+    p = subprocess.run(cmd + ["convert", str(tiny_llama_path), str(out)], capture_output=True, text=True)
+    assert p.returncode == 2 and "--force" in p.stderr
+    p = subprocess.run(cmd + ["inspect", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "flash v1: activation silu, target sparsity 0.50" in p.stdout
+    assert "layer threshold sparsity rank recall precision" in p.stdout

@@ -25,6 +25,7 @@ from ..kernels import dispatch, forward as fw, nn, sparse
 from ..model import RunState, Weights
 from . import budget
 from .format import read_flash
+from . import diskprobe
 from .store import BundleStore
 from .window import Window
 
@@ -103,6 +104,11 @@ class FlashModel:
             want_slots = [c.n_ff] * L
         self.cap = budget.parse_size(max_ram) if max_ram is not None else None
         max_range = max(1 << 20, 2 * max(bb))
+        gap = 64 << 10
+        probed = diskprobe.load(f.path)
+        if probed:  # `gguf-flash bench-io` measured this device: its coalescing gap and thread count
+            gap, io_threads = diskprobe.recommend(probed)
+            io_threads = min(io_threads, 8)
         resident["I/O staging"] = io_threads * max_range
         self._warmup()
         baseline = budget.rss()  # Python, numpy, numba and the compiled kernels, measured
@@ -117,7 +123,7 @@ class FlashModel:
         self.types = [np.array(l.types, np.int64) for l in info.layers]
         self.offs = [np.array(np.cumsum((0,) + l.part_bytes), np.int64) for l in info.layers]
         self.store = BundleStore(f.path, info.layers[0].bundle_offset, bb[0], c.n_ff, cold=cold,
-                                 n_threads=io_threads, stat=f.stat, max_range=max_range)
+                                 n_threads=io_threads, gap_bytes=gap, stat=f.stat, max_range=max_range)
         self.windows = [Window(c.n_ff, bb[il], max(self.plan.capacities[il], 1), window_k) for il in range(L)] \
             if mode != "naive" else []
         if mode == "naive":
