@@ -3,6 +3,9 @@
 from .errors import (GGUFFlashError, GGUFFormatError, UnsupportedModelError, ModelFetchError,
                      ContextOverflowError, RamCapError, FlashFormatError, InvalidArgumentError)
 
+__all__ = ["load", "convert", "GGUFFlashError", "GGUFFormatError", "UnsupportedModelError", "ModelFetchError",
+           "ContextOverflowError", "RamCapError", "FlashFormatError", "InvalidArgumentError"]
+
 __version__ = "0.1.0"
 
 

@@ -110,7 +110,8 @@ def cmd_bench_io(a):
 def cmd_convert(a):
     from .flash.convert import convert
     r = convert(a.input, a.output, calib=a.calib, calib_tokens=a.calib_tokens, sparsity=a.sparsity,
-                rank=a.rank, down_type=a.down_type, force=a.force, progress=True)
+                rank=a.rank, down_type=a.down_type, force=a.force, full_curve=a.curve,
+                progress=True)
     print(f"wrote {r.out}: sparsity {r.sparsity:.2f}, bundles {r.bundle_bytes / 2**20:.1f} MiB "
           f"(FFN in the source {r.ffn_bytes / 2**20:.1f} MiB), predictors {r.predictor_bytes / 2**20:.1f} MiB "
           f"({100 * r.predictor_bytes / r.ffn_bytes:.0f}% of the FFN), rank {min(r.ranks)}-{max(r.ranks)}, "
@@ -238,7 +239,6 @@ def cmd_inspect(a):
 
 
 def _print_flash_summary(f):
-    import numpy as np
     from .config import config_from_gguf
     from .flash.format import K_CURVE_PPL, K_CURVE_S, K_LAYER_SPARSITY, read_flash
     cfg = config_from_gguf(f)
@@ -320,6 +320,8 @@ def build_parser():
     p.add_argument("--rank", type=int, default=None, help="predictor rank (default: smallest reaching recall 0.95)")
     p.add_argument("--down-type", default="Q8_0", help="type of the re-quantized down columns (default Q8_0)")
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT")
+    p.add_argument("--curve", action="store_true", help="held-out perplexity at every grid sparsity "
+                                                         "(default: bisect the grid for the chosen one)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("chat", help="interactive chat with the model's chat template")

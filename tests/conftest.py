@@ -3,7 +3,6 @@ outputs (../shared/reference; a test that needs them is skipped with that reason
 absent, e.g. on a user's machine), tiny synthetic models."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest

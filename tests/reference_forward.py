@@ -28,11 +28,7 @@ Use:
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import glob
 import math
-import os
 import struct
 from dataclasses import dataclass
 
@@ -286,50 +282,9 @@ def attention(q, k, v, q_scale, n_swa):
     return out.reshape(n_tokens, n_head * hd)
 
 
-@contextlib.contextmanager
-def _single_threaded_blas():
-    """Run OpenBLAS on one thread inside the block (restored afterwards).
-
-    On this 2-core machine shared by several busy processes, OpenBLAS's spinning worker threads made
-    a SmolLM2 pass 10x slower (20 s vs 1.9 s measured). NumPy has no public switch, so call the
-    bundled OpenBLAS's own set/get_num_threads through ctypes; if they are not found, do nothing.
-    """
-    lib = _openblas()
-    if lib is None:
-        yield
-        return
-    get_n, set_n = lib
-    previous = get_n()
-    set_n(1)
-    try:
-        yield
-    finally:
-        set_n(previous)
-
-
-_OPENBLAS = []
-
-
-def _openblas():
-    """(get_num_threads, set_num_threads) of the OpenBLAS numpy links, or None; looked up once."""
-    if not _OPENBLAS:
-        found = None
-        libs_dir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
-        for path in glob.glob(os.path.join(libs_dir, "*openblas*")):
-            lib = ctypes.CDLL(path)
-            for pattern in ("scipy_openblas_{}_num_threads64_", "openblas_{}_num_threads64_",
-                            "openblas_{}_num_threads"):
-                try:
-                    get_n, set_n = getattr(lib, pattern.format("get")), getattr(lib, pattern.format("set"))
-                except AttributeError:
-                    continue
-                get_n.restype, set_n.argtypes = ctypes.c_int, [ctypes.c_int]
-                found = (get_n, set_n)
-                break
-            if found:
-                break
-        _OPENBLAS.append(found)
-    return _OPENBLAS[0]
+# OpenBLAS on one thread inside a block: on this 2-core machine shared by busy processes, OpenBLAS's
+# spinning workers made a SmolLM2 pass 10x slower (20 s vs 1.9 s measured). Shared with the predictor.
+from gguf_flash.flash.predictor import _single_threaded_blas  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,12 +6,9 @@ the expected splits worked out by hand from llama.cpp's llm_tokenizer_bpe regexe
 unicode_regex_split (regexes applied in sequence, text between matches kept as its own piece).
 """
 
-import json
-import os
 import re
 import time
 import unicodedata
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -2,11 +2,8 @@
 and, on a tiny synthetic vocabulary, the sentencepiece path against a slow twin of llama.cpp's
 algorithm (st_partition via str.split + `spm_merge_slow`)."""
 
-import json
-import os
 import random
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

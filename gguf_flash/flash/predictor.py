@@ -57,8 +57,8 @@ _OPENBLAS = []
 
 def _openblas():
     """(get_num_threads, set_num_threads) of the OpenBLAS numpy bundles, or None; looked up once.
-    (Same lookup as tests/reference_forward.py; numpy has no public switch and threadpoolctl is not a
-    dependency.)"""
+    (numpy has no public switch and threadpoolctl is not a dependency; tests/reference_forward.py
+    uses this too.)"""
     if not _OPENBLAS:
         found = None
         libs_dir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")

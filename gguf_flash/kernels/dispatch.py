@@ -6,7 +6,6 @@ of quant_basic.py and quant_k.py. A weight is addressed as (offset, n_rows, row_
 memory-mapped file `blob` (file_size,) uint8, so one compiled forward serves every mix of types.
 """
 
-import numpy as np
 from numba import njit
 
 from . import quant_basic as qb

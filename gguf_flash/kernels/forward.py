@@ -15,7 +15,6 @@ Every architecture runs through the same code; the per-architecture differences 
                               (dispatch.quantize_x) and shared by every matvec that reads it
 """
 
-import numpy as np
 from numba import njit, prange
 
 from .dispatch import dequant_row, matmat, matvec, quantize_x

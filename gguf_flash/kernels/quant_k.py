@@ -42,6 +42,10 @@ from llvmlite import ir
 from numba import config, njit, prange, types
 from numba.extending import intrinsic
 
+# shared with the basic types: the f16 decode intrinsic and the register-blocked matmat core
+from .quant_basic import MM_ROWS, _gemm_rows
+from .quant_basic import _u16_as_f16_to_f32 as _half_bits_to_f32
+
 # No nnan/ninf: -inf masks elsewhere in the engine must survive (STYLE.md, pynndescent habit).
 FASTMATH = {"contract", "reassoc", "arcp", "nsz", "afn"}
 
@@ -60,24 +64,11 @@ IQ4_NL_BYTES = 2 + QK4_NL // 2  # d, qs = 18
 KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
                          dtype=np.float32)
 
-# rows decoded together by matmat: scratch (MM_ROWS, n_cols) float32 stays in L1/L2
-MM_ROWS = 16
 
 
 # ---------------------------------------------------------------------------------------------
 # scalar helpers
 # ---------------------------------------------------------------------------------------------
-@intrinsic
-def _half_bits_to_f32(typingctx, h):
-    """float32 of the IEEE half with bits `h` (uint16); LLVM emits F16C vcvtph2ps on AVX2."""
-    sig = types.float32(types.uint16)
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return sig, codegen
-
-
 @intrinsic
 def _qbits(typingctx, a, sa, ma, b, sb, mb, sh, bias):
     """float32 of (((a >> sa) & ma) | (((b >> sb) & mb) << sh)) - bias, computed on 8-bit lanes.
@@ -100,9 +91,6 @@ def _qbits(typingctx, a, sa, ma, b, sb, mb, sh, bias):
 
 
 if config.DISABLE_JIT:  # the suite also runs once with NUMBA_DISABLE_JIT=1 (STYLE.md): plain twins
-    def _half_bits_to_f32(h):  # noqa: F811
-        return np.float32(np.array(h, np.uint16).view(np.float16))
-
     def _qbits(a, sa, ma, b, sb, mb, sh, bias):  # noqa: F811
         return np.float32((((int(a) >> sa) & ma) | (((int(b) >> sb) & mb) << sh)) - bias)
 
@@ -148,47 +136,6 @@ def _i8(u):
 # matmat core: out[t, r0 + r] = buf[r] . X[t] for r < nr, every t. Register-blocked 2 tokens x 4
 # rows: each pass over k loads 2 x-values and 4 buf-values for 8 FMAs.
 # ---------------------------------------------------------------------------------------------
-@njit(cache=True, fastmath=FASTMATH)
-def _gemm_rows(out, buf, X, r0, nr):
-    # out (n_tok, n_rows) f32; buf (MM_ROWS, n_cols) f32 (first nr rows valid); X (n_tok, n_cols) f32
-    n_tok, n = X.shape
-    for t in range(0, n_tok - 1, 2):
-        x0 = X[t]
-        x1 = X[t + 1]
-        r = 0
-        while r + 4 <= nr:
-            b0 = buf[r]; b1 = buf[r + 1]; b2 = buf[r + 2]; b3 = buf[r + 3]
-            a00 = np.float32(0); a01 = np.float32(0); a02 = np.float32(0); a03 = np.float32(0)
-            a10 = np.float32(0); a11 = np.float32(0); a12 = np.float32(0); a13 = np.float32(0)
-            for k in range(n):
-                u = x0[k]
-                v = x1[k]
-                a00 += u * b0[k]; a01 += u * b1[k]; a02 += u * b2[k]; a03 += u * b3[k]
-                a10 += v * b0[k]; a11 += v * b1[k]; a12 += v * b2[k]; a13 += v * b3[k]
-            out[t, r0 + r] = a00; out[t, r0 + r + 1] = a01; out[t, r0 + r + 2] = a02; out[t, r0 + r + 3] = a03
-            out[t + 1, r0 + r] = a10; out[t + 1, r0 + r + 1] = a11
-            out[t + 1, r0 + r + 2] = a12; out[t + 1, r0 + r + 3] = a13
-            r += 4
-        for r in range(r, nr):
-            b0 = buf[r]
-            a0 = np.float32(0)
-            a1 = np.float32(0)
-            for k in range(n):
-                a0 += x0[k] * b0[k]
-                a1 += x1[k] * b0[k]
-            out[t, r0 + r] = a0
-            out[t + 1, r0 + r] = a1
-    if n_tok % 2 == 1:  # odd token count: last token alone
-        t = n_tok - 1
-        x0 = X[t]
-        for r in range(nr):
-            b0 = buf[r]
-            a0 = np.float32(0)
-            for k in range(n):
-                a0 += x0[k] * b0[k]
-            out[t, r0 + r] = a0
-
-
 # ---------------------------------------------------------------------------------------------
 # Q2_K: block (84 B) = scales[16] | qs[64] | d | dmin; 16 sub-blocks of 16, 2-bit q, 4-bit scale/min
 # byte qs[32h + 16g + l] holds q of elements 128h + 32j + 16g + l (j 0..3) in bits 2j..2j+1
