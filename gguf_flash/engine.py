@@ -7,6 +7,7 @@ import numpy as np
 from . import models
 from .errors import InvalidArgumentError
 from .generate import GenerationResult, generate, render_chat, stream_text
+from .config import config_from_gguf
 from .gguf_file import GGUFFile
 from .model import Model
 from .sampling import GREEDY, SamplingParams
@@ -22,7 +23,8 @@ class LLM:
         from .flash.format import is_flash
         self.path = models.resolve(path)
         self.file = GGUFFile(self.path)
-        self.tokenizer = tokenizer_from_gguf(self.file)
+        config_from_gguf(self.file)          # an unsupported architecture is refused first
+        self.tokenizer = tokenizer_from_gguf(self.file)  # before the model: a flash plan measures RSS
         if is_flash(self.file):
             from .flash.runtime import FlashModel
             self.model = FlashModel(self.file, max_ram=max_ram, mode=mode or "flash", selector=selector,

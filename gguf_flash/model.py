@@ -165,14 +165,17 @@ class Model:
         self.head(self.st.H[n:n + 1], self.st.logits[None, :])
         return self.st.logits
 
-    def _prefill_all(self, tokens, pos0):
-        out = np.zeros((self.st.n_ubatch, self.cfg.n_vocab), np.float32)
+    def _prefill_all(self, tokens, pos0, rows: int = 32):
+        """Yields (start, logits (m <= rows, n_vocab)): the head runs on `rows` hidden states at a time,
+        so a 262,144-token vocabulary costs 32 MB here, not n_ubatch x n_vocab floats."""
+        out = np.zeros((rows, self.cfg.n_vocab), np.float32)
         for start in range(0, len(tokens), self.st.n_ubatch):
             chunk = tokens[start:start + self.st.n_ubatch]
             self._batch(chunk, pos0 + start)
-            m = len(chunk)
-            self.head(self.st.H[:m], out[:m])
-            yield start, out[:m]
+            for r in range(0, len(chunk), rows):
+                m = min(rows, len(chunk) - r)
+                self.head(self.st.H[r:r + m], out[:m])
+                yield start + r, out[:m]
 
     def _batch(self, tokens, pos0, ffn_in=None):
         w, s = self.w, self.st

@@ -29,15 +29,13 @@ def chunk_nll(model, inp) -> tuple[float, int]:
     nll, n = 0.0, 0
     for start, logits in model.prefill(inp, 0, logits_rows="all"):
         targets = np.arange(start, start + len(logits)) + 1   # position p predicts input p + 1
-        ok = targets < len(inp)
-        if not ok.any():
-            continue
-        z = logits[ok]                                      # (m, n_vocab) f32
-        # log p(target) = z[target] - logsumexp(z), without a float64 copy of (m, n_vocab)
-        zmax = z.max(axis=1, keepdims=True)
-        lse = zmax[:, 0].astype(np.float64) + np.log(np.exp(z - zmax).sum(axis=1, dtype=np.float64))
-        nll -= float((z[np.arange(len(z)), inp[targets[ok]]] - lse).sum())
-        n += int(ok.sum())
+        # log p(target) = z[target] - logsumexp(z), row by row: no (m, n_vocab) temporaries
+        for i in np.flatnonzero(targets < len(inp)):
+            row = logits[i]                                 # (n_vocab,) f32
+            zmax = row.max()
+            lse = float(zmax) + float(np.log(np.exp(row - zmax).sum(dtype=np.float64)))
+            nll -= float(row[inp[targets[i]]]) - lse
+            n += 1
     return nll, n
 
 

@@ -752,7 +752,7 @@ def quantize_x_q8(scratch, x):
         for j in range(QK):
             q = np.int8(np.rint(x[b * QK + j] * inv))
             xq[b * QK + j] = q
-            s += q
+            s += np.int32(q)  # widen: an int8 sum would overflow (and does, without the JIT)
         xd[b] = d
         # the sum of the *quantized* block (llama.cpp's Q8_1 s = d * sum(qs)): the offset term m * xs
         # then uses the same x as the code term, so their rounding errors cancel instead of adding
