@@ -746,7 +746,10 @@ def quantize_x_q8(scratch, x):
         amax = np.float32(0)
         for j in range(QK):
             amax = max(amax, abs(x[b * QK + j]))
-        d = amax / np.float32(127)
+        # in float64, then rounded: the same float32 as amax / 127 correctly rounded (f64 has more
+        # than twice f32's precision), even if a fastmath caller's flags turn the division into a
+        # multiply by 1/127 (numba can cache a callee compiled under its caller's flags)
+        d = np.float32(np.float64(amax) / 127.0)
         inv = np.float32(1) / d if d > 0 else np.float32(0)
         s = 0
         for j in range(QK):
