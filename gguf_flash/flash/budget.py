@@ -72,7 +72,9 @@ def make_plan(cap: int, baseline: int, resident: dict, head_bytes: int, bundle_b
         must += 2 * MiB - head_bytes
         streamed = True
     if must + min_window > cap:
-        raise RamCapError(f"{path}: needs at least {mib(must + min_window)} "
+        if head_bytes and not streamed:   # the least that would work streams the head
+            must += 2 * MiB - head_bytes
+        raise RamCapError(f"{path}: needs at least {mib(must + min_window + (HEADROOM if streamed or head_bytes else 0))} "
                           f"({mib(baseline)} runtime + {mib(must - baseline)} resident + {mib(min_window)} "
                           f"minimum window), cap is {mib(cap)}")
     room = cap - must - HEADROOM
