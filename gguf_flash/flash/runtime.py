@@ -20,7 +20,8 @@ import numpy as np
 import numba
 
 from ..config import config_from_gguf
-from ..errors import ContextOverflowError, GGUFFormatError, InvalidArgumentError, RamCapError
+from ..errors import (ContextOverflowError, GGUFFormatError, InvalidArgumentError, RamCapError,
+                      UnsupportedModelError)
 from ..kernels import dispatch, forward as fw, nn, sparse
 from ..model import RunState, Weights
 from . import budget
@@ -62,6 +63,11 @@ class FlashModel:
         self.file, self.mode = f, mode
         self.cfg = c = config_from_gguf(f)
         self.info = info = read_flash(f, c)
+        for il, l in enumerate(info.layers):
+            for part, qt in zip(("gate", "up", "down"), l.types):
+                if qt not in dispatch.SUPPORTED:
+                    raise UnsupportedModelError(f"{f.path}: layer {il} {part} rows have ggml type {qt}, "
+                                                f"which this engine does not implement")
         self.n_ctx = int(n_ctx) if n_ctx else min(1024 if max_ram else 4096, c.n_ctx_train)
         self.w = Weights(f, c, ffn=False)
         self.st = RunState(c, self.n_ctx)

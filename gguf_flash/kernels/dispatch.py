@@ -6,6 +6,7 @@ of quant_basic.py and quant_k.py. A weight is addressed as (offset, n_rows, row_
 memory-mapped file `blob` (file_size,) uint8, so one compiled forward serves every mix of types.
 """
 
+import numpy as np
 from numba import njit
 
 from . import quant_basic as qb
@@ -157,6 +158,8 @@ def dequant_row(out, blob, m, r):
 # The sparse FFN visits a few hundred rows per layer and token, each a dot of n_embd values; the type
 # test below costs a few compares per row, against hundreds of multiply-adds. (numba cannot cache a
 # kernel that takes the per-type functions as arguments, which would be the table-driven version.)
+# No raise here: an exception path inside a prange body stops numba from parallelizing the loop, so
+# the types are checked once when a flash file is opened (runtime.FlashModel).
 
 @njit(cache=True, inline="always")
 def dot_row(qt, row, x, xq):
@@ -189,7 +192,7 @@ def dot_row(qt, row, x, xq):
         return qk.dot_q6_k(row, x)
     elif qt == IQ4_NL:
         return qk.dot_iq4_nl(row, x)
-    raise ValueError("unsupported ggml type")
+    return np.float32(0.0)  # unreachable: FlashModel refuses types outside SUPPORTED at open
 
 
 @njit(cache=True, inline="always")
@@ -223,5 +226,3 @@ def axpy_row(qt, out, a, row):
         qk.axpy_q6_k(out, a, row)
     elif qt == IQ4_NL:
         qk.axpy_iq4_nl(out, a, row)
-    else:
-        raise ValueError("unsupported ggml type")
