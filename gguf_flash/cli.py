@@ -200,10 +200,7 @@ def cmd_chat(a):
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        prompt = llm.chat_prompt(messages)
-        ids = llm.tokenizer.encode(prompt, add_special=True, parse_special=True)
-        if len(ids) > 1 and ids[0] == ids[1] == llm.tokenizer.bos_id:
-            ids = ids[1:]
+        ids = llm.chat_ids(messages)
         res = llm.generate(ids, _n_predict(a, llm, len(ids)), _params(a), stop=a.stop,
                            stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         sys.stdout.write("\n")

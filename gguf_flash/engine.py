@@ -75,13 +75,16 @@ class LLM:
         eos = tok.decode([tok.eos_id], special=True) if tok.eos_id is not None else ""
         return render_chat(self.file.get("tokenizer.chat_template"), messages, bos, eos, add_generation_prompt)
 
-    def chat(self, messages, n_predict: int = 256, params: SamplingParams = GREEDY, stream=None):
-        text = self.chat_prompt(messages)
-        ids = self.tokenizer.encode(text, add_special=True, parse_special=True)
+    def chat_ids(self, messages) -> list:
+        """Token ids of the chat template applied to messages, ready to generate the reply."""
+        ids = self.tokenizer.encode(self.chat_prompt(messages), add_special=True, parse_special=True)
         # a template that writes BOS itself must not get a second one (llama.cpp warns and drops it)
         if len(ids) > 1 and ids[0] == ids[1] == self.tokenizer.bos_id:
             ids = ids[1:]
-        return self.generate(ids, n_predict, params, stream=stream)
+        return ids
+
+    def chat(self, messages, n_predict: int = 256, params: SamplingParams = GREEDY, stream=None, stop=()):
+        return self.generate(self.chat_ids(messages), n_predict, params, stop=stop, stream=stream)
 
 
 def load(name_or_path, n_ctx: int | None = None, n_threads: int | None = None, max_ram=None,

@@ -80,6 +80,13 @@ class Weights:
         self.no_capture = np.zeros((0, 1, c.n_embd), np.float32)
 
 
+def set_threads(n_threads: int | None) -> None:
+    """Compute threads for the parallel kernels (None or 0: numba's default, all cores)."""
+    if n_threads:
+        import numba
+        numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
+
+
 def lazy_zeros(shape, dtype=np.float32) -> np.ndarray:
     """A zero array whose pages become resident only where written, one 4 KiB page at a time.
     np.zeros gets the same lazy pages, but with transparent huge pages on, writing the first row of each
@@ -142,9 +149,7 @@ class Model:
         self.n_ctx = int(n_ctx) if n_ctx else min(4096, self.cfg.n_ctx_train)
         self.w = Weights(f, self.cfg)
         self.st = RunState(self.cfg, self.n_ctx)
-        if n_threads:
-            import numba
-            numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
+        set_threads(n_threads)
 
     def _check_pos(self, pos: int, n: int = 1):
         if pos < 0 or pos + n > self.n_ctx:

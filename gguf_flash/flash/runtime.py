@@ -23,7 +23,7 @@ from ..config import config_from_gguf
 from ..errors import (ContextOverflowError, GGUFFormatError, InvalidArgumentError, RamCapError,
                       UnsupportedModelError)
 from ..kernels import dispatch, forward as fw, nn, sparse
-from ..model import RunState, Weights
+from ..model import RunState, Weights, set_threads
 from . import budget
 from .format import read_flash
 from . import diskprobe
@@ -58,8 +58,7 @@ class FlashModel:
             raise InvalidArgumentError(f"--mode {mode}: choose one of {', '.join(MODES)}")
         if selector not in SELECTORS:
             raise InvalidArgumentError(f"--selector {selector}: choose one of {', '.join(SELECTORS)}")
-        if n_threads:
-            numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
+        set_threads(n_threads)
         self.file, self.mode = f, mode
         self.cfg = c = config_from_gguf(f)
         self.info = info = read_flash(f, c)
@@ -76,7 +75,6 @@ class FlashModel:
         self.gvals = np.zeros(c.n_ff, np.float32)    # (n_ff,) their gate values (gate mode)
         self.z = np.zeros(c.n_ff, np.float32)        # (n_ff,) predictor logits
         self.ffn_out = np.zeros(c.n_embd, np.float32)
-        self.partial = np.zeros((max(2, numba.get_num_threads()), c.n_embd), np.float32)
         self.partial = np.zeros((max(2, numba.get_num_threads()), c.n_embd), np.float32)  # (n_part, n_embd)
 
         pred_bytes = sum((l.pred_a.size + l.pred_b.size + l.pred_bias.size) * 4 for l in info.layers)
