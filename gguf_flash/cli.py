@@ -73,7 +73,7 @@ def _flash_path_for(model):
 
 
 def _load(a):
-    from .engine import load
+    from . import load
     if a.ctx_size < 0 or a.threads < 0:
         raise InvalidArgumentError("-c and -t must be >= 0")
     flash = getattr(a, "max_ram", None) is not None or getattr(a, "mode", None) in ("flash", "naive")

@@ -81,21 +81,38 @@ class _Cursor:
             return bytes(raw).decode("utf-8", errors="replace")
 
     def string_array(self, count: int) -> list:
-        # one tight loop: this is the 262,144-token vocabulary case
-        buf, pos, end = self.buf, self.pos, len(self.buf)
-        out = [None] * count
-        frm = int.from_bytes
-        for i in range(count):
-            if pos + 8 > end:
-                raise GGUFFormatError(f"{self.path}: truncated GGUF string array")
-            n = frm(buf[pos:pos + 8], "little")
-            pos += 8
-            if pos + n > end:
-                raise GGUFFormatError(f"{self.path}: truncated GGUF string array")
-            out[i] = bytes(buf[pos:pos + n]).decode("utf-8", errors="replace")
-            pos += n
-        self.pos = pos
-        return out
+        if count < 4096:
+            return [self.string() for _ in range(count)]
+        # the 262,144-token vocabulary case: compiled offset scan, then one UTF-8 decode of all the
+        # strings joined, cut at character offsets (valid when every string starts on a character)
+        from .kernels.strings import string_array_offsets
+        data = np.frombuffer(self.buf, dtype=np.uint8)
+        starts, ends = np.empty(count, np.int64), np.empty(count, np.int64)
+        pos = string_array_offsets(data, self.pos, count, starts, ends)
+        if pos < 0:
+            raise GGUFFormatError(f"{self.path}: truncated GGUF string array")
+        self.pos = int(pos)
+        lens = ends - starts
+        keep = np.ones(int(ends[-1] - starts[0]), dtype=bool)       # drop the u64 lengths in between
+        gaps = starts[1:] - starts[0] - 8
+        for k in range(8):
+            keep[gaps + k] = False
+        joined = data[starts[0]:ends[-1]][keep]
+        bounds = np.zeros(count + 1, np.int64)
+        np.cumsum(lens, out=bounds[1:])
+        lead = (joined & 0xC0) != 0x80                               # bytes that start a character
+        try:
+            text = joined.tobytes().decode("utf-8")
+            cut_ok = bool(lead[bounds[:-1][lens > 0]].all())
+        except UnicodeDecodeError:
+            cut_ok = False
+        if not cut_ok:  # invalid UTF-8 somewhere, or a string ending inside a character: one by one
+            raw, b = joined.tobytes(), bounds.tolist()
+            return [raw[x:y].decode("utf-8", errors="replace") for x, y in zip(b, b[1:])]
+        char_at = np.zeros(len(joined) + 1, np.int64)
+        np.cumsum(lead, out=char_at[1:])
+        c = char_at[bounds].tolist()
+        return [text[a:b] for a, b in zip(c, c[1:])]
 
     def value(self, vtype: int):
         if vtype in _SCALAR:

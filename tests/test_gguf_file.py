@@ -80,3 +80,36 @@ def test_unknown_tensor_type(tiny_llama_path, tmp_path):
     p.write_bytes(bytes(data))
     with pytest.raises(UnsupportedModelError, match="unknown ggml type 99"):
         GGUFFile(p)
+
+
+def _gguf_with_strings(path, strings: list[bytes]):
+    """A GGUF v3 with no tensors and one string-array key, written byte by byte."""
+    import struct
+    body = b"".join(struct.pack("<Q", len(s)) + s for s in strings)
+    key = b"tokenizer.ggml.tokens"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+                     + struct.pack("<IIQ", 9, 8, len(strings)) + body)
+    return path
+
+
+@pytest.mark.parametrize("broken", [None, "split", "invalid"])
+def test_large_string_array(tmp_path, broken):
+    """The bulk vocabulary path (>= 4096 strings) decodes exactly like one string at a time, including
+    empty strings, multi-byte characters, a character split across two strings and invalid bytes."""
+    rng = np.random.default_rng(0)
+    pool = [b"", b"a", b"\xe2\x96\x81the", "é".encode(), "日本".encode(), "🦙".encode(), b"<0x0A>"]
+    strings = [pool[i] + str(k).encode() * int(rng.integers(0, 2)) for k, i in
+               enumerate(rng.integers(0, len(pool), 5000))]
+    if broken == "split":
+        strings[100:102] = [b"x\xe2\x82", b"\xacy"]               # "€" cut in two
+    elif broken == "invalid":
+        strings[200] = b"\xff\xfe"
+    f = GGUFFile(_gguf_with_strings(tmp_path / "s.gguf", strings))
+    assert f.meta["tokenizer.ggml.tokens"] == [s.decode("utf-8", errors="replace") for s in strings]
+
+
+def test_large_string_array_truncated(tmp_path):
+    p = _gguf_with_strings(tmp_path / "s.gguf", [b"abc"] * 5000)
+    p.write_bytes(p.read_bytes()[:-5])
+    with pytest.raises(GGUFFormatError, match="truncated"):
+        GGUFFile(p)

@@ -21,3 +21,21 @@ def _cache_dir() -> str:
 
 
 numba.config.CACHE_DIR = _cache_dir()
+
+
+def _import_numba_np_without_scipy():
+    """numba's first compile or cache load imports numba.np.arraymath, which imports scipy.linalg
+    (0.27 s of a 1.5 s time to first token here) only to choose how np.correlate/np.convolve take inner
+    products. Our kernels use neither, so import it with scipy.linalg hidden when scipy is not loaded
+    yet; np.dot in anyone's numba code still works (numba imports scipy again when compiling it)."""
+    import sys
+    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+        return
+    sys.modules["scipy.linalg"] = None
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        del sys.modules["scipy.linalg"]
+
+
+_import_numba_np_without_scipy()
