@@ -17,6 +17,7 @@ import os
 import resource
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from ..perplexity import chunk_nll
 from ..tokenizer import tokenizer_from_gguf
 from . import format as ff
 from .calibrate import calibrate, read_calibration_text
-from .predictor import active_mask, fit_smallest_rank, train_predictor
+from .predictor import _single_threaded_blas, active_mask, fit_smallest_rank, train_predictor
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,17 @@ def _heldout_nll(model, cal, thresholds) -> float:
         total, n = total + nll, n + k
     model.w.thresholds[:] = 0
     return total / max(n, 1)
+
+
+def _release_freed_memory():
+    """Hand freed heap memory back to the OS (glibc malloc_trim). Freed numpy temporaries of a few MB
+    stay in glibc's per-thread arenas otherwise (its mmap threshold grows after the first large free),
+    and RSS, which the converter's memory target counts, keeps them."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc
+        pass
 
 
 def _act_abs(G, act):
@@ -136,12 +148,10 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
     grid = np.array(SPARSITY_GRID if sparsity is None else sorted({sparsity}), np.float64)
     q_train = np.zeros((cfg.n_layer, len(grid)), np.float32)   # per-layer |act| quantiles
     freq = []
-    W_gates = []
     for il in range(cfg.n_layer):
-        Wg = dequant(f, f"blk.{il}.ffn_gate.weight")           # (n_ff, n_embd)
-        W_gates.append(Wg)
-        A = _act_abs(cal.train(il) @ Wg.T, act)                  # (n_train, n_ff)
-        q_train[il] = 0.0 if act == ACT_RELU else np.quantile(A, grid)
+        if act != ACT_RELU:
+            Wg = dequant(f, f"blk.{il}.ffn_gate.weight")       # (n_ff, n_embd); not kept: 106 MB on SmolLM2
+            q_train[il] = np.quantile(_act_abs(cal.train(il) @ Wg.T, act), grid)   # over (n_train, n_ff)
     bar = _progress(progress, len(grid) + 1 if full_curve else 5, "sparsity")
     dense_ppl = float(np.exp(_heldout_nll(model, cal, np.zeros(cfg.n_layer, np.float32))))
     if bar:
@@ -178,32 +188,48 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
 
     # ---- 3. predictors, frequencies, hot-first order ----
     t = time.perf_counter()
-    preds, orders, layer_sparsity = [], [], []
-    bar = _progress(progress, cfg.n_layer, "predictors")
-    for il in range(cfg.n_layer):
+    # the dense model is done: drop its KV cache and scratch, and the source pages it read (they stay
+    # in the page cache for the write), so the training threads have the room (peak RSS target)
+    del model
+    f.release(0, f.file_size)
+    _release_freed_memory()
+
+    def fit_layer(il):
+        Wg = dequant(f, f"blk.{il}.ffn_gate.weight")               # (n_ff, n_embd) f32
         Xt, Xv = cal.train(il), cal.held_out(il)
-        Yt = active_mask(Xt, W_gates[il], float(thresholds[il]), ACT_NAMES[act])
-        Yv = active_mask(Xv, W_gates[il], float(thresholds[il]), ACT_NAMES[act])
+        Yt = active_mask(Xt, Wg, float(thresholds[il]), ACT_NAMES[act])
+        Yv = active_mask(Xv, Wg, float(thresholds[il]), ACT_NAMES[act])
         fr = Yt.mean(axis=0).astype(np.float32)                  # (n_ff,) activation frequency
         order = np.argsort(-fr, kind="stable")                   # hot-first
-        freq.append(fr[order])
-        orders.append(order)
-        layer_sparsity.append(float(1.0 - Yv.mean()))
         if rank is not None:
-            p = train_predictor(Xt, Yt, Xv, Yv, W_gates[il], rank=min(rank, cfg.n_embd),
-                                target_recall=target_recall)
+            p = train_predictor(Xt, Yt, Xv, Yv, Wg, rank=min(rank, cfg.n_embd), target_recall=target_recall)
         else:
-            p = fit_smallest_rank(Xt, Yt, Xv, Yv, W_gates[il], target_recall=target_recall)
-        preds.append(p)
-        if bar:
-            bar.update(1)
+            p = fit_smallest_rank(Xt, Yt, Xv, Yv, Wg, target_recall=target_recall)
+        del Wg, Xt, Xv, Yt
+        _release_freed_memory()
+        return fr[order], order, float(1.0 - Yv.mean()), p
+
+    preds, orders, layer_sparsity = [], [], []
+    bar = _progress(progress, cfg.n_layer, "predictors")
+    # Layers train in parallel threads, one BLAS thread each: numpy releases the GIL in the matmuls and
+    # the elementwise steps, so 2 cores train ~2x faster; each layer's result does not depend on this.
+    with _single_threaded_blas(), ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 4))) as pool:
+        for fr, order, sp, p in pool.map(fit_layer, range(cfg.n_layer)):
+            freq.append(fr)
+            orders.append(order)
+            layer_sparsity.append(sp)
+            preds.append(p)
+            if bar:
+                bar.update(1)
     if bar:
         bar.close()
-    del W_gates
     phases["predictors"] = time.perf_counter() - t
 
     # ---- 4. write ----
     t = time.perf_counter()
+    n_cal_tokens = len(cal.tokens)
+    del cal
+    _release_freed_memory()
     down_q = GGMLQuantizationType[down_type]
     part_types, part_bytes = [], []
     for il in range(cfg.n_layer):
@@ -215,7 +241,7 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
     meta = dict(
         version=ff.FLASH_VERSION, sha=sha, types=part_types, bytes=part_bytes, act=ACT_NAMES[act],
         thresholds=thresholds, sparsity=chosen, layer_sparsity=layer_sparsity, preds=preds,
-        cal_tokens=len(cal.tokens), source=source, curve=curve)
+        cal_tokens=n_cal_tokens, source=source, curve=curve)
     fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent if str(dst.parent) else ".")
     os.close(fd)
     try:

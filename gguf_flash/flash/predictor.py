@@ -123,10 +123,11 @@ def active_mask(X: np.ndarray, W_gate: np.ndarray, threshold: float, activation:
     threshold = float(threshold)
     if not np.isfinite(threshold) or threshold < 0:
         raise InvalidArgumentError(f"threshold must be finite and >= 0, not {threshold}")
-    G = X @ W_gate.T                                                   # (n, n_ff) f32
-    if activation == "relu":
-        return G > threshold
-    return np.abs(_act(G, activation)) > threshold
+    out = np.empty((X.shape[0], W_gate.shape[0]), dtype=bool)
+    for s in range(0, X.shape[0], 256):       # row blocks: the f32 temporaries stay a few MB
+        G = X[s:s + 256] @ W_gate.T                                    # (<=256, n_ff) f32
+        out[s:s + 256] = (G > threshold) if activation == "relu" else (np.abs(_act(G, activation)) > threshold)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
