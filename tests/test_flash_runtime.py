@@ -119,3 +119,41 @@ def test_300_tokens_under_a_tight_cap_sampled_every_5ms(smollm2_flash):
     assert "TOKENS 300" in out, out
     print(f"peak RSS sampled from outside: {peak / 2**20:.1f} MiB, cap {cap_mib} MiB")
     assert peak <= cap_mib << 20
+
+
+
+STREAMED = r"""
+import sys, json, numpy as np, gguf_flash
+path, cold, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+try:
+    gguf_flash.load(path, max_ram="1M", n_ctx=64, mode="naive")
+except gguf_flash.RamCapError as e:
+    need = int(str(e).split("needs at least ")[1].split(" MiB")[0])
+llm = gguf_flash.load(path, max_ram=f"{need + 12}M", n_ctx=64, mode="naive", cold=cold)
+logits = np.stack([llm.model.forward(t, p).copy() for p, t in enumerate([1, 504, 3458, 30])])
+np.save(out, logits)
+print(json.dumps(dict(streamed=llm.model.plan.head_streamed, direct=llm.model.store.direct_io,
+                      bytes=[s.bytes_read for s in llm.model.stats])))
+"""
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_streamed_head_equals_resident_head(smollm2_flash, tmp_path, cold):
+    """Near the smallest cap the plan accepts (in a fresh process: RSS is the whole process's), the
+    output head does not fit and is streamed through the store (O_DIRECT when cold) in chunks: its
+    reads count as I/O, and the logits equal those of the same mode with a resident head."""
+    import json
+    path, _ = smollm2_flash
+    out = subprocess.run([sys.executable, "-c", STREAMED, str(path), "1" if cold else "0",
+                          str(tmp_path / "l.npy")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["streamed"]
+    big = gguf_flash.load(path, n_ctx=64, mode="naive")
+    assert not big.model.plan.head_streamed
+    a = np.stack([big.model.forward(t, p).copy() for p, t in enumerate([1, 504, 3458, 30])])
+    # equal up to float rounding (the resident head is one fused call, with its own RMSNorm order)
+    np.testing.assert_allclose(np.load(tmp_path / "l.npy"), a, rtol=1e-5, atol=1e-4)
+    head_bytes = int(big.model.w.output[1] * big.model.w.output[2])
+    for streamed_bytes, s in zip(r["bytes"], big.model.stats):
+        assert streamed_bytes - s.bytes_read >= head_bytes

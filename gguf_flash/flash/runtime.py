@@ -150,6 +150,16 @@ class FlashModel:
                          for l in info.layers]   # (n_embd, r), (r, n_ff) f32, resident
         if self.selector == "gate":
             self.gates = self._read_gate_rows()
+        if self.plan.head_streamed:
+            rb = int(self.w.output[2])
+            step = max(1, HEAD_CHUNK // rb)
+            self.head_buf = np.zeros((step, rb), np.uint8)          # (step, row_bytes) one head chunk
+            self.head_blob = self.head_buf.reshape(-1).view()        # read-only view: the file map's type
+            self.head_blob.flags.writeable = False
+            self.head_idx = np.arange(step, dtype=np.int32)
+            self.head_rows = np.zeros(step, np.int32)
+            self.head_desc = self.w.output.copy()
+            self.head_desc[0] = 0                                    # rows start at the buffer's byte 0
         if mode == "dense":
             for il in range(L):
                 self._load(il, np.arange(c.n_ff, dtype=np.int32), 0)
@@ -188,9 +198,10 @@ class FlashModel:
         win = Window(4, 8, 4, 1)
         win.update(np.arange(2, dtype=np.int32), 0)
 
-    def _head(self, eps):
-        """logits = W_out @ RMSNorm(x); a streamed head is read in chunks, each released after use,
-        so it never holds more than one chunk in RSS."""
+    def _head(self, eps, ts):
+        """logits = W_out @ RMSNorm(x). A streamed head is read through the store (O_DIRECT when cold,
+        like the bundles: the page cache cannot hold it for us) into one chunk buffer, so it never
+        holds more than HEAD_CHUNK in RSS; its reads count in the token's I/O."""
         w, s = self.w, self.st
         if not self.plan.head_streamed:
             fw.output_head(s.logits, s.x, s.xb, s.xq_embd, w.blob, w.output, w.output_norm, eps)
@@ -198,12 +209,18 @@ class FlashModel:
         nn.rmsnorm(s.xb, s.x, w.output_norm, eps)
         dispatch.quantize_x(s.xq_embd, s.xb)
         off, n_rows, rb = int(w.output[0]), int(w.output[1]), int(w.output[2])
-        step = max(1, HEAD_CHUNK // rb)
-        m = w.output.copy()
+        step = self.head_buf.shape[0]
+        m = self.head_desc
+        self.store.select(off, rb, n_rows)
         for r0 in range(0, n_rows, step):
-            m[0], m[1] = off + r0 * rb, min(step, n_rows - r0)
-            dispatch.matvec(s.logits[r0:r0 + m[1]], w.blob, m, s.xb, s.xq_embd)
-            self.file.release(int(m[0]), int(m[1]) * rb)
+            n = min(step, n_rows - r0)
+            np.add(self.head_idx[:n], r0, out=self.head_rows[:n])
+            rs = self.store.read_rows(self.head_rows[:n], self.head_buf, self.head_idx[:n])
+            ts.bytes_read += rs.bytes_read
+            ts.read_calls += rs.n_reads
+            ts.io_ms += rs.ms
+            m[1] = n
+            dispatch.matvec(s.logits[r0:r0 + n], self.head_blob, m, s.xb, s.xq_embd)
 
     def _read_gate_rows(self):
         """Gate rows of every layer, resident (n_ff, gate_bytes) uint8, read once through the store."""
@@ -277,9 +294,9 @@ class FlashModel:
                               self.thresholds[il])
             fw.residual_add(s.x, self.ffn_out, w.norms[il, fw.NORM_POST_FFW], eps, c.post_norms)
             compute += time.perf_counter() - tc
-        tc = time.perf_counter()
-        self._head(eps)
-        ts.compute_ms = (compute + time.perf_counter() - tc) * 1e3
+        tc, io0 = time.perf_counter(), ts.io_ms
+        self._head(eps, ts)
+        ts.compute_ms = (compute + time.perf_counter() - tc) * 1e3 - (ts.io_ms - io0)
         ts.hit_rate = 1.0 - ts.loaded / max(ts.predicted, 1) if self.mode == "flash" else 0.0
         self.t += 1
         ts.rss = self._watchdog()
