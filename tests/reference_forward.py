@@ -284,7 +284,7 @@ def attention(q, k, v, q_scale, n_swa):
 
 # OpenBLAS on one thread inside a block: on this 2-core machine shared by busy processes, OpenBLAS's
 # spinning workers made a SmolLM2 pass 10x slower (20 s vs 1.9 s measured). Shared with the predictor.
-from gguf_flash.flash.predictor import _single_threaded_blas  # noqa: E402
+from gguf_flash.flash.predictor import single_threaded_blas  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,7 +335,7 @@ class RefModel:
 
         Returns (T, n_vocab) float64, or (1, n_vocab) for the last position if last_only.
         """
-        with _single_threaded_blas():
+        with single_threaded_blas():
             return self._forward(tokens, last_only)
 
     def _forward(self, tokens, last_only):

@@ -15,7 +15,7 @@ from gguf_flash.flash.predictor import (Predictor, active_mask, evaluate, fit_sm
                                         train_predictor)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_forward import (_single_threaded_blas, attention, gelu_tanh, load_reference,  # noqa: E402
+from reference_forward import (single_threaded_blas, attention, gelu_tanh, load_reference,  # noqa: E402
                                rms_norm, rope, silu)
 
 
@@ -168,7 +168,7 @@ def ffn_inputs(ref, tokens, layer):
     cfg = ref.config
     n = len(tokens)
     pos = np.arange(n)
-    with _single_threaded_blas():
+    with single_threaded_blas():
         x = ref.weight("token_embd.weight", np.float32)[tokens].astype(np.float64) * cfg.embd_scale
         for il in range(layer + 1):
             p = f"blk.{il}"

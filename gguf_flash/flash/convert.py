@@ -33,7 +33,7 @@ from ..perplexity import chunk_nll
 from ..tokenizer import tokenizer_from_gguf
 from . import format as ff
 from .calibrate import calibrate, read_calibration_text
-from .predictor import _single_threaded_blas, active_mask, fit_smallest_rank, train_predictor
+from .predictor import single_threaded_blas, active_mask, fit_smallest_rank, train_predictor
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
     bar = _progress(progress, cfg.n_layer, "predictors")
     # Layers train in parallel threads, one BLAS thread each: numpy releases the GIL in the matmuls and
     # the elementwise steps, so 2 cores train ~2x faster; each layer's result does not depend on this.
-    with _single_threaded_blas(), ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 4))) as pool:
+    with single_threaded_blas(), ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 4))) as pool:
         for fr, order, sp, p in pool.map(fit_layer, range(cfg.n_layer)):
             freq.append(fr)
             orders.append(order)

@@ -83,7 +83,7 @@ def _openblas():
 
 
 @contextlib.contextmanager
-def _single_threaded_blas():
+def single_threaded_blas():
     """Why: on this 2-core machine shared with other busy processes, OpenBLAS's spinning worker threads
     made the 576x1536 SVD take 18 s instead of 0.4 s (measured); the matmuls here are small anyway."""
     lib = _openblas()
@@ -219,24 +219,32 @@ def _check_split(X, Y, W_gate, name):
 # Initialisation: data-weighted truncated SVD of W_gate, then per-neuron scale and centre
 # ---------------------------------------------------------------------------------------------------
 
-def _gate_basis(X: np.ndarray, W_gate: np.ndarray):
+def _gate_basis(X: np.ndarray, W_gate: np.ndarray, k_max: int):
     """(P (n_embd, k), Q (k, n_ff)) with x @ P[:, :r] @ Q[:r] the best rank-r approximation of x @ W_gate.T
-    in the mean squared sense over the tokens X, k = min(n_embd, n_ff).
+    in the mean squared sense over the tokens X, for every r <= k = min(k_max, n_embd, n_ff).
 
     With C = X^T X / n: minimise ||X (W^T - A B)||_F = ||C^(1/2) (W^T - A B)||_F, so take the SVD
     C^(1/2) W^T = U S V^T and A = C^(-1/2) U_r, B = S_r V_r^T (Eckart-Young in the whitened space).
+    U and S come from the eigenvectors of the small Gram matrix C^(1/2) W^T W C^(1/2) (n_embd x n_embd),
+    and S V^T = U^T C^(1/2) W^T for the k rows needed: the full SVD of the (n_embd x n_ff) matrix cost
+    ~10 s and ~0.5 GB per layer on TinyLlama's 2048 x 5632 gates.
     """
-    n_embd = X.shape[1]
+    n_embd, n_ff = X.shape[1], W_gate.shape[0]
+    k = min(int(k_max), n_embd, n_ff)
     C = (X.T @ X).astype(np.float64) / X.shape[0]                     # (n_embd, n_embd)
     evals, evecs = np.linalg.eigh(C)
     evals = np.maximum(evals, 1e-6 * max(evals.max(), 1e-30))           # regularise rank-deficient X
     c_half = (evecs * np.sqrt(evals)) @ evecs.T                        # (n_embd, n_embd)
     c_ihalf = (evecs / np.sqrt(evals)) @ evecs.T
-    U, S, Vt = np.linalg.svd(c_half @ W_gate.T.astype(np.float64), full_matrices=False)
-    k = min(n_embd, W_gate.shape[0])
-    P = (c_ihalf @ U[:, :k]).astype(np.float32)                        # (n_embd, k)
-    Q = (S[:k, None] * Vt[:k]).astype(np.float32)                      # (k, n_ff)
-    return P, Q
+    G = np.zeros((n_embd, n_embd), np.float64)                         # W^T W, in row blocks
+    for r0 in range(0, n_ff, 1024):
+        Wb = W_gate[r0:r0 + 1024].astype(np.float64)
+        G += Wb.T @ Wb
+    s2, U = np.linalg.eigh(c_half @ G @ c_half)                        # ascending eigenvalues = S^2
+    U = U[:, ::-1][:, :k]                                              # (n_embd, k), largest first
+    P = (c_ihalf @ U).astype(np.float32)                               # (n_embd, k)
+    Q = (U.T @ c_half).astype(np.float32) @ W_gate.T                   # (k, n_ff) = S_k V_k^T
+    return P, np.ascontiguousarray(Q, dtype=np.float32)
 
 
 def _masked_mean_std(G, M):
@@ -397,8 +405,8 @@ def train_predictor(X_train, Y_train, X_val, Y_val, W_gate, *, rank: int, epochs
     X_val, Y_val, _ = _check_split(X_val, Y_val, W_gate, "val")
     _check_options(rank, epochs, lr, batch, target_recall, min(W_gate.shape))
     t0 = time.perf_counter()
-    with _single_threaded_blas():
-        P, Q = _gate_basis(X_train, W_gate)
+    with single_threaded_blas():
+        P, Q = _gate_basis(X_train, W_gate, int(rank))
         pred = _train(X_train, Y_train, X_val, Y_val, P, Q, rank=int(rank), kind=_resolve_kind(kind, Y_train),
                       epochs=int(epochs), lr=float(lr), batch=int(batch), target_recall=float(target_recall),
                       seed=seed)
@@ -429,7 +437,7 @@ def fit_smallest_rank(X_train, Y_train, X_val, Y_val, W_gate, *, target_recall: 
     if min_precision is not None and not 0.0 <= min_precision <= 1.0:
         raise InvalidArgumentError(f"min_precision must be in [0, 1], not {min_precision!r}")
     kind = _resolve_kind(kind, Y_train)
-    with _single_threaded_blas():
+    with single_threaded_blas():
         return _search(X_train, Y_train, X_val, Y_val, W_gate, ranks, target_recall, min_precision,
                        precision_slack, max_seconds, epochs, lr, batch, kind, seed)
 
@@ -437,7 +445,7 @@ def fit_smallest_rank(X_train, Y_train, X_val, Y_val, W_gate, *, target_recall: 
 def _search(X_train, Y_train, X_val, Y_val, W_gate, ranks, target_recall, min_precision, precision_slack,
             max_seconds, epochs, lr, batch, kind, seed):
     t0 = time.perf_counter()
-    P, Q = _gate_basis(X_train, W_gate)                                # shared by every rank
+    P, Q = _gate_basis(X_train, W_gate, max(ranks))                    # shared by every rank
 
     def train(r):
         pred = _train(X_train, Y_train, X_val, Y_val, P, Q, rank=r, kind=kind, epochs=epochs, lr=lr,
