@@ -157,3 +157,44 @@ def test_streamed_head_equals_resident_head(smollm2_flash, tmp_path, cold):
     head_bytes = int(big.model.w.output[1] * big.model.w.output[2])
     for streamed_bytes, s in zip(r["bytes"], big.model.stats):
         assert streamed_bytes - s.bytes_read >= head_bytes
+
+
+NO_NEW_KERNELS = r"""
+import sys, json, numba, importlib, pkgutil, gguf_flash
+import gguf_flash.kernels as K
+path, extra, mode, selector = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+try:
+    gguf_flash.load(path, max_ram="1M", n_ctx=64, mode=mode, selector=selector)
+except gguf_flash.RamCapError as e:
+    cap = f"{int(str(e).split('needs at least ')[1].split(' MiB')[0]) + extra}M"
+def signatures():
+    out = set()
+    for m in pkgutil.iter_modules(K.__path__):
+        mod = importlib.import_module("gguf_flash.kernels." + m.name)
+        for name in dir(mod):
+            d = getattr(mod, name)
+            if isinstance(d, numba.core.registry.CPUDispatcher):
+                out |= {(m.name, name, str(sig)) for sig in d.signatures}
+    return out
+llm = gguf_flash.load(path, max_ram=cap, n_ctx=64, mode=mode, selector=selector)
+before = signatures()
+llm.generate(llm.tokenize("The capital of France is"), n_predict=6, ignore_eos=True)
+print(json.dumps(dict(new=sorted(map(list, signatures() - before)), streamed=llm.model.plan.head_streamed,
+                      selector=llm.model.selector)))
+"""
+
+
+@pytest.mark.parametrize("cap_extra,mode,selector", [(200, "flash", "gate"), (8, "flash", "predictor"),
+                                                     (8, "naive", "auto")])
+def test_nothing_compiles_after_the_plan(smollm2_flash, cap_extra, mode, selector):
+    """FlashModel loads every kernel the token loop uses before it measures its own RSS (and, on a fresh
+    clone, compiles them in a child process first), so no kernel is compiled or loaded under the cap:
+    generating adds no compiled signature, with a resident or a streamed head and either selector."""
+    import json
+    path, _ = smollm2_flash
+    out = subprocess.run([sys.executable, "-c", NO_NEW_KERNELS, str(path), str(cap_extra), mode, selector],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["new"] == []
+    assert r["streamed"] == (cap_extra < 20)     # 8 MiB over the minimum: the head does not fit

@@ -36,6 +36,37 @@ HEAD_CHUNK = 2 << 20  # bytes of a streamed output head in RSS at once
 SELECTORS = ("auto", "predictor", "gate")
 
 
+def warm_kernels(path) -> None:
+    """Load (compiling if needed) every kernel FlashModel uses, by opening `path` in naive mode (which
+    reads nothing large), and leave a marker in numba's cache folder (named after the kernel sources)."""
+    import os
+    from ..gguf_file import GGUFFile
+    FlashModel(GGUFFile(path), mode="naive", n_ctx=16)
+    with open(os.path.join(numba.config.CACHE_DIR, "flash-runtime.warm"), "w") as fh:
+        fh.write("kernels of gguf_flash.flash.runtime compiled\n")
+
+
+def compile_out_of_process(path) -> None:
+    """On a fresh clone, compile the runtime's kernels in a child process before the plan measures this
+    process's RSS: in-process, LLVM's compiling memory made the runtime look 734 MiB instead of ~210 and
+    the first `run --max-ram 360M` was refused. Once the marker exists this costs nothing; a failing
+    child is not an error (the kernels then compile here, as before)."""
+    import os
+    import subprocess
+    import sys
+    if os.path.exists(os.path.join(numba.config.CACHE_DIR, "flash-runtime.warm")):
+        return
+    log.info("compiling the flash kernels once (about a minute)")
+    code = "import sys; from gguf_flash.flash.runtime import warm_kernels; warm_kernels(sys.argv[1])"
+    try:
+        out = subprocess.run([sys.executable, "-c", code, os.fspath(path)], capture_output=True, text=True,
+                             timeout=1800)
+        if out.returncode:
+            log.info("kernel compile child failed: %s", out.stderr.strip().splitlines()[-1:])
+    except (OSError, subprocess.SubprocessError) as e:
+        log.info("kernel compile child failed: %s", e)
+
+
 @dataclass
 class TokenStats:
     predicted: int = 0      # neurons chosen (summed over layers)
@@ -117,6 +148,8 @@ class FlashModel:
             gap, io_threads = diskprobe.recommend(probed)
             io_threads = min(io_threads, 8)
         resident["I/O staging"] = io_threads * max_range
+        if self.cap is not None:
+            compile_out_of_process(f.path)
         self._warmup()
         baseline = budget.rss()  # Python, numpy, numba and the compiled kernels, measured
         if self.cap is not None:
@@ -191,9 +224,13 @@ class FlashModel:
         r = l0.pred_a.shape[1]
         sparse.predictor_logits(s.hg[:1], np.zeros(r, np.float32), s.xb, np.zeros((c.n_embd, r), np.float32),
                                 np.zeros((r, 1), np.float32), l0.pred_bias[:1])
+        sparse.matvec_rows(s.hg[:1], np.zeros((1, l0.part_bytes[0]), np.uint8), int(l0.types[0]), s.xb,
+                           s.xq_embd)
         head = self.w.output.copy()
         head[1] = 1
         dispatch.matvec(s.logits[:1], w.blob, head, s.xb, s.xq_embd)
+        fw.output_head(s.logits[:1], s.x, s.xb, s.xq_embd, w.blob, head, w.output_norm, 1e-5)
+        nn.rmsnorm(s.xb, s.x, w.output_norm, 1e-5)
         self.file.release(int(head[0]), int(head[2]))
         win = Window(4, 8, 4, 1)
         win.update(np.arange(2, dtype=np.int32), 0)
