@@ -25,7 +25,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, quants
 
 from .. import models
-from ..config import ACT_GELU_TANH, ACT_RELU, ACT_SILU
+from ..config import ACT_GELU_TANH, ACT_RELU, ACT_SILU, config_from_gguf
 from ..errors import InvalidArgumentError
 from ..gguf_file import GGUFFile
 from ..model import Model
@@ -149,11 +149,12 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
         raise InvalidArgumentError(f"--sparsity must be in [0, 1), got {sparsity}")
     if rank is not None and rank < 1:
         raise InvalidArgumentError(f"--rank must be >= 1, got {rank}")
-    _compile_out_of_process()
     f = GGUFFile(src_path)
     if ff.is_flash(f):
         raise InvalidArgumentError(f"{src_path}: already a flash GGUF")
     chunk = 512
+    config_from_gguf(f)            # refuses an unknown architecture before the compile child runs
+    _compile_out_of_process()
     model = Model(f, n_ctx=chunk)
     cfg = model.cfg
     for il in range(cfg.n_layer):
