@@ -4,14 +4,13 @@ of impossible caps, a file changed under the reader, statistics."""
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 import gguf_flash
 from gguf_flash.errors import FlashFormatError, InvalidArgumentError, RamCapError
-from gguf_flash.flash.budget import parse_size
+from gguf_flash.flash.budget import parse_size, sample_peak_rss
 
 
 def test_parse_size():
@@ -99,21 +98,13 @@ def test_300_tokens_under_a_tight_cap_sampled_every_5ms(smollm2_flash):
     """A second process samples the generating process's RSS every 5 ms: the maximum stays under the
     cap. The cap is the smallest the plan accepts (asked of a fresh process) plus 6 MiB, so the window
     is tight and the watchdog has work to do."""
-    import psutil
     path, _ = smollm2_flash
     need = subprocess.run([sys.executable, "-c", MIN_CAP, str(path)], capture_output=True, text=True,
                           timeout=300)
     cap_mib = int(need.stdout.strip()) + 6
     proc = subprocess.Popen([sys.executable, "-c", RUN_UNDER_CAP, str(path), f"{cap_mib}M"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    p = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, p.memory_info().rss)
-        except psutil.Error:
-            break
-        time.sleep(0.005)
+    peak = sample_peak_rss(proc, every=0.005)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
     assert "TOKENS 300" in out, out

@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 CHILD = r"""
 import json, sys, time
@@ -52,18 +51,10 @@ except gguf_flash.RamCapError as e:
 
 
 def run_child(code, args, sample=True):
-    import psutil
+    from gguf_flash.flash.budget import sample_peak_rss
     proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    peak = 0
-    if sample:
-        p = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            try:
-                peak = max(peak, p.memory_info().rss)
-            except psutil.Error:
-                break
-            time.sleep(0.005)
+    peak = sample_peak_rss(proc, every=0.005) if sample else 0
     out, err = proc.communicate()
     if proc.returncode:
         sys.exit(f"child failed: {err.strip().splitlines()[-1:]}")

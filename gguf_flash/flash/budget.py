@@ -34,6 +34,20 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def sample_peak_rss(proc, every: float = 0.005) -> int:
+    """Peak RSS (bytes) of the child process `proc` (subprocess.Popen), sampled from outside every
+    `every` seconds until it exits: what the cap tests and tools/bench_flash.py compare with a cap."""
+    import time
+    p, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, p.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(every)
+    return peak
+
+
 def mib(n) -> str:
     return f"{n / MiB:.0f} MiB"
 

@@ -28,6 +28,7 @@ from .. import models
 from ..config import ACT_GELU_TANH, ACT_RELU, ACT_SILU, config_from_gguf
 from ..errors import InvalidArgumentError
 from ..gguf_file import GGUFFile
+from ..kernels import compile_in_child
 from ..model import Model
 from ..perplexity import chunk_nll
 from ..tokenizer import tokenizer_from_gguf
@@ -99,19 +100,10 @@ def _exercise_kernels():
 
 
 def _compile_out_of_process():
-    """Compile the kernels in a child process when they are not cached yet (a fresh clone): LLVM holds
-    ~220 MB while compiling, and that would add to the converter's own peak RSS (802 vs 579 MiB on
-    SmolLM2). When they are cached the child only loads them (~2 s). A failing child is not an error:
-    the conversion then compiles in-process."""
-    import subprocess
-    import sys
-    code = "from gguf_flash.flash.convert import _exercise_kernels; _exercise_kernels()"
-    try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
-        if out.returncode:
-            log.info("kernel compile child failed: %s", out.stderr.strip().splitlines()[-1:])
-    except (OSError, subprocess.SubprocessError) as e:
-        log.info("kernel compile child failed: %s", e)
+    """Compile the kernels in a child process first (kernels.compile_in_child): on a fresh clone LLVM's
+    compiling memory would add to the converter's own peak RSS (802 vs 579 MiB on SmolLM2). When they
+    are cached the child only loads them (~2 s)."""
+    compile_in_child("from gguf_flash.flash.convert import _exercise_kernels; _exercise_kernels()")
 
 
 def _release_freed_memory():

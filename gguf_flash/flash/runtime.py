@@ -22,7 +22,7 @@ import numba
 from ..config import config_from_gguf
 from ..errors import (ContextOverflowError, GGUFFormatError, InvalidArgumentError, RamCapError,
                       UnsupportedModelError)
-from ..kernels import dispatch, forward as fw, nn, sparse
+from ..kernels import compile_in_child, dispatch, forward as fw, nn, sparse
 from ..model import RunState, Weights, set_threads
 from . import budget
 from .format import read_flash
@@ -47,24 +47,16 @@ def warm_kernels(path) -> None:
 
 
 def compile_out_of_process(path) -> None:
-    """On a fresh clone, compile the runtime's kernels in a child process before the plan measures this
-    process's RSS: in-process, LLVM's compiling memory made the runtime look 734 MiB instead of ~210 and
-    the first `run --max-ram 360M` was refused. Once the marker exists this costs nothing; a failing
-    child is not an error (the kernels then compile here, as before)."""
+    """On a fresh clone, compile the runtime's kernels in a child process (kernels.compile_in_child)
+    before the plan measures this process's RSS: in-process, LLVM's compiling memory made the runtime
+    look 734 MiB instead of ~210 and the first `run --max-ram 360M` was refused. Once the marker exists
+    this costs nothing."""
     import os
-    import subprocess
-    import sys
     if os.path.exists(os.path.join(numba.config.CACHE_DIR, "flash-runtime.warm")):
         return
     log.info("compiling the flash kernels once (about a minute)")
-    code = "import sys; from gguf_flash.flash.runtime import warm_kernels; warm_kernels(sys.argv[1])"
-    try:
-        out = subprocess.run([sys.executable, "-c", code, os.fspath(path)], capture_output=True, text=True,
-                             timeout=1800)
-        if out.returncode:
-            log.info("kernel compile child failed: %s", out.stderr.strip().splitlines()[-1:])
-    except (OSError, subprocess.SubprocessError) as e:
-        log.info("kernel compile child failed: %s", e)
+    compile_in_child("import sys; from gguf_flash.flash.runtime import warm_kernels; warm_kernels(sys.argv[1])",
+                     os.fspath(path))
 
 
 @dataclass
