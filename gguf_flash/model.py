@@ -11,7 +11,7 @@ import numpy as np
 from .config import ModelConfig, config_from_gguf
 from .errors import ContextOverflowError, GGUFFormatError, UnsupportedModelError
 from .gguf_file import GGUFFile
-from .kernels import dispatch, forward as fw
+from .kernels import dispatch, forward as fw, release_compiler_pages
 from .kernels.quant_basic import q8x_scratch_bytes
 
 MAT_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -150,6 +150,14 @@ class Model:
         self.w = Weights(f, self.cfg)
         self.st = RunState(self.cfg, self.n_ctx)
         set_threads(n_threads)
+        self._loaded: set = set()   # compiled entry points called so far
+
+    def _first_call(self, kind: str) -> None:
+        """After the first call of each compiled entry point its kernels are loaded: LLVM's code pages
+        go back to the OS (kernels.release_compiler_pages, ~70 MiB of RSS)."""
+        if kind not in self._loaded:
+            self._loaded.add(kind)
+            release_compiler_pages()
 
     def _check_pos(self, pos: int, n: int = 1):
         if pos < 0 or pos + n > self.n_ctx:
@@ -164,6 +172,7 @@ class Model:
                          s.k_cache, s.v_cache, s.cos, s.sin, s.xq_embd, s.xq_q, s.xq_ff,
                          w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.inv_freq, w.embd, w.output, w.output_norm, w.thresholds,
                          w.ip, w.fp, int(token), int(pos))
+        self._first_call("token")
         return s.logits
 
     def prefill(self, tokens, pos0: int = 0, logits_rows: str = "last"):
@@ -200,7 +209,9 @@ class Model:
                          s.k_cache, s.v_cache, s.cos_b, s.sin_b, w.blob, w.mats, w.norms, w.qk_norms,
                          w.biases, w.swa, w.inv_freq, w.embd, w.output_norm, w.thresholds,
                          w.no_capture if ffn_in is None else ffn_in, w.ip, w.fp, tokens, int(pos0))
+        self._first_call("batch")
 
     def head(self, hidden, out):
         """out (m, n_vocab) = output head applied to normed hidden rows (m, n_embd)."""
         dispatch.matmat(out, self.w.blob, self.w.output, hidden)
+        self._first_call("head")

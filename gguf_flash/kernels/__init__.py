@@ -55,3 +55,32 @@ def compile_in_child(code: str, *argv: str) -> None:
             log.info("kernel compile child failed: %s", out.stderr.strip().splitlines()[-1:])
     except (OSError, subprocess.SubprocessError) as e:
         log.info("kernel compile child failed: %s", e)
+
+
+def release_compiler_pages() -> int:
+    """Hand LLVM's code pages back to the OS once every kernel is loaded; returns the bytes released.
+
+    LLVM (libllvmlite.so) is needed to compile and to load cached kernels, not to run them: after the
+    warm-up its ~70 MiB of machine code and read-only data sit in our RSS unused. Only mappings that are
+    not writable and have no private dirty page are dropped (MADV_DONTNEED), so their pages read back
+    from the library file unchanged if LLVM runs again (a later compile faults them in, slower but
+    correct). Linux only; elsewhere it does nothing."""
+    import ctypes
+    import re
+    try:
+        smaps = open("/proc/self/smaps").read()
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    MADV_DONTNEED = 4
+    released = 0
+    for m in re.finditer(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+ +(\S*libllvmlite\S*)\n(.*?)(?=^[0-9a-f]+-|\Z)",
+                         smaps, re.M | re.S):
+        start, end, perms, body = int(m.group(1), 16), int(m.group(2), 16), m.group(3), m.group(5)
+        fields = dict(re.findall(r"^(\w+):\s+(\d+) kB", body, re.M))
+        if "w" in perms or int(fields.get("Private_Dirty", 1)) or int(fields.get("Anonymous", 1)):
+            continue
+        if libc.madvise(start, end - start, MADV_DONTNEED) == 0:
+            released += int(fields.get("Rss", 0)) << 10
+    return released
