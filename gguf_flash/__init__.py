@@ -9,7 +9,8 @@ __all__ = ["load", "convert", "GGUFFlashError", "GGUFFormatError", "UnsupportedM
 __version__ = "0.1.0"
 
 
-def load(name_or_path, n_ctx=None, n_threads=None, max_ram=None, mode=None, selector="auto", cold=False):
+def load(name_or_path, n_ctx=None, n_threads=None, max_ram=None, mode=None, selector="auto", cold=False,
+         n_ctx_for=None):
     """Open a GGUF (path or known model name) -> gguf_flash.engine.LLM. A flash GGUF runs under
     max_ram (bytes or '220M') in mode 'flash' (default), 'naive' or 'dense'."""
     import gc
@@ -21,7 +22,7 @@ def load(name_or_path, n_ctx=None, n_threads=None, max_ram=None, mode=None, sele
     try:
         from .engine import load as _load
         return _load(name_or_path, n_ctx=n_ctx, n_threads=n_threads, max_ram=max_ram, mode=mode,
-                     selector=selector, cold=cold)
+                     selector=selector, cold=cold, n_ctx_for=n_ctx_for)
     finally:
         if was_enabled:
             gc.enable()

@@ -72,7 +72,11 @@ def _flash_path_for(model):
     return path
 
 
-def _load(a):
+CTX_STEP = 256   # a run's own context is rounded up to this many positions
+
+
+def _load(a, n_ctx_for=None):
+    """n_ctx_for(tokenizer) -> positions this run needs; used under --max-ram when -c is not given."""
     from . import load
     if a.ctx_size < 0 or a.threads < 0:
         raise InvalidArgumentError("-c and -t must be >= 0")
@@ -80,7 +84,7 @@ def _load(a):
     model = _flash_path_for(a.model) if flash else a.model
     return load(model, n_ctx=a.ctx_size or None, n_threads=a.threads or None,
                 max_ram=getattr(a, "max_ram", None), mode=getattr(a, "mode", None),
-                selector=getattr(a, "selector", "auto"), cold=getattr(a, "cold", False))
+                selector=getattr(a, "selector", "auto"), cold=getattr(a, "cold", False), n_ctx_for=n_ctx_for)
 
 
 def _n_predict(a, llm, n_prompt):
@@ -150,7 +154,14 @@ def cmd_run(a):
     else:
         prompt = a.prompt
     t0 = time.perf_counter()
-    llm = _load(a)
+
+    def run_ctx(tok):   # prompt + n_predict, rounded up: the KV cache a capped run budgets
+        if a.n_predict < 0:
+            return None
+        need = len(tok.encode(prompt)) + a.n_predict + 1
+        return -(-need // CTX_STEP) * CTX_STEP
+
+    llm = _load(a, run_ctx)
     t_load = time.perf_counter() - t0
     ids = llm.tokenize(prompt)
     from .errors import ContextOverflowError

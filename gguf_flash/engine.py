@@ -16,16 +16,27 @@ from .tokenizer import tokenizer_from_gguf
 
 class LLM:
     """A model ready to generate. A flash GGUF runs in `mode` flash (default), naive or dense under
-    `max_ram` (bytes or '220M'); a plain GGUF runs dense."""
+    `max_ram` (bytes or '220M'); a plain GGUF runs dense. n_ctx_for(tokenizer) -> context size: called
+    under a cap when n_ctx is not given (the CLI passes prompt + n_predict, so the plan budgets the KV
+    cache this run needs, not the model's default context)."""
 
     def __init__(self, path, n_ctx: int | None = None, n_threads: int | None = None, max_ram=None,
-                 mode: str | None = None, selector: str = "auto", cold: bool = False):
+                 mode: str | None = None, selector: str = "auto", cold: bool = False, n_ctx_for=None):
         from .flash.format import is_flash
         self.path = models.resolve(path)
         self.file = GGUFFile(self.path)
         config_from_gguf(self.file)          # an unsupported architecture is refused first
+        flash = is_flash(self.file)
+        if flash and max_ram is not None:
+            # kernels first, while the process is small: LLVM's ~70 MiB peak (released after loading)
+            # then sits under the cap with room to spare (flash/runtime.preload_kernels)
+            from .flash.runtime import compile_out_of_process, preload_kernels
+            compile_out_of_process(self.path)
+            preload_kernels(self.file)
         self.tokenizer = tokenizer_from_gguf(self.file)  # before the model: a flash plan measures RSS
-        if is_flash(self.file):
+        if n_ctx is None and n_ctx_for is not None and max_ram is not None:
+            n_ctx = n_ctx_for(self.tokenizer)   # under a cap the KV cache is budgeted for this run only
+        if flash:
             from .flash.runtime import FlashModel
             self.model = FlashModel(self.file, max_ram=max_ram, mode=mode or "flash", selector=selector,
                                     n_ctx=n_ctx, n_threads=n_threads, cold=cold)
@@ -88,6 +99,6 @@ class LLM:
 
 
 def load(name_or_path, n_ctx: int | None = None, n_threads: int | None = None, max_ram=None,
-         mode: str | None = None, selector: str = "auto", cold: bool = False) -> LLM:
+         mode: str | None = None, selector: str = "auto", cold: bool = False, n_ctx_for=None) -> LLM:
     return LLM(name_or_path, n_ctx=n_ctx, n_threads=n_threads, max_ram=max_ram, mode=mode,
-               selector=selector, cold=cold)
+               selector=selector, cold=cold, n_ctx_for=n_ctx_for)

@@ -24,8 +24,9 @@ class ContextOverflowError(GGUFFlashError):
 class RamCapError(GGUFFlashError):
     """The RAM cap cannot be met (refused before loading) or was exceeded while running."""
 
-    def __init__(self, message, tokens=None):
+    def __init__(self, message, tokens=None, need: int | None = None):
         super().__init__(message)
+        self.need = need   # bytes: the least cap that would be accepted (a refused plan)
         self.tokens = list(tokens or [])  # what was generated before the cap was hit
 
 

@@ -45,14 +45,16 @@ class ReadStats:
 
 @njit(cache=True)
 def _plan_ranges(r_off, r_len, r_need, r_first, r_count, r_direct, rows, dest_idx,
-                 data_offset, row_bytes, n_rows, n_dest, gap_bytes, max_range, align):
+                 data_offset, row_bytes, stride, n_rows, n_dest, gap_bytes, max_range, align):
     """Group sorted rows into read ranges; returns the number of ranges, or -1 / -2 on bad input.
 
     r_off, r_len: (n,) int64 file offset and length of each range (aligned when align > 1);
     r_need: (n,) int64 bytes of the range that must be read (past it lies only alignment padding,
     which may be beyond the end of the file); r_first, r_count: (n,) int64 the range's slice of rows;
     r_direct: (n,) int8 1 if the range has no gap and lands on consecutive dest rows, so it can be
-    read straight into dest. gap_bytes <= 0 disables coalescing: one range per row.
+    read straight into dest. gap_bytes <= 0 disables coalescing: one range per row. Row i is the
+    row_bytes at data_offset + i * stride (stride > row_bytes: a part of each row, e.g. up|down of a
+    bundle whose gate part is resident).
     """
     nr = 0
     for j in range(rows.shape[0]):
@@ -62,7 +64,7 @@ def _plan_ranges(r_off, r_len, r_need, r_first, r_count, r_direct, rows, dest_id
         d = dest_idx[j]
         if d < 0 or d >= n_dest:
             return -2
-        start = data_offset + row * row_bytes
+        start = data_offset + row * stride
         end = start + row_bytes
         a_start = start // align * align
         a_end = (end + align - 1) // align * align
@@ -72,7 +74,7 @@ def _plan_ranges(r_off, r_len, r_need, r_first, r_count, r_direct, rows, dest_id
             if gap < gap_bytes and a_end - r_off[i] <= max_range:
                 r_len[i] = a_end - r_off[i]
                 r_need[i] = end - r_off[i]
-                if row != rows[j - 1] + 1 or d != dest_idx[j - 1] + 1:
+                if row != rows[j - 1] + 1 or d != dest_idx[j - 1] + 1 or stride != row_bytes:
                     r_direct[i] = 0
                 r_count[i] += 1
                 continue
@@ -81,20 +83,20 @@ def _plan_ranges(r_off, r_len, r_need, r_first, r_count, r_direct, rows, dest_id
         r_need[nr] = end - a_start
         r_first[nr] = j
         r_count[nr] = 1
-        r_direct[nr] = 1 if align == 1 else 0
+        r_direct[nr] = 1 if align == 1 and stride == row_bytes else 0
         nr += 1
     return nr
 
 
 @njit(cache=True, nogil=True)
-def _copy_rows(dest, staging, rows, dest_idx, first, count, range_off, data_offset, row_bytes):
+def _copy_rows(dest, staging, rows, dest_idx, first, count, range_off, data_offset, row_bytes, stride):
     """dest[dest_idx[j]] = the bytes of rows[j] inside staging, for j in first .. first+count-1.
 
     dest: (capacity, row_bytes) uint8; staging: (staging_bytes,) uint8 holding the file bytes from
     range_off on. nogil: the pool's threads copy in parallel with each other's reads.
     """
     for j in range(first, first + count):
-        src = data_offset + rows[j] * row_bytes - range_off
+        src = data_offset + rows[j] * stride - range_off
         drow = dest[dest_idx[j]]
         for b in range(row_bytes):
             drow[b] = staging[src + b]
@@ -125,6 +127,7 @@ class BundleStore:
                 f"{row_bytes}, {n_rows}, {n_threads}, {data_offset})")
         self.path = os.fspath(path)
         self.data_offset, self.row_bytes, self.n_rows = int(data_offset), int(row_bytes), int(n_rows)
+        self.stride = self.row_bytes
         self.n_threads, self.gap_bytes, self.cold = int(n_threads), int(gap_bytes), bool(cold)
         self.direct_io = False   # O_DIRECT in use
         self.fadvise = False     # DONTNEED before each read instead
@@ -166,12 +169,16 @@ class BundleStore:
             raise
         self.total = ReadStats(0, 0, 0.0, 0)  # running sums over read_rows calls
 
-    def select(self, data_offset: int, row_bytes: int, n_rows: int) -> None:
-        """Point the store at another bundle tensor of the same file. Layers are read one after the
-        other, so one thread pool and one set of staging buffers serve every layer."""
-        if row_bytes + 2 * ALIGN > self.max_range:
-            raise InvalidArgumentError(f"row of {row_bytes} bytes does not fit the staging buffers")
+    def select(self, data_offset: int, row_bytes: int, n_rows: int, stride: int | None = None) -> None:
+        """Point the store at another row tensor of the same file: row i is the `row_bytes` at
+        data_offset + i * stride (stride defaults to row_bytes; a larger one reads a part of each row).
+        Layers are read one after the other, so one thread pool and one set of staging buffers serve
+        every layer."""
+        stride = int(row_bytes if stride is None else stride)
+        if row_bytes + 2 * ALIGN > self.max_range or stride < row_bytes:
+            raise InvalidArgumentError(f"row of {row_bytes} bytes (stride {stride}) does not fit the staging buffers")
         self.data_offset, self.row_bytes, self.n_rows = int(data_offset), int(row_bytes), int(n_rows)
+        self.stride = stride
 
     def _probe_direct(self):
         """Some filesystems accept O_DIRECT at open and refuse the read: fall back to fadvise."""
@@ -219,7 +226,7 @@ class BundleStore:
         if n > self._r_off.shape[0]:
             self._grow_plan(max(n, 2 * self._r_off.shape[0]))
         nr = _plan_ranges(self._r_off, self._r_len, self._r_need, self._r_first, self._r_count,
-                          self._r_direct, rows, dest_idx, self.data_offset, self.row_bytes,
+                          self._r_direct, rows, dest_idx, self.data_offset, self.row_bytes, self.stride,
                           self.n_rows, dest.shape[0], self.gap_bytes, self.max_range, self._align)
         if nr == -1:
             raise InvalidArgumentError(
@@ -268,7 +275,7 @@ class BundleStore:
             n_calls += calls
             if not self._r_direct[i]:
                 _copy_rows(dest, staging, rows, dest_idx, first, count, off, self.data_offset,
-                           self.row_bytes)
+                           self.row_bytes, self.stride)
 
     def _read_full(self, fd, buf, off, need):
         """preadv until `need` bytes are in buf (short reads happen at EOF and on signals)."""

@@ -64,28 +64,39 @@ def predictor_logits(z, tmp, x, a, b, bias):
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def sparse_ffn(out, partial, slots, neuron_slot, active, n_active, gvals, have_gate, x, xq,
-               types, offs, act, threshold):
-    """out (n_embd,) = sum over the active rows of act(g) * u * down (rows with |act(g)| <= threshold
-    add nothing, as in the dense model's glu).
-    partial (n_part, n_embd) f32: one accumulator per parallel part, summed at the end.
-    slots (capacity, bundle_bytes) uint8; neuron_slot (n_ff,) int32; active (>= n_active,) int32 rows;
-    gvals: gate values of the active rows when have_gate (gate-resident mode), else computed from the
-    bundle; types (3,) int64 ggml types of gate, up, down; offs (4,) int64 byte offsets of the parts."""
+def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, j0, j1, gvals, have_gate,
+                     x, xq, types, offs, act, threshold):
+    """partial[c] += the FFN contributions of positions j0 <= j < j1 of `active` with j % n_part == c.
+
+    A row lives in a window slot (neuron_slot[row] >= 0: slots[neuron_slot[row]]) or in the staging
+    buffer (stage[stage_map[row]]). Part c always adds its rows in increasing j, however the positions
+    are cut into calls, so the sum (sum_partials) is bitwise the same whether every row sat in the window
+    or most were streamed through staging in chunks: the cap never changes the logits.
+    partial (n_part, n_embd) f32, zeroed by the caller before the first range; slots/stage
+    (rows, slot_bytes) uint8; neuron_slot/stage_map (n_ff,) int32; active (>= j1,) int32; gvals
+    (>= j1,) f32 gate values by position when have_gate; types (3,) int64; offs (4,) int64 byte offsets
+    of gate, up, down inside a slot (gate empty when the slot holds only up|down)."""
     n_part = partial.shape[0]
     for c in prange(n_part):
         acc = partial[c]
-        for i in range(acc.shape[0]):
-            acc[i] = 0.0
-        for j in range(c, n_active, n_part):
-            row = slots[neuron_slot[active[j]]]
+        j = j0 + (c - j0 % n_part) % n_part
+        while j < j1:
+            a = active[j]
+            s = neuron_slot[a]
+            row = slots[s] if s >= 0 else stage[stage_map[a]]
             g = gvals[j] if have_gate else dot_row(types[0], row[offs[0]:offs[1]], x, xq)
-            a = activate(g, act)
-            if abs(a) > threshold:
+            v = activate(g, act)
+            if abs(v) > threshold:
                 u = dot_row(types[1], row[offs[1]:offs[2]], x, xq)
-                axpy_row(types[2], acc, a * u, row[offs[2]:offs[3]])
+                axpy_row(types[2], acc, v * u, row[offs[2]:offs[3]])
+            j += n_part
+
+
+@njit(cache=True)
+def sum_partials(out, partial):
+    """out (n_embd,) = sum over c of partial[c], in c order."""
     for i in range(out.shape[0]):
         s = np.float32(0.0)
-        for c in range(n_part):
+        for c in range(partial.shape[0]):
             s += partial[c, i]
         out[i] = s

@@ -1,0 +1,151 @@
+"""The FFN loader: the window is a cache, overflow is streamed (LLM in a flash 3.3, made cap-proof).
+
+Per layer and token, the chosen neurons (rows, stored hot-first) are split in two:
+- those the window holds, plus as many missing ones as it has room for (the hottest first: the lowest
+  row ids), go through `Window.update` (reads only the missing bundles) and are computed over the slots;
+- the rest are read into a fixed staging buffer, `staging_rows` at a time, and computed there; the
+  partial FFN sums add up.
+So every chosen neuron is computed at any cap: the cap changes what is read, never the result.
+With gate rows resident a slot holds only up|down of a bundle (one contiguous range per row; the store
+reads with a stride), a third less than the whole bundle.
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+
+import numpy as np
+from numba import njit
+
+from ..kernels import sparse
+from .window import Window
+
+
+@njit(cache=True)
+def _split(win_rows, ovf_pos, active, n, neuron_slot, capacity):
+    """Rows the window keeps (hits, then misses while there is room, lowest row = hottest first) into
+    win_rows, and the positions in `active` of the rest (the overflow) into ovf_pos; returns
+    (n_win, n_ovf). win_rows, ovf_pos (n_ff,) int32."""
+    hits = 0
+    for j in range(n):
+        if neuron_slot[active[j]] >= 0:
+            hits += 1
+    free = capacity - hits
+    nw = 0
+    no = 0
+    for j in range(n):
+        a = active[j]
+        if neuron_slot[a] >= 0 or free > 0:
+            if neuron_slot[a] < 0:
+                free -= 1
+            win_rows[nw] = a
+            nw += 1
+        else:
+            ovf_pos[no] = j
+            no += 1
+    return nw, no
+
+
+def _zeros_u8(n_rows, n_cols):
+    """(n_rows, n_cols) uint8 on an anonymous map: pages are resident only once written."""
+    m = mmap.mmap(-1, max(n_rows * n_cols, 1))
+    return np.frombuffer(m, np.uint8, n_rows * n_cols).reshape(n_rows, n_cols)
+
+
+class FFNLoader:
+    """Window slots and overflow staging for every layer; `run` computes one layer's sparse FFN."""
+
+    def __init__(self, store, layers, plan, n_ff: int, n_embd: int, n_part: int, window_k: int):
+        self.store, self.layers, self.n_ff = store, layers, n_ff
+        self.gate_resident = plan.selector == "gate"
+        self.slot_bytes = plan.slot_bytes                         # per layer
+        L = len(layers)
+        self.windows = [Window(n_ff, plan.slot_bytes[il], plan.capacities[il], window_k)
+                        if plan.capacities[il] > 0 else None for il in range(L)]
+        rows = max(plan.staging_rows, 1)
+        self.staging = _zeros_u8(rows, max(plan.slot_bytes))     # (staging_rows, slot_bytes) uint8
+        self.stage_idx = np.arange(rows, dtype=np.int32)          # (staging_rows,) int32
+        self.stage_map = np.full(n_ff, -1, np.int32)              # (n_ff,) int32 row -> staging slot
+        self.win_rows = np.zeros(n_ff, np.int32)                  # (n_ff,) int32 rows kept in the window
+        self.ovf_pos = np.zeros(n_ff, np.int32)                   # (n_ff,) int32 positions of the rest
+        self.ovf_rows = np.zeros(n_ff, np.int32)                  # (n_ff,) int32 their rows, one chunk
+        self.no_slot = np.full(n_ff, -1, np.int32)                # (n_ff,) int32 "not in a window"
+        self.positions = np.arange(n_ff, dtype=np.int32)          # (n_ff,) int32
+        self.partial = np.zeros((max(2, n_part), n_embd), np.float32)  # (n_part, n_embd)
+        # per layer: where a slot's bytes start in the bundle, the part types and slot-relative offsets
+        self.read_offset, self.types, self.offs = [], [], []
+        for l in layers:
+            g, u, d = l.part_bytes
+            skip = g if self.gate_resident else 0
+            self.read_offset.append(l.bundle_offset + skip)
+            self.types.append(np.array(l.types, np.int64))
+            self.offs.append(np.array([0, 0, u, u + d] if skip else [0, g, g + u, g + u + d], np.int64))
+
+    def _select_layer(self, il, n_rows):
+        l = self.layers[il]
+        self.store.select(self.read_offset[il], self.slot_bytes[il], n_rows, stride=l.bundle_bytes)
+
+    def _staging_for(self, il):
+        sb = self.slot_bytes[il]
+        if sb == self.staging.shape[1]:
+            return self.staging
+        return self.staging.reshape(-1)[:self.staging.shape[0] * sb].reshape(self.staging.shape[0], sb)
+
+    def load_all(self, il):
+        """Fill the window of layer il with every neuron (dense mode)."""
+        rows = np.arange(self.n_ff, dtype=np.int32)
+        missing, slots = self.windows[il].update(rows, 0)
+        self._select_layer(il, self.n_ff)
+        self.store.read_rows(missing, self.windows[il].slots, slots)
+
+    def run(self, out, il, active, gvals, n, have_gate, x, xq, act, threshold, t, ts):
+        """out (n_embd,) = the FFN of layer il over rows active[:n] (gate values gvals[:n] when
+        have_gate), reading what the window lacks. Positions are computed in order, cut where the
+        staging buffer is full, so the sum is the same at every cap. Adds to ts: loaded, overflow,
+        bytes, reads, io ms, mm ms."""
+        win = self.windows[il]
+        types, offs = self.types[il], self.offs[il]
+        staging = self._staging_for(il)
+        self.partial[:] = 0.0
+        self._select_layer(il, self.n_ff)
+        if win is not None:
+            t0 = time.perf_counter()
+            nw, no = _split(self.win_rows, self.ovf_pos, active, n, win.neuron_slot, win.capacity)
+            missing, slots = win.update(self.win_rows[:nw], t)
+            ts.mm_ms += (time.perf_counter() - t0) * 1e3
+            self._account(ts, self.store.read_rows(missing, win.slots, slots), len(missing))
+            wslots, wmap = win.slots, win.neuron_slot
+        else:   # naive: no window, every chosen row through the staging buffer
+            no = n
+            self.ovf_pos[:n] = self.positions[:n]
+            wslots, wmap = staging, self.no_slot
+        step = staging.shape[0]
+        j0 = 0
+        for k0 in range(0, no, step):
+            m = min(step, no - k0)
+            chunk = self.ovf_rows[:m]
+            np.take(active, self.ovf_pos[k0:k0 + m], out=chunk)
+            self.stage_map[chunk] = self.stage_idx[:m]
+            self._account(ts, self.store.read_rows(chunk, staging, self.stage_idx[:m]), m)
+            j1 = int(self.ovf_pos[k0 + m - 1]) + 1 if k0 + m < no else n
+            sparse.sparse_ffn_range(self.partial, wslots, wmap, staging, self.stage_map, active, j0, j1, gvals,
+                                    have_gate, x, xq, types, offs, act, threshold)
+            j0 = j1
+        if j0 < n:
+            sparse.sparse_ffn_range(self.partial, wslots, wmap, staging, self.stage_map, active, j0, n, gvals,
+                                    have_gate, x, xq, types, offs, act, threshold)
+        sparse.sum_partials(out, self.partial)
+        ts.overflow += no
+
+    @staticmethod
+    def _account(ts, rs, n_rows):
+        ts.loaded += n_rows
+        ts.bytes_read += rs.bytes_read
+        ts.read_calls += rs.n_reads
+        ts.io_ms += rs.ms
+
+    def shrink(self, factor: float) -> None:
+        for win in self.windows:
+            if win is not None:
+                win.shrink(max(1, int(win.capacity * factor)))

@@ -1,0 +1,44 @@
+"""Which FFN neurons a token needs: exact gate values from resident gate rows (CATS/TEAL-style
+|act(gate . x)| > t_l), or the low-rank predictor (DESIGN.md 1) where the gate rows do not fit.
+Fills `active[:n]` (increasing stored row ids) and, with gate rows, `gvals[:n]` (their gate values)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernels import sparse
+
+
+class Selector:
+    def __init__(self, kind: str, layers, store, n_ff: int, activation: int):
+        self.kind, self.layers, self.n_ff, self.act = kind, layers, n_ff, activation
+        self.active = np.arange(n_ff, dtype=np.int32)   # (n_ff,) int32 chosen rows (all unless selecting)
+        self.gvals = np.zeros(n_ff, np.float32)         # (n_ff,) f32 their gate values (gate rows)
+        self.z = np.zeros(n_ff, np.float32)             # (n_ff,) f32 predictor logits
+        if kind == "gate":
+            self.gates = [self._read_gate_rows(store, l) for l in layers]   # (n_ff, gate_bytes) uint8 each
+        elif kind == "predictor":
+            self.tmp = np.zeros(max(l.pred_a.shape[1] for l in layers), np.float32)
+            self.pred = [(np.ascontiguousarray(l.pred_a, np.float32), np.ascontiguousarray(l.pred_b, np.float32))
+                         for l in layers]                # (n_embd, r), (r, n_ff) f32, resident
+
+    def _read_gate_rows(self, store, l):
+        """The gate part of every bundle row of one layer, read once (a strided read of the bundles)."""
+        g = l.part_bytes[0]
+        buf = np.zeros((self.n_ff, g), np.uint8)
+        store.select(l.bundle_offset, g, self.n_ff, stride=l.bundle_bytes)
+        rows = np.arange(self.n_ff, dtype=np.int32)
+        store.read_rows(rows, buf, rows)
+        return buf
+
+    def __call__(self, il, hg, xb, xq):
+        """Returns (n, gate values known). hg (n_ff,) f32 scratch."""
+        if self.kind == "none":
+            return self.n_ff, False
+        l = self.layers[il]
+        if self.kind == "gate":
+            sparse.matvec_rows(hg, self.gates[il], int(l.types[0]), xb, xq)
+            return sparse.select_by_gate(self.active, self.gvals, hg, self.act, l.threshold), True
+        a, b = self.pred[il]
+        sparse.predictor_logits(self.z, self.tmp[:a.shape[1]], xb, a, b, l.pred_bias)
+        return sparse.select_by_logit(self.active, self.z, l.pred_offset, l.pred_abs), False

@@ -1,0 +1,66 @@
+"""The RAM plan is a pure function of sizes, calibration frequencies and disk throughput (flash/plan.py):
+what it keeps resident at each cap, and the numbers it refuses with."""
+
+import numpy as np
+import pytest
+
+from gguf_flash.errors import RamCapError
+from gguf_flash.flash.plan import HEAD_CHUNK, HEADROOM, PlanInput, make_plan
+
+MiB = 1 << 20
+
+
+def _inp(cap, **kw):
+    n_ff, L = 1024, 4
+    freq = [np.linspace(1.0, 0.0, n_ff, dtype=np.float32) for _ in range(L)]   # hot-first
+    d = dict(cap=cap, baseline=100 * MiB, fixed={"attention": 10 * MiB}, mode="flash", selector="auto",
+             gate_bytes=4 * MiB, pred_bytes=8 * MiB, head_bytes=30 * MiB, embd_bytes=0,
+             bundle_bytes=[3000] * L, gate_part=[1000] * L, freq=freq, staging_rows=256,
+             small_mib_s=300.0, large_mib_s=2000.0, path="m.flash.gguf")
+    d.update(kw)
+    return PlanInput(**d)
+
+
+def test_smallest_cap_streams_the_head_and_keeps_one_slot_per_layer():
+    floor = 100 * MiB + 10 * MiB + 4 * MiB + 256 * 2000 + 4 * 2000 + HEAD_CHUNK + HEADROOM
+    p = make_plan(_inp(floor))
+    assert p.selector == "gate" and p.head == "streamed" and p.capacities == [1] * 4
+    assert p.slot_bytes == [2000] * 4          # gate rows resident: slots hold up|down only
+    with pytest.raises(RamCapError, match=r"needs at least \d+ MiB \(100 MiB runtime .*cap is") as e:
+        make_plan(_inp(floor - 1))
+    assert e.value.need == floor
+
+
+def test_window_slots_before_the_head_while_they_save_more_per_byte():
+    """Slots of neurons active more often than small/large throughput (300/2000 = 0.15) save more per
+    byte than the head: with 5 MiB over the floor the window grows hot-first (not all 8 MiB of slots
+    fit) and the head stays streamed; with room for everything both are resident."""
+    tight = make_plan(_inp(125 * MiB))
+    assert tight.head == "streamed" and all(1 < c < 1024 for c in tight.capacities)
+    assert tight.window_bytes <= 125 * MiB - tight.must_have - HEADROOM
+    mid = make_plan(_inp(130 * MiB))             # every slot fits, the 30 MiB head does not
+    assert mid.head == "streamed" and mid.capacities == [1024] * 4
+    roomy = make_plan(_inp(400 * MiB))
+    assert roomy.head == "resident" and roomy.capacities == [1024] * 4
+    assert roomy.resident["output head"] == 30 * MiB
+
+
+def test_predictor_only_when_gate_rows_break_the_cap_and_it_is_smaller():
+    p = make_plan(_inp(400 * MiB, gate_bytes=50 * MiB, pred_bytes=5 * MiB))
+    assert p.selector == "gate"
+    small = make_plan(_inp(130 * MiB, gate_bytes=50 * MiB, pred_bytes=5 * MiB))
+    assert small.selector == "predictor" and small.slot_bytes == [3000] * 4   # whole bundles read
+    assert "predictors" in small.resident and "gate rows" not in small.resident
+
+
+def test_naive_and_dense_modes():
+    naive = make_plan(_inp(400 * MiB, mode="naive", selector="none", staging_rows=1024))
+    assert naive.capacities == [0] * 4 and naive.resident["FFN staging"] == 1024 * 3000
+    dense = make_plan(_inp(None, mode="dense", selector="none"))
+    assert dense.capacities == [1024] * 4 and dense.head == "resident"
+
+
+def test_startup_peak_counts():
+    with pytest.raises(RamCapError, match="peaked at 300 MiB") as e:
+        make_plan(_inp(250 * MiB, startup_peak=300 * MiB))
+    assert e.value.need == 300 * MiB
