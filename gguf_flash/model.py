@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 from .config import ModelConfig, config_from_gguf
-from .errors import ContextOverflowError, GGUFFormatError, UnsupportedModelError
+from .errors import ContextOverflowError, GGUFFormatError, InvalidArgumentError, UnsupportedModelError
 from .gguf_file import GGUFFile
 from .kernels import dispatch, forward as fw, release_compiler_pages
+from .kernels.kvcache import KV_TYPES
 from .kernels.quant_basic import q8x_scratch_bytes
 
 MAT_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -80,6 +81,13 @@ class Weights:
         self.no_capture = np.zeros((0, 1, c.n_embd), np.float32)
 
 
+def kv_dtype(kv_type: str):
+    """-ctk/-ctv name ('f16', llama.cpp's default, or 'f32') -> the KV cache's storage dtype."""
+    if kv_type not in KV_TYPES:
+        raise InvalidArgumentError(f"KV cache type {kv_type!r}: choose one of {', '.join(KV_TYPES)}")
+    return KV_TYPES[kv_type]
+
+
 def set_threads(n_threads: int | None) -> None:
     """Compute threads for the parallel kernels (None or 0: numba's default, all cores)."""
     if n_threads:
@@ -103,7 +111,7 @@ class RunState:
     """Every buffer the forward pass writes, allocated once for a context of n_ctx tokens.
     The KV cache is lazy: pages become resident only as positions are used."""
 
-    def __init__(self, cfg: ModelConfig, n_ctx: int, n_ubatch: int = N_UBATCH):
+    def __init__(self, cfg: ModelConfig, n_ctx: int, n_ubatch: int = N_UBATCH, kv_type: str = "f16"):
         c, f32 = cfg, np.float32
         self.n_ctx = n_ctx
         self.x = np.zeros(c.n_embd, f32)                # (n_embd,) residual stream
@@ -121,8 +129,9 @@ class RunState:
         self.xq_embd = np.zeros(q8x_scratch_bytes(c.n_embd), np.uint8)  # quantized input vectors
         self.xq_q = np.zeros(q8x_scratch_bytes(c.q_dim), np.uint8)
         self.xq_ff = np.zeros(q8x_scratch_bytes(c.n_ff), np.uint8)
-        self.k_cache = lazy_zeros((c.n_layer, n_ctx, c.kv_dim))  # (n_layer, n_ctx, kv_dim)
-        self.v_cache = lazy_zeros((c.n_layer, n_ctx, c.kv_dim))
+        kv = kv_dtype(kv_type)
+        self.k_cache = lazy_zeros((c.n_layer, n_ctx, c.kv_dim), kv)  # (n_layer, n_ctx, kv_dim) f16 bits or f32
+        self.v_cache = lazy_zeros((c.n_layer, n_ctx, c.kv_dim), kv)
         # prompt batch buffers (n_ubatch rows)
         b = n_ubatch
         self.n_ubatch = b
@@ -143,12 +152,13 @@ class RunState:
 class Model:
     """A dense model on a GGUF file. `forward(token, pos)` -> logits; `prefill(tokens, pos0)`."""
 
-    def __init__(self, f: GGUFFile, n_ctx: int | None = None, n_threads: int | None = None):
+    def __init__(self, f: GGUFFile, n_ctx: int | None = None, n_threads: int | None = None,
+                 kv_type: str = "f16"):
         self.file = f
         self.cfg = config_from_gguf(f)
         self.n_ctx = int(n_ctx) if n_ctx else min(4096, self.cfg.n_ctx_train)
         self.w = Weights(f, self.cfg)
-        self.st = RunState(self.cfg, self.n_ctx)
+        self.st = RunState(self.cfg, self.n_ctx, kv_type=kv_type)
         set_threads(n_threads)
         self._loaded: set = set()   # compiled entry points called so far
 

@@ -10,7 +10,7 @@ Every architecture runs through the same code; the per-architecture differences 
     inv_freq  (2, rope_dim / 2) f32     RoPE frequencies: [global layers, sliding-window layers]
     swa       (n_layer,) int64          1 where the layer uses sliding-window attention
     ip        int64 hyperparameters (IP_* below); fp float32 (FP_* below)
-    k_cache, v_cache (n_layer, n_ctx, kv_dim) f32
+    k_cache, v_cache (n_layer, n_ctx, kv_dim) f32, or uint16 holding IEEE halves (kernels/kvcache.py)
     xq_embd, xq_q, xq_ff      uint8 scratch: an input vector of n_embd, q_dim, n_ff quantized once
                               (dispatch.quantize_x) and shared by every matvec that reads it
 """
@@ -18,6 +18,7 @@ Every architecture runs through the same code; the per-architecture differences 
 from numba import njit, prange
 
 from .dispatch import dequant_row, matmat, matvec, quantize_x
+from .kvcache import kv_put
 from .nn import FASTMATH, attention, attention_batch, glu, rmsnorm, rmsnorm_heads, rope, rope_cos_sin
 
 MAT_Q, MAT_K, MAT_V, MAT_O, MAT_GATE, MAT_UP, MAT_DOWN = range(7)
@@ -72,8 +73,8 @@ def attention_layer(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_
     local = swa[il]
     rope(q, cos[local], sin[local], n_head, hd, ip[IP_ROPE_STYLE])
     rope(k, cos[local], sin[local], n_head_kv, hd, ip[IP_ROPE_STYLE])
-    k_cache[il, pos] = k
-    v_cache[il, pos] = v
+    kv_put(k_cache[il, pos], k)
+    kv_put(v_cache[il, pos], v)
     window = ip[IP_WINDOW] if local else 0
     attention(att, q, k_cache[il], v_cache[il], scores, pos, window, n_head, n_head_kv, hd, fp[FP_ATTN_SCALE])
     quantize_x(xq_q, att)
@@ -167,8 +168,8 @@ def forward_batch(hidden, X, XB, Q, K, V, ATT, scores, HG, HU, k_cache, v_cache,
                 rmsnorm_heads(K[j], qk_norms[il, 1], n_head_kv, hd, eps)
             rope(Q[j], cos[j, local], sin[j, local], n_head, hd, ip[IP_ROPE_STYLE])
             rope(K[j], cos[j, local], sin[j, local], n_head_kv, hd, ip[IP_ROPE_STYLE])
-            k_cache[il, pos0 + j] = K[j]
-            v_cache[il, pos0 + j] = V[j]
+            kv_put(k_cache[il, pos0 + j], K[j])
+            kv_put(v_cache[il, pos0 + j], V[j])
         window = ip[IP_WINDOW] if local else 0
         attention_batch(ATT, Q, k_cache[il], v_cache[il], scores, pos0, window, n_head, n_head_kv, hd,
                         fp[FP_ATTN_SCALE])

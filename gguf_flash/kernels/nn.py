@@ -10,6 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..config import ACT_GELU_TANH, ACT_RELU, ROPE_NEOX
+from .kvcache import kv_get
 
 FASTMATH = {"contract", "reassoc", "arcp", "nsz", "afn"}  # no nnan/ninf: -inf masks must work
 SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
@@ -95,7 +96,7 @@ def _attend_head(out, q, k_cache, v_cache, scores, t0, t1, kv_off, head_dim, sca
         kr = k_cache[t, kv_off:kv_off + head_dim]
         s = np.float32(0.0)
         for i in range(head_dim):
-            s += q[i] * kr[i]
+            s += q[i] * kv_get(kr, i)
         s *= scale
         scores[t] = s
         if s > m:
@@ -112,7 +113,7 @@ def _attend_head(out, q, k_cache, v_cache, scores, t0, t1, kv_off, head_dim, sca
         p = scores[t] * inv
         vr = v_cache[t, kv_off:kv_off + head_dim]
         for i in range(head_dim):
-            out[i] += p * vr[i]
+            out[i] += p * kv_get(vr, i)
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
