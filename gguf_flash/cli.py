@@ -21,6 +21,9 @@ def _add_model(p, required=True):
 def _add_runtime(p):
     p.add_argument("-c", "--ctx-size", type=int, default=0, help="context size (default: min(4096, train))")
     p.add_argument("-t", "--threads", type=int, default=0, help="compute threads (default: all cores)")
+    p.add_argument("-ctk", "--cache-type-k", default="f16", choices=("f16", "f32"),
+                   help="KV cache type for K (default f16, like llama.cpp); -ctv must match")
+    p.add_argument("-ctv", "--cache-type-v", default="f16", choices=("f16", "f32"), help="KV cache type for V")
 
 
 def _add_sampling(p):
@@ -55,7 +58,8 @@ def _add_flash(p):
                    help="how flash mode chooses neurons: low-rank predictor or resident gate rows "
                         "(auto: whichever is smaller in RAM)")
     p.add_argument("--cold", action="store_true", help="read bundles bypassing the page cache (benchmarks)")
-    p.add_argument("--stats", action="store_true", help="per-token flash statistics on stderr")
+    p.add_argument("--stats", action="store_true", help="the RAM plan and per-token flash statistics on stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help="say what the RAM plan chose and why")
 
 
 def _flash_path_for(model):
@@ -80,11 +84,15 @@ def _load(a, n_ctx_for=None):
     from . import load
     if a.ctx_size < 0 or a.threads < 0:
         raise InvalidArgumentError("-c and -t must be >= 0")
+    if a.cache_type_k != a.cache_type_v:
+        raise InvalidArgumentError(f"-ctk {a.cache_type_k} -ctv {a.cache_type_v}: K and V caches of different "
+                                   f"types are not supported; give the same type to both")
     flash = getattr(a, "max_ram", None) is not None or getattr(a, "mode", None) in ("flash", "naive")
     model = _flash_path_for(a.model) if flash else a.model
     return load(model, n_ctx=a.ctx_size or None, n_threads=a.threads or None,
                 max_ram=getattr(a, "max_ram", None), mode=getattr(a, "mode", None),
-                selector=getattr(a, "selector", "auto"), cold=getattr(a, "cold", False), n_ctx_for=n_ctx_for)
+                selector=getattr(a, "selector", "auto"), cold=getattr(a, "cold", False), n_ctx_for=n_ctx_for,
+                kv_type=a.cache_type_k)
 
 
 def _n_predict(a, llm, n_prompt):
@@ -163,6 +171,9 @@ def cmd_run(a):
 
     llm = _load(a, run_ctx)
     t_load = time.perf_counter() - t0
+    plan = getattr(llm.model, "plan", None)
+    if plan is not None and (a.stats or a.verbose):
+        print(f"RAM plan: {plan.describe()}", file=sys.stderr)
     ids = llm.tokenize(prompt)
     from .errors import ContextOverflowError
     if len(ids) >= llm.model.n_ctx:
@@ -192,9 +203,9 @@ def _print_flash_stats(llm):
     if not stats:
         print("(no flash statistics: the model runs dense)", file=sys.stderr)
         return
-    print("token predicted loaded  KiB-read reads hit%  io-ms  mm-ms compute-ms  RSS-MiB", file=sys.stderr)
+    print("token predicted loaded overflow  KiB-read reads hit%  io-ms  mm-ms compute-ms  RSS-MiB", file=sys.stderr)
     for i, s in enumerate(stats):
-        print(f"{i:5d} {s.predicted:9d} {s.loaded:6d} {s.bytes_read / 1024:9.0f} {s.read_calls:5d} "
+        print(f"{i:5d} {s.predicted:9d} {s.loaded:6d} {s.overflow:8d} {s.bytes_read / 1024:9.0f} {s.read_calls:5d} "
               f"{100 * s.hit_rate:4.0f} {s.io_ms:6.1f} {s.mm_ms:6.1f} {s.compute_ms:10.1f} "
               f"{s.rss / 2**20:8.1f}", file=sys.stderr)
 

@@ -21,7 +21,8 @@ class LLM:
     cache this run needs, not the model's default context)."""
 
     def __init__(self, path, n_ctx: int | None = None, n_threads: int | None = None, max_ram=None,
-                 mode: str | None = None, selector: str = "auto", cold: bool = False, n_ctx_for=None):
+                 mode: str | None = None, selector: str = "auto", cold: bool = False, n_ctx_for=None,
+                 kv_type: str = "f16"):
         from .flash.format import is_flash
         self.path = models.resolve(path)
         self.file = GGUFFile(self.path)
@@ -32,20 +33,20 @@ class LLM:
             # then sits under the cap with room to spare (flash/runtime.preload_kernels)
             from .flash.runtime import compile_out_of_process, preload_kernels
             compile_out_of_process(self.path)
-            preload_kernels(self.file)
+            preload_kernels(self.file, kv_type=kv_type)
         self.tokenizer = tokenizer_from_gguf(self.file)  # before the model: a flash plan measures RSS
         if n_ctx is None and n_ctx_for is not None and max_ram is not None:
             n_ctx = n_ctx_for(self.tokenizer)   # under a cap the KV cache is budgeted for this run only
         if flash:
             from .flash.runtime import FlashModel
             self.model = FlashModel(self.file, max_ram=max_ram, mode=mode or "flash", selector=selector,
-                                    n_ctx=n_ctx, n_threads=n_threads, cold=cold)
+                                    n_ctx=n_ctx, n_threads=n_threads, cold=cold, kv_type=kv_type)
         elif max_ram is not None or mode in ("flash", "naive"):
             raise InvalidArgumentError(
                 f"{self.path}: not a flash GGUF, so it cannot run under --max-ram or in {mode or 'flash'} "
                 f"mode; convert it first: gguf-flash convert {self.path} OUT.flash.gguf")
         else:
-            self.model = Model(self.file, n_ctx=n_ctx, n_threads=n_threads)
+            self.model = Model(self.file, n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type)
         self.cfg = self.model.cfg
 
     # ---- text <-> tokens ----
@@ -99,6 +100,7 @@ class LLM:
 
 
 def load(name_or_path, n_ctx: int | None = None, n_threads: int | None = None, max_ram=None,
-         mode: str | None = None, selector: str = "auto", cold: bool = False, n_ctx_for=None) -> LLM:
+         mode: str | None = None, selector: str = "auto", cold: bool = False, n_ctx_for=None,
+         kv_type: str = "f16") -> LLM:
     return LLM(name_or_path, n_ctx=n_ctx, n_threads=n_threads, max_ram=max_ram, mode=mode,
-               selector=selector, cold=cold, n_ctx_for=n_ctx_for)
+               selector=selector, cold=cold, n_ctx_for=n_ctx_for, kv_type=kv_type)

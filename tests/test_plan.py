@@ -31,18 +31,22 @@ def test_smallest_cap_streams_the_head_and_keeps_one_slot_per_layer():
     assert e.value.need == floor
 
 
-def test_window_slots_before_the_head_while_they_save_more_per_byte():
-    """Slots of neurons active more often than small/large throughput (300/2000 = 0.15) save more per
-    byte than the head: with 5 MiB over the floor the window grows hot-first (not all 8 MiB of slots
-    fit) and the head stays streamed; with room for everything both are resident."""
-    tight = make_plan(_inp(125 * MiB))
+def test_window_slots_against_the_head_by_ms_saved_per_byte():
+    """Scattered misses (no coalescing) are read at 300 MiB/s, the head at 2000: slots of neurons active
+    more often than 300/2000 = 0.15 of tokens save more per byte and come first, so with 30 MiB over the
+    floor the 28 MiB head (which alone would fit) stays streamed. When the active rows are dense enough
+    to coalesce into long reads, a slot saves at most what a head byte does, and the head comes first."""
+    floor = 100 * MiB + 10 * MiB + 4 * MiB + 256 * 2000 + 4 * 2000 + HEAD_CHUNK + HEADROOM
+    scattered = make_plan(_inp(floor + 30 * MiB, gap_bytes=0))
+    assert scattered.head == "streamed" and scattered.capacities == [1024] * 4
+    dense = make_plan(_inp(floor + 30 * MiB, gap_bytes=64 << 10))
+    assert dense.head == "resident" and all(1 < c < 1024 for c in dense.capacities)
+    assert dense.resident["output head"] == 30 * MiB
+    tight = make_plan(_inp(floor + 5 * MiB, gap_bytes=0))  # slots fill hot-first: lower rows first
     assert tight.head == "streamed" and all(1 < c < 1024 for c in tight.capacities)
-    assert tight.window_bytes <= 125 * MiB - tight.must_have - HEADROOM
-    mid = make_plan(_inp(130 * MiB))             # every slot fits, the 30 MiB head does not
-    assert mid.head == "streamed" and mid.capacities == [1024] * 4
+    assert tight.window_bytes <= floor + 5 * MiB - tight.must_have - HEADROOM
     roomy = make_plan(_inp(400 * MiB))
     assert roomy.head == "resident" and roomy.capacities == [1024] * 4
-    assert roomy.resident["output head"] == 30 * MiB
 
 
 def test_predictor_only_when_gate_rows_break_the_cap_and_it_is_smaller():

@@ -138,6 +138,42 @@ class FFNLoader:
         sparse.sum_partials(out, self.partial)
         ts.overflow += no
 
+    def run_chunk(self, OUT, il, ACT, GV, N, T, have_gate, XB, XQ, act, threshold, t, ts) -> bool:
+        """OUT[j] = the FFN of layer il for token j < T over its rows ACT[j, :N[j]], reading the union of
+        the chunk's rows once. Returns False (nothing done) when the union's rows that the window cannot
+        take do not fit the staging buffer: the caller then runs the tokens one by one."""
+        win = self.windows[il]
+        types, offs = self.types[il], self.offs[il]
+        staging = self._staging_for(il)
+        union = np.unique(np.concatenate([ACT[j, :N[j]] for j in range(T)])).astype(np.int32)
+        self._select_layer(il, self.n_ff)
+        t0 = time.perf_counter()
+        if win is not None:
+            nw, no = _split(self.win_rows, self.ovf_pos, union, len(union), win.neuron_slot, win.capacity)
+            if no > staging.shape[0]:
+                return False
+            missing, slots = win.update(self.win_rows[:nw], t)
+            ts.mm_ms += (time.perf_counter() - t0) * 1e3
+            self._account(ts, self.store.read_rows(missing, win.slots, slots), len(missing))
+            wslots, wmap = win.slots, win.neuron_slot
+            rows = self.ovf_rows[:no]
+            np.take(union, self.ovf_pos[:no], out=rows)
+        else:
+            if len(union) > staging.shape[0]:
+                return False
+            no, rows = len(union), union
+            wslots, wmap = staging, self.no_slot
+        if no:
+            self.stage_map[rows] = self.stage_idx[:no]
+            self._account(ts, self.store.read_rows(rows, staging, self.stage_idx[:no]), no)
+        for j in range(T):
+            self.partial[:] = 0.0
+            sparse.sparse_ffn_range(self.partial, wslots, wmap, staging, self.stage_map, ACT[j], 0, int(N[j]),
+                                    GV[j], have_gate, XB[j], XQ[j], types, offs, act, threshold)
+            sparse.sum_partials(OUT[j], self.partial)
+        ts.overflow += no
+        return True
+
     @staticmethod
     def _account(ts, rs, n_rows):
         ts.loaded += n_rows

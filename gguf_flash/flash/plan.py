@@ -11,7 +11,9 @@ per layer. Everything else competes for the rest of the cap by milliseconds of r
 per byte of RAM:
 - the output head: resident saves reading it whole every token, in large sequential reads;
 - window slot j of layer l: holds neuron j (rows are stored hot-first) and saves reading its bundle
-  with probability freq_l[j], in small scattered reads;
+  with probability freq_l[j]; misses are read at the small-read throughput when they are scattered,
+  at the large-read one when the layer's active rows are dense enough that coalescing (reading through
+  gaps under gap_bytes) makes long reads of them (on average one active row or more per gap);
 - an untied token embedding: saves one row read per token (it is otherwise read row by row).
 Greedy by value density; indivisible items that do not fit are skipped for smaller ones.
 """
@@ -53,6 +55,7 @@ class PlanInput:
     staging_rows: int              # rows of the FFN overflow staging buffer
     small_mib_s: float = DEFAULT_SMALL_MIB_S
     large_mib_s: float = DEFAULT_LARGE_MIB_S
+    gap_bytes: int = 64 << 10      # the store reads through gaps smaller than this
     startup_peak: int = 0          # the process's RSS peak so far (loading its kernels)
     path: str = ""
 
@@ -89,9 +92,14 @@ class Plan:
                 f"token embedding {self.embedding}" + "".join(f"; {n}" for n in self.notes))
 
 
-def _value_per_byte_slots(freq, slot_bytes, small_mib_s):
-    """ms saved per token per byte for every slot of one layer, in the order slots are filled."""
-    return np.asarray(freq, np.float64) / (small_mib_s * MiB) * 1e3
+def _value_per_byte_slots(freq, bundle_bytes, p):
+    """ms saved per token per byte for every slot of one layer, in the order slots are filled. The
+    throughput of its misses goes from the small-read to the large-read figure as active rows per
+    coalescing gap (mean frequency x rows in gap_bytes) goes from 0 to 1."""
+    f = np.asarray(freq, np.float64)
+    dense = min(1.0, float(f.mean()) * p.gap_bytes / bundle_bytes) if len(f) else 0.0
+    mib_s = p.small_mib_s + (p.large_mib_s - p.small_mib_s) * dense
+    return f / (mib_s * MiB) * 1e3
 
 
 def make_plan(p: PlanInput) -> Plan:
@@ -145,7 +153,7 @@ def make_plan(p: PlanInput) -> Plan:
         items.append((1e3 / (p.small_mib_s * MiB) / max(p.embd_bytes, 1) * 4096, "embedding", -1, p.embd_bytes))
     if p.mode == "flash":
         for il in range(L):
-            v = _value_per_byte_slots(p.freq[il], slot_bytes[il], p.small_mib_s)
+            v = _value_per_byte_slots(p.freq[il], p.bundle_bytes[il], p)
             # slots are filled in row order (hot-first); a block of 32 slots is one item
             for j0 in range(caps[il], n_ff[il], 32):
                 j1 = min(j0 + 32, n_ff[il])

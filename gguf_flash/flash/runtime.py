@@ -31,6 +31,7 @@ from .ffn import FFNLoader, _split
 from .format import read_flash
 from .head import OutputHead, TokenEmbedding
 from .plan import PlanInput, make_plan
+from .prefill import CHUNK, ChunkPrefill, buffer_bytes as prefill_bytes
 from .selector import Selector
 from .store import BundleStore
 from .window import Window
@@ -38,7 +39,7 @@ from .window import Window
 log = logging.getLogger(__name__)
 MODES = ("flash", "naive", "dense")
 SELECTORS = ("auto", "predictor", "gate")
-STAGING_BYTES = 1 << 20   # FFN overflow staging: rows read and computed per chunk
+STAGING_BYTES = 2 << 20   # FFN overflow staging: rows read and computed per chunk (a whole SmolLM2 layer)
 
 
 def warm_kernels(path) -> None:
@@ -76,7 +77,7 @@ def peak_rss() -> int:
     return budget.rss()
 
 
-def preload_kernels(f, cfg=None, info=None) -> None:
+def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16") -> None:
     """Load every compiled function the token loop uses (from numba's cache) on tiny inputs, then hand
     LLVM's pages back (kernels.release_compiler_pages). Called before the tokenizer and the model's own
     buffers exist, LLVM's ~70 MiB peak comes while the process is small; FlashModel calls it again (then it
@@ -84,7 +85,7 @@ def preload_kernels(f, cfg=None, info=None) -> None:
     load would touch LLVM again: ~50 MiB)."""
     c = cfg or config_from_gguf(f)
     info = info or read_flash(f, c)
-    w, s = Weights(f, c, ffn=False), RunState(c, 16, n_ubatch=1)
+    w, s = Weights(f, c, ffn=False), RunState(c, 16, n_ubatch=1, kv_type=kv_type)
     l0 = info.layers[0]
     ffn_out = np.zeros(c.n_embd, np.float32)
     fw.embed(s.x, w.blob, w.embd, 0, w.fp[fw.FP_EMBD_SCALE])
@@ -148,7 +149,7 @@ class TokenStats:
 class FlashModel:
     def __init__(self, f, *, max_ram=None, mode: str = "flash", selector: str = "auto",
                  n_ctx: int | None = None, n_threads: int | None = None, cold: bool = False,
-                 window_k: int = 8, io_threads: int = 4):
+                 window_k: int = 8, io_threads: int = 4, kv_type: str = "f16", prefill_chunk: int = CHUNK):
         if mode not in MODES:
             raise InvalidArgumentError(f"--mode {mode}: choose one of {', '.join(MODES)}")
         if selector not in SELECTORS:
@@ -164,7 +165,7 @@ class FlashModel:
                                                 f"which this engine does not implement")
         self.n_ctx = int(n_ctx) if n_ctx else min(1024 if max_ram else 4096, c.n_ctx_train)
         self.w = Weights(f, c, ffn=False)
-        self.st = RunState(c, self.n_ctx, n_ubatch=1)   # tokens one at a time: no prompt batch buffers
+        self.st = RunState(c, self.n_ctx, n_ubatch=1, kv_type=kv_type)   # tokens one at a time: no prompt batch buffers
         self.ffn_out = np.zeros(c.n_embd, np.float32)   # (n_embd,)
         self.cap = budget.parse_size(max_ram) if max_ram is not None else None
 
@@ -181,7 +182,7 @@ class FlashModel:
         # ---- kernels loaded, LLVM released, the runtime measured ----
         if self.cap is not None:
             compile_out_of_process(f.path)
-        preload_kernels(f, c, info)
+        preload_kernels(f, c, info, kv_type)
         baseline = budget.rss()
 
         # ---- the plan (refuses an impossible cap before anything large is loaded) ----
@@ -190,6 +191,8 @@ class FlashModel:
         kv = self.st.k_cache.nbytes + self.st.v_cache.nbytes
         scratch = sum(a.nbytes for a in vars(self.st).values() if isinstance(a, np.ndarray)) - kv
         fixed = {"attention": attn, "KV cache": kv, "scratch": scratch, "I/O staging": io_threads * max_range}
+        if mode != "dense":
+            fixed["prompt chunk"] = prefill_bytes(c, self.st.xq_embd.shape[0], prefill_chunk)
         head_bytes = int(self.w.output[1] * self.w.output[2])
         embd_bytes = 0 if c.tied_output else int(self.w.embd[1] * self.w.embd[2])
         slot_max = max(bb)
@@ -202,7 +205,7 @@ class FlashModel:
             bundle_bytes=bb, gate_part=[l.part_bytes[0] for l in info.layers],
             freq=[l.freq for l in info.layers],
             staging_rows=c.n_ff if mode == "naive" else max(1, min(c.n_ff, STAGING_BYTES // slot_max)),
-            startup_peak=peak_rss() if self.cap is not None else 0, path=str(f.path))
+            gap_bytes=gap, startup_peak=peak_rss() if self.cap is not None else 0, path=str(f.path))
         if small:
             inp.small_mib_s, inp.large_mib_s = small, large
         self.plan = make_plan(inp)
@@ -222,8 +225,10 @@ class FlashModel:
         if mode == "dense":
             for il in range(L):
                 self.ffn.load_all(il)
-        self.stats: list = []
+        self.stats: list = []         # TokenStats of every forward() call (decode tokens)
+        self.prompt_stats: list = []  # ChunkStats of every prompt chunk
         self.t = 0   # token counter for the window
+        self.chunked = ChunkPrefill(self, prefill_chunk) if mode != "dense" else None
 
     @property
     def windows(self):
@@ -235,7 +240,9 @@ class FlashModel:
             raise ContextOverflowError(f"{self.file.path}: {pos + n} tokens do not fit the context of "
                                        f"{self.n_ctx} (use -c to enlarge it)")
 
-    def forward(self, token: int, pos: int) -> np.ndarray:
+    def forward(self, token: int, pos: int, logits: bool = True) -> np.ndarray:
+        """Logits (n_vocab,) of `token` at `pos` (a view reused next call). logits=False skips the
+        output head (a prompt token whose logits nobody reads: the whole head is 30-171 MiB)."""
         self._check_pos(pos)
         if not 0 <= token < self.cfg.n_vocab:
             raise GGUFFormatError(f"{self.file.path}: token id {token} out of range")
@@ -260,7 +267,8 @@ class FlashModel:
             self.ffn.run(self.ffn_out, il, sel.active, sel.gvals, n, have_gate, s.xb, s.xq_embd,
                          c.activation, self.thresholds[il], self.t, ts)
             fw.residual_add(s.x, self.ffn_out, w.norms[il, fw.NORM_POST_FFW], eps, c.post_norms)
-        self.out_head(eps, ts)
+        if logits:
+            self.out_head(eps, ts)
         # compute = everything that is not reading or window bookkeeping
         ts.compute_ms = (time.perf_counter() - t_all) * 1e3 - ts.io_ms - ts.mm_ms
         ts.hit_rate = 1.0 - ts.loaded / max(ts.predicted, 1) if self.mode == "flash" else 0.0
@@ -289,9 +297,17 @@ class FlashModel:
         self._check_pos(pos0, len(tokens))
         if logits_rows == "all":
             return self._prefill_all(tokens, pos0)
-        for i, t in enumerate(tokens):
-            logits = self.forward(t, pos0 + i)
-        return logits
+        if not tokens:
+            return self.st.logits
+        for t in tokens:
+            if not 0 <= t < self.cfg.n_vocab:
+                raise GGUFFormatError(f"{self.file.path}: token id {t} out of range")
+        if self.chunked is None:   # dense mode: every bundle resident, nothing to amortise
+            for i, t in enumerate(tokens):
+                self.forward(t, pos0 + i, logits=i == len(tokens) - 1)
+        else:
+            self.chunked.run(tokens, pos0)
+        return self.st.logits
 
     def _prefill_all(self, tokens, pos0):
         for i, t in enumerate(tokens):
