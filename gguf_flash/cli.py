@@ -54,9 +54,11 @@ def _add_flash(p):
                         "name is converted into the cache first)")
     p.add_argument("--mode", choices=("flash", "naive", "dense"), default=None,
                    help="flash GGUF only: flash (default), naive (every FFN weight read every token), dense")
-    p.add_argument("--selector", choices=("auto", "predictor", "gate"), default="auto",
-                   help="how flash mode chooses neurons: low-rank predictor or resident gate rows "
-                        "(auto: whichever is smaller in RAM)")
+    p.add_argument("--selector", choices=("auto", "predictor", "gate", "bundle"), default="auto",
+                   help="how flash mode chooses neurons: resident gate rows (exact), the low-rank predictor, "
+                        "or bundle (nothing resident: every bundle read or held, its own gate decides); "
+                        "auto: the plan's cheapest in reading per token at the cap, predictor only when "
+                        "neither fits")
     p.add_argument("--cold", action="store_true", help="read bundles bypassing the page cache (benchmarks)")
     p.add_argument("--stats", action="store_true", help="the RAM plan and per-token flash statistics on stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="say what the RAM plan chose and why")

@@ -23,11 +23,11 @@ def _inp(cap, **kw):
 
 def test_smallest_cap_streams_the_head_and_keeps_one_slot_per_layer():
     floor = 100 * MiB + 10 * MiB + 4 * MiB + 256 * 2000 + 4 * 2000 + HEAD_CHUNK + HEADROOM
-    p = make_plan(_inp(floor))
+    p = make_plan(_inp(floor, selector="gate"))
     assert p.selector == "gate" and p.head == "streamed" and p.capacities == [1] * 4
     assert p.slot_bytes == [2000] * 4          # gate rows resident: slots hold up|down only
     with pytest.raises(RamCapError, match=r"needs at least \d+ MiB \(100 MiB runtime .*cap is") as e:
-        make_plan(_inp(floor - 1))
+        make_plan(_inp(floor - 1, selector="gate"))
     assert e.value.need == floor
 
 
@@ -37,24 +37,36 @@ def test_window_slots_against_the_head_by_ms_saved_per_byte():
     floor the 28 MiB head (which alone would fit) stays streamed. When the active rows are dense enough
     to coalesce into long reads, a slot saves at most what a head byte does, and the head comes first."""
     floor = 100 * MiB + 10 * MiB + 4 * MiB + 256 * 2000 + 4 * 2000 + HEAD_CHUNK + HEADROOM
-    scattered = make_plan(_inp(floor + 30 * MiB, gap_bytes=0))
+    scattered = make_plan(_inp(floor + 30 * MiB, gap_bytes=0, selector="gate"))
     assert scattered.head == "streamed" and scattered.capacities == [1024] * 4
-    dense = make_plan(_inp(floor + 30 * MiB, gap_bytes=64 << 10))
-    assert dense.head == "resident" and all(1 < c < 1024 for c in dense.capacities)
+    dense = make_plan(_inp(floor + 40 * MiB, gap_bytes=64 << 10, selector="gate"))
+    # a slot saves its whole bundle span (3000 B) per 2000 B of RAM: slots first, then the head
+    assert dense.head == "resident" and dense.capacities == [1024] * 4
     assert dense.resident["output head"] == 30 * MiB
-    tight = make_plan(_inp(floor + 5 * MiB, gap_bytes=0))  # slots fill hot-first: lower rows first
+    tight = make_plan(_inp(floor + 5 * MiB, gap_bytes=0, selector="gate"))  # slots fill hot-first: lower rows first
     assert tight.head == "streamed" and all(1 < c < 1024 for c in tight.capacities)
     assert tight.window_bytes <= floor + 5 * MiB - tight.must_have - HEADROOM
     roomy = make_plan(_inp(400 * MiB))
     assert roomy.head == "resident" and roomy.capacities == [1024] * 4
 
 
-def test_predictor_only_when_gate_rows_break_the_cap_and_it_is_smaller():
-    p = make_plan(_inp(400 * MiB, gate_bytes=50 * MiB, pred_bytes=5 * MiB))
+def test_auto_selector_by_expected_reading():
+    """Scattered activity (1% of tokens, reads do not coalesce): the exact gate rows save far more than
+    their RAM costs, and where they do not fit the smaller predictor does. Dense activity (80%, reads
+    coalesce into whole layers): selecting saves no reading, so at a tight cap the gate rows' RAM goes to
+    the window instead ("bundle": every bundle's own gate decides, with the same thresholds)."""
+    sparse_freq = [np.full(1024, 0.01, np.float32) for _ in range(4)]
+    p = make_plan(_inp(400 * MiB, freq=sparse_freq, gap_bytes=0))
     assert p.selector == "gate"
-    small = make_plan(_inp(130 * MiB, gate_bytes=50 * MiB, pred_bytes=5 * MiB))
+    small = make_plan(_inp(124 * MiB, freq=sparse_freq, gap_bytes=0, gate_bytes=50 * MiB, pred_bytes=5 * MiB))
     assert small.selector == "predictor" and small.slot_bytes == [3000] * 4   # whole bundles read
     assert "predictors" in small.resident and "gate rows" not in small.resident
+    dense_freq = [np.full(1024, 0.8, np.float32) for _ in range(4)]
+    tight = make_plan(_inp(130 * MiB, freq=dense_freq, gate_bytes=8 * MiB))
+    assert tight.selector == "bundle" and "gate rows" not in tight.resident and tight.slot_bytes == [3000] * 4
+    assert "expected" in tight.describe()
+    roomy = make_plan(_inp(400 * MiB, freq=dense_freq, gate_bytes=8 * MiB))
+    assert roomy.selector == "gate" and roomy.read_ms == 0.0
 
 
 def test_naive_and_dense_modes():

@@ -1,15 +1,19 @@
 """Flash benchmark, laid out like the paper's Table 3: per-token I/O, memory management and compute
 milliseconds for dense, naive and flash modes at several RAM caps, with cold reads.
 
-    python tools/bench_flash.py MODEL.flash.gguf [--caps 0.3,0.5,0.7,1.0] [--modes dense,naive,flash]
-                                [--tokens 32] [--selector auto] [--plot out.png]
+    python tools/bench_flash.py MODEL.flash.gguf [--source MODEL.gguf] [--caps min,d-0.5,d-0.4,d0.9,d1.0]
+                                [--modes dense,naive,flash] [--tokens 32] [--selector auto] [--plot out.png]
 
 MODEL may be a known name (smollm2, gemma3-270m): its flash conversion in the cache is used (made
-once with the converter's defaults). A cap is `runtime + fraction x model file bytes`, where runtime
-is the process's own RSS measured by the engine before it loads the model. Every run is a fresh child
-process: bundles are read with O_DIRECT (the page cache cannot act as hidden DRAM), its RSS is sampled
-from outside every 5 ms, and a cap the plan refuses is reported as such. The floor of a run is
-(bytes it must read per token) / (this disk's throughput at its mean read size, from
+once with the converter's defaults) and the source is the known model. The yardstick is the dense
+engine's own peak RSS on the source (a fresh process generating --tokens tokens, sampled from outside
+every 5 ms). Caps:
+  min      the smallest cap the flash plan accepts (asked of a fresh process)
+  d0.8     0.8 x the dense engine's peak RSS
+  d-0.4    the dense engine's peak RSS - 0.4 x the source file
+Every run is a fresh child process: bundles are read with O_DIRECT (the page cache cannot act as hidden
+DRAM), its RSS is sampled from outside every 5 ms, and a cap the plan refuses is reported as such. The
+floor of a run is (bytes it must read per token) / (this disk's throughput at its mean read size, from
 `gguf-flash bench-io`'s probe) + its compute time.
 """
 
@@ -19,34 +23,48 @@ import os
 import subprocess
 import sys
 
+# a ~112-token prompt (SmolLM2), then --tokens decode steps
+PROMPT_TEXT = ("The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz "
+               "combined movable metal type, oil-based ink and a wooden press adapted from wine making. ") * 3
+
 CHILD = r"""
 import json, sys, time
 import numpy as np
 import gguf_flash
 from gguf_flash.errors import RamCapError
-path, cap, mode, n_tok, selector = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+path, cap, mode, n_tok, selector, PROMPT = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6]
 try:
     llm = gguf_flash.load(path, max_ram=None if cap == "none" else cap, mode=mode, n_ctx=256, n_threads=2,
                           selector=selector, cold=True)
 except RamCapError as e:
     print(json.dumps({"refused": str(e)})); sys.exit(0)
-prompt = llm.tokenize("The history of the printing press begins")
+prompt = llm.tokenize(PROMPT)
 t = time.perf_counter()
 res = llm.generate(prompt, n_predict=n_tok, ignore_eos=True)
-st = llm.model.stats[len(prompt):]          # decode steps only
+st = llm.model.stats                        # decode steps (the prompt runs in chunks: prompt_stats)
 m = lambda k: float(np.mean([getattr(s, k) for s in st]))
 print(json.dumps(dict(io_ms=m("io_ms"), mm_ms=m("mm_ms"), compute_ms=m("compute_ms"),
                       bytes=m("bytes_read"), reads=m("read_calls"), loaded=m("loaded"), hit=m("hit_rate"),
-                      tps=res.decode_tps, selector=llm.model.selector, plan=llm.model.plan.describe(),
+                      overflow=m("overflow"), tps=res.decode_tps, prompt_tps=res.prompt_tps, selector=llm.model.selector,
+                      plan=llm.model.plan.describe(), baseline=llm.model.plan.baseline,
                       direct_io=llm.model.store.direct_io)))
 """
 
-RUNTIME = r"""
+MIN_CAP = r"""
 import sys, gguf_flash
 try:
-    gguf_flash.load(sys.argv[1], max_ram="1M", n_ctx=256, n_threads=2)
+    gguf_flash.load(sys.argv[1], max_ram="1M", n_ctx=256, n_threads=2, mode=sys.argv[2])
 except gguf_flash.RamCapError as e:
-    print(str(e).split("(")[1].split(" MiB runtime")[0])
+    print(e.need)
+"""
+
+DENSE = r"""
+import json, sys, time, gguf_flash
+PROMPT = sys.argv[3]
+llm = gguf_flash.load(sys.argv[1], n_ctx=256, n_threads=2)
+prompt = llm.tokenize(PROMPT)
+res = llm.generate(prompt, n_predict=int(sys.argv[2]), ignore_eos=True)
+print(json.dumps(dict(tps=res.decode_tps, ms=1e3 / max(res.decode_tps, 1e-9), prompt_tps=res.prompt_tps)))
 """
 
 
@@ -90,52 +108,80 @@ def floor_ms(bytes_per_tok, reads_per_tok, compute_ms, tput):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
-    ap.add_argument("--caps", default="0.3,0.5,0.7,1.0")
+    ap.add_argument("--source", default=None, help="the source GGUF (default: the known model's)")
+    ap.add_argument("--caps", default="min,d-0.5,d-0.4,d0.9,d1.0")
     ap.add_argument("--modes", default="dense,naive,flash")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--selector", default="auto")
     ap.add_argument("--plot", default=None, help="write a PNG of latency against cap (needs matplotlib)")
     a = ap.parse_args()
     from gguf_flash.cli import _flash_path_for
+    from gguf_flash.models import REGISTRY, resolve
     path = _flash_path_for(a.model)
-    size = os.path.getsize(path)
-    runtime_mib = float(run_child(RUNTIME, [path], sample=False)[0])
+    source = a.source or (resolve(a.model) if a.model in REGISTRY else None)
+    if source is None:
+        sys.exit("--source is needed: the dense engine's peak RSS on the source model is the yardstick")
+    size, src_size = os.path.getsize(path), os.path.getsize(source)
+    dense_out, dense_peak = run_child(DENSE, [source, a.tokens, PROMPT_TEXT])
+    dense = json.loads(dense_out)
+    dense_mib = dense_peak / 2**20
     tput = disk_throughput()
     rows = []
-    for frac in [float(x) for x in a.caps.split(",")]:
-        cap = int((runtime_mib * 2**20 + frac * size) / 2**20)
+    for spec in a.caps.split(","):
         for mode in a.modes.split(","):
-            out, peak = run_child(CHILD, [path, f"{cap}M", mode, a.tokens, a.selector])
+            if spec == "min":
+                need = run_child(MIN_CAP, [path, mode], sample=False)[0]
+                if not need.strip().isdigit():
+                    continue
+                cap = int(need) // 2**20 + 1
+            elif spec.startswith("d-"):
+                cap = int((dense_peak - float(spec[2:]) * src_size) / 2**20)
+            elif spec.startswith("d"):
+                cap = int(float(spec[1:]) * dense_peak / 2**20)
+            else:
+                sys.exit(f"bad cap {spec!r}: min, dN (x dense peak) or d-N (dense peak - N x source file)")
+            out, peak = run_child(CHILD, [path, f"{cap}M", mode, a.tokens, a.selector, PROMPT_TEXT])
             r = json.loads(out)
-            r.update(frac=frac, cap=cap, mode=mode, peak=peak / 2**20)
+            r.update(spec=spec, cap=cap, mode=mode, peak=peak / 2**20)
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
-    print(f"\n{os.path.basename(path)} ({size / 2**20:.0f} MiB), runtime {runtime_mib:.0f} MiB, cold reads, "
-          f"2 threads, {a.tokens} decode tokens; cap = runtime + fraction x file\n")
-    print("| cap | mode | I/O ms | mem-mgmt ms | compute ms | total ms | floor ms | MiB read/token | reads | tok/s | peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n{os.path.basename(path)} ({size / 2**20:.0f} MiB; source {src_size / 2**20:.0f} MiB), cold reads, "
+          f"2 threads, {a.tokens} decode tokens. Dense engine on the source: peak RSS {dense_mib:.0f} MiB, "
+          f"{dense['ms']:.1f} ms/token, prompt {dense['prompt_tps']:.0f} tok/s (page cache warm)\n")
+    print("| cap | mode | I/O ms | mem-mgmt ms | compute ms | total ms | floor ms | MiB read/token | reads | "
+          "overflow/token | tok/s | prompt tok/s | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        head = f"| {r['frac']:.1f} ({r['cap']} MiB) | {r['mode']} |"
+        head = (f"| {r['cap']} MiB = {r['cap'] / dense_mib:.2f} x dense = {r['cap'] * 2**20 / src_size:.1f} x source "
+                f"({r['spec']}) | {r['mode']} |")
         if "refused" in r:
-            need = r["refused"].split("needs at least ")[1].split(" (")[0]
-            print(f"{head} refused: needs {need} | | | | | | | | |")
+            print(f"{head} refused: needs {r['refused'].split('needs at least ')[1].split(' (')[0]} |"
+                  + " |" * 10)
             continue
         total = r["io_ms"] + r["mm_ms"] + r["compute_ms"]
         fl = floor_ms(r["bytes"], r["reads"], r["compute_ms"], tput)
         sel = f" ({r['selector']})" if r["mode"] == "flash" else ""
         print(f"{head[:-1]}{sel} | {r['io_ms']:.1f} | {r['mm_ms']:.1f} | {r['compute_ms']:.1f} | {total:.1f} | "
-              f"{fl:.1f} | {r['bytes'] / 2**20:.2f} | {r['reads']:.0f} | {r['tps']:.1f} | {r['peak']:.0f} MiB |")
+              f"{fl:.1f} | {r['bytes'] / 2**20:.2f} | {r['reads']:.0f} | {r['overflow']:.0f} | {r['tps']:.1f} | "
+              f"{r['prompt_tps']:.1f} | {r['peak']:.0f} MiB |")
+    print("\nplans:")
+    for r in rows:
+        if "plan" in r:
+            print(f"- {r['cap']} MiB, {r['mode']}: {r['plan']}")
     if a.plot:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6, 4))
         for mode in a.modes.split(","):
-            pts = [(r["cap"], r["io_ms"] + r["mm_ms"] + r["compute_ms"]) for r in rows
-                   if r["mode"] == mode and "refused" not in r]
+            pts = sorted((r["cap"] / dense_mib, r["io_ms"] + r["mm_ms"] + r["compute_ms"]) for r in rows
+                         if r["mode"] == mode and "refused" not in r)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=mode)
-        ax.set_xlabel("RAM cap (MiB)")
+        ax.axvline(1.0, color="grey", linestyle=":", label="dense engine's peak RSS")
+        ax.axhline(dense["ms"], color="grey", linestyle="--", label="dense engine (page cache warm)")
+        ax.set_yscale("log")
+        ax.set_xlabel("RAM cap / dense engine's peak RSS")
         ax.set_ylabel("ms per token")
         ax.set_title(os.path.basename(path))
         ax.legend()

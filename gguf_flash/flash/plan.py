@@ -11,9 +11,9 @@ per layer. Everything else competes for the rest of the cap by milliseconds of r
 per byte of RAM:
 - the output head: resident saves reading it whole every token, in large sequential reads;
 - window slot j of layer l: holds neuron j (rows are stored hot-first) and saves reading its bundle
-  with probability freq_l[j]; misses are read at the small-read throughput when they are scattered,
-  at the large-read one when the layer's active rows are dense enough that coalescing (reading through
-  gaps under gap_bytes) makes long reads of them (on average one active row or more per gap);
+  with probability freq_l[j] at the small-read throughput when misses are scattered; when the layer's
+  active rows are dense enough that coalescing (reading through gaps under gap_bytes) makes long
+  reads, it saves its whole bundle span every token at the large-read throughput;
 - an untied token embedding: saves one row read per token (it is otherwise read row by row).
 Greedy by value density; indivisible items that do not fit are skipped for smaller ones.
 """
@@ -66,7 +66,7 @@ class Plan:
     baseline: int
     resident: dict                 # part -> bytes
     capacities: list               # window slots per layer
-    selector: str                  # gate | predictor | none
+    selector: str                  # gate | predictor | bundle (gate values from the bundles read) | none
     head: str                      # resident | streamed
     embedding: str                 # resident | on demand (a row per token) | with the head
     staging_rows: int
@@ -74,6 +74,7 @@ class Plan:
     saved_ms: float = 0.0          # expected reading time the resident parts save per token
     notes: list = field(default_factory=list)
     slot_bytes: list = field(default_factory=list)   # per layer: bytes of one window slot
+    read_ms: float = 0.0           # expected reading per token that the plan leaves (the cost model's)
 
     @property
     def head_streamed(self) -> bool:
@@ -92,33 +93,61 @@ class Plan:
                 f"token embedding {self.embedding}" + "".join(f"; {n}" for n in self.notes))
 
 
-def _value_per_byte_slots(freq, bundle_bytes, p):
-    """ms saved per token per byte for every slot of one layer, in the order slots are filled. The
-    throughput of its misses goes from the small-read to the large-read figure as active rows per
-    coalescing gap (mean frequency x rows in gap_bytes) goes from 0 to 1."""
+def _value_per_byte_slots(freq, bundle_bytes, slot_bytes, p):
+    """ms saved per token per byte for every slot of one layer, in the order slots are filled. Scattered
+    misses cost their own bytes (freq x slot bytes) at the small-read throughput; when the layer's active
+    rows are dense enough that coalescing reads through the gaps (mean frequency x rows per gap_bytes
+    reaches 1), every row in the span costs its whole bundle, active or not, at the large-read
+    throughput. In between, both mix in proportion."""
     f = np.asarray(freq, np.float64)
     dense = min(1.0, float(f.mean()) * p.gap_bytes / bundle_bytes) if len(f) else 0.0
     mib_s = p.small_mib_s + (p.large_mib_s - p.small_mib_s) * dense
-    return f / (mib_s * MiB) * 1e3
+    per_row = dense * bundle_bytes + (1.0 - dense) * f * slot_bytes     # bytes read per token
+    return per_row / slot_bytes / (mib_s * MiB) * 1e3
 
 
 def make_plan(p: PlanInput) -> Plan:
+    """The plan for p.selector; with "auto" (flash mode), the candidate that reads the fewest expected
+    milliseconds per token among those the cap accepts: exact gate rows, or no resident selector at all
+    ("bundle": gate values computed from the bundles read, same neurons, same thresholds) where the
+    layers' active rows are so dense that their reads coalesce into whole layers anyway and the gate
+    rows' RAM buys more as window or head; the predictor (it misses neurons) only where the gate rows
+    do not fit."""
+    if p.mode != "flash" or p.selector != "auto":
+        return _plan(p, p.selector if p.mode == "flash" else "none")
+    plans, refused = [], None
+    for sel in ("gate", "bundle"):
+        try:
+            plans.append(_plan(p, sel))
+        except RamCapError as e:
+            refused = refused if refused is not None and refused.need <= e.need else e
+    if not any(q.selector == "gate" for q in plans) and p.pred_bytes < p.gate_bytes:
+        try:
+            plans.append(_plan(p, "predictor"))
+        except RamCapError as e:
+            refused = refused if refused is not None and refused.need <= e.need else e
+    if not plans:
+        raise refused
+    best = min(plans, key=lambda q: q.read_ms - (0.01 if q.selector == "gate" else 0.0))
+    others = [q for q in plans if q is not best]
+    if others:
+        best.notes.insert(0, f"selector {best.selector}: {best.read_ms:.1f} ms of reading per token expected, "
+                             f"{others[0].selector} {others[0].read_ms:.1f}")
+    return best
+
+
+def _plan(p: PlanInput, selector: str) -> Plan:
     L = len(p.bundle_bytes)
     n_ff = [len(f) for f in p.freq]
     resident = dict(p.fixed)
     notes = []
-    # ---- the selector ----
-    selector = "none"
-    if p.mode == "flash":
-        selector = p.selector
-        if selector == "auto":
-            selector = "gate"
-            # auto: exact gate rows unless they alone break the cap and the predictor is smaller
-            if p.cap is not None and p.pred_bytes < p.gate_bytes and _floor(p, resident, p.gate_bytes) > p.cap:
-                selector = "predictor"
-                notes.append(f"predictor instead of gate rows ({mib(p.pred_bytes)} < {mib(p.gate_bytes)})")
-        resident["gate rows" if selector == "gate" else "predictors"] = \
-            p.gate_bytes if selector == "gate" else p.pred_bytes
+    freq = p.freq
+    if selector == "gate":
+        resident["gate rows"] = p.gate_bytes
+    elif selector == "predictor":
+        resident["predictors"] = p.pred_bytes
+    elif selector == "bundle":   # every row is read or held each token; its gate decides in the kernel
+        freq = [np.ones(n, np.float32) for n in n_ff]
     # a slot holds up|down when the gate rows are resident (a third less), else the whole bundle
     slot_bytes = [b - g for b, g in zip(p.bundle_bytes, p.gate_part)] if selector == "gate" \
         else list(p.bundle_bytes)
@@ -153,12 +182,13 @@ def make_plan(p: PlanInput) -> Plan:
         items.append((1e3 / (p.small_mib_s * MiB) / max(p.embd_bytes, 1) * 4096, "embedding", -1, p.embd_bytes))
     if p.mode == "flash":
         for il in range(L):
-            v = _value_per_byte_slots(p.freq[il], p.bundle_bytes[il], p)
+            v = _value_per_byte_slots(freq[il], p.bundle_bytes[il], slot_bytes[il], p)
             # slots are filled in row order (hot-first); a block of 32 slots is one item
             for j0 in range(caps[il], n_ff[il], 32):
                 j1 = min(j0 + 32, n_ff[il])
                 items.append((float(v[j0:j1].mean()), "slots", il, (j1 - j0) * slot_bytes[il]))
     items.sort(key=lambda it: -it[0])
+    total_ms = sum(d * b for d, _, _, b in items)
     saved = 0.0
     for density, kind, il, nbytes in items:
         if room is not None and nbytes > room:
@@ -192,12 +222,4 @@ def make_plan(p: PlanInput) -> Plan:
         held = sum(caps) / max(sum(n_ff), 1)
         notes.append(f"window {100 * held:.0f}% of the bundles")
     return Plan(p.cap, p.baseline, resident, caps, selector, head, embedding, p.staging_rows, window, saved,
-                notes, slot_bytes)
-
-
-def _floor(p: PlanInput, resident: dict, selector_bytes: int) -> int:
-    """The least cap a flash plan with gate rows accepts (streamed head, one slot per layer)."""
-    slot_bytes = [b - g for b, g in zip(p.bundle_bytes, p.gate_part)]
-    staging = p.staging_rows * max(slot_bytes)
-    return (p.baseline + sum(resident.values()) + selector_bytes + staging + sum(slot_bytes)
-            + (HEAD_CHUNK if p.head_bytes else 0) + HEADROOM)
+                notes, slot_bytes, total_ms - saved)

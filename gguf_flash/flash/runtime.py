@@ -38,7 +38,7 @@ from .window import Window
 
 log = logging.getLogger(__name__)
 MODES = ("flash", "naive", "dense")
-SELECTORS = ("auto", "predictor", "gate")
+SELECTORS = ("auto", "predictor", "gate", "bundle")
 STAGING_BYTES = 2 << 20   # FFN overflow staging: rows read and computed per chunk (a whole SmolLM2 layer)
 
 

@@ -1,5 +1,7 @@
 """Which FFN neurons a token needs: exact gate values from resident gate rows (CATS/TEAL-style
-|act(gate . x)| > t_l), or the low-rank predictor (DESIGN.md 1) where the gate rows do not fit.
+|act(gate . x)| > t_l), or the low-rank predictor (DESIGN.md 1) where the gate rows do not fit, or
+nothing resident ("bundle", and "none" in naive/dense mode): every row, its gate computed from the
+bundle by the sparse FFN, which still skips |act(g)| <= t_l.
 Fills `active[:n]` (increasing stored row ids) and, with gate rows, `gvals[:n]` (their gate values)."""
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class Selector:
 
     def __call__(self, il, hg, xb, xq):
         """Returns (n, gate values known). hg (n_ff,) f32 scratch."""
-        if self.kind == "none":
+        if self.kind in ("none", "bundle"):
             return self.n_ff, False
         l = self.layers[il]
         if self.kind == "gate":
