@@ -274,3 +274,31 @@ def test_long_vocabulary_string_length(tmp_path, length):
     proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code, str(path)], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and "refused:" in proc.stdout and "string array" in proc.stdout, proc.stderr[-800:]
+
+
+# ---- a sample through the command line ----------------------------------------------------------------
+
+def test_cli_sample(tiny, tiny_flash, tmp_path):
+    """Five fuzzed files through `gguf-flash run` / `inspect`: one line on stderr, exit code 2."""
+    import os
+    llama = all_cases({"llama": tiny["llama"]})
+    picks = {c.id: c for c in llama if c.id in (
+        "llama-cut-24", "llama-len-kv_tokenizer.ggml.tokens_arraylen-9223372036854775808",
+        "llama-val-llama.attention.head_count-zero")}
+    overlap = next(c for c in tensor_cases("llama", tiny["llama"], rng_for(1), n_tensors=8)
+                   if c.id.endswith("offset-overlap"))
+    picks[overlap.id] = overlap
+    assert len(picks) == 4
+    flash = flash_cases(tiny_flash, tmp_path / "variants", rng_for(17))
+    nan = next(c for c in flash if c.id == "flash-threshold-nan")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    runs = [(c, ["run", "-m", None, "-p", "hi", "-n", "2"]) for c in picks.values()] + [(nan, ["inspect", None])]
+    for case, args in runs:
+        path = tmp_path / f"{case.id}.gguf"
+        path.write_bytes(case.data)
+        args = [str(path) if a is None else a for a in args]
+        proc = subprocess.run([sys.executable, "-c", "import sys; from gguf_flash.cli import main; sys.exit(main())",
+                               *args], capture_output=True, text=True, timeout=120, env=env)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, (case.id, proc.returncode, proc.stderr[-800:])
+        assert lines[0].startswith("gguf-flash: error: ") and path.name in lines[0], (case.id, lines)
