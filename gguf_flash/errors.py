@@ -33,5 +33,9 @@ class FlashFormatError(GGUFFormatError):
     """A flash-GGUF file whose flash.* keys or bundle tensors are missing or inconsistent."""
 
 
+class ChatTemplateError(GGUFFormatError):
+    """A model's chat template failed, escaped its sandbox, or exceeded its time or size budget."""
+
+
 class InvalidArgumentError(GGUFFlashError):
     """A bad option value (sampling parameter, size string, ...)."""
