@@ -37,5 +37,9 @@ class ChatTemplateError(GGUFFormatError):
     """A model's chat template failed, escaped its sandbox, or exceeded its time or size budget."""
 
 
+class OutputError(GGUFFlashError):
+    """An output file could not be written (disk full, no permission, ...); nothing was left at its path."""
+
+
 class InvalidArgumentError(GGUFFlashError):
     """A bad option value (sampling parameter, size string, ...)."""
