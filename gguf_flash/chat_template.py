@@ -144,6 +144,8 @@ def render_chat(template: str | None, messages, bos_token: str = "", eos_token: 
     """Apply a chat template in Jinja2's immutable sandbox, within max_seconds and max_bytes of output."""
     from jinja2.exceptions import TemplateError
 
+    if template is not None and not isinstance(template, str):
+        raise ChatTemplateError(f"chat template is a {type(template).__name__}, not a string")
     budget = _Budget(max_seconds, max_bytes)
     env, namespace_type = _make_environment(budget)
     pieces, n = [], 0
