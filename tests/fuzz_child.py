@@ -3,8 +3,8 @@
     python fuzz_child.py CASES.json RESULTS.jsonl FIRST
 
 Each case is {"id", "path", "action"}; action "parse" opens the file with GGUFFile, "load" calls
-gguf_flash.load and, if that succeeds, generates two greedy tokens (a file the validators accept must
-also run). A "start" line is written (and flushed) before each case, so the parent knows which case was
+gguf_flash.load and, if that succeeds, generates two greedy tokens and renders the chat template (a
+file the validators accept must also run). A "start" line is written (and flushed) before each case, so the parent knows which case was
 running if this process dies (a crash of the interpreter) or hangs (the parent kills it). faulthandler
 prints the Python stack of a crash on stderr. Python-side allocations are measured with tracemalloc
 (numpy reports its buffers to it): the peak of each case, minus the peak of the intact file, is
@@ -39,6 +39,7 @@ def run_case(case):
         kw = case.get("load_kw", {})
         llm = gguf_flash.load(case["path"], **kw)
         llm.generate("hi", n_predict=2)
+        llm.chat_prompt([{"role": "user", "content": "hi"}])
 
 
 def main():

@@ -162,6 +162,58 @@ def test_fuzzed_gguf_files(tiny, tmp_path):
     assert not bad, f"{len(bad)} of {len(cases)} cases failed:\n" + "\n".join(map(str, bad[:60]))
 
 
+# ---- tokenizer metadata of the wrong type or shape ------------------------------------------------------
+
+def tokenizer_cases(tiny, workdir):
+    """Well-formed GGUFs whose tokenizer keys hold the wrong types or disagree with each other. Values a
+    tokenizer tolerates (unknown token types, NaN scores, merges that are not tokens, ids outside the
+    vocabulary: llama.cpp ignores them too) must still run."""
+    from gguf import GGUFValueType as V
+    from gguf_flash.gguf_file import GGUFFile
+    A = V.ARRAY
+    workdir.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for name, path in tiny.items():
+        f = GGUFFile(path)
+        tokens, n = list(f.get("tokenizer.ggml.tokens")), len(f.get("tokenizer.ggml.tokens"))
+        has = set(f.meta)
+        f.close()
+        variants = {
+            "types-short": ("tokenizer.ggml.token_type", ([1] * 10, A, V.INT32), True),
+            "types-strings": ("tokenizer.ggml.token_type", (["x"] * n, A, V.STRING), True),
+            "types-unknown": ("tokenizer.ggml.token_type", ([99] * n, A, V.INT32), False),
+            "scores-short": ("tokenizer.ggml.scores", ([0.0] * 10, A, V.FLOAT32), True),
+            "scores-nan": ("tokenizer.ggml.scores", ([float("nan")] * n, A, V.FLOAT32), False),
+            "model-int": ("tokenizer.ggml.model", (3, V.UINT32, None), True),
+            "model-unknown": ("tokenizer.ggml.model", ("bert", V.STRING, None), True),
+            "pre-int": ("tokenizer.ggml.pre", (5, V.UINT32, None), True),
+            "merges-ints": ("tokenizer.ggml.merges", ([1, 2, 3], A, V.UINT32), True),
+            "merges-garbage": ("tokenizer.ggml.merges", (["a", "", "x y z", "\x00 \x00"], A, V.STRING), False),
+            "tokens-ints": ("tokenizer.ggml.tokens", (list(range(n)), A, V.INT32), True),
+            "tokens-dup": ("tokenizer.ggml.tokens", ([tokens[5]] * n, A, V.STRING), True),
+            "tokens-short": ("tokenizer.ggml.tokens", (tokens[:-1], A, V.STRING), True),
+            "bos-string": ("tokenizer.ggml.bos_token_id", ("1", V.STRING, None), True),
+            "eos-array": ("tokenizer.ggml.eos_token_id", ([1, 2], A, V.UINT32), True),
+            "eos-outside": ("tokenizer.ggml.eos_token_id", (1 << 31, V.UINT32, None), False),
+            "add-bos-string": ("tokenizer.ggml.add_bos_token", ("yes", V.STRING, None), True),
+            "template-int": ("tokenizer.chat_template", (5, V.UINT32, None), True),
+        }
+        for label, (key, value, error) in variants.items():
+            if key not in has:
+                continue
+            out = rewrite(path, workdir / f"{name}-{label}.gguf", meta={key: value})
+            cases.append(Case(f"{name}-tok-{label}", "tokenizer metadata", out.read_bytes(), expect_error=error))
+    return cases
+
+
+def test_fuzzed_tokenizer_metadata(tiny, tmp_path):
+    cases = tokenizer_cases(tiny, tmp_path / "variants")
+    results = run_cases(cases, tmp_path / "run", [(p, "load", {}) for p in tiny.values()])
+    print(summarize(cases, results))
+    bad = bad_results(cases, results, alloc_limit=max(p.stat().st_size for p in tiny.values()) + (4 << 20))
+    assert not bad, f"{len(bad)} of {len(cases)} cases failed:\n" + "\n".join(map(str, bad))
+
+
 # ---- flash files ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
