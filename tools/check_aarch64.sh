@@ -45,17 +45,28 @@ if [ ! -x "$ROOT/usr/bin/python3" ]; then
         "$SUITE" "$ROOT" "$MIRROR" >&2
 fi
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+# this machine's CA bundle (a TLS-intercepting proxy's CA, if any) for pip inside the root
+HOST_CA=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
+[ -r "$HOST_CA" ] && cp "$HOST_CA" "$ROOT/etc/ssl/host-ca.crt"
 mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
 mountpoint -q "$ROOT/dev" || mount --bind /dev "$ROOT/dev"
 trap 'umount "$ROOT/proc" "$ROOT/dev" 2>/dev/null || true' EXIT
 
-in_root() { chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/opt/venv/bin:/usr/bin:/bin LANG=C.UTF-8 "$@"; }
+PASS="HOME=/root PATH=/opt/venv/bin:/usr/bin:/bin LANG=C.UTF-8"
+[ -r "$ROOT/etc/ssl/host-ca.crt" ] && PASS="$PASS PIP_CERT=/etc/ssl/host-ca.crt"
+for v in HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy; do
+    eval "val=\${$v:-}"
+    [ -n "$val" ] && PASS="$PASS $v=$val"
+done
+# shellcheck disable=SC2086
+in_root() { chroot "$ROOT" /usr/bin/env -i $PASS "$@"; }
 
 say "arm64 check: $(in_root uname -m)"
-if [ ! -x "$ROOT/opt/venv/bin/python" ]; then
+if [ ! -e "$ROOT/opt/venv/.installed" ]; then
     say "venv with the dependencies (aarch64 wheels from PyPI)"
     in_root python3 -m venv /opt/venv
     in_root pip install -q gguf numpy numba sentencepiece psutil tokenizers jinja2 tqdm pytest >&2
+    touch "$ROOT/opt/venv/.installed"
 fi
 
 # ---- this checkout, then the tests ----
@@ -69,6 +80,5 @@ else
     # shellcheck disable=SC2086
     set -- $TESTS
 fi
-chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/opt/venv/bin:/usr/bin:/bin LANG=C.UTF-8 \
-    GGUF_FLASH_CACHE=/root/.cache/gguf-flash NUMBA_CACHE_DIR=/root/.cache/gguf-flash/numba \
-    sh -c 'cd /src && python -m pytest -q -p no:cacheprovider "$@"' pytest "$@"
+in_root GGUF_FLASH_CACHE=/root/.cache/gguf-flash sh -c 'cd /src && python -m pytest -q -p no:cacheprovider "$@"' \
+    pytest "$@"
