@@ -1,10 +1,12 @@
 """gguf-flash: run GGUF language models larger than the RAM you give them."""
 
 from .errors import (GGUFFlashError, GGUFFormatError, UnsupportedModelError, ModelFetchError,
-                     ContextOverflowError, RamCapError, FlashFormatError, InvalidArgumentError)
+                     ContextOverflowError, RamCapError, FlashFormatError, InvalidArgumentError, ChatTemplateError,
+                     OutputError)
 
 __all__ = ["load", "convert", "GGUFFlashError", "GGUFFormatError", "UnsupportedModelError", "ModelFetchError",
-           "ContextOverflowError", "RamCapError", "FlashFormatError", "InvalidArgumentError"]
+           "ContextOverflowError", "RamCapError", "FlashFormatError", "InvalidArgumentError", "ChatTemplateError",
+           "OutputError"]
 
 __version__ = "0.1.0"
 

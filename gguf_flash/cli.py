@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 
 from .errors import GGUFFlashError, InvalidArgumentError
@@ -369,19 +371,44 @@ def build_parser():
     return ap
 
 
+def _stop_output():
+    """Before the last line: flush stdout and close progress bars left open by an exception (tqdm
+    would redraw them when collected, after the error line)."""
+    sys.stdout.flush()
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the main thread is, so `finally` blocks and atomic outputs clean up."""
+
+
+def _terminated(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None) -> int:
     import logging
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     a = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # `kill` (SIGTERM) unwinds like Ctrl-C: temporary files are removed, exit code 143
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         a.func(a)
     except GGUFFlashError as e:
-        sys.stdout.flush()
+        _stop_output()
         print(f"gguf-flash: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _stop_output()
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        _stop_output()
+        print("\nterminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

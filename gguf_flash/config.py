@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from .errors import GGUFFormatError, UnsupportedModelError
 
 ROPE_NORM, ROPE_NEOX = 0, 1
@@ -53,40 +55,77 @@ class ModelConfig:
         return self.n_head_kv * self.head_dim
 
 
-def _common(f, arch: str) -> dict:
-    def need(key):
-        v = f.get(f"{arch}.{key}")
-        if v is None:
-            raise GGUFFormatError(f"{f.path}: missing metadata key {arch}.{key}")
-        return v
+# ---- typed metadata reads: a hostile file's key may hold any type or value ----
 
-    n_embd, n_head = int(need("embedding_length")), int(need("attention.head_count"))
-    n_head_kv = int(f.get(f"{arch}.attention.head_count_kv", n_head))
-    head_dim = int(f.get(f"{arch}.attention.key_length", n_embd // n_head))
-    if int(f.get(f"{arch}.attention.value_length", head_dim)) != head_dim:
+def meta_int(f, key, default=None, lo=0, hi=1 << 31):
+    """An integer key within [lo, hi]; `default` when absent (None: the key is required)."""
+    v = f.get(key, default)
+    if v is None:
+        raise GGUFFormatError(f"{f.path}: missing metadata key {key}")
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= int(v) <= hi:
+        raise GGUFFormatError(f"{f.path}: metadata {key} = {_short(v)} is not an integer in [{lo}, {hi}]")
+    return int(v)
+
+
+def meta_float(f, key, default, lo=0.0, hi=math.inf, lo_open=True):
+    """A finite float key in (lo, hi] (or [lo, hi] when not lo_open)."""
+    v = f.get(key, default)
+    ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
+        and math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi
+    if not ok:
+        raise GGUFFormatError(f"{f.path}: metadata {key} = {_short(v)} is not a finite number in range")
+    return float(v)
+
+
+def meta_str(f, key, default):
+    v = f.get(key, default)
+    if not isinstance(v, str):
+        raise GGUFFormatError(f"{f.path}: metadata {key} = {_short(v)} is not a string")
+    return v
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _common(f, arch: str) -> dict:
+    n_embd = meta_int(f, f"{arch}.embedding_length", lo=1)
+    n_head = meta_int(f, f"{arch}.attention.head_count", lo=1)
+    n_head_kv = meta_int(f, f"{arch}.attention.head_count_kv", n_head, lo=1)
+    if n_head % n_head_kv:
+        raise GGUFFormatError(f"{f.path}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
+    head_dim = meta_int(f, f"{arch}.attention.key_length", max(n_embd // n_head, 1), lo=2)
+    if meta_int(f, f"{arch}.attention.value_length", head_dim, lo=1) != head_dim:
         raise UnsupportedModelError(f"{f.path}: key_length != value_length is not supported")
-    n_ff = need("feed_forward_length")
-    if not isinstance(n_ff, int):  # per-layer arrays exist in some GGUFs
+    if not isinstance(f.get(f"{arch}.feed_forward_length"), (int, type(None))):
         raise UnsupportedModelError(f"{f.path}: per-layer feed_forward_length is not supported")
+    n_ff = meta_int(f, f"{arch}.feed_forward_length", lo=1)
     tokens = f.get("tokenizer.ggml.tokens")
-    n_vocab = int(f.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
+    n_tokens = len(tokens) if isinstance(tokens, list) else 0
+    n_vocab = meta_int(f, f"{arch}.vocab_size", n_tokens)
     if n_vocab == 0:
-        n_vocab = f.tensor("token_embd.weight").ne[1]
-    act_name = f.get(f"{arch}.ffn_activation", "silu")  # our key for ReLU-family files (docs/flash-gguf.md)
+        n_vocab = f.tensor("token_embd.weight").ne[-1]
+    if n_tokens and n_tokens != n_vocab:
+        raise GGUFFormatError(f"{f.path}: {n_tokens} tokens in the vocabulary, the model has {n_vocab}")
+    act_name = meta_str(f, f"{arch}.ffn_activation", "silu")  # our key for ReLU-family files (docs/flash-gguf.md)
     if act_name not in ACTIVATIONS:
         raise UnsupportedModelError(f"{f.path}: unknown FFN activation {act_name!r}")
     scaling = f.get(f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", None):
-        raise UnsupportedModelError(f"{f.path}: rope scaling {scaling!r} is not supported yet")
-    rope_base = float(f.get(f"{arch}.rope.freq_base", 10000.0))
-    n_layer = int(need("block_count"))
+        raise UnsupportedModelError(f"{f.path}: rope scaling {_short(scaling)} is not supported yet")
+    rope_base = meta_float(f, f"{arch}.rope.freq_base", 10000.0)
+    n_layer = meta_int(f, f"{arch}.block_count", lo=1, hi=max(1, len(f.tensors)))
+    rope_dim = meta_int(f, f"{arch}.rope.dimension_count", head_dim, lo=2, hi=head_dim)
+    if rope_dim % 2:
+        raise GGUFFormatError(f"{f.path}: rope.dimension_count {rope_dim} is odd")
     return dict(
-        arch=arch, n_layer=n_layer, n_embd=n_embd, n_ff=int(n_ff), n_head=n_head,
+        arch=arch, n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_head=n_head,
         n_head_kv=n_head_kv, head_dim=head_dim, n_vocab=n_vocab,
-        n_ctx_train=int(f.get(f"{arch}.context_length", 2048)),
-        rms_eps=float(f.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        n_ctx_train=meta_int(f, f"{arch}.context_length", 2048, lo=1),
+        rms_eps=meta_float(f, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5, hi=1.0),
         rope_base=rope_base, rope_base_local=rope_base, rope_style=ROPE_NORM,
-        rope_dim=int(f.get(f"{arch}.rope.dimension_count", head_dim)),
+        rope_dim=rope_dim,
         activation=ACTIVATIONS[act_name], attn_scale=1.0 / math.sqrt(head_dim),
         swa_layers=(False,) * n_layer, tied_output="output.weight" not in f.tensors,
         rope_freqs="rope_freqs.weight" in f.tensors,
@@ -107,12 +146,12 @@ def _qwen3(f, c: dict) -> dict:
 
 def _gemma3(f, c: dict) -> dict:
     # llama.cpp: swa pattern 6 (every 6th layer global), local rope base 10000 unless rope.freq_base_swa
-    window = int(f.get("gemma3.attention.sliding_window", 0))
+    window = meta_int(f, "gemma3.attention.sliding_window", 0)
     swa = tuple(window > 0 and (il + 1) % 6 != 0 for il in range(c["n_layer"]))
     return dict(c, rope_style=ROPE_NEOX, qk_norm=True, post_norms=True,
                 activation=ACT_GELU_TANH if "gemma3.ffn_activation" not in f.meta else c["activation"],
                 embd_scale=math.sqrt(c["n_embd"]), sliding_window=window, swa_layers=swa,
-                rope_base_local=float(f.get("gemma3.rope.freq_base_swa", 10000.0)))
+                rope_base_local=meta_float(f, "gemma3.rope.freq_base_swa", 10000.0))
 
 
 ARCHITECTURES = {"llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "gemma3": _gemma3}
@@ -124,7 +163,58 @@ def config_from_gguf(f) -> ModelConfig:
     if fixup is None:
         raise UnsupportedModelError(f"{f.path}: unsupported architecture {arch!r} "
                                     f"(supported: {', '.join(ARCHITECTURES)})")
-    return ModelConfig(**fixup(f, _common(f, arch)))
+    cfg = ModelConfig(**fixup(f, _common(f, arch)))
+    check_tensors(f, cfg)
+    return cfg
+
+
+# ---- tensor shapes against the hyperparameters ----
+# A tensor smaller than the config says would let a compiled kernel read past it (or past the map):
+# every tensor the forward pass reads is checked here, before any buffer is sized from the config.
+
+FLOAT_TYPES = (0, 1)   # F32, F16: norms, biases, rope factors (read as plain arrays)
+
+
+def expected_tensors(cfg: ModelConfig, ffn: bool = True) -> dict:
+    """name -> ne (ggml order) of every tensor the forward pass reads; None for matrices' types."""
+    c = cfg
+    want = {"token_embd.weight": (c.n_embd, c.n_vocab), "output_norm.weight": (c.n_embd,)}
+    if not c.tied_output:
+        want["output.weight"] = (c.n_embd, c.n_vocab)
+    if c.rope_freqs:
+        want["rope_freqs.weight"] = (c.rope_dim // 2,)
+    for il in range(c.n_layer):
+        p = f"blk.{il}."
+        want.update({p + "attn_norm.weight": (c.n_embd,), p + "ffn_norm.weight": (c.n_embd,),
+                     p + "attn_q.weight": (c.n_embd, c.q_dim), p + "attn_k.weight": (c.n_embd, c.kv_dim),
+                     p + "attn_v.weight": (c.n_embd, c.kv_dim), p + "attn_output.weight": (c.q_dim, c.n_embd)})
+        if ffn:
+            want.update({p + "ffn_gate.weight": (c.n_embd, c.n_ff), p + "ffn_up.weight": (c.n_embd, c.n_ff),
+                         p + "ffn_down.weight": (c.n_ff, c.n_embd)})
+        if c.post_norms:
+            want.update({p + "post_attention_norm.weight": (c.n_embd,), p + "post_ffw_norm.weight": (c.n_embd,)})
+        if c.qk_norm:
+            want.update({p + "attn_q_norm.weight": (c.head_dim,), p + "attn_k_norm.weight": (c.head_dim,)})
+        if c.qkv_bias:
+            want.update({p + "attn_q.bias": (c.q_dim,), p + "attn_k.bias": (c.kv_dim,),
+                         p + "attn_v.bias": (c.kv_dim,)})
+    return want
+
+
+def check_tensors(f, cfg: ModelConfig) -> None:
+    """Every tensor the forward pass reads exists with the shape the hyperparameters imply, and 1-D
+    ones are F32/F16. A flash file's FFN is checked by flash.format.read_flash instead."""
+    ffn = "flash.version" not in f.meta
+    for name, ne in expected_tensors(cfg, ffn).items():
+        info = f.tensor(name)
+        got = tuple(info.ne)
+        while len(got) > len(ne) and got[-1] == 1:
+            got = got[:-1]
+        if got != ne:
+            raise GGUFFormatError(f"{f.path}: tensor {name} has shape {list(info.ne)}, the model's "
+                                  f"hyperparameters need {list(ne)}")
+        if len(ne) == 1 and info.qtype not in FLOAT_TYPES:
+            raise GGUFFormatError(f"{f.path}: tensor {name} is {info.type_name}, expected F32 or F16")
 
 
 def with_overrides(cfg: ModelConfig, **kw) -> ModelConfig:

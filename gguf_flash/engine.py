@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import models
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, UnsupportedModelError
 from .generate import GenerationResult, generate, render_chat, stream_text
 from .config import config_from_gguf
 from .gguf_file import GGUFFile
@@ -51,7 +51,10 @@ class LLM:
 
     # ---- text <-> tokens ----
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list:
-        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+        try:
+            return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+        except UnsupportedModelError as e:   # e.g. a vocabulary without the byte token a text needs
+            raise UnsupportedModelError(f"{self.path}: {e}") from None
 
     def detokenize(self, ids, special: bool = False) -> str:
         return self.tokenizer.decode(list(ids), special=special)
@@ -89,7 +92,7 @@ class LLM:
 
     def chat_ids(self, messages) -> list:
         """Token ids of the chat template applied to messages, ready to generate the reply."""
-        ids = self.tokenizer.encode(self.chat_prompt(messages), add_special=True, parse_special=True)
+        ids = self.tokenize(self.chat_prompt(messages), add_special=True, parse_special=True)
         # a template that writes BOS itself must not get a second one (llama.cpp warns and drops it)
         if len(ids) > 1 and ids[0] == ids[1] == self.tokenizer.bos_id:
             ids = ids[1:]

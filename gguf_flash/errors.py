@@ -34,5 +34,13 @@ class FlashFormatError(GGUFFormatError):
     """A flash-GGUF file whose flash.* keys or bundle tensors are missing or inconsistent."""
 
 
+class ChatTemplateError(GGUFFormatError):
+    """A model's chat template failed, escaped its sandbox, or exceeded its time or size budget."""
+
+
+class OutputError(GGUFFlashError):
+    """An output file could not be written (disk full, no permission, ...); nothing was left at its path."""
+
+
 class InvalidArgumentError(GGUFFlashError):
     """A bad option value (sampling parameter, size string, ...)."""

@@ -1,19 +1,15 @@
 """Generation as a chain of small verbs (gpt-fast): prefill -> decode one -> decode n -> generate.
-Also chat templates (the GGUF's own Jinja2 `tokenizer.chat_template`, sandboxed) and timing stats."""
+Also timing stats; chat templates are in chat_template.py (render_chat is re-exported here)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
+from .chat_template import CHATML_TEMPLATE, render_chat  # noqa: F401 - re-exported (engine, tests)
 from .errors import ContextOverflowError, GGUFFormatError
 from .sampling import GREEDY, Sampler, SamplingParams
 from .tokenizer import StreamDecoder
-
-# llama.cpp falls back to ChatML when a model has no template of its own
-CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
-                   "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 @dataclass
@@ -124,23 +120,3 @@ def generate(model, tokenizer, prompt_ids, n_predict: int = 128, params: Samplin
         e.tokens, e.text = list(res.tokens), res.text
         raise
     return res
-
-
-def render_chat(template: str | None, messages, bos_token: str = "", eos_token: str = "",
-                add_generation_prompt: bool = True) -> str:
-    """Apply a chat template in Jinja2's immutable sandbox (templates come from untrusted files)."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-    def raise_exception(msg):
-        raise TemplateError(msg)
-
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(template or CHATML_TEMPLATE).render(
-            messages=messages, bos_token=bos_token, eos_token=eos_token,
-            add_generation_prompt=add_generation_prompt)
-    except TemplateError as e:
-        raise GGUFFormatError(f"chat template failed: {e}") from None

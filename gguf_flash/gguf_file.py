@@ -61,8 +61,11 @@ class _Cursor:
     def __init__(self, buf, path):
         self.buf, self.pos, self.path = buf, 0, path
 
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
     def take(self, n: int):
-        if self.pos + n > len(self.buf):
+        if n > self.left():
             raise GGUFFormatError(f"{self.path}: truncated GGUF header (needs {self.pos + n} bytes, "
                                   f"file has {len(self.buf)})")
         start = self.pos
@@ -80,7 +83,15 @@ class _Cursor:
         except UnicodeDecodeError:
             return bytes(raw).decode("utf-8", errors="replace")
 
+    def need(self, count: int, min_bytes: int, what: str):
+        """Refuse `count` items of at least `min_bytes` each when the rest of the file cannot hold them,
+        before anything is allocated for them (a hostile count of 2^63 must not reach np.empty)."""
+        if count * min_bytes > self.left():
+            raise GGUFFormatError(f"{self.path}: truncated or corrupt GGUF: {what} declares {count} items "
+                                  f"of at least {min_bytes} bytes, {self.left()} bytes are left")
+
     def string_array(self, count: int) -> list:
+        self.need(count, 8, "a string array")
         if count < 4096:
             return [self.string() for _ in range(count)]
         # the 262,144-token vocabulary case: compiled offset scan, then one UTF-8 decode of all the
@@ -89,7 +100,7 @@ class _Cursor:
         data = np.frombuffer(self.buf, dtype=np.uint8)
         starts, ends = np.empty(count, np.int64), np.empty(count, np.int64)
         pos = string_array_offsets(data, self.pos, count, starts, ends)
-        if pos < 0:
+        if pos < 0 or pos > len(data):
             raise GGUFFormatError(f"{self.path}: truncated GGUF string array")
         self.pos = int(pos)
         lens = ends - starts
@@ -123,11 +134,13 @@ class _Cursor:
             itype, count = self.scalar("<I"), self.scalar("<Q")
             if itype in _SCALAR:
                 dtype = np.dtype(_SCALAR[itype][1]).newbyteorder("<")
+                self.need(count, dtype.itemsize, "an array")
                 raw = self.take(count * dtype.itemsize)
                 return np.frombuffer(raw, dtype=dtype).copy()
             if itype == _STRING:
                 return self.string_array(count)
             if itype == _ARRAY:
+                self.need(count, 12, "an array of arrays")
                 return [self.value(_ARRAY) for _ in range(count)]
             raise GGUFFormatError(f"{self.path}: unknown GGUF array element type {itype}")
         raise GGUFFormatError(f"{self.path}: unknown GGUF value type {vtype}")
@@ -158,22 +171,31 @@ class GGUFFile:
         if self.version not in (2, 3):
             raise GGUFFormatError(f"{self.path}: unsupported GGUF version {self.version} (need 2 or 3)")
         n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
-        if n_tensors > 1 << 24 or n_kv > 1 << 24:
-            raise GGUFFormatError(f"{self.path}: implausible header (tensors={n_tensors}, kv={n_kv})")
+        # smallest key/value: 8-byte key length + 1 byte + 4-byte type + 1-byte value; smallest tensor
+        # info: 8 + 1 + 4 (n_dims) + 4 (type) + 8 (offset)
+        if n_tensors > 1 << 24 or n_kv > 1 << 24 or 14 * n_kv + 25 * n_tensors > cur.left():
+            raise GGUFFormatError(f"{self.path}: implausible header (tensors={n_tensors}, kv={n_kv} in a "
+                                  f"file of {self.file_size} bytes)")
         self.meta: dict = {}
         self.meta_types: dict = {}  # key -> (GGUFValueType, array element type or None), to copy keys
         for _ in range(n_kv):
             key = cur.string()
+            if key in self.meta:
+                raise GGUFFormatError(f"{self.path}: metadata key {key!r} appears twice")
             vtype, at = cur.scalar("<I"), cur.pos
             self.meta[key] = cur.value(vtype)
             itype = struct.unpack_from("<I", cur.buf, at)[0] if vtype == _ARRAY else None
             self.meta_types[key] = (vtype, itype)
-        self.alignment = int(self.meta.get("general.alignment", DEFAULT_ALIGNMENT))
+        align = self.meta.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or isinstance(align, bool) or align < 1 or align > 1 << 20 \
+                or align & (align - 1):
+            raise GGUFFormatError(f"{self.path}: general.alignment {align!r} is not a power of two")
+        self.alignment = align
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
             n_dims = cur.scalar("<I")
-            if n_dims > 4:
+            if not 1 <= n_dims <= 4:
                 raise GGUFFormatError(f"{self.path}: tensor {name} has {n_dims} dimensions")
             ne = tuple(cur.scalar("<Q") for _ in range(n_dims))
             qtype, offset = cur.scalar("<I"), cur.scalar("<Q")
@@ -185,15 +207,26 @@ class GGUFFile:
                 block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
             except (ValueError, KeyError):
                 raise UnsupportedModelError(f"{self.path}: tensor {name} has unknown ggml type {qtype}") from None
-            n_el = int(np.prod(ne, dtype=np.int64))
-            if ne and ne[0] % block:
-                raise GGUFFormatError(f"{self.path}: tensor {name} row length {ne[0]} is not a multiple "
-                                      f"of its block size {block}")
+            if name in self.tensors:
+                raise GGUFFormatError(f"{self.path}: tensor {name} appears twice")
+            n_el = 1
+            for d in ne:                     # Python ints: a hostile dim cannot wrap around
+                n_el *= d
+            if n_el == 0 or ne[0] % block:
+                raise GGUFFormatError(f"{self.path}: tensor {name} has shape {list(ne)}, not a non-empty "
+                                      f"multiple of its block size {block}")
+            if offset % self.alignment:
+                raise GGUFFormatError(f"{self.path}: tensor {name} data offset {offset} is not a multiple "
+                                      f"of the alignment {self.alignment}")
             info = TensorInfo(name, qtype, ne, self.data_start + offset, n_el // block * size)
             if info.offset + info.n_bytes > self.file_size:
                 raise GGUFFormatError(f"{self.path}: truncated (tensor {name} ends at byte "
                                       f"{info.offset + info.n_bytes}, file has {self.file_size})")
             self.tensors[name] = info
+        ranges = sorted((t.offset, t.offset + t.n_bytes, t.name) for t in self.tensors.values())
+        for (_, end, a), (start, _, b) in zip(ranges, ranges[1:]):
+            if start < end:
+                raise GGUFFormatError(f"{self.path}: tensors {a} and {b} overlap in the file")
 
     # ---- metadata ----
     @property

