@@ -322,7 +322,9 @@ def cmd_serve(a):
         f = GGUFFile(resolve(_flash_path_for(a.model) if flash else a.model))
         return tokenizer_from_gguf(f), config_from_gguf(f).n_vocab
 
-    server = Server(lambda: _load(a), cfg, on_loaded, vocab_source)
+    # a flash plan must see the grammar library's vocabulary in its measured baseline; a dense model
+    # builds it from its own tokenizer after loading (no second tokenizer)
+    server = Server(lambda: _load(a), cfg, on_loaded, vocab_source if flash else None)
     srv = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", access_log=False, lifespan="off",
                                         timeout_graceful_shutdown=2))
     server_box["uvicorn"] = srv
