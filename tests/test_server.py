@@ -150,6 +150,19 @@ def test_chat_equals_in_process_streamed_and_not(client, smollm2_llm):
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
 
 
+def test_stop_string_with_null_max_tokens_and_unknown_fields(server, smollm2_llm):
+    """max_tokens null = until the end (here: a stop string); unknown fields of any type are ignored."""
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = smollm2_llm.chat_ids(messages)
+    ref = smollm2_llm.chat(messages, n_predict=N_CTX - len(ids), params=GREEDY, stop=["."])
+    assert ref.stop_reason == "stop"
+    r = post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": None, "stop": ".",
+                                              "temperature": 0, "frobnicate": {"x": [1, None]}, "user": 7})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"] == ref.text and choice["finish_reason"] == "stop"
+
+
 def test_sse_ends_with_done(server):
     r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
                                               "stream": True, "temperature": 0})
@@ -306,11 +319,12 @@ BAD = [
     ("detokenize non-ids", "/detokenize", {"tokens": ["a"]}, None, KEY, 400),
     ("tokenize without content", "/tokenize", {}, None, KEY, 400),
     ("no such endpoint", "/v1/nothing", {}, None, KEY, 404),
+    ("a 5 MiB body", CHAT, None, b'{"messages": "' + b"x" * (5 << 20) + b'"}', KEY, 413),
 ]
 
 
 @pytest.mark.parametrize("name,path,body,raw,key,status", BAD, ids=[b[0] for b in BAD])
-def test_bad_request_gets_4xx_and_the_server_lives(server, name, path, body, raw, key, status):
+def test_bad_request_gets_its_4xx_and_the_server_lives(server, name, path, body, raw, key, status):
     r = post(server, path, body, key=key, raw=raw)
     assert r.status_code == status, r.text
     err = r.json()["error"]

@@ -26,6 +26,8 @@ from .worker import DoneEvent, ErrorEvent, Job, QueueFull, TokenEvent, Worker
 
 log = logging.getLogger(__name__)
 
+MAX_BODY = 4 << 20      # bytes; a 4 MiB body is far more text than any context here holds
+
 
 @dataclass
 class ServerConfig:
@@ -113,7 +115,15 @@ class Server:
                            code="loading", headers={"Retry-After": "1"})
 
     async def _body(self, request: Request, endpoint: str) -> dict:
-        return schema.parse_body(await request.body(), endpoint)
+        """The JSON body, refused past MAX_BODY bytes (it is read into the capped process's memory)."""
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > MAX_BODY:
+                raise APIError(413, f"{endpoint}: the body is larger than {MAX_BODY >> 20} MiB",
+                               code="body_too_large")
+            chunks.append(chunk)
+        return schema.parse_body(b"".join(chunks), endpoint)
 
     def _check_model(self, name: str, endpoint: str):
         if name and name not in self.cfg.model_ids:
@@ -205,7 +215,9 @@ class Server:
         events: asyncio.Queue = asyncio.Queue()
         try:
             self._check(request, endpoint)
-            req, constraint = self._request(await self._body(request, endpoint), endpoint)
+            body = await self._body(request, endpoint)
+            # template, tokenizer and grammar compilation run off the event loop (/health stays quick)
+            req, constraint = await asyncio.to_thread(self._request, body, endpoint)
             job = Job(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), constraint)
             self.worker.submit(job)
         except APIError as e:
