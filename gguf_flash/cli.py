@@ -72,7 +72,7 @@ def _flash_path_for(model):
     return path
 
 
-def _load(a):
+def _load(a, on_tokenizer=None):
     from . import load
     if a.ctx_size < 0 or a.threads < 0:
         raise InvalidArgumentError("-c and -t must be >= 0")
@@ -80,7 +80,8 @@ def _load(a):
     model = _flash_path_for(a.model) if flash else a.model
     return load(model, n_ctx=a.ctx_size or None, n_threads=a.threads or None,
                 max_ram=getattr(a, "max_ram", None), mode=getattr(a, "mode", None),
-                selector=getattr(a, "selector", "auto"), cold=getattr(a, "cold", False))
+                selector=getattr(a, "selector", "auto"), cold=getattr(a, "cold", False),
+                on_tokenizer=on_tokenizer)
 
 
 def _n_predict(a, llm, n_prompt):
@@ -312,19 +313,7 @@ def cmd_serve(a):
         print(f"gguf-flash: serving {cfg.model_ids[0]} ({llm.path}, context {llm.model.n_ctx}) on "
               f"http://{host}:{port}/v1", flush=True)
 
-    flash = a.max_ram is not None or a.mode in ("flash", "naive")
-
-    def vocab_source():
-        from .config import config_from_gguf
-        from .gguf_file import GGUFFile
-        from .models import resolve
-        from .tokenizer import tokenizer_from_gguf
-        f = GGUFFile(resolve(_flash_path_for(a.model) if flash else a.model))
-        return tokenizer_from_gguf(f), config_from_gguf(f).n_vocab
-
-    # a flash plan must see the grammar library's vocabulary in its measured baseline; a dense model
-    # builds it from its own tokenizer after loading (no second tokenizer)
-    server = Server(lambda: _load(a), cfg, on_loaded, vocab_source if flash else None)
+    server = Server(lambda on_tokenizer: _load(a, on_tokenizer), cfg, on_loaded)
     srv = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", access_log=False, lifespan="off",
                                         timeout_graceful_shutdown=2))
     server_box["uvicorn"] = srv

@@ -16,15 +16,18 @@ from .tokenizer import tokenizer_from_gguf
 
 class LLM:
     """A model ready to generate. A flash GGUF runs in `mode` flash (default), naive or dense under
-    `max_ram` (bytes or '220M'); a plain GGUF runs dense."""
+    `max_ram` (bytes or '220M'); a plain GGUF runs dense. on_tokenizer(tokenizer, file), if given, runs
+    before the model loads: memory it keeps is in a flash plan's measured baseline (the server's grammar)."""
 
     def __init__(self, path, n_ctx: int | None = None, n_threads: int | None = None, max_ram=None,
-                 mode: str | None = None, selector: str = "auto", cold: bool = False):
+                 mode: str | None = None, selector: str = "auto", cold: bool = False, on_tokenizer=None):
         from .flash.format import is_flash
         self.path = models.resolve(path)
         self.file = GGUFFile(self.path)
         config_from_gguf(self.file)          # an unsupported architecture is refused first
         self.tokenizer = tokenizer_from_gguf(self.file)  # before the model: a flash plan measures RSS
+        if on_tokenizer is not None:
+            on_tokenizer(self.tokenizer, self.file)
         if is_flash(self.file):
             from .flash.runtime import FlashModel
             self.model = FlashModel(self.file, max_ram=max_ram, mode=mode or "flash", selector=selector,
@@ -88,6 +91,6 @@ class LLM:
 
 
 def load(name_or_path, n_ctx: int | None = None, n_threads: int | None = None, max_ram=None,
-         mode: str | None = None, selector: str = "auto", cold: bool = False) -> LLM:
+         mode: str | None = None, selector: str = "auto", cold: bool = False, on_tokenizer=None) -> LLM:
     return LLM(name_or_path, n_ctx=n_ctx, n_threads=n_threads, max_ram=max_ram, mode=mode,
-               selector=selector, cold=cold)
+               selector=selector, cold=cold, on_tokenizer=on_tokenizer)

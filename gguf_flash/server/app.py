@@ -41,13 +41,12 @@ def _error_response(e: APIError) -> JSONResponse:
 
 
 class Server:
-    """Holds the worker and builds the ASGI app. `loader()` returns an engine.LLM; it runs on the
-    worker thread, after this module (and so the web stack) is imported. `vocab_source()` (optional)
-    returns (tokenizer, n_vocab) of the same file, read before the model for the grammar library."""
+    """Holds the worker and builds the ASGI app. `loader(on_tokenizer)` returns an engine.LLM (passing
+    on_tokenizer to gguf_flash.load); it runs on the worker thread, after this module (and so the web
+    stack) is imported."""
 
-    def __init__(self, loader, cfg: ServerConfig, on_loaded=None, vocab_source=None):
+    def __init__(self, loader, cfg: ServerConfig, on_loaded=None):
         self.cfg = cfg
-        self.vocab_source = vocab_source   # () -> (tokenizer, n_vocab), read before the model loads
         self.grammar = None          # grammar.GrammarTokenizer, built after the model
         self._user_on_loaded = on_loaded
         self.worker = Worker(self._load(loader), cfg.max_queue, self._on_loaded)
@@ -66,24 +65,21 @@ class Server:
         ], exception_handlers={404: self._not_found, 405: self._not_allowed, Exception: self._internal})
 
     def _load(self, loader):
-        def load():
-            # the grammar library's vocabulary is built before the model, so a flash plan (which
-            # measures RSS after loading its kernels) counts it in the runtime's baseline
-            try:
-                from .grammar import GrammarTokenizer
-            except ImportError:
-                GrammarTokenizer = None
-                log.warning("llguidance is not installed: response_format json_* is refused "
-                            "(pip install 'gguf-flash[serve]')")
-            if GrammarTokenizer is not None and self.vocab_source is not None:
-                tokenizer, n_vocab = self.vocab_source()
-                self.grammar = GrammarTokenizer(tokenizer, n_vocab)
-                del tokenizer
-            llm = loader()
-            if GrammarTokenizer is not None and self.grammar is None:
-                self.grammar = GrammarTokenizer(llm.tokenizer, llm.cfg.n_vocab)
-            return llm
-        return load
+        try:
+            from .grammar import GrammarTokenizer
+        except ImportError:
+            GrammarTokenizer = None
+            log.warning("llguidance is not installed: response_format json_* is refused "
+                        "(pip install 'gguf-flash[serve]')")
+
+        def on_tokenizer(tokenizer, f):
+            # built before the model, so a flash plan (which measures RSS after loading its kernels)
+            # counts the grammar library's vocabulary in the runtime's baseline
+            if GrammarTokenizer is not None:
+                from ..config import config_from_gguf
+                self.grammar = GrammarTokenizer(tokenizer, config_from_gguf(f).n_vocab)
+
+        return lambda: loader(on_tokenizer)
 
     def _on_loaded(self, llm, error):
         if self._user_on_loaded:
