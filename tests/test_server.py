@@ -163,6 +163,16 @@ def test_stop_string_with_null_max_tokens_and_unknown_fields(server, smollm2_llm
     assert choice["message"]["content"] == ref.text and choice["finish_reason"] == "stop"
 
 
+def test_seeded_sampling_equals_in_process(client, smollm2_llm):
+    from gguf_flash.sampling import SamplingParams
+    messages = [{"role": "user", "content": "Write a line about rain."}]
+    params = SamplingParams(temperature=0.9, top_k=30, top_p=0.9, min_p=0.02, seed=11)
+    ref = smollm2_llm.chat(messages, n_predict=12, params=params)
+    r = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=0.9, top_p=0.9,
+                                       seed=11, extra_body={"top_k": 30, "min_p": 0.02})
+    assert r.choices[0].message.content == ref.text
+
+
 def test_sse_ends_with_done(server):
     r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
                                               "stream": True, "temperature": 0})
