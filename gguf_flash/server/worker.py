@@ -80,9 +80,6 @@ class Worker:
         except queue.Full:
             raise QueueFull() from None
 
-    def stop(self):
-        self.jobs.put(None)
-
     # ---- the thread ----
 
     def _run(self):
@@ -103,8 +100,6 @@ class Worker:
             self.on_loaded(self.llm, None)
         while True:
             job = self.jobs.get()
-            if job is None:
-                return
             if job.cancelled.is_set():
                 continue
             self.busy = True
@@ -116,7 +111,10 @@ class Worker:
             except Exception as e:  # noqa: BLE001 - the server must outlive any one request
                 log.exception("generation failed")
                 self.cache_ids = []
-                job.emit(ErrorEvent(e))
+                try:
+                    job.emit(ErrorEvent(e))
+                except RuntimeError:      # the event loop is closed: the server is shutting down
+                    return
             finally:
                 self.busy = False
 
