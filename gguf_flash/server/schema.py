@@ -18,6 +18,7 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  type_: str = "invalid_request_error", headers: dict | None = None):
+        message = " ".join(str(message).split())       # one line, whatever a template error held
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
         self.headers = headers or {}
