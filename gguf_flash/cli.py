@@ -83,8 +83,9 @@ def _flash_path_for(model):
 CTX_STEP = 256   # a run's own context is rounded up to this many positions
 
 
-def _load(a, n_ctx_for=None):
-    """n_ctx_for(tokenizer) -> positions this run needs; used under --max-ram when -c is not given."""
+def _load(a, n_ctx_for=None, on_tokenizer=None):
+    """n_ctx_for(tokenizer) -> positions this run needs; used under --max-ram when -c is not given.
+    on_tokenizer(tokenizer, file) runs before the model loads (the server's grammar vocabulary)."""
     from . import load
     if a.ctx_size < 0 or a.threads < 0:
         raise InvalidArgumentError("-c and -t must be >= 0")
@@ -96,7 +97,7 @@ def _load(a, n_ctx_for=None):
     return load(model, n_ctx=a.ctx_size or None, n_threads=a.threads or None,
                 max_ram=getattr(a, "max_ram", None), mode=getattr(a, "mode", None),
                 selector=getattr(a, "selector", "auto"), cold=getattr(a, "cold", False), n_ctx_for=n_ctx_for,
-                kv_type=a.cache_type_k)
+                kv_type=a.cache_type_k, on_tokenizer=on_tokenizer)
 
 
 def _n_predict(a, llm, n_prompt):
@@ -304,6 +305,52 @@ def cmd_perplexity(a):
           f"{len(r.chunk_ppl)} chunks of {a.chunk}, {time.perf_counter() - t0:.1f} s)")
 
 
+def cmd_serve(a):
+    """OpenAI-compatible HTTP server. The web stack is imported before the model loads, so a flash plan
+    measures its memory in the runtime's baseline; the model loads on the worker thread while /health
+    answers 503."""
+    import socket
+    from pathlib import Path
+    try:
+        import uvicorn
+        from .server.app import Server, ServerConfig
+    except ImportError as e:
+        raise InvalidArgumentError(f"serve needs the serve extra ({e.name} is missing): "
+                                   "pip install 'gguf-flash[serve]'") from None
+    if a.queue < 1:
+        raise InvalidArgumentError(f"--queue must be >= 1, got {a.queue}")
+    try:
+        sock = socket.create_server((a.host, a.port))
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot listen on {a.host}:{a.port} ({e.strerror or e})") from None
+    host, port = sock.getsockname()[:2]
+    ids = [a.alias] if a.alias else []
+    ids += [a.model, Path(str(a.model)).name, Path(str(a.model)).stem]
+    cfg = ServerConfig(model_ids=tuple(dict.fromkeys(ids)), api_key=a.api_key, max_queue=a.queue)
+    server_box = {}
+
+    def on_loaded(llm, error):
+        srv = server_box["uvicorn"]
+        if error is not None:
+            srv.should_exit = True
+            return
+        while not srv.started and not srv.should_exit:
+            time.sleep(0.01)
+        print(f"gguf-flash: serving {cfg.model_ids[0]} ({llm.path}, context {llm.model.n_ctx}) on "
+              f"http://{host}:{port}/v1", flush=True)
+
+    server = Server(lambda on_tokenizer: _load(a, on_tokenizer), cfg, on_loaded)
+    srv = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", access_log=False, lifespan="off",
+                                        timeout_graceful_shutdown=2))
+    server_box["uvicorn"] = srv
+    print(f"gguf-flash: loading {a.model}, listening on http://{host}:{port}", file=sys.stderr, flush=True)
+    server.worker.start()
+    srv.run(sockets=[sock])
+    err = server.worker.load_error
+    if err is not None:
+        raise err
+
+
 # ---- entry point ---------------------------------------------------------------------------------
 
 
@@ -368,6 +415,18 @@ def build_parser():
     _add_runtime(p)
     _add_flash(p)
     p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, ...)")
+    _add_model(p)
+    _add_runtime(p)
+    _add_flash(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    p.add_argument("--queue", type=int, default=8,
+                   help="requests waiting beyond the one generating; more get 503 + Retry-After (default 8)")
+    p.add_argument("-a", "--alias", default=None, help="model name in the API (default: the -m value)")
+    p.set_defaults(func=cmd_serve)
     return ap
 
 

@@ -18,11 +18,13 @@ class LLM:
     """A model ready to generate. A flash GGUF runs in `mode` flash (default), naive or dense under
     `max_ram` (bytes or '220M'); a plain GGUF runs dense. n_ctx_for(tokenizer) -> context size: called
     under a cap when n_ctx is not given (the CLI passes prompt + n_predict, so the plan budgets the KV
-    cache this run needs, not the model's default context)."""
+    cache this run needs, not the model's default context). on_tokenizer(tokenizer, file), if given,
+    runs before the model loads: memory it keeps is in a flash plan's measured baseline (the server's
+    grammar)."""
 
     def __init__(self, path, n_ctx: int | None = None, n_threads: int | None = None, max_ram=None,
                  mode: str | None = None, selector: str = "auto", cold: bool = False, n_ctx_for=None,
-                 kv_type: str = "f16"):
+                 kv_type: str = "f16", on_tokenizer=None):
         from .flash.format import is_flash
         self.path = models.resolve(path)
         self.file = GGUFFile(self.path)
@@ -37,6 +39,8 @@ class LLM:
         self.tokenizer = tokenizer_from_gguf(self.file)  # before the model: a flash plan measures RSS
         if n_ctx is None and n_ctx_for is not None and max_ram is not None:
             n_ctx = n_ctx_for(self.tokenizer)   # under a cap the KV cache is budgeted for this run only
+        if on_tokenizer is not None:
+            on_tokenizer(self.tokenizer, self.file)
         if flash:
             from .flash.runtime import FlashModel
             self.model = FlashModel(self.file, max_ram=max_ram, mode=mode or "flash", selector=selector,
@@ -104,6 +108,6 @@ class LLM:
 
 def load(name_or_path, n_ctx: int | None = None, n_threads: int | None = None, max_ram=None,
          mode: str | None = None, selector: str = "auto", cold: bool = False, n_ctx_for=None,
-         kv_type: str = "f16") -> LLM:
+         kv_type: str = "f16", on_tokenizer=None) -> LLM:
     return LLM(name_or_path, n_ctx=n_ctx, n_threads=n_threads, max_ram=max_ram, mode=mode,
-               selector=selector, cold=cold, n_ctx_for=n_ctx_for, kv_type=kv_type)
+               selector=selector, cold=cold, n_ctx_for=n_ctx_for, kv_type=kv_type, on_tokenizer=on_tokenizer)
