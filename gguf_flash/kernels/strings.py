@@ -18,7 +18,7 @@ def string_array_offsets(buf, pos, count, starts, ends):
         for b in range(7, -1, -1):
             n = (n << 8) | np.int64(buf[pos + b])
         pos += 8
-        if n < 0 or pos + n > end:
+        if n < 0 or n > end - pos:   # not pos + n: that wraps around for n near 2^63
             return -1
         starts[i] = pos
         ends[i] = pos + n
