@@ -339,7 +339,7 @@ def cmd_serve(a):
         print(f"gguf-flash: serving {cfg.model_ids[0]} ({llm.path}, context {llm.model.n_ctx}) on "
               f"http://{host}:{port}/v1", flush=True)
 
-    server = Server(lambda on_tokenizer: _load(a, on_tokenizer), cfg, on_loaded)
+    server = Server(lambda on_tokenizer: _load(a, on_tokenizer=on_tokenizer), cfg, on_loaded)
     srv = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", access_log=False, lifespan="off",
                                         timeout_graceful_shutdown=2))
     server_box["uvicorn"] = srv
