@@ -43,19 +43,18 @@ except gguf_flash.RamCapError as e:
 llm = gguf_flash.load(path, max_ram=cap, n_ctx=256, selector="gate", n_threads=2)
 ids = llm.tokenize(prompt)
 np.save(out, llm.model.prefill(ids, 0))
-print(sum(c.overflow for c in llm.model.prompt_stats), sum(c.layers_by_token for c in llm.model.prompt_stats))
+print(sum(c.overflow for c in llm.model.prompt_stats))
 """
 
 
 def test_chunked_prefill_at_the_smallest_cap_equals_token_by_token(smollm2_flash, tmp_path):
-    """Chunks that do not fit the window: the union streams through the staging buffer (or a layer
-    falls back to token by token), and the logits are still those of an uncapped token-by-token run."""
+    """Chunks whose union does not fit the window: it streams through the staging buffer in parts, and
+    the logits are still those of an uncapped token-by-token run."""
     path, _ = smollm2_flash
     out = subprocess.run([sys.executable, "-c", CHUNK_UNDER_CAP, str(path), str(tmp_path / "c.npy"), PROMPT],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    overflow, by_token = map(int, out.stdout.split())
-    assert overflow > 0
+    assert int(out.stdout.split()[-1]) > 0      # chosen neurons streamed through the staging buffer
     ref = gguf_flash.load(path, n_ctx=256, selector="gate")
     np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), _token_by_token(ref.model, ref.tokenize(PROMPT)))
 

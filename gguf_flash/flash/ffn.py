@@ -138,10 +138,11 @@ class FFNLoader:
         sparse.sum_partials(out, self.partial)
         ts.overflow += no
 
-    def run_chunk(self, OUT, il, ACT, GV, N, T, have_gate, XB, XQ, act, threshold, t, ts) -> bool:
+    def run_chunk(self, OUT, il, ACT, GV, N, T, have_gate, XB, XQ, act, threshold, t, ts, PART):
         """OUT[j] = the FFN of layer il for token j < T over its rows ACT[j, :N[j]], reading the union of
-        the chunk's rows once. Returns False (nothing done) when the union's rows that the window cannot
-        take do not fit the staging buffer: the caller then runs the tokens one by one."""
+        the chunk's rows once: the window takes what it can, the rest goes through the staging buffer in
+        parts of ascending rows. Each token's positions are computed in order, part by part, into its
+        own accumulators PART[j] (T, n_part, n_embd), so the result is bitwise the token-by-token one."""
         win = self.windows[il]
         types, offs = self.types[il], self.offs[il]
         staging = self._staging_for(il)
@@ -150,8 +151,6 @@ class FFNLoader:
         t0 = time.perf_counter()
         if win is not None:
             nw, no = _split(self.win_rows, self.ovf_pos, union, len(union), win.neuron_slot, win.capacity)
-            if no > staging.shape[0]:
-                return False
             missing, slots = win.update(self.win_rows[:nw], t)
             ts.mm_ms += (time.perf_counter() - t0) * 1e3
             self._account(ts, self.store.read_rows(missing, win.slots, slots), len(missing))
@@ -159,20 +158,28 @@ class FFNLoader:
             rows = self.ovf_rows[:no]
             np.take(union, self.ovf_pos[:no], out=rows)
         else:
-            if len(union) > staging.shape[0]:
-                return False
             no, rows = len(union), union
             wslots, wmap = staging, self.no_slot
-        if no:
-            self.stage_map[rows] = self.stage_idx[:no]
-            self._account(ts, self.store.read_rows(rows, staging, self.stage_idx[:no]), no)
+        PART[:T] = 0.0
+        step = staging.shape[0]
+        lo = 0
+        for k0 in range(0, max(no, 1), step):
+            m = min(step, no - k0)
+            if m > 0:
+                part = rows[k0:k0 + m]
+                self.stage_map[part] = self.stage_idx[:m]
+                self._account(ts, self.store.read_rows(part, staging, self.stage_idx[:m]), m)
+            hi = int(rows[k0 + m]) if k0 + m < no else self.n_ff   # rows [lo, hi) are held now
+            for j in range(T):
+                act_j = ACT[j, :N[j]]
+                j0, j1 = np.searchsorted(act_j, (lo, hi))
+                if j1 > j0:
+                    sparse.sparse_ffn_range(PART[j], wslots, wmap, staging, self.stage_map, act_j, int(j0),
+                                            int(j1), GV[j], have_gate, XB[j], XQ[j], types, offs, act, threshold)
+            lo = hi
         for j in range(T):
-            self.partial[:] = 0.0
-            sparse.sparse_ffn_range(self.partial, wslots, wmap, staging, self.stage_map, ACT[j], 0, int(N[j]),
-                                    GV[j], have_gate, XB[j], XQ[j], types, offs, act, threshold)
-            sparse.sum_partials(OUT[j], self.partial)
+            sparse.sum_partials(OUT[j], PART[j])
         ts.overflow += no
-        return True
 
     @staticmethod
     def _account(ts, rs, n_rows):

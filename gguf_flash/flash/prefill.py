@@ -5,9 +5,9 @@ this layer is all token j+1 needs), each token chooses its own neurons, and the 
 union of the chunk's neurons once (window + staging) and computes every token over its own active set
 with the same kernel and in the same order as a token-by-token run: the logits are bitwise those of
 feeding the prompt one token at a time (tests/test_flash_prefill.py), with each bundle read once per
-chunk instead of once per token, and the output head run for the last token only. A layer whose union
-does not fit the window and the staging buffer falls back to token by token for that chunk (same
-result, more reads). FlexGen's zig-zag order and llama.cpp's micro-batches amortise reads the same way.
+chunk instead of once per token, and the output head run for the last token only. A union larger than
+the window and the staging buffer is read in parts of ascending rows; each token computes the positions
+whose rows are held, in order, into its own accumulators. FlexGen's zig-zag order and llama.cpp's micro-batches amortise reads the same way.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ CHUNK = 64   # prompt tokens per chunk (the buffers below are counted in the pla
 @dataclass
 class ChunkStats:
     tokens: int = 0
-    layers_by_token: int = 0   # layers that fell back to token by token (union too large)
     loaded: int = 0
     overflow: int = 0
     bytes_read: int = 0
@@ -37,7 +36,9 @@ class ChunkStats:
 
 def buffer_bytes(cfg, xq_bytes: int, chunk: int = CHUNK) -> int:
     """RSS of a ChunkPrefill's buffers: what the plan reserves for them."""
-    return chunk * (cfg.n_ff * 8 + cfg.n_embd * 12 + xq_bytes + 8)
+    import numba
+    n_part = max(2, numba.get_num_threads())
+    return chunk * (cfg.n_ff * 8 + cfg.n_embd * (12 + 4 * n_part) + xq_bytes + 8)
 
 
 class ChunkPrefill:
@@ -52,6 +53,8 @@ class ChunkPrefill:
         self.ACT = np.zeros((chunk, c.n_ff), np.int32)         # (T, n_ff) each token's chosen rows
         self.GV = np.zeros((chunk, c.n_ff), np.float32)        # (T, n_ff) their gate values
         self.N = np.zeros(chunk, np.int64)                     # (T,) how many
+        n_part = model.ffn.partial.shape[0]
+        self.PART = np.zeros((chunk, n_part, c.n_embd), np.float32)  # (T, n_part, n_embd) accumulators
 
     def run(self, tokens, pos0: int) -> None:
         """Feed tokens at pos0..; the model's logits buffer ends with the last token's logits."""
@@ -86,12 +89,8 @@ class ChunkPrefill:
                 self.ACT[j, :n] = sel.active[:n]
                 self.GV[j, :n] = sel.gvals[:n]
                 self.N[j] = n
-            if not m.ffn.run_chunk(self.FOUT, il, self.ACT, self.GV, self.N, T, have_gate, self.XB, self.XQ,
-                                   c.activation, m.thresholds[il], m.t + T - 1, cs):
-                cs.layers_by_token += 1
-                for j in range(T):
-                    m.ffn.run(self.FOUT[j], il, self.ACT[j], self.GV[j], int(self.N[j]), have_gate, self.XB[j],
-                              self.XQ[j], c.activation, m.thresholds[il], m.t + j, cs)
+            m.ffn.run_chunk(self.FOUT, il, self.ACT, self.GV, self.N, T, have_gate, self.XB, self.XQ,
+                            c.activation, m.thresholds[il], m.t + T - 1, cs, self.PART)
             for j in range(T):
                 fw.residual_add(self.X[j], self.FOUT[j], w.norms[il, fw.NORM_POST_FFW], eps, c.post_norms)
         s.x[:] = self.X[T - 1]

@@ -191,8 +191,7 @@ class FlashModel:
         kv = self.st.k_cache.nbytes + self.st.v_cache.nbytes
         scratch = sum(a.nbytes for a in vars(self.st).values() if isinstance(a, np.ndarray)) - kv
         fixed = {"attention": attn, "KV cache": kv, "scratch": scratch, "I/O staging": io_threads * max_range}
-        if mode != "dense":
-            fixed["prompt chunk"] = prefill_bytes(c, self.st.xq_embd.shape[0], prefill_chunk)
+        fixed["prompt chunk"] = prefill_bytes(c, self.st.xq_embd.shape[0], prefill_chunk)
         head_bytes = int(self.w.output[1] * self.w.output[2])
         embd_bytes = 0 if c.tied_output else int(self.w.embd[1] * self.w.embd[2])
         slot_max = max(bb)
@@ -228,7 +227,7 @@ class FlashModel:
         self.stats: list = []         # TokenStats of every forward() call (decode tokens)
         self.prompt_stats: list = []  # ChunkStats of every prompt chunk
         self.t = 0   # token counter for the window
-        self.chunked = ChunkPrefill(self, prefill_chunk) if mode != "dense" else None
+        self.chunked = ChunkPrefill(self, prefill_chunk)
 
     @property
     def windows(self):
@@ -302,11 +301,7 @@ class FlashModel:
         for t in tokens:
             if not 0 <= t < self.cfg.n_vocab:
                 raise GGUFFormatError(f"{self.file.path}: token id {t} out of range")
-        if self.chunked is None:   # dense mode: every bundle resident, nothing to amortise
-            for i, t in enumerate(tokens):
-                self.forward(t, pos0 + i, logits=i == len(tokens) - 1)
-        else:
-            self.chunked.run(tokens, pos0)
+        self.chunked.run(tokens, pos0)
         return self.st.logits
 
     def _prefill_all(self, tokens, pos0):
