@@ -55,6 +55,7 @@ class PlanInput:
     staging_rows: int              # rows of the FFN overflow staging buffer
     small_mib_s: float = DEFAULT_SMALL_MIB_S
     large_mib_s: float = DEFAULT_LARGE_MIB_S
+    precision: list | None = None  # per layer: the predictor's held-out precision (it reads freq/precision)
     gap_bytes: int = 64 << 10      # the store reads through gaps smaller than this
     startup_peak: int = 0          # the process's RSS peak so far (loading its kernels)
     path: str = ""
@@ -146,6 +147,9 @@ def _plan(p: PlanInput, selector: str) -> Plan:
         resident["gate rows"] = p.gate_bytes
     elif selector == "predictor":
         resident["predictors"] = p.pred_bytes
+        if p.precision is not None:   # it chooses freq / precision of the rows, not freq
+            freq = [np.minimum(1.0, np.asarray(f, np.float64) / max(float(pr), 1e-3)).astype(np.float32)
+                    for f, pr in zip(p.freq, p.precision)]
     elif selector == "bundle":   # every row is read or held each token; its gate decides in the kernel
         freq = [np.ones(n, np.float32) for n in n_ff]
     # a slot holds up|down when the gate rows are resident (a third less), else the whole bundle

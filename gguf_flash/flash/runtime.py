@@ -39,7 +39,7 @@ from .window import Window
 log = logging.getLogger(__name__)
 MODES = ("flash", "naive", "dense")
 SELECTORS = ("auto", "predictor", "gate", "bundle")
-STAGING_BYTES = 2 << 20   # FFN overflow staging: rows read and computed per chunk (a whole SmolLM2 layer)
+STAGING_BYTES = 4 << 20   # FFN overflow staging: rows per chunk (a whole SmolLM2 layer; 4 parallel 1 MiB reads)
 
 
 def warm_kernels(path) -> None:
@@ -202,7 +202,7 @@ class FlashModel:
             pred_bytes=sum((l.pred_a.size + l.pred_b.size + l.pred_bias.size) * 4 for l in info.layers),
             head_bytes=head_bytes, embd_bytes=embd_bytes,
             bundle_bytes=bb, gate_part=[l.part_bytes[0] for l in info.layers],
-            freq=[l.freq for l in info.layers],
+            freq=[l.freq for l in info.layers], precision=[l.precision for l in info.layers],
             staging_rows=c.n_ff if mode == "naive" else max(1, min(c.n_ff, STAGING_BYTES // slot_max)),
             gap_bytes=gap, startup_peak=peak_rss() if self.cap is not None else 0, path=str(f.path))
         if small:
