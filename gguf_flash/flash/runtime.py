@@ -47,8 +47,17 @@ def warm_kernels(path) -> None:
     reads nothing large), and leave a marker in numba's cache folder (named after the kernel sources)."""
     from ..gguf_file import GGUFFile
     FlashModel(GGUFFile(path), mode="naive", n_ctx=16)
-    with open(os.path.join(numba.config.CACHE_DIR, "flash-runtime.warm"), "w") as fh:
+    with open(_warm_marker(), "w") as fh:
         fh.write("kernels of gguf_flash.flash.runtime compiled\n")
+
+
+def _warm_marker() -> str:
+    """The marker of compiled flash kernels. numba files its cache by each module's source path, so a
+    checkout in another folder (CI's fresh clone) compiles again: the marker names the package's folder
+    too, or that clone would compile in-process, under the cap, and its start-up peak would be LLVM's."""
+    import hashlib
+    here = hashlib.sha256(os.path.dirname(os.path.abspath(__file__)).encode()).hexdigest()[:12]
+    return os.path.join(numba.config.CACHE_DIR, f"flash-runtime-{here}.warm")
 
 
 def compile_out_of_process(path) -> None:
@@ -56,7 +65,7 @@ def compile_out_of_process(path) -> None:
     before the plan measures this process's RSS: in-process, LLVM's compiling memory made the runtime
     look 734 MiB instead of ~210 and the first `run --max-ram 360M` was refused. Once the marker exists
     this costs nothing."""
-    if os.path.exists(os.path.join(numba.config.CACHE_DIR, "flash-runtime.warm")):
+    if os.path.exists(_warm_marker()):
         return
     log.info("compiling the flash kernels once (about a minute)")
     compile_in_child("import sys; from gguf_flash.flash.runtime import warm_kernels; warm_kernels(sys.argv[1])",
