@@ -19,6 +19,7 @@ import numpy as np
 from numba import njit
 
 from ..kernels import sparse
+from .stats import add_read
 from .window import Window
 
 
@@ -99,27 +100,31 @@ class FFNLoader:
         self._select_layer(il, self.n_ff)
         self.store.read_rows(missing, self.windows[il].slots, slots)
 
+    def _admit(self, il, rows, n, t, ts, staging):
+        """Window update for rows[:n] (hits, then misses while there is room, read now); the positions
+        of the rest (the overflow) go to self.ovf_pos[:no]. Returns (slots, neuron_slot map, no); with
+        no window (naive) every row overflows and the map says "not in a window"."""
+        win = self.windows[il]
+        self._select_layer(il, self.n_ff)
+        if win is None:
+            self.ovf_pos[:n] = self.positions[:n]
+            return staging, self.no_slot, n
+        t0 = time.perf_counter()
+        nw, no = _split(self.win_rows, self.ovf_pos, rows, n, win.neuron_slot, win.capacity)
+        missing, slots = win.update(self.win_rows[:nw], t)
+        ts.mm_ms += (time.perf_counter() - t0) * 1e3
+        add_read(ts, self.store.read_rows(missing, win.slots, slots), len(missing))
+        return win.slots, win.neuron_slot, no
+
     def run(self, out, il, active, gvals, n, have_gate, x, xq, act, threshold, t, ts):
         """out (n_embd,) = the FFN of layer il over rows active[:n] (gate values gvals[:n] when
         have_gate), reading what the window lacks. Positions are computed in order, cut where the
         staging buffer is full, so the sum is the same at every cap. Adds to ts: loaded, overflow,
         bytes, reads, io ms, mm ms."""
-        win = self.windows[il]
         types, offs = self.types[il], self.offs[il]
         staging = self._staging_for(il)
         self.partial[:] = 0.0
-        self._select_layer(il, self.n_ff)
-        if win is not None:
-            t0 = time.perf_counter()
-            nw, no = _split(self.win_rows, self.ovf_pos, active, n, win.neuron_slot, win.capacity)
-            missing, slots = win.update(self.win_rows[:nw], t)
-            ts.mm_ms += (time.perf_counter() - t0) * 1e3
-            self._account(ts, self.store.read_rows(missing, win.slots, slots), len(missing))
-            wslots, wmap = win.slots, win.neuron_slot
-        else:   # naive: no window, every chosen row through the staging buffer
-            no = n
-            self.ovf_pos[:n] = self.positions[:n]
-            wslots, wmap = staging, self.no_slot
+        wslots, wmap, no = self._admit(il, active, n, t, ts, staging)
         step = staging.shape[0]
         j0 = 0
         for k0 in range(0, no, step):
@@ -127,7 +132,7 @@ class FFNLoader:
             chunk = self.ovf_rows[:m]
             np.take(active, self.ovf_pos[k0:k0 + m], out=chunk)
             self.stage_map[chunk] = self.stage_idx[:m]
-            self._account(ts, self.store.read_rows(chunk, staging, self.stage_idx[:m]), m)
+            add_read(ts, self.store.read_rows(chunk, staging, self.stage_idx[:m]), m)
             j1 = int(self.ovf_pos[k0 + m - 1]) + 1 if k0 + m < no else n
             sparse.sparse_ffn_range(self.partial, wslots, wmap, staging, self.stage_map, active, j0, j1, gvals,
                                     have_gate, x, xq, types, offs, act, threshold)
@@ -143,23 +148,12 @@ class FFNLoader:
         the chunk's rows once: the window takes what it can, the rest goes through the staging buffer in
         parts of ascending rows. Each token's positions are computed in order, part by part, into its
         own accumulators PART[j] (T, n_part, n_embd), so the result is bitwise the token-by-token one."""
-        win = self.windows[il]
         types, offs = self.types[il], self.offs[il]
         staging = self._staging_for(il)
         union = np.unique(np.concatenate([ACT[j, :N[j]] for j in range(T)])).astype(np.int32)
-        self._select_layer(il, self.n_ff)
-        t0 = time.perf_counter()
-        if win is not None:
-            nw, no = _split(self.win_rows, self.ovf_pos, union, len(union), win.neuron_slot, win.capacity)
-            missing, slots = win.update(self.win_rows[:nw], t)
-            ts.mm_ms += (time.perf_counter() - t0) * 1e3
-            self._account(ts, self.store.read_rows(missing, win.slots, slots), len(missing))
-            wslots, wmap = win.slots, win.neuron_slot
-            rows = self.ovf_rows[:no]
-            np.take(union, self.ovf_pos[:no], out=rows)
-        else:
-            no, rows = len(union), union
-            wslots, wmap = staging, self.no_slot
+        wslots, wmap, no = self._admit(il, union, len(union), t, ts, staging)
+        rows = self.ovf_rows[:no]
+        np.take(union, self.ovf_pos[:no], out=rows)
         PART[:T] = 0.0
         step = staging.shape[0]
         lo = 0
@@ -168,7 +162,7 @@ class FFNLoader:
             if m > 0:
                 part = rows[k0:k0 + m]
                 self.stage_map[part] = self.stage_idx[:m]
-                self._account(ts, self.store.read_rows(part, staging, self.stage_idx[:m]), m)
+                add_read(ts, self.store.read_rows(part, staging, self.stage_idx[:m]), m)
             hi = int(rows[k0 + m]) if k0 + m < no else self.n_ff   # rows [lo, hi) are held now
             for j in range(T):
                 act_j = ACT[j, :N[j]]
@@ -180,13 +174,6 @@ class FFNLoader:
         for j in range(T):
             sparse.sum_partials(OUT[j], PART[j])
         ts.overflow += no
-
-    @staticmethod
-    def _account(ts, rs, n_rows):
-        ts.loaded += n_rows
-        ts.bytes_read += rs.bytes_read
-        ts.read_calls += rs.n_reads
-        ts.io_ms += rs.ms
 
     def shrink(self, factor: float) -> None:
         for win in self.windows:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..kernels import dispatch, forward as fw, nn
 from .plan import HEAD_CHUNK
+from .stats import add_read
 
 
 def _readonly_view(buf: np.ndarray) -> np.ndarray:
@@ -50,10 +51,7 @@ class OutputHead:
         for r0 in range(0, n_rows, step):
             n = min(step, n_rows - r0)
             np.add(self.idx[:n], r0, out=self.rows[:n])
-            rs = self.store.read_rows(self.rows[:n], self.buf, self.idx[:n])
-            ts.bytes_read += rs.bytes_read
-            ts.read_calls += rs.n_reads
-            ts.io_ms += rs.ms
+            add_read(ts, self.store.read_rows(self.rows[:n], self.buf, self.idx[:n]))
             self.desc[1] = n
             dispatch.matvec(s.logits[r0:r0 + n], self.blob, self.desc, s.xb, s.xq_embd)
 
@@ -79,8 +77,5 @@ class TokenEmbedding:
             return
         self.store.select(int(w.embd[0]), int(w.embd[2]), int(w.embd[1]))
         self.row[0] = token
-        rs = self.store.read_rows(self.row, self.buf, self.zero)
-        ts.bytes_read += rs.bytes_read
-        ts.read_calls += rs.n_reads
-        ts.io_ms += rs.ms
+        add_read(ts, self.store.read_rows(self.row, self.buf, self.zero))
         fw.embed(x, self.blob, self.desc, 0, w.fp[fw.FP_EMBD_SCALE])

@@ -13,25 +13,12 @@ whose rows are held, in order, into its own accumulators. FlexGen's zig-zag orde
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-
 import numpy as np
 
 from ..kernels import dispatch, forward as fw, nn
+from .stats import ChunkStats
 
 CHUNK = 64   # prompt tokens per chunk (the buffers below are counted in the plan)
-
-
-@dataclass
-class ChunkStats:
-    tokens: int = 0
-    loaded: int = 0
-    overflow: int = 0
-    bytes_read: int = 0
-    read_calls: int = 0
-    io_ms: float = 0.0
-    mm_ms: float = 0.0
-    compute_ms: float = 0.0
 
 
 def buffer_bytes(cfg, xq_bytes: int, chunk: int = CHUNK) -> int:

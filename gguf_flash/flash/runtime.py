@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,6 +32,7 @@ from .head import OutputHead, TokenEmbedding
 from .plan import PlanInput, make_plan
 from .prefill import CHUNK, ChunkPrefill, buffer_bytes as prefill_bytes
 from .selector import Selector
+from .stats import TokenStats  # noqa: F401  (the per-token statistics; re-exported)
 from .store import BundleStore
 from .window import Window
 
@@ -138,21 +138,6 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16") -> None:
         st.select(l0.bundle_offset, l0.part_bytes[0], 2, stride=l0.bundle_bytes)
         st.read_rows(two, np.zeros((2, l0.part_bytes[0]), np.uint8), two)
     release_compiler_pages()
-
-
-@dataclass
-class TokenStats:
-    predicted: int = 0      # neurons chosen (summed over layers)
-    active: int = 0         # of those, |act(gate . x)| > threshold: exactly computed contributions
-    loaded: int = 0         # bundles read from the file (into the window or the staging buffer)
-    overflow: int = 0       # chosen neurons the window could not hold, computed in the staging buffer
-    bytes_read: int = 0
-    read_calls: int = 0
-    hit_rate: float = 0.0   # chosen neurons already in the window
-    io_ms: float = 0.0
-    mm_ms: float = 0.0      # window bookkeeping (memory management)
-    compute_ms: float = 0.0
-    rss: int = 0
 
 
 class FlashModel:

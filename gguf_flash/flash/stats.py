@@ -1,0 +1,38 @@
+"""Per-token and per-prompt-chunk statistics of the flash runtime (what `--stats` and the benchmarks
+print), and the one place that books a store read into them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ReadCounts:
+    loaded: int = 0         # bundles read from the file (into the window or the staging buffer)
+    overflow: int = 0       # chosen neurons the window could not hold, computed in the staging buffer
+    bytes_read: int = 0
+    read_calls: int = 0
+    io_ms: float = 0.0
+    mm_ms: float = 0.0      # window bookkeeping (memory management)
+    compute_ms: float = 0.0
+
+
+@dataclass
+class TokenStats(ReadCounts):
+    predicted: int = 0      # neurons chosen (summed over layers)
+    active: int = 0         # of those, |act(gate . x)| > threshold: exactly computed contributions
+    hit_rate: float = 0.0   # chosen neurons already in the window
+    rss: int = 0
+
+
+@dataclass
+class ChunkStats(ReadCounts):
+    tokens: int = 0         # prompt tokens in the chunk
+
+
+def add_read(stats: ReadCounts, rs, rows: int = 0) -> None:
+    """Book one store.read_rows call (its ReadStats) and the bundle rows it delivered."""
+    stats.loaded += rows
+    stats.bytes_read += rs.bytes_read
+    stats.read_calls += rs.n_reads
+    stats.io_ms += rs.ms
