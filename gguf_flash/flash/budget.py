@@ -8,7 +8,7 @@ import re
 import psutil
 
 from ..errors import InvalidArgumentError
-from .plan import HEADROOM, MiB, mib  # noqa: F401  (the watchdog's margin; sizes in messages)
+from .plan import MiB
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": MiB, "MB": MiB, "MIB": MiB,
           "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}

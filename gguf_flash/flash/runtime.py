@@ -29,7 +29,7 @@ from . import budget, diskprobe
 from .ffn import FFNLoader, _split
 from .format import read_flash
 from .head import OutputHead, TokenEmbedding
-from .plan import PlanInput, make_plan
+from .plan import HEADROOM, PlanInput, make_plan, mib
 from .prefill import CHUNK, ChunkPrefill, buffer_bytes as prefill_bytes
 from .selector import Selector
 from .stats import TokenStats  # noqa: F401  (the per-token statistics; re-exported)
@@ -277,12 +277,12 @@ class FlashModel:
         if self.cap is None:
             return r
         tries = 0
-        while r > self.cap - budget.HEADROOM and self.windows and tries < 8:
+        while r > self.cap - HEADROOM and self.windows and tries < 8:
             self.ffn.shrink(0.9)
             r = budget.rss()
             tries += 1
         if r > self.cap:
-            raise RamCapError(f"{self.file.path}: RSS {budget.mib(r)} exceeds the cap {budget.mib(self.cap)}")
+            raise RamCapError(f"{self.file.path}: RSS {mib(r)} exceeds the cap {mib(self.cap)}")
         return r
 
     def prefill(self, tokens, pos0: int = 0, logits_rows: str = "last"):
