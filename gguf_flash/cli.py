@@ -83,9 +83,10 @@ def _flash_path_for(model):
 CTX_STEP = 256   # a run's own context is rounded up to this many positions
 
 
-def _load(a, n_ctx_for=None, on_tokenizer=None):
+def _load(a, n_ctx_for=None, on_tokenizer=None, logit_rows: int = 0):
     """n_ctx_for(tokenizer) -> positions this run needs; used under --max-ram when -c is not given.
-    on_tokenizer(tokenizer, file) runs before the model loads (the server's grammar vocabulary)."""
+    on_tokenizer(tokenizer, file) runs before the model loads (the server's grammar vocabulary).
+    logit_rows: prompt positions whose logits a flash model computes together (perplexity)."""
     from . import load
     if a.ctx_size < 0 or a.threads < 0:
         raise InvalidArgumentError("-c and -t must be >= 0")
@@ -97,7 +98,7 @@ def _load(a, n_ctx_for=None, on_tokenizer=None):
     return load(model, n_ctx=a.ctx_size or None, n_threads=a.threads or None,
                 max_ram=getattr(a, "max_ram", None), mode=getattr(a, "mode", None),
                 selector=getattr(a, "selector", "auto"), cold=getattr(a, "cold", False), n_ctx_for=n_ctx_for,
-                kv_type=a.cache_type_k, on_tokenizer=on_tokenizer)
+                kv_type=a.cache_type_k, on_tokenizer=on_tokenizer, logit_rows=logit_rows)
 
 
 def _n_predict(a, llm, n_prompt):
@@ -294,7 +295,7 @@ def cmd_perplexity(a):
         raise InvalidArgumentError(f"{a.file}: cannot read text ({e})") from None
     if not a.ctx_size:
         a.ctx_size = a.chunk + 1
-    llm = _load(a)
+    llm = _load(a, logit_rows=16)
     t0 = time.perf_counter()
 
     def progress(i, n, ppl):

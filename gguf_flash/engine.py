@@ -20,11 +20,13 @@ class LLM:
     under a cap when n_ctx is not given (the CLI passes prompt + n_predict, so the plan budgets the KV
     cache this run needs, not the model's default context). on_tokenizer(tokenizer, file), if given,
     runs before the model loads: memory it keeps is in a flash plan's measured baseline (the server's
-    grammar)."""
+    grammar). logit_rows: prompt positions a flash model runs its head on together when every
+    position's logits are asked for (perplexity: a streamed head is read once per that many tokens;
+    its (logit_rows, n_vocab) buffer is in the plan)."""
 
     def __init__(self, path, n_ctx: int | None = None, n_threads: int | None = None, max_ram=None,
                  mode: str | None = None, selector: str = "auto", cold: bool = False, n_ctx_for=None,
-                 kv_type: str = "f16", on_tokenizer=None):
+                 kv_type: str = "f16", on_tokenizer=None, logit_rows: int = 0):
         from .flash.format import is_flash
         self.path = models.resolve(path)
         self.file = GGUFFile(self.path)
@@ -35,7 +37,7 @@ class LLM:
             # then sits under the cap with room to spare (flash/runtime.preload_kernels)
             from .flash.runtime import compile_out_of_process, preload_kernels
             compile_out_of_process(self.path)
-            preload_kernels(self.file, kv_type=kv_type)
+            preload_kernels(self.file, kv_type=kv_type, logit_rows=logit_rows)
         self.tokenizer = tokenizer_from_gguf(self.file)  # before the model: a flash plan measures RSS
         if n_ctx is None and n_ctx_for is not None and max_ram is not None:
             n_ctx = n_ctx_for(self.tokenizer)   # under a cap the KV cache is budgeted for this run only
@@ -44,7 +46,8 @@ class LLM:
         if flash:
             from .flash.runtime import FlashModel
             self.model = FlashModel(self.file, max_ram=max_ram, mode=mode or "flash", selector=selector,
-                                    n_ctx=n_ctx, n_threads=n_threads, cold=cold, kv_type=kv_type)
+                                    n_ctx=n_ctx, n_threads=n_threads, cold=cold, kv_type=kv_type,
+                                    logit_rows=logit_rows)
         elif max_ram is not None or mode in ("flash", "naive"):
             raise InvalidArgumentError(
                 f"{self.path}: not a flash GGUF, so it cannot run under --max-ram or in {mode or 'flash'} "
@@ -108,6 +111,7 @@ class LLM:
 
 def load(name_or_path, n_ctx: int | None = None, n_threads: int | None = None, max_ram=None,
          mode: str | None = None, selector: str = "auto", cold: bool = False, n_ctx_for=None,
-         kv_type: str = "f16", on_tokenizer=None) -> LLM:
+         kv_type: str = "f16", on_tokenizer=None, logit_rows: int = 0) -> LLM:
     return LLM(name_or_path, n_ctx=n_ctx, n_threads=n_threads, max_ram=max_ram, mode=mode,
-               selector=selector, cold=cold, n_ctx_for=n_ctx_for, kv_type=kv_type, on_tokenizer=on_tokenizer)
+               selector=selector, cold=cold, n_ctx_for=n_ctx_for, kv_type=kv_type, on_tokenizer=on_tokenizer,
+               logit_rows=logit_rows)

@@ -1,5 +1,6 @@
-"""Prompt processing in chunks (flash/prefill.py): bitwise the logits of feeding the prompt one token
-at a time, each bundle read at most once per chunk, and the window warm afterwards."""
+"""Prompt processing in chunks (flash/prefill.py): the logits of feeding the prompt one token at a time
+(up to float rounding), the same at every cap, each bundle read at
+most once per chunk, and the window warm afterwards."""
 
 import subprocess
 import sys
@@ -19,18 +20,104 @@ def _token_by_token(model, ids):
     return logits.copy()
 
 
-@pytest.mark.parametrize("mode,selector", [("flash", "gate"), ("flash", "predictor"), ("naive", "auto")])
-def test_chunked_prefill_equals_token_by_token(smollm2_flash, mode, selector):
+@pytest.mark.parametrize("mode,selector,window", [("flash", "gate", 0), ("flash", "gate", 1),
+                                                  ("flash", "predictor", 0), ("flash", "bundle", 1),
+                                                  ("naive", "auto", 0)])
+def test_one_layer_of_a_chunk_equals_the_decode_kernels(smollm2_flash, mode, selector, window):
+    """A chunk's attention and FFN for one layer against the token-by-token kernels on the same inputs:
+    equal up to float rounding (the chunk computes over the inputs as the decode path's 8-bit blocks).
+    Across 30 layers the 8-bit rounding turns float-level differences into a few flipped codes, so whole
+    prompts are compared by their top tokens below, and layers here. window=1: every layer's window
+    shrunk to one slot, the union streamed through the staging buffer in parts."""
+    from gguf_flash.flash.stats import ChunkStats, TokenStats
+    from gguf_flash.kernels import dispatch, forward as fw, nn, sparse
+    path, _ = smollm2_flash
+    m = gguf_flash.load(path, n_ctx=64, mode=mode, selector=selector).model
+    if window:
+        for w_ in m.windows:
+            w_.shrink(1)
+    c, w, s, pre = m.cfg, m.w, m.st, m.chunked
+    ids = [1, 504, 3458, 30, 1000, 17, 1211]
+    T, il, eps = len(ids), 3, float(w.fp[fw.FP_EPS])
+    X, XB, XR = pre.X[:T], pre.XB[:T], pre.XR[:T]
+    for j, t in enumerate(ids):
+        fw.embed(X[j], w.blob, w.embd, t, w.fp[fw.FP_EMBD_SCALE])
+        nn.rope_cos_sin(pre.cos[j, 0], pre.sin[j, 0], j, w.inv_freq[0])
+        nn.rope_cos_sin(pre.cos[j, 1], pre.sin[j, 1], j, w.inv_freq[1])
+    x0 = X.copy()
+    fw.attention_batch_layer(X, XB, XR, pre.Q[:T], pre.K[:T], pre.V[:T], pre.ATT[:T], pre.ATR[:T], pre.scores,
+                             s.k_cache, s.v_cache, pre.cos, pre.sin, w.blob, w.mats, w.norms, w.qk_norms,
+                             w.biases, w.swa, w.ip, w.fp, il, 0)
+    for j in range(T):
+        s.x[:] = x0[j]
+        nn.rope_cos_sin(s.cos[0], s.sin[0], j, w.inv_freq[0])
+        nn.rope_cos_sin(s.cos[1], s.sin[1], j, w.inv_freq[1])
+        fw.attention_layer(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin,
+                           s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp,
+                           il, j)
+        np.testing.assert_allclose(X[j], s.x, atol=1e-5 * np.abs(s.x).max())
+    fw.rows_rmsnorm(XB, X, w.norms[il, fw.NORM_FFN], eps)
+    fw.rows_round_q8(XR, XB)
+    have_gate = m.select.chunk(il, pre.HG[:T], pre.MK[:T], XB, XR)
+    n = sparse.union_rows(pre.union, pre.MK[:T])
+    got = np.zeros((T, c.n_embd), np.float32)
+    cs = ChunkStats(tokens=T)
+    m.ffn.run_chunk(got, il, pre.union, n, pre.MK[:T], pre.HG[:T], have_gate, XB, XR, c.activation,
+                    m.thresholds[il], 10, cs, pre)
+    assert (cs.overflow > 0) == (bool(window) or mode == "naive")
+    want = np.zeros(c.n_embd, np.float32)
+    for j in range(T):
+        s.xb[:] = XB[j]
+        dispatch.quantize_x(s.xq_embd, s.xb)
+        k, hg = m.select(il, s.hg, s.xb, s.xq_embd)
+        assert hg == have_gate and k == int(pre.MK[j].sum())
+        m.ffn.run(want, il, m.select.active, m.select.gvals, k, hg, s.xb, s.xq_embd, c.activation,
+                  m.thresholds[il], 20 + j, TokenStats())
+        np.testing.assert_allclose(got[j], want, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("mode,selector", [("flash", "gate"), ("flash", "predictor"), ("naive", "auto"),
+                                           ("dense", "auto")])
+def test_chunked_prefill_agrees_with_token_by_token(smollm2_flash, mode, selector):
     path, _ = smollm2_flash
     a = gguf_flash.load(path, n_ctx=256, mode=mode, selector=selector)
     b = gguf_flash.load(path, n_ctx=256, mode=mode, selector=selector)
     ids = a.tokenize(PROMPT)
     assert len(ids) > 64                      # more than one chunk
     chunked = a.model.prefill(ids, 0).copy()
-    np.testing.assert_array_equal(chunked, _token_by_token(b.model, ids))
+    ref = _token_by_token(b.model, ids)
+    _agree(chunked, ref)
     assert len(a.model.prompt_stats) == -(-len(ids) // 64) and not a.model.stats
-    # decoding goes on from the same KV cache: the next token's logits agree too
-    np.testing.assert_array_equal(a.model.forward(17, len(ids)), b.model.forward(17, len(ids)))
+    # decoding goes on from the KV cache the chunks filled, with the window warm
+    _agree(a.model.forward(17, len(ids)), b.model.forward(17, len(ids)))
+    if mode == "flash":
+        assert a.model.stats[-1].hit_rate > 0.5
+
+
+def _agree(got, want):
+    """Same top token, 8 of the same top 10, logits off by 3% of the largest on average (a predictor's
+    choice flips on a rounding, so single logits may move more)."""
+    assert got.argmax() == want.argmax()
+    assert len(set(np.argsort(got)[-10:]) & set(np.argsort(want)[-10:])) >= 8
+    d = np.abs(got - want)
+    assert d.mean() <= 0.03 * np.abs(want).max(), (d.mean(), d.max(), np.abs(want).max())
+
+
+def test_prompt_logits_of_every_position_agree_with_token_by_token(smollm2_flash):
+    """perplexity's path: every position's logits, chunked, the head on 16 hidden states at a time."""
+    from gguf_flash.flash.runtime import FlashModel
+    from gguf_flash.gguf_file import GGUFFile
+    path, _ = smollm2_flash
+    a = FlashModel(GGUFFile(path), n_ctx=256, logit_rows=16)
+    b = FlashModel(GGUFFile(path), n_ctx=256)
+    ids = gguf_flash.load(path, n_ctx=16, mode="naive").tokenize(PROMPT)
+    got = np.concatenate([rows.copy() for _, rows in a.prefill(ids, 0, logits_rows="all")])
+    want = np.stack([b.forward(t, i).copy() for i, t in enumerate(ids)])
+    assert got.shape == want.shape
+    # the thresholded model turns rounding into flipped neurons at near-ties: measured 0.91 of 150
+    # positions keep the top token at sparsity 0.3 (the dense engine's own batch vs decode: 0.99)
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.85
+    assert np.abs(got - want).mean() <= 0.03 * np.abs(want).max()
 
 
 CHUNK_UNDER_CAP = r"""
@@ -39,7 +126,9 @@ path, out, prompt = sys.argv[1], sys.argv[2], sys.argv[3]
 try:
     gguf_flash.load(path, max_ram="1M", n_ctx=256, selector="gate")
 except gguf_flash.RamCapError as e:
-    cap = e.need + (2 << 20)   # a second load in this process measures its runtime a little higher
+    cap = e.need + (5 << 20)   # a second load in this process measures its runtime a little higher (3 MiB seen)
+if sys.argv[4] == "0":
+    cap = None
 llm = gguf_flash.load(path, max_ram=cap, n_ctx=256, selector="gate", n_threads=2)
 ids = llm.tokenize(prompt)
 np.save(out, llm.model.prefill(ids, 0))
@@ -47,16 +136,19 @@ print(sum(c.overflow for c in llm.model.prompt_stats))
 """
 
 
-def test_chunked_prefill_at_the_smallest_cap_equals_token_by_token(smollm2_flash, tmp_path):
-    """Chunks whose union does not fit the window: it streams through the staging buffer in parts, and
-    the logits are still those of an uncapped token-by-token run."""
+def test_chunked_prefill_at_the_smallest_cap_equals_everything_resident(smollm2_flash, tmp_path):
+    """Chunks whose union does not fit the window stream through the staging buffer in parts; each row
+    is added in the same order whatever part it arrives in, so the logits are bitwise those of an
+    uncapped chunked run (each side in a fresh process, as the plan measures the process)."""
     path, _ = smollm2_flash
-    out = subprocess.run([sys.executable, "-c", CHUNK_UNDER_CAP, str(path), str(tmp_path / "c.npy"), PROMPT],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert int(out.stdout.split()[-1]) > 0      # chosen neurons streamed through the staging buffer
-    ref = gguf_flash.load(path, n_ctx=256, selector="gate")
-    np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), _token_by_token(ref.model, ref.tokenize(PROMPT)))
+    overflow = []
+    for capped in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", CHUNK_UNDER_CAP, str(path), str(tmp_path / f"c{capped}.npy"),
+                              PROMPT, capped], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        overflow.append(int(out.stdout.split()[-1]))
+    assert overflow[0] > 0 and overflow[1] == 0    # capped: chosen neurons streamed through staging
+    np.testing.assert_array_equal(np.load(tmp_path / "c1.npy"), np.load(tmp_path / "c0.npy"))
 
 
 @pytest.mark.parametrize("mode", ["flash", "naive"])
@@ -81,6 +173,7 @@ def test_a_256_token_prompt_reads_each_bundle_at_most_once(tmp_path, mode):
     chunk_bytes = a.prompt_stats[0].bytes_read
     assert chunk_bytes <= all_bundles
     b = FlashModel(GGUFFile(flash), mode=mode, n_ctx=300)
-    np.testing.assert_array_equal(chunked, _token_by_token(b, ids))
+    ref = _token_by_token(b, ids)
+    _agree(chunked, ref)
     per_token = sum(s.bytes_read for s in b.stats)
     assert per_token > chunk_bytes, (per_token, chunk_bytes)

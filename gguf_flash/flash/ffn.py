@@ -143,36 +143,35 @@ class FFNLoader:
         sparse.sum_partials(out, self.partial)
         ts.overflow += no
 
-    def run_chunk(self, OUT, il, ACT, GV, N, T, have_gate, XB, XQ, act, threshold, t, ts, PART):
-        """OUT[j] = the FFN of layer il for token j < T over its rows ACT[j, :N[j]], reading the union of
-        the chunk's rows once: the window takes what it can, the rest goes through the staging buffer in
-        parts of ascending rows. Each token's positions are computed in order, part by part, into its
-        own accumulators PART[j] (T, n_part, n_embd), so the result is bitwise the token-by-token one."""
+    def run_chunk(self, OUT, il, union, n, MK, HG, have_gate, XB, XR, act, threshold, t, ts, buf):
+        """OUT[j] (T, n_embd) = the FFN of layer il for prompt token j over the rows it chose (MK[j]),
+        reading the chunk's union of rows (union[:n], increasing) once: the window takes what it can,
+        the rest goes through the staging buffer in parts of ascending rows, and each part is computed
+        for the whole chunk (sparse.sparse_ffn_chunk) while it is held. buf: the ChunkPrefill's
+        accumulators PART (n_part, T, n_embd) and scratch DEC, H."""
+        T = XB.shape[0]
         types, offs = self.types[il], self.offs[il]
         staging = self._staging_for(il)
-        union = np.unique(np.concatenate([ACT[j, :N[j]] for j in range(T)])).astype(np.int32)
-        wslots, wmap, no = self._admit(il, union, len(union), t, ts, staging)
+        wslots, wmap, no = self._admit(il, union, n, t, ts, staging)
         rows = self.ovf_rows[:no]
         np.take(union, self.ovf_pos[:no], out=rows)
-        PART[:T] = 0.0
+        PART = buf.PART                                   # (n_part, chunk, n_embd): rows [:T] in use
+        PART[:, :T] = 0.0
         step = staging.shape[0]
-        lo = 0
+        p0 = 0
         for k0 in range(0, max(no, 1), step):
             m = min(step, no - k0)
             if m > 0:
                 part = rows[k0:k0 + m]
                 self.stage_map[part] = self.stage_idx[:m]
                 add_read(ts, self.store.read_rows(part, staging, self.stage_idx[:m]), m)
-            hi = int(rows[k0 + m]) if k0 + m < no else self.n_ff   # rows [lo, hi) are held now
-            for j in range(T):
-                act_j = ACT[j, :N[j]]
-                j0, j1 = np.searchsorted(act_j, (lo, hi))
-                if j1 > j0:
-                    sparse.sparse_ffn_range(PART[j], wslots, wmap, staging, self.stage_map, act_j, int(j0),
-                                            int(j1), GV[j], have_gate, XB[j], XQ[j], types, offs, act, threshold)
-            lo = hi
-        for j in range(T):
-            sparse.sum_partials(OUT[j], PART[j])
+            # union positions whose rows are held now: every row below the next part's first row
+            p1 = int(self.ovf_pos[k0 + m]) if k0 + m < no else n
+            if p1 > p0:
+                sparse.sparse_ffn_chunk(PART, buf.DEC, buf.H, wslots, wmap, staging, self.stage_map, union, p0,
+                                        p1, MK, HG, have_gate, XB, XR, types, offs, act, threshold)
+            p0 = p1
+        sparse.sum_parts_chunk(OUT, PART)
         ts.overflow += no
 
     def shrink(self, factor: float) -> None:

@@ -34,7 +34,7 @@ class OutputHead:
             self.buf = np.zeros((step, rb), np.uint8)          # (step, row_bytes) one head chunk
             self.blob = _readonly_view(self.buf)
             self.idx = np.arange(step, dtype=np.int32)         # (step,) int32
-            self.rows = np.zeros(step, np.int32)
+            self.row_ids = np.zeros(step, np.int32)
             self.desc = w.output.copy()
             self.desc[0] = 0                                    # rows start at the buffer's byte 0
 
@@ -50,10 +50,33 @@ class OutputHead:
         self.store.select(off, rb, n_rows)
         for r0 in range(0, n_rows, step):
             n = min(step, n_rows - r0)
-            np.add(self.idx[:n], r0, out=self.rows[:n])
-            add_read(ts, self.store.read_rows(self.rows[:n], self.buf, self.idx[:n]))
+            np.add(self.idx[:n], r0, out=self.row_ids[:n])
+            add_read(ts, self.store.read_rows(self.row_ids[:n], self.buf, self.idx[:n]))
             self.desc[1] = n
             dispatch.matvec(s.logits[r0:r0 + n], self.blob, self.desc, s.xb, s.xq_embd)
+
+
+    def rows(self, hidden, out, ts):
+        """out (m, n_vocab) = W_out @ hidden rows (m, n_embd), already normed (prompt logits for
+        perplexity): a streamed head is read once for the m rows."""
+        w = self.w
+        if not self.streamed:
+            dispatch.matmat(out, w.blob, w.output, hidden)
+            return
+        m = hidden.shape[0]
+        off, n_rows, rb = int(w.output[0]), int(w.output[1]), int(w.output[2])
+        step = self.buf.shape[0]
+        if getattr(self, "tmp", None) is None or self.tmp.shape[0] < m:
+            self.tmp = np.zeros((m, step), np.float32)          # (m, step) one chunk's logits
+        tmp = self.tmp[:m]
+        self.store.select(off, rb, n_rows)
+        for r0 in range(0, n_rows, step):
+            n = min(step, n_rows - r0)
+            np.add(self.idx[:n], r0, out=self.row_ids[:n])
+            add_read(ts, self.store.read_rows(self.row_ids[:n], self.buf, self.idx[:n]))
+            self.desc[1] = n
+            dispatch.matmat(tmp, self.blob, self.desc, hidden)
+            out[:, r0:r0 + n] = tmp[:, :n]
 
 
 class TokenEmbedding:

@@ -1,86 +1,130 @@
-"""Prompt processing in chunks for flash and naive mode: every needed bundle read once per chunk.
+"""Prompt processing in chunks for flash and naive mode: every needed bundle read once per chunk and
+computed for the whole chunk as a matrix product.
 
-Per layer, the chunk's tokens run attention one after the other (the decode kernels: token j's K/V at
-this layer is all token j+1 needs), each token chooses its own neurons, and the FFN loader reads the
-union of the chunk's neurons once (window + staging) and computes every token over its own active set
-with the same kernel and in the same order as a token-by-token run: the logits are bitwise those of
-feeding the prompt one token at a time (tests/test_flash_prefill.py), with each bundle read once per
-chunk instead of once per token, and the output head run for the last token only. A union larger than
-the window and the staging buffer is read in parts of ascending rows; each token computes the positions
-whose rows are held, in order, into its own accumulators. FlexGen's zig-zag order and llama.cpp's micro-batches amortise reads the same way.
+Per layer, a chunk of T prompt tokens runs attention as a batch (the dense engine's batched kernels,
+fw.attention_batch_layer), then each token chooses its own neurons (the selector over the chunk: the
+resident gate rows as one matrix product), and the FFN loader reads the union of the chunk's neurons
+once (window + staging, in parts of ascending rows when it does not fit) and computes it with
+sparse.sparse_ffn_chunk: each bundle decoded once, its dot products with every token's input as a
+register-blocked matrix product, each token adding only the neurons it chose. So a token still uses
+exactly its own active set (token-by-token flash up to float rounding: the matrix path decodes rows to
+f32 where the decode path quantizes the input to 8 bits, tests/test_flash_prefill.py), the result is
+the same at every cap (bitwise), and a 500-token prompt pays ~8 rounds of reads instead of 500.
+The output head runs for the last token only, or for every token in groups (`rows`, perplexity),
+reading a streamed head once per group. FlexGen's zig-zag order and llama.cpp's micro-batches amortise
+reads the same way.
 """
 
 from __future__ import annotations
 
 import time
+
 import numpy as np
 
-from ..kernels import dispatch, forward as fw, nn
+from ..kernels import forward as fw, nn, sparse
+from ..kernels.quant_basic import MM_ROWS
+from ..model import lazy_zeros
 from .stats import ChunkStats
 
 CHUNK = 64   # prompt tokens per chunk (the buffers below are counted in the plan)
 
 
-def buffer_bytes(cfg, xq_bytes: int, chunk: int = CHUNK) -> int:
-    """RSS of a ChunkPrefill's buffers: what the plan reserves for them."""
+def _n_part() -> int:
     import numba
-    n_part = max(2, numba.get_num_threads())
-    return chunk * (cfg.n_ff * 8 + cfg.n_embd * (12 + 4 * n_part) + xq_bytes + 8)
+    return max(2, numba.get_num_threads())
+
+
+def buffer_bytes(cfg, n_ctx: int, chunk: int = CHUNK) -> int:
+    """RSS of a ChunkPrefill's buffers (the lazy attention scores counted whole): what the plan reserves."""
+    c, n_part = cfg, _n_part()
+    per_tok = 4 * (6 * c.n_embd + 3 * c.q_dim + 2 * c.kv_dim + 2 * c.rope_dim + c.n_ff
+                   + n_part * (c.n_embd + 2 * MM_ROWS) + c.n_head * n_ctx) + c.n_ff
+    return chunk * per_tok + 4 * (n_part * 3 * MM_ROWS * c.n_embd + c.n_ff)
 
 
 class ChunkPrefill:
     def __init__(self, model, chunk: int = CHUNK):
-        c = model.cfg
+        c, f32 = model.cfg, np.float32
         self.m, self.chunk = model, chunk
-        self.X = np.zeros((chunk, c.n_embd), np.float32)       # (T, n_embd) residual stream per token
-        self.XB = np.zeros((chunk, c.n_embd), np.float32)      # (T, n_embd) FFN input per token
-        self.FOUT = np.zeros((chunk, c.n_embd), np.float32)    # (T, n_embd) FFN output per token
-        xq = model.st.xq_embd.shape[0]
-        self.XQ = np.zeros((chunk, xq), np.uint8)              # (T, q8x bytes) quantized FFN input
-        self.ACT = np.zeros((chunk, c.n_ff), np.int32)         # (T, n_ff) each token's chosen rows
-        self.GV = np.zeros((chunk, c.n_ff), np.float32)        # (T, n_ff) their gate values
-        self.N = np.zeros(chunk, np.int64)                     # (T,) how many
+        T = chunk
+        self.X = np.zeros((T, c.n_embd), f32)          # (T, n_embd) residual stream per token
+        self.XB = np.zeros((T, c.n_embd), f32)         # (T, n_embd) normed input (attention, FFN)
+        self.XR = np.zeros((T, c.n_embd), f32)         # (T, n_embd) the same as 8-bit blocks (round_q8)
+        self.ATR = np.zeros((T, c.q_dim), f32)         # (T, q_dim) attention output as 8-bit blocks
+        self.FOUT = np.zeros((T, c.n_embd), f32)       # (T, n_embd) FFN output per token
+        self.HID = np.zeros((T, c.n_embd), f32)        # (T, n_embd) final normed hidden states (rows)
+        self.Q = np.zeros((T, c.q_dim), f32)           # (T, q_dim)
+        self.K = np.zeros((T, c.kv_dim), f32)          # (T, kv_dim)
+        self.V = np.zeros((T, c.kv_dim), f32)
+        self.ATT = np.zeros((T, c.q_dim), f32)
+        self.scores = lazy_zeros((T * c.n_head, model.n_ctx))        # (T * n_head, n_ctx)
+        self.cos = np.zeros((T, 2, c.rope_dim // 2), f32)           # (T, [global, local], rope_dim / 2)
+        self.sin = np.zeros((T, 2, c.rope_dim // 2), f32)
+        self.HG = np.zeros((T, c.n_ff), f32)           # (T, n_ff) gate values (resident gate rows)
+        self.MK = np.zeros((T, c.n_ff), np.uint8)      # (T, n_ff) 1 where token j chose row i
+        self.union = np.zeros(c.n_ff, np.int32)        # (n_ff,) rows some token chose, increasing
         n_part = model.ffn.partial.shape[0]
-        self.PART = np.zeros((chunk, n_part, c.n_embd), np.float32)  # (T, n_part, n_embd) accumulators
+        self.PART = np.zeros((n_part, T, c.n_embd), f32)             # (n_part, T, n_embd) accumulators
+        self.DEC = np.zeros((n_part, 3, MM_ROWS, c.n_embd), f32)     # decoded gate/up/down rows per part
+        self.H = np.zeros((n_part, 2, T, MM_ROWS), f32)              # their gate/up dot products
 
     def run(self, tokens, pos0: int) -> None:
         """Feed tokens at pos0..; the model's logits buffer ends with the last token's logits."""
         for start in range(0, len(tokens), self.chunk):
-            self._chunk(tokens[start:start + self.chunk], pos0 + start,
-                        last=start + self.chunk >= len(tokens))
+            self._chunk(tokens[start:start + self.chunk], pos0 + start, start + self.chunk >= len(tokens))
+
+    def run_rows(self, tokens, pos0: int, out):
+        """Feed tokens at pos0..; yields (start, logits (m <= r, n_vocab)) for every token, the head
+        applied to r hidden states at a time (out (r, n_vocab) f32, reused)."""
+        for start in range(0, len(tokens), self.chunk):
+            self._chunk(tokens[start:start + self.chunk], pos0 + start, False)
+            yield from self._rows(start, min(self.chunk, len(tokens) - start), out)
+
+    def _rows(self, start, T, out):
+        """Logits of the chunk's T positions from its final residual rows X: one row at a time through the
+        decode head (out is the model's logits buffer), or r at a time as a matrix product (a streamed
+        head read once per r rows; its kernel is loaded only for a model made with logit_rows > 1)."""
+        m, r = self.m, out.shape[0]
+        cs = m.prompt_stats[-1]
+        eps = float(m.w.fp[fw.FP_EPS])
+        if r == 1:
+            for j in range(T):
+                m.st.x[:] = self.X[j]
+                m.out_head(eps, cs)
+                yield start + j, out
+            return
+        fw.rows_rmsnorm(self.HID[:T], self.X[:T], m.w.output_norm, eps)
+        for j0 in range(0, T, r):
+            n = min(r, T - j0)
+            m.out_head.rows(self.HID[j0:j0 + n], out[:n], cs)
+            yield start + j0, out[:n]
 
     def _chunk(self, tokens, pos0, last):
         m = self.m
-        c, w, s = m.cfg, m.w, m.st
+        c, w = m.cfg, m.w
         T = len(tokens)
+        X, XB, XR, FOUT, HG, MK = self.X[:T], self.XB[:T], self.XR[:T], self.FOUT[:T], self.HG[:T], self.MK[:T]
         cs = ChunkStats(tokens=T)
         t_all = time.perf_counter()
         m.store.check_unchanged()
         for j, tok in enumerate(tokens):
-            m.embed(self.X[j], tok, cs)
+            m.embed(X[j], tok, cs)
+            nn.rope_cos_sin(self.cos[j, 0], self.sin[j, 0], pos0 + j, w.inv_freq[0])
+            nn.rope_cos_sin(self.cos[j, 1], self.sin[j, 1], pos0 + j, w.inv_freq[1])
         eps = float(w.fp[fw.FP_EPS])
-        sel = m.select
+        s = m.st
         for il in range(c.n_layer):
-            for j in range(T):
-                pos = pos0 + j
-                nn.rope_cos_sin(s.cos[0], s.sin[0], pos, w.inv_freq[0])
-                nn.rope_cos_sin(s.cos[1], s.sin[1], pos, w.inv_freq[1])
-                s.x[:] = self.X[j]
-                fw.attention_layer(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos,
-                                   s.sin, s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases,
-                                   w.swa, w.ip, w.fp, il, pos)
-                self.X[j] = s.x
-                nn.rmsnorm(self.XB[j], self.X[j], w.norms[il, fw.NORM_FFN], eps)
-                dispatch.quantize_x(self.XQ[j], self.XB[j])
-                n, have_gate = sel(il, s.hg, self.XB[j], self.XQ[j])
-                self.ACT[j, :n] = sel.active[:n]
-                self.GV[j, :n] = sel.gvals[:n]
-                self.N[j] = n
-            m.ffn.run_chunk(self.FOUT, il, self.ACT, self.GV, self.N, T, have_gate, self.XB, self.XQ,
-                            c.activation, m.thresholds[il], m.t + T - 1, cs, self.PART)
-            for j in range(T):
-                fw.residual_add(self.X[j], self.FOUT[j], w.norms[il, fw.NORM_POST_FFW], eps, c.post_norms)
-        s.x[:] = self.X[T - 1]
+            fw.attention_batch_layer(X, XB, XR, self.Q[:T], self.K[:T], self.V[:T], self.ATT[:T], self.ATR[:T],
+                                     self.scores, s.k_cache, s.v_cache, self.cos, self.sin, w.blob, w.mats,
+                                     w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp, il, pos0)
+            fw.rows_rmsnorm(XB, X, w.norms[il, fw.NORM_FFN], eps)
+            fw.rows_round_q8(XR, XB)
+            have_gate = m.select.chunk(il, HG, MK, XB, XR)
+            n = sparse.union_rows(self.union, MK)
+            m.ffn.run_chunk(FOUT, il, self.union, n, MK, HG, have_gate, XB, XR, c.activation, m.thresholds[il],
+                            m.t + T - 1, cs, self)
+            fw.rows_residual(X, FOUT, w.norms[il, fw.NORM_POST_FFW], eps, c.post_norms)
+        s.x[:] = X[T - 1]
         if last:
             m.out_head(eps, cs)
         m.t += T

@@ -24,6 +24,7 @@ from ..config import config_from_gguf
 from ..errors import (ContextOverflowError, GGUFFormatError, InvalidArgumentError, RamCapError,
                       UnsupportedModelError)
 from ..kernels import compile_in_child, dispatch, forward as fw, nn, release_compiler_pages, sparse
+from ..kernels.quant_basic import MM_ROWS
 from ..model import RunState, Weights, set_threads
 from . import budget, diskprobe
 from .ffn import FFNLoader, _split
@@ -46,7 +47,7 @@ def warm_kernels(path) -> None:
     """Load (compiling if needed) every kernel FlashModel uses, by opening `path` in naive mode (which
     reads nothing large), and leave a marker in numba's cache folder (named after the kernel sources)."""
     from ..gguf_file import GGUFFile
-    FlashModel(GGUFFile(path), mode="naive", n_ctx=16)
+    FlashModel(GGUFFile(path), mode="naive", n_ctx=16, logit_rows=2)
     with open(_warm_marker(), "w") as fh:
         fh.write("kernels of gguf_flash.flash.runtime compiled\n")
 
@@ -86,7 +87,7 @@ def peak_rss() -> int:
     return budget.rss()
 
 
-def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16") -> None:
+def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: int = 0) -> None:
     """Load every compiled function the token loop uses (from numba's cache) on tiny inputs, then hand
     LLVM's pages back (kernels.release_compiler_pages). Called before the tokenizer and the model's own
     buffers exist, LLVM's ~70 MiB peak comes while the process is small; FlashModel calls it again (then it
@@ -113,6 +114,23 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16") -> None:
                             np.array(l0.types, np.int64), np.array(np.cumsum((0,) + l0.part_bytes), np.int64),
                             c.activation, np.float32(0))
     sparse.sum_partials(ffn_out, partial)
+    # the prompt chunk's kernels (flash/prefill.py), on one token
+    pre = _TinyChunk(c, s)
+    fw.attention_batch_layer(pre.X, pre.XB, pre.XR, pre.Q, pre.K, pre.V, pre.ATT, pre.ATR, pre.scores,
+                             s.k_cache, s.v_cache, pre.cos, pre.sin, w.blob, w.mats, w.norms, w.qk_norms,
+                             w.biases, w.swa, w.ip, w.fp, 0, 0)
+    fw.rows_rmsnorm(pre.XB, pre.X, w.norms[0, fw.NORM_FFN], 1e-5)
+    fw.rows_round_q8(pre.XR, pre.XB)
+    fw.rows_residual(pre.X, pre.XB, w.norms[0, fw.NORM_POST_FFW], 1e-5, False)
+    sparse.mask_by_gate(pre.MK, pre.HG, c.activation, 0.0)
+    sparse.mask_by_logit(pre.MK[0], pre.HG[0], 0.0, True)
+    sparse.union_rows(idx, pre.MK)
+    sparse.gate_chunk(np.zeros((1, MM_ROWS), np.float32), np.zeros((MM_ROWS, l0.part_bytes[0]), np.uint8), int(l0.types[0]),
+                      pre.XB)
+    sparse.sparse_ffn_chunk(pre.PART, pre.DEC, pre.H, one, idx, one, idx, idx, 0, 0, pre.MK, pre.HG, False,
+                            pre.XB, pre.XR, np.array(l0.types, np.int64),
+                            np.array(np.cumsum((0,) + l0.part_bytes), np.int64), c.activation, np.float32(0))
+    sparse.sum_parts_chunk(pre.X, pre.PART)
     _split(idx, idx, idx, 0, idx, 1)
     sparse.select_by_gate(np.zeros(1, np.int32), np.zeros(1, np.float32), s.hg[:1], c.activation, 0.0)
     sparse.select_by_logit(np.zeros(1, np.int32), s.hg[:1], 0.0, True)
@@ -124,6 +142,9 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16") -> None:
     head = w.output.copy()
     head[1] = 1
     dispatch.matvec(s.logits[:1], w.blob, head, s.xb, s.xq_embd)
+    if logit_rows > 1:   # prompt logits r rows at a time (perplexity): a matrix product over the head
+        dispatch.matmat(np.zeros((1, 1), np.float32), w.blob, head, pre.XB)
+        fw.rows_rmsnorm(pre.XB, pre.X, w.output_norm, 1e-5)
     fw.output_head(s.logits[:1], s.x, s.xb, s.xq_embd, w.blob, head, w.output_norm, 1e-5)
     nn.rmsnorm(s.xb, s.x, w.output_norm, 1e-5)
     f.release(int(head[0]), int(head[2]))
@@ -140,10 +161,27 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16") -> None:
     release_compiler_pages()
 
 
+class _TinyChunk:
+    """One-token twins of ChunkPrefill's buffers: loads the prompt kernels for the right array types."""
+
+    def __init__(self, c, s):
+        f32 = np.float32
+        self.X, self.XB, self.XR = (np.zeros((1, c.n_embd), f32) for _ in range(3))
+        self.Q, self.ATT, self.ATR = (np.zeros((1, c.q_dim), f32) for _ in range(3))
+        self.K, self.V = np.zeros((1, c.kv_dim), f32), np.zeros((1, c.kv_dim), f32)
+        self.scores = np.zeros((c.n_head, s.k_cache.shape[1]), f32)
+        self.cos, self.sin = np.zeros((1, 2, c.rope_dim // 2), f32), np.zeros((1, 2, c.rope_dim // 2), f32)
+        self.HG, self.MK = np.zeros((1, c.n_ff), f32), np.zeros((1, c.n_ff), np.uint8)
+        self.PART = np.zeros((2, 1, c.n_embd), f32)
+        self.DEC = np.zeros((2, 3, MM_ROWS, c.n_embd), f32)
+        self.H = np.zeros((2, 2, 1, MM_ROWS), f32)
+
+
 class FlashModel:
     def __init__(self, f, *, max_ram=None, mode: str = "flash", selector: str = "auto",
                  n_ctx: int | None = None, n_threads: int | None = None, cold: bool = False,
-                 window_k: int = 8, io_threads: int = 4, kv_type: str = "f16", prefill_chunk: int = CHUNK):
+                 window_k: int = 8, io_threads: int = 4, kv_type: str = "f16", prefill_chunk: int = CHUNK,
+                 logit_rows: int = 0):
         if mode not in MODES:
             raise InvalidArgumentError(f"--mode {mode}: choose one of {', '.join(MODES)}")
         if selector not in SELECTORS:
@@ -176,7 +214,7 @@ class FlashModel:
         # ---- kernels loaded, LLVM released, the runtime measured ----
         if self.cap is not None:
             compile_out_of_process(f.path)
-        preload_kernels(f, c, info, kv_type)
+        preload_kernels(f, c, info, kv_type, logit_rows)
         baseline = budget.rss()
 
         # ---- the plan (refuses an impossible cap before anything large is loaded) ----
@@ -185,7 +223,10 @@ class FlashModel:
         kv = self.st.k_cache.nbytes + self.st.v_cache.nbytes
         scratch = sum(a.nbytes for a in vars(self.st).values() if isinstance(a, np.ndarray)) - kv
         fixed = {"attention": attn, "KV cache": kv, "scratch": scratch, "I/O staging": io_threads * max_range}
-        fixed["prompt chunk"] = prefill_bytes(c, self.st.xq_embd.shape[0], prefill_chunk)
+        fixed["prompt chunk"] = prefill_bytes(c, self.n_ctx, prefill_chunk)
+        self.logit_rows = max(1, min(int(logit_rows), prefill_chunk))
+        if self.logit_rows > 1:
+            fixed["prompt logits"] = self.logit_rows * c.n_vocab * 4
         head_bytes = int(self.w.output[1] * self.w.output[2])
         embd_bytes = 0 if c.tied_output else int(self.w.embd[1] * self.w.embd[2])
         slot_max = max(bb)
@@ -299,8 +340,16 @@ class FlashModel:
         return self.st.logits
 
     def _prefill_all(self, tokens, pos0):
-        for i, t in enumerate(tokens):
-            yield i, self.forward(t, pos0 + i)[None, :]
+        """Yields (start, logits (m, n_vocab)): chunks as in prefill, the head on logit_rows hidden states
+        at a time (a streamed head read once per group)."""
+        for t in tokens:
+            if not 0 <= t < self.cfg.n_vocab:
+                raise GGUFFormatError(f"{self.file.path}: token id {t} out of range")
+        if self.logit_rows == 1:
+            out = self.st.logits[None, :]
+        else:
+            out = np.zeros((self.logit_rows, self.cfg.n_vocab), np.float32)
+        yield from self.chunked.run_rows(tokens, pos0, out)
 
     def close(self):
         self.store.close()

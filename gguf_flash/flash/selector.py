@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import sparse
+from ..kernels import dispatch, sparse
 
 
 class Selector:
@@ -44,3 +44,23 @@ class Selector:
         a, b = self.pred[il]
         sparse.predictor_logits(self.z, self.tmp[:a.shape[1]], xb, a, b, l.pred_bias)
         return sparse.select_by_logit(self.active, self.z, l.pred_offset, l.pred_abs), False
+
+    def chunk(self, il, HG, MK, XB, XR):
+        """A prompt chunk's choices: MK (T, n_ff) uint8 = 1 where token j chooses row i; with gate rows
+        resident HG (T, n_ff) f32 receives the gate values (one matrix product over XB, or over XR, the
+        inputs as 8-bit blocks, for the types whose decode dot reads those) and True is returned."""
+        if self.kind in ("none", "bundle"):
+            MK[:] = 1
+            return False
+        l = self.layers[il]
+        if self.kind == "gate":
+            q8x = int(l.types[0]) in (dispatch.Q4_0, dispatch.Q4_1, dispatch.Q5_0, dispatch.Q5_1, dispatch.Q8_0)
+            sparse.gate_chunk(HG, self.gates[il], int(l.types[0]), XR if q8x else XB)
+            sparse.mask_by_gate(MK, HG, self.act, l.threshold)
+            return True
+        a, b = self.pred[il]
+        for j in range(XB.shape[0]):
+            sparse.predictor_logits(self.z, self.tmp[:a.shape[1]], XB[j], a, b, l.pred_bias)
+            sparse.mask_by_logit(MK[j], self.z, l.pred_offset, l.pred_abs)
+        return False
+

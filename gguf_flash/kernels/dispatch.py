@@ -43,6 +43,12 @@ def quantize_x(xq, x):
     qb.quantize_x_q8(xq, x)
 
 
+@njit(cache=True, inline="always")
+def uses_q8x(qt):
+    """True for the types whose decode matvec/dot reads the input as 8-bit blocks (quantize_x)."""
+    return qt == Q4_0 or qt == Q4_1 or qt == Q5_0 or qt == Q5_1 or qt == Q8_0
+
+
 @njit(cache=True)
 def matvec(out, blob, m, x, xq):
     """out (n_rows,) = W @ x; xq is x after quantize_x (used by the Q4/Q5/Q8 types)."""
@@ -226,3 +232,38 @@ def axpy_row(qt, out, a, row):
         qk.axpy_q6_k(out, a, row)
     elif qt == IQ4_NL:
         qk.axpy_iq4_nl(out, a, row)
+
+
+@njit(cache=True)
+def dequant_into(qt, out, row):
+    """out (n,) f32 = dequant(row): one bundle part decoded once and used by a whole prompt chunk.
+    Not inlined: the prompt kernels call it from several places, and every inlined copy of the 14
+    type kernels is machine code resident under the cap."""
+    if qt == F32:
+        qb.dequant_row_f32(out, row)
+    elif qt == F16:
+        qb.dequant_row_f16(out, row)
+    elif qt == BF16:
+        qb.dequant_row_bf16(out, row)
+    elif qt == Q4_0:
+        qb.dequant_row_q4_0(out, row)
+    elif qt == Q4_1:
+        qb.dequant_row_q4_1(out, row)
+    elif qt == Q5_0:
+        qb.dequant_row_q5_0(out, row)
+    elif qt == Q5_1:
+        qb.dequant_row_q5_1(out, row)
+    elif qt == Q8_0:
+        qb.dequant_row_q8_0(out, row)
+    elif qt == Q2_K:
+        qk.dequant_row_q2_k(out, row)
+    elif qt == Q3_K:
+        qk.dequant_row_q3_k(out, row)
+    elif qt == Q4_K:
+        qk.dequant_row_q4_k(out, row)
+    elif qt == Q5_K:
+        qk.dequant_row_q5_k(out, row)
+    elif qt == Q6_K:
+        qk.dequant_row_q6_k(out, row)
+    elif qt == IQ4_NL:
+        qk.dequant_row_iq4_nl(out, row)

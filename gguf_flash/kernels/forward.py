@@ -17,7 +17,9 @@ Every architecture runs through the same code; the per-architecture differences 
 
 from numba import njit, prange
 
-from .dispatch import dequant_row, matmat, matvec, quantize_x
+from .quant_basic import round_q8
+
+from .dispatch import dequant_row, matmat, matvec, quantize_x, uses_q8x
 from .kvcache import kv_put
 from .nn import FASTMATH, attention, attention_batch, glu, rmsnorm, rmsnorm_heads, rope, rope_cos_sin
 
@@ -124,15 +126,62 @@ def forward_token(logits, x, xb, q, k, v, att, scores, hg, hu, k_cache, v_cache,
 # ---- prompt batch -------------------------------------------------------------------------------
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def _rows_rmsnorm(out, x, w, eps):
+def rows_rmsnorm(out, x, w, eps):
     for j in prange(x.shape[0]):
         rmsnorm(out[j], x[j], w, eps)
 
 
+@njit(cache=True, parallel=True)
+def rows_round_q8(out, x):
+    """out[j] = x[j] as 8-bit blocks (quant_basic.round_q8), every row."""
+    for j in prange(x.shape[0]):
+        round_q8(out[j], x[j])
+
+
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def _rows_residual(x, y, post_w, eps, post_norm):
+def rows_residual(x, y, post_w, eps, post_norm):
     for j in prange(x.shape[0]):
         residual_add(x[j], y[j], post_w, eps, post_norm)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def attention_batch_layer(X, XB, XR, Q, K, V, ATT, ATR, scores, k_cache, v_cache, cos, sin, blob, mats,
+                          norms, qk_norms, biases, swa, ip, fp, il, pos0):
+    """X (n, n_embd) += attention block of layer il for n tokens at positions pos0.. (the prompt batch;
+    their K/V go to the caches). Buffers have exactly n rows; cos, sin (n, 2, rope_dim / 2).
+    XR (n, n_embd), ATR (n, q_dim): with n rows, the matrices whose decode kernels read 8-bit input
+    blocks get their input as those blocks (round_q8), so a prompt chunk computes what token-by-token
+    decoding computes, up to float rounding (flash prefill); with 0 rows, float input (the dense batch)."""
+    n = X.shape[0]
+    n_head, n_head_kv, hd = ip[IP_N_HEAD], ip[IP_N_HEAD_KV], ip[IP_HEAD_DIM]
+    eps = fp[FP_EPS]
+    rq = XR.shape[0] > 0
+    rows_rmsnorm(XB, X, norms[il, NORM_ATTN], eps)
+    if rq:
+        rows_round_q8(XR, XB)
+    matmat(Q, blob, mats[il, MAT_Q], XR if rq and uses_q8x(mats[il, MAT_Q, 3]) else XB)
+    matmat(K, blob, mats[il, MAT_K], XR if rq and uses_q8x(mats[il, MAT_K, 3]) else XB)
+    matmat(V, blob, mats[il, MAT_V], XR if rq and uses_q8x(mats[il, MAT_V, 3]) else XB)
+    local = swa[il]
+    for j in range(n):
+        if ip[IP_QKV_BIAS]:
+            add_bias(Q[j], biases[il, 0])
+            add_bias(K[j], biases[il, 1])
+            add_bias(V[j], biases[il, 2])
+        if ip[IP_QK_NORM]:
+            rmsnorm_heads(Q[j], qk_norms[il, 0], n_head, hd, eps)
+            rmsnorm_heads(K[j], qk_norms[il, 1], n_head_kv, hd, eps)
+        rope(Q[j], cos[j, local], sin[j, local], n_head, hd, ip[IP_ROPE_STYLE])
+        rope(K[j], cos[j, local], sin[j, local], n_head_kv, hd, ip[IP_ROPE_STYLE])
+        kv_put(k_cache[il, pos0 + j], K[j])
+        kv_put(v_cache[il, pos0 + j], V[j])
+    window = ip[IP_WINDOW] if local else 0
+    attention_batch(ATT, Q, k_cache[il], v_cache[il], scores, pos0, window, n_head, n_head_kv, hd,
+                    fp[FP_ATTN_SCALE])
+    if rq:
+        rows_round_q8(ATR, ATT)
+    matmat(XB, blob, mats[il, MAT_O], ATR if rq and uses_q8x(mats[il, MAT_O, 3]) else ATT)
+    rows_residual(X, XB, norms[il, NORM_POST_ATTN], eps, ip[IP_POST_NORMS])
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -153,29 +202,9 @@ def forward_batch(hidden, X, XB, Q, K, V, ATT, scores, HG, HU, k_cache, v_cache,
         rope_cos_sin(cos[j, 0], sin[j, 0], pos0 + j, inv_freq[0])
         rope_cos_sin(cos[j, 1], sin[j, 1], pos0 + j, inv_freq[1])
     for il in range(ip[IP_N_LAYER]):
-        _rows_rmsnorm(XB, X, norms[il, NORM_ATTN], eps)
-        matmat(Q, blob, mats[il, MAT_Q], XB)
-        matmat(K, blob, mats[il, MAT_K], XB)
-        matmat(V, blob, mats[il, MAT_V], XB)
-        local = swa[il]
-        for j in range(n):
-            if ip[IP_QKV_BIAS]:
-                add_bias(Q[j], biases[il, 0])
-                add_bias(K[j], biases[il, 1])
-                add_bias(V[j], biases[il, 2])
-            if ip[IP_QK_NORM]:
-                rmsnorm_heads(Q[j], qk_norms[il, 0], n_head, hd, eps)
-                rmsnorm_heads(K[j], qk_norms[il, 1], n_head_kv, hd, eps)
-            rope(Q[j], cos[j, local], sin[j, local], n_head, hd, ip[IP_ROPE_STYLE])
-            rope(K[j], cos[j, local], sin[j, local], n_head_kv, hd, ip[IP_ROPE_STYLE])
-            kv_put(k_cache[il, pos0 + j], K[j])
-            kv_put(v_cache[il, pos0 + j], V[j])
-        window = ip[IP_WINDOW] if local else 0
-        attention_batch(ATT, Q, k_cache[il], v_cache[il], scores, pos0, window, n_head, n_head_kv, hd,
-                        fp[FP_ATTN_SCALE])
-        matmat(XB, blob, mats[il, MAT_O], ATT)
-        _rows_residual(X, XB, norms[il, NORM_POST_ATTN], eps, ip[IP_POST_NORMS])
-        _rows_rmsnorm(XB, X, norms[il, NORM_FFN], eps)
+        attention_batch_layer(X, XB, XB[:0], Q, K, V, ATT, ATT[:0], scores, k_cache, v_cache, cos, sin, blob,
+                              mats, norms, qk_norms, biases, swa, ip, fp, il, pos0)
+        rows_rmsnorm(XB, X, norms[il, NORM_FFN], eps)
         if ffn_in.shape[0] > 0:
             ffn_in[il, :n] = XB
         matmat(HG, blob, mats[il, MAT_GATE], XB)
@@ -183,5 +212,5 @@ def forward_batch(hidden, X, XB, Q, K, V, ATT, scores, HG, HU, k_cache, v_cache,
         for j in range(n):
             glu(HG[j], HG[j], HU[j], ip[IP_ACT], thresholds[il])
         matmat(XB, blob, mats[il, MAT_DOWN], HG)
-        _rows_residual(X, XB, norms[il, NORM_POST_FFW], eps, ip[IP_POST_NORMS])
-    _rows_rmsnorm(hidden[:n], X, out_norm, eps)
+        rows_residual(X, XB, norms[il, NORM_POST_FFW], eps, ip[IP_POST_NORMS])
+    rows_rmsnorm(hidden[:n], X, out_norm, eps)

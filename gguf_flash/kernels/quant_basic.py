@@ -763,6 +763,22 @@ def quantize_x_q8(scratch, x):
         xs[b] = d * np.float32(s)
 
 
+@njit(cache=True)  # no fastmath, as quantize_x_q8: the same d, 1/d and codes
+def round_q8(out, x):
+    """out (n,) f32 = x (n,) as quantize_x_q8 sees it: each block of 32 rounded to d * q (int8 q).
+    A float matrix product over these values computes what the integer dot products of the decode path
+    compute from the same blocks, up to float rounding (prompt chunks vs token by token)."""
+    nb = x.shape[0] // QK
+    for b in range(nb):
+        amax = np.float32(0)
+        for j in range(QK):
+            amax = max(amax, abs(x[b * QK + j]))
+        d = np.float32(np.float64(amax) / 127.0)
+        inv = np.float32(1) / d if d > 0 else np.float32(0)
+        for j in range(QK):
+            out[b * QK + j] = np.float32(np.int8(np.rint(x[b * QK + j] * inv))) * d
+
+
 def _call_x86(b, name, ret, argtys, args):
     fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(ret, argtys), name)
     return b.call(fn, args)

@@ -8,8 +8,9 @@ its slot. Identity (tests/test_flash_runtime.py): every neuron selected = the de
 import numpy as np
 from numba import njit, prange
 
-from .dispatch import axpy_row, dot_row
+from .dispatch import axpy_row, dequant_into, dot_row, uses_q8x
 from .nn import FASTMATH, activate
+from .quant_basic import MM_ROWS, _gemm_rows
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
@@ -100,3 +101,121 @@ def sum_partials(out, partial):
         for c in range(partial.shape[0]):
             s += partial[c, i]
         out[i] = s
+
+
+# ---- a prompt chunk: each bundle decoded once, its dot products over the chunk as a matrix product ----
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def gate_chunk(HG, gates, qt, X):
+    """HG (T, n_ff) = X (T, n_embd) @ gates.T for resident gate rows gates (n_ff, row_bytes) uint8 of
+    type qt: rows decoded MM_ROWS at a time, then the register-blocked product (what dispatch.matmat
+    does, without loading a second copy of every type's matmat under the cap)."""
+    n_ff = gates.shape[0]
+    n_groups = (n_ff + MM_ROWS - 1) // MM_ROWS
+    for g in prange(n_groups):
+        r0 = g * MM_ROWS
+        nr = min(MM_ROWS, n_ff - r0)
+        buf = np.empty((MM_ROWS, X.shape[1]), np.float32)   # decoded rows of this group
+        for r in range(nr):
+            dequant_into(qt, buf[r], gates[r0 + r])
+        _gemm_rows(HG, buf, X, r0, nr)
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def mask_by_gate(MK, HG, act, threshold):
+    """MK[j, i] = 1 where |act(HG[j, i])| > threshold (token j chooses row i). MK (T, n_ff) uint8,
+    HG (T, n_ff) f32 gate values."""
+    for j in prange(HG.shape[0]):
+        for i in range(HG.shape[1]):
+            MK[j, i] = 1 if abs(activate(HG[j, i], act)) > threshold else 0
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def mask_by_logit(mk, z, offset, absolute):
+    """mk (n_ff,) uint8 = 1 where the predictor's logit (|z| - offset, or z) is > 0 (select_by_logit's rule)."""
+    for i in range(z.shape[0]):
+        logit = abs(z[i]) - offset if absolute else z[i]
+        mk[i] = 1 if logit > 0.0 else 0
+
+
+@njit(cache=True)
+def union_rows(union, MK):
+    """union[:n] = the rows some token of the chunk chose (increasing); returns n. MK (T, n_ff) uint8."""
+    n = 0
+    for i in range(MK.shape[1]):
+        for j in range(MK.shape[0]):
+            if MK[j, i]:
+                union[n] = i
+                n += 1
+                break
+    return n
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, u0, u1, MK, HG, have_gate,
+                     XB, XR, types, offs, act, threshold):
+    """PART[c, j] += the FFN contributions, for token j, of the rows union[p], u0 <= p < u1,
+    p % n_part == c, that token j chose (MK[j, row]) and whose |act(gate)| > threshold.
+
+    Each row is decoded once for the whole chunk (gate, up, down parts into DEC) and its gate/up dot
+    products with every token's input come from a register-blocked matrix product (the dense engine's
+    _gemm_rows); token j then adds h_j * down_row for the rows it chose, rows in increasing p per part,
+    however the positions are cut into calls: the sum is the same at every cap. With have_gate the
+    gate values are HG[j, row] (the chunk's resident gate rows), else they come from the bundle.
+    PART (n_part, T, n_embd) f32, zeroed by the caller; DEC (n_part, 3, MM_ROWS, n_embd) f32 and
+    H (n_part, 2, T, MM_ROWS) f32 scratch; slots/stage (rows, slot_bytes) uint8; neuron_slot/stage_map
+    (n_ff,) int32; union (>= u1,) int32; MK (T, n_ff) uint8; HG (T, n_ff) f32; XB (T, n_embd) f32 the
+    FFN inputs and XR the same as 8-bit blocks (round_q8), used for the part types whose decode dot reads
+    those (so the chunk computes what token-by-token decoding does, up to float rounding)."""
+    n_part = PART.shape[0]
+    T = XB.shape[0]
+    n_embd = XB.shape[1]
+    xg = XR if uses_q8x(types[0]) else XB
+    xu = XR if uses_q8x(types[1]) else XB
+    for c in prange(n_part):
+        acc = PART[c]
+        gb, ub, db = DEC[c, 0], DEC[c, 1], DEC[c, 2]
+        hgl, hul = H[c, 0], H[c, 1]
+        p = u0 + (c - u0 % n_part) % n_part
+        while p < u1:
+            nr = min(MM_ROWS, (u1 - 1 - p) // n_part + 1)
+            for r in range(nr):
+                a = union[p + r * n_part]
+                s = neuron_slot[a]
+                row = slots[s] if s >= 0 else stage[stage_map[a]]
+                if not have_gate:
+                    dequant_into(types[0], gb[r], row[offs[0]:offs[1]])
+                dequant_into(types[1], ub[r], row[offs[1]:offs[2]])
+                dequant_into(types[2], db[r], row[offs[2]:offs[3]])
+            # whole blocks of 4 rows (zero rows pad the last): _gemm_rows computes each row of a block
+            # by the same code, so a row's dot products do not depend on how the union was cut
+            nr4 = (nr + 3) // 4 * 4
+            for r in range(nr, nr4):
+                gb[r, :] = 0.0
+                ub[r, :] = 0.0
+            if not have_gate:
+                _gemm_rows(hgl, gb, xg, 0, nr4)
+            _gemm_rows(hul, ub, xu, 0, nr4)
+            for j in range(T):
+                out = acc[j]
+                for r in range(nr):
+                    a = union[p + r * n_part]
+                    if MK[j, a]:
+                        v = activate(HG[j, a] if have_gate else hgl[j, r], act)
+                        if abs(v) > threshold:
+                            h = v * hul[j, r]
+                            d = db[r]
+                            for i in range(n_embd):
+                                out[i] += h * d[i]
+            p += nr * n_part
+
+
+@njit(cache=True, parallel=True)
+def sum_parts_chunk(OUT, PART):
+    """OUT[j] (n_embd,) = sum over c of PART[c, j], in c order. OUT (T, n_embd); PART (n_part, >= T, n_embd)."""
+    for j in prange(OUT.shape[0]):
+        for i in range(OUT.shape[1]):
+            s = np.float32(0.0)
+            for c in range(PART.shape[0]):
+                s += PART[c, j, i]
+            OUT[j, i] = s
