@@ -228,9 +228,11 @@ def cmd_chat(a):
             break
         messages.append({"role": "user", "content": line})
         ids = llm.chat_ids(messages)
-        res = llm.generate(ids, _n_predict(a, llm, len(ids)), _params(a), stop=a.stop,
-                           stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-        sys.stdout.write("\n")
+        try:
+            res = llm.generate(ids, _n_predict(a, llm, len(ids)), _params(a), stop=a.stop,
+                               stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        finally:   # a reply cut by an error stays on screen, the error goes on its own line
+            sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": res.text})
 
 
@@ -458,7 +460,9 @@ def main(argv=None) -> int:
         a.func(a)
     except GGUFFlashError as e:
         _stop_output()
-        print(f"gguf-flash: error: {e}", file=sys.stderr)
+        # a generation cut short (the cap hit, the flash file truncated) printed its tokens above
+        cut = f" (after {len(e.tokens)} generated tokens)" if e.tokens else ""
+        print(f"gguf-flash: error: {e}{cut}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _stop_output()
