@@ -135,6 +135,9 @@ class Server:
         if self.worker.llm is None:
             return JSONResponse({"error": {"message": "model failed to load", "type": "server_error",
                                            "param": None, "code": 500}}, status_code=500)
+        if self.worker.llm.fault is not None:
+            return JSONResponse({"error": {"message": _fault_message(self.worker.llm), "type": "server_error",
+                                           "param": None, "code": 500}}, status_code=500)
         return JSONResponse({"status": "ok", "busy": self.worker.busy, "queued": self.worker.jobs.qsize(),
                              "cached_tokens": len(self.worker.cache_ids)})
 
@@ -211,6 +214,9 @@ class Server:
         events: asyncio.Queue = asyncio.Queue()
         try:
             self._check(request, endpoint)
+            if self.worker.llm.fault is not None:   # the model's file failed earlier: nothing can run
+                raise APIError(500, f"{endpoint}: {_fault_message(self.worker.llm)}", type_="server_error",
+                               code="model_file_fault")
             body = await self._body(request, endpoint)
             # template, tokenizer and grammar compilation run off the event loop (/health stays quick)
             req, constraint = await asyncio.to_thread(self._request, body, endpoint)
@@ -276,11 +282,18 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _fault_message(llm) -> str:
+    return f"server-side fault: the model file {llm.path} failed while running ({llm.fault}); restart the server"
+
+
 def _api_error(e: Exception, endpoint: str) -> APIError:
     if isinstance(e, APIError):
         return e
     if isinstance(e, ContextOverflowError):
         return APIError(400, f"{endpoint}: {e}", code="context_length_exceeded")
+    if isinstance(e, GGUFFormatError):   # raised while generating: the model's file failed, not the request
+        return APIError(500, f"{endpoint}: server-side fault after {len(e.tokens)} generated tokens: {e}",
+                        type_="server_error", code="model_file_fault")
     if isinstance(e, GGUFFlashError):
         return APIError(500, f"{endpoint}: {e}", type_="server_error", code=type(e).__name__)
     return APIError(500, f"{endpoint}: internal error ({type(e).__name__})", type_="server_error",
