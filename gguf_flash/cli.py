@@ -342,8 +342,16 @@ def cmd_serve(a):
               f"http://{host}:{port}/v1", flush=True)
 
     server = Server(lambda on_tokenizer: _load(a, on_tokenizer=on_tokenizer), cfg, on_loaded)
-    srv = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", access_log=False, lifespan="off",
-                                        timeout_graceful_shutdown=2))
+
+    class Uvicorn(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # Ctrl-C: open requests get their 503 first, so the graceful shutdown has nothing to cancel
+            # (cancelled streams were logged with tracebacks); uvicorn then re-raises the signal: exit 130
+            server.close_requests()
+            await super().shutdown(sockets)
+
+    srv = Uvicorn(uvicorn.Config(server.app, log_level="warning", access_log=False, lifespan="off",
+                                 timeout_graceful_shutdown=2))
     server_box["uvicorn"] = srv
     print(f"gguf-flash: loading {a.model}, listening on http://{host}:{port}", file=sys.stderr, flush=True)
     server.worker.start()

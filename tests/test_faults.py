@@ -1,4 +1,4 @@
-"""Faults (issue 16): Ctrl-C during `run` and `convert`, a converter or tools/make_synthetic.py
+"""Faults (issue 16): Ctrl-C during `run`, `convert` and `serve`, a converter or tools/make_synthetic.py
 killed outright, a full disk during conversion, two processes fetching one model, two processes reading
 one flash file, and a flash file truncated, replaced, overwritten or failing to read (EIO) while it
 generates. The command-line cases run the real command line in a child process."""
@@ -6,14 +6,17 @@ generates. The command-line cases run the real command line in a child process."
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -481,3 +484,55 @@ def test_chat_prints_the_partial_reply_then_one_line(tiny_flash, tmp_path):
     assert errors == [cut.stderr.strip().splitlines()[-1]] and str(path) in errors[0] and "truncated" in errors[0]
     partial = cut.stdout.rstrip("\n")
     assert partial and whole.stdout.startswith(partial), (cut.stdout, whole.stdout)
+
+
+# ---- Ctrl-C during `gguf-flash serve` --------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url, timeout=5):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_ctrl_c_during_serve(tiny_llama_path, smollm2_path, busy):
+    """SIGINT once the server answers /health: exit 130, 'interrupted', no traceback. Busy: a streamed
+    completion is being generated (SmolLM2, slow enough to be caught midway); it is answered with a 503
+    'shutting down' event and [DONE] before the server exits, instead of being cancelled (which uvicorn
+    logged with two tracebacks)."""
+    pytest.importorskip("uvicorn")
+    port = _free_port()
+    model = smollm2_path if busy else tiny_llama_path
+    c = Child(CLI + ["serve", "-m", str(model), "--port", str(port), "-t", "1", "-c", "600" if busy else "128"])
+    base = f"http://127.0.0.1:{port}"
+    assert c.wait_for(lambda: _get(base + "/health") == 200, poll=0.1), c.err.decode()[-2000:]
+    stream = bytearray()
+    if busy:
+        body = json.dumps({"prompt": "Once upon a time", "max_tokens": 500, "stream": True, "ignore_eos": True,
+                           "temperature": 0}).encode()
+        req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+
+        def client():
+            with urllib.request.urlopen(req, timeout=120) as r:
+                while chunk := r.read1(4096):
+                    stream.extend(chunk)
+        t = threading.Thread(target=client, daemon=True)
+        t.start()
+        assert c.wait_for(lambda: stream.count(b'"text"') >= 3), stream.decode()[-2000:]
+    c.signal(signal.SIGINT)
+    rc, out, err = c.finish()
+    assert rc == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err[-2000:]
+    assert "ERROR" not in err, err[-2000:]
+    if busy:
+        t.join(timeout=30)
+        events = [line[6:] for line in stream.decode().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "shutting_down", events[-3:]

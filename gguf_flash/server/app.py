@@ -51,6 +51,7 @@ class Server:
         self._user_on_loaded = on_loaded
         self.worker = Worker(self._load(loader), cfg.max_queue, self._on_loaded)
         self.created = int(time.time())
+        self._open: dict = {}        # id(job) -> (job, its events queue, endpoint): requests not yet answered
         self.app = Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/health", self.health, methods=["GET"]),
@@ -228,6 +229,7 @@ class Server:
             return _error_response(APIError(
                 503, f"{endpoint}: the server is busy ({self.cfg.max_queue} requests queued); retry later",
                 type_="server_error", code="queue_full", headers={"Retry-After": "1"}))
+        self._open[id(job)] = (job, events, endpoint)
         fmt = Formatter(endpoint, self.cfg.model_ids[0], self.worker.llm, req)
         if req.stream:
             return StreamingResponse(self._sse(job, events, fmt), media_type="text/event-stream",
@@ -254,6 +256,7 @@ class Server:
         finally:
             watcher.cancel()
             job.cancelled.set()      # no-op when done; stops the generation when the handler is torn down
+            self._open.pop(id(job), None)
 
     async def _sse(self, job: Job, events: asyncio.Queue, fmt):
         """Streamed: server-sent events ending with `data: [DONE]`. Closing the connection cancels the
@@ -276,6 +279,15 @@ class Server:
             yield "data: [DONE]\n\n"
         finally:
             job.cancelled.set()
+            self._open.pop(id(job), None)
+
+    def close_requests(self) -> None:
+        """Shutting down (Ctrl-C, SIGTERM): every open request is cancelled and answered now, 503, so the
+        web server's graceful shutdown finds nothing to kill. Called on the event loop."""
+        for job, events, endpoint in list(self._open.values()):
+            job.cancelled.set()
+            events.put_nowait(ErrorEvent(APIError(503, f"{endpoint}: the server is shutting down",
+                                                  type_="unavailable_error", code="shutting_down")))
 
 
 def _sse(obj) -> str:
