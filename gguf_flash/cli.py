@@ -204,9 +204,14 @@ def cmd_run(a):
 
 
 def _print_flash_stats(llm):
-    stats = getattr(llm.model, "stats", None)
-    if not stats:
+    store = getattr(llm.model, "store", None)
+    if store is None:
         print("(no flash statistics: the model runs dense)", file=sys.stderr)
+        return
+    print(store.read_mode(), file=sys.stderr)   # e.g. where --cold could not have O_DIRECT
+    stats = llm.model.stats
+    if not stats:
+        print("(no token was decoded)", file=sys.stderr)
         return
     print("token predicted loaded overflow  KiB-read reads hit%  io-ms  mm-ms compute-ms  RSS-MiB", file=sys.stderr)
     for i, s in enumerate(stats):

@@ -11,8 +11,8 @@ to a pool of threads calling os.preadv (which releases the GIL).
 Cold mode makes benchmarks honest: with the page cache in play, a second read is a memcpy and the cache
 acts as hidden DRAM. O_DIRECT needs the file offset, length and buffer address aligned (4096 here), so
 each range is widened to whole 4096-byte blocks and read into an aligned staging buffer (anonymous
-mmap), then rows are copied out. Where O_DIRECT is refused (tmpfs), posix_fadvise(DONTNEED) before each
-read drops the cached pages instead.
+mmap), then rows are copied out. Where O_DIRECT is refused (tmpfs before Linux 6.6, some network and
+FUSE filesystems), posix_fadvise(DONTNEED) before each read drops the cached pages instead.
 
 Faults: a read that fails (EIO), comes up short (the file was truncated) or a file that changed on disk
 raises FlashFormatError naming the file, and the fault is sticky: rows half read may already sit in a
@@ -146,6 +146,7 @@ class BundleStore:
         self.n_threads, self.gap_bytes, self.cold = int(n_threads), int(gap_bytes), bool(cold)
         self.direct_io = False   # O_DIRECT in use
         self.fadvise = False     # DONTNEED before each read instead
+        self.direct_refused = None if hasattr(os, "O_DIRECT") else "no O_DIRECT on this system"
         self.fault: str | None = None   # the first read fault or change on disk; later reads are refused
         self._fd = -1
         self._pool = None
@@ -155,7 +156,8 @@ class BundleStore:
                 self._fd = os.open(self.path, flags | os.O_DIRECT)
                 self.direct_io = True
             except OSError:
-                self._fd = -1  # tmpfs and some others refuse O_DIRECT at open
+                self._fd = -1  # tmpfs (before Linux 6.6) and some others refuse O_DIRECT at open
+                self.direct_refused = "O_DIRECT refused by the filesystem"
         if self._fd < 0:
             self._fd = os.open(self.path, flags)
             self.fadvise = self.cold and hasattr(os, "posix_fadvise")
@@ -205,8 +207,20 @@ class BundleStore:
             os.close(self._fd)
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             self.direct_io, self.fadvise, self._align = False, True, 1
+            self.direct_refused = "O_DIRECT refused by the filesystem"
         finally:
             buf.close()
+
+    def read_mode(self) -> str:
+        """How rows are read, in one line (`--stats`): O_DIRECT, or fadvise where O_DIRECT was refused."""
+        if self.direct_io:
+            return "cold reads: O_DIRECT"
+        if self.fadvise:
+            return f"cold reads: posix_fadvise(DONTNEED) ({self.direct_refused})"
+        if self.cold:
+            return (f"cold reads: unavailable ({self.direct_refused}, no posix_fadvise): "
+                    f"repeated reads come from the page cache")
+        return "reads: through the page cache (--cold bypasses it)"
 
     def _grow_plan(self, n):
         """Range arrays for up to n rows; grown (rarely) when a call asks for more rows."""
