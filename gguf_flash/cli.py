@@ -180,6 +180,9 @@ def cmd_run(a):
     if plan is not None and (a.stats or a.verbose):
         print(f"RAM plan: {plan.describe()}", file=sys.stderr)
     ids = llm.tokenize(prompt)
+    if not ids:   # an empty prompt, and the model adds no BOS token to condition on
+        raise InvalidArgumentError(f"{a.file or '-p'}: the prompt is empty and {llm.path} adds no BOS token: "
+                                   f"nothing to condition on")
     from .errors import ContextOverflowError
     if len(ids) >= llm.model.n_ctx:
         raise ContextOverflowError(f"prompt has {len(ids)} tokens, the context holds {llm.model.n_ctx} "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import models
-from .errors import GGUFFlashError, InvalidArgumentError, UnsupportedModelError
+from .errors import GGUFFlashError, GGUFFormatError, InvalidArgumentError, UnsupportedModelError
 from .generate import GenerationResult, carry_partial, generate, render_chat, stream_text
 from .config import config_from_gguf
 from .gguf_file import GGUFFile
@@ -56,9 +56,13 @@ class LLM:
     # ---- text <-> tokens ----
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list:
         try:
-            return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+            ids = self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
         except UnsupportedModelError as e:   # e.g. a vocabulary without the byte token a text needs
             raise UnsupportedModelError(f"{self.path}: {e}") from None
+        if text and not ids:   # a BPE vocabulary lacking every byte token drops the text silently
+            raise GGUFFormatError(f"{self.path}: the vocabulary encodes none of the text ({len(text)} "
+                                  f"characters): its tokens cannot spell it")
+        return ids
 
     def detokenize(self, ids, special: bool = False) -> str:
         return self.tokenizer.decode(list(ids), special=special)
