@@ -181,6 +181,9 @@ def cmd_run(a):
     if plan is not None and (a.stats or a.verbose):
         print(f"RAM plan: {plan.describe()}", file=sys.stderr)
     ids = llm.tokenize(prompt)
+    if not ids:   # an empty prompt, and the model adds no BOS token to condition on
+        raise InvalidArgumentError(f"{a.file or '-p'}: the prompt is empty and {llm.path} adds no BOS token: "
+                                   f"nothing to condition on")
     from .errors import ContextOverflowError
     if len(ids) >= llm.model.n_ctx:
         raise ContextOverflowError(f"prompt has {len(ids)} tokens, the context holds {llm.model.n_ctx} "
@@ -205,9 +208,14 @@ def cmd_run(a):
 
 
 def _print_flash_stats(llm):
-    stats = getattr(llm.model, "stats", None)
-    if not stats:
+    store = getattr(llm.model, "store", None)
+    if store is None:
         print("(no flash statistics: the model runs dense)", file=sys.stderr)
+        return
+    print(store.read_mode(), file=sys.stderr)   # e.g. where --cold could not have O_DIRECT
+    stats = llm.model.stats
+    if not stats:
+        print("(no token was decoded)", file=sys.stderr)
         return
     print("token predicted loaded overflow  KiB-read reads hit%  io-ms  mm-ms compute-ms  RSS-MiB", file=sys.stderr)
     for i, s in enumerate(stats):
@@ -229,9 +237,11 @@ def cmd_chat(a):
             break
         messages.append({"role": "user", "content": line})
         ids = llm.chat_ids(messages)
-        res = llm.generate(ids, _n_predict(a, llm, len(ids)), _params(a), stop=a.stop,
-                           stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-        sys.stdout.write("\n")
+        try:
+            res = llm.generate(ids, _n_predict(a, llm, len(ids)), _params(a), stop=a.stop,
+                               stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        finally:   # a reply cut by an error stays on screen, the error goes on its own line
+            sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": res.text})
 
 
@@ -341,8 +351,16 @@ def cmd_serve(a):
               f"http://{host}:{port}/v1", flush=True)
 
     server = Server(lambda on_tokenizer: _load(a, on_tokenizer=on_tokenizer), cfg, on_loaded)
-    srv = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", access_log=False, lifespan="off",
-                                        timeout_graceful_shutdown=2))
+
+    class Uvicorn(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # Ctrl-C: open requests get their 503 first, so the graceful shutdown has nothing to cancel
+            # (cancelled streams were logged with tracebacks); uvicorn then re-raises the signal: exit 130
+            server.close_requests()
+            await super().shutdown(sockets)
+
+    srv = Uvicorn(uvicorn.Config(server.app, log_level="warning", access_log=False, lifespan="off",
+                                 timeout_graceful_shutdown=2))
     server_box["uvicorn"] = srv
     print(f"gguf-flash: loading {a.model}, listening on http://{host}:{port}", file=sys.stderr, flush=True)
     server.worker.start()
@@ -459,7 +477,9 @@ def main(argv=None) -> int:
         a.func(a)
     except GGUFFlashError as e:
         _stop_output()
-        print(f"gguf-flash: error: {e}", file=sys.stderr)
+        # a generation cut short (the cap hit, the flash file truncated) printed its tokens above
+        cut = f" (after {len(e.tokens)} generated tokens)" if e.tokens else ""
+        print(f"gguf-flash: error: {e}{cut}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _stop_output()

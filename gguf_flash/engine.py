@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import models
-from .errors import InvalidArgumentError, UnsupportedModelError
-from .generate import GenerationResult, generate, render_chat, stream_text
+from .errors import GGUFFlashError, GGUFFormatError, InvalidArgumentError, UnsupportedModelError
+from .generate import GenerationResult, carry_partial, generate, render_chat, stream_text
 from .config import config_from_gguf
 from .gguf_file import GGUFFile
 from .model import Model
@@ -59,9 +59,13 @@ class LLM:
     # ---- text <-> tokens ----
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list:
         try:
-            return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+            ids = self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
         except UnsupportedModelError as e:   # e.g. a vocabulary without the byte token a text needs
             raise UnsupportedModelError(f"{self.path}: {e}") from None
+        if text and not ids:   # a BPE vocabulary lacking every byte token drops the text silently
+            raise GGUFFormatError(f"{self.path}: the vocabulary encodes none of the text ({len(text)} "
+                                  f"characters): its tokens cannot spell it")
+        return ids
 
     def detokenize(self, ids, special: bool = False) -> str:
         return self.tokenizer.decode(list(ids), special=special)
@@ -87,9 +91,20 @@ class LLM:
         return generate(self.model, self.tokenizer, ids, n_predict, params, stop, stream, ignore_eos)
 
     def stream(self, prompt, n_predict: int = 128, params: SamplingParams = GREEDY, stop=()):
-        """Generator of text pieces, produced as generation goes (nothing is buffered)."""
+        """Generator of text pieces, produced as generation goes (nothing is buffered). A GGUFFlashError
+        raised midway carries the tokens and text generated before it."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        yield from stream_text(self.model, self.tokenizer, ids, n_predict, params, stop)
+        res = GenerationResult()
+        try:
+            yield from stream_text(self.model, self.tokenizer, ids, n_predict, params, stop, result=res)
+        except GGUFFlashError as e:
+            carry_partial(e, res)
+            raise
+
+    @property
+    def fault(self) -> str | None:
+        """Why this model can no longer run (its flash file failed or changed under it), else None."""
+        return getattr(getattr(self.model, "store", None), "fault", None)
 
     def chat_prompt(self, messages, add_generation_prompt: bool = True) -> str:
         tok = self.tokenizer

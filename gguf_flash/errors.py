@@ -2,7 +2,13 @@
 
 
 class GGUFFlashError(Exception):
-    """Base class of every error gguf_flash raises on purpose."""
+    """Base class of every error gguf_flash raises on purpose.
+
+    An error that ends a generation midway carries what it produced: `tokens` (ids) and `text` (what
+    was streamed), filled in by generate.generate and LLM.stream; empty when nothing was generated."""
+
+    tokens: tuple | list = ()   # an error that carries tokens gets its own list
+    text: str = ""
 
 
 class GGUFFormatError(GGUFFlashError):
@@ -28,10 +34,12 @@ class RamCapError(GGUFFlashError):
         super().__init__(message)
         self.need = need   # bytes: the least cap that would be accepted (a refused plan)
         self.tokens = list(tokens or [])  # what was generated before the cap was hit
+        self.text = ""
 
 
 class FlashFormatError(GGUFFormatError):
-    """A flash-GGUF file whose flash.* keys or bundle tensors are missing or inconsistent."""
+    """A flash-GGUF file whose flash.* keys or bundle tensors are missing or inconsistent, or whose
+    bundles could not be read while running (truncated, replaced, an I/O error)."""
 
 
 class ChatTemplateError(GGUFFormatError):

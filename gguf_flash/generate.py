@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from .chat_template import CHATML_TEMPLATE, render_chat  # noqa: F401 - re-exported (engine, tests)
-from .errors import ContextOverflowError, GGUFFormatError
+from .errors import ContextOverflowError, GGUFFlashError, GGUFFormatError
 from .sampling import GREEDY, Sampler, SamplingParams
 from .tokenizer import StreamDecoder
 
@@ -107,16 +107,22 @@ def stream_text(model, tokenizer, prompt_ids, n_predict: int, params: SamplingPa
         yield held
 
 
+def carry_partial(e: GGUFFlashError, res: GenerationResult) -> None:
+    """An error that ended a generation (the cap hit, the flash file truncated) hands back what was
+    generated before it: the tokens and the text streamed so far."""
+    e.tokens, e.text = list(res.tokens), res.text
+
+
 def generate(model, tokenizer, prompt_ids, n_predict: int = 128, params: SamplingParams = GREEDY,
              stop=(), on_text=None, ignore_eos: bool = False) -> GenerationResult:
-    """Generate text; on_text(piece) is called as text becomes printable."""
-    from .errors import RamCapError
+    """Generate text; on_text(piece) is called as text becomes printable. A GGUFFlashError raised
+    midway carries the tokens and text generated before it (carry_partial)."""
     res = GenerationResult()
     try:
         for piece in stream_text(model, tokenizer, prompt_ids, n_predict, params, stop, ignore_eos, res):
             if on_text:
                 on_text(piece)
-    except RamCapError as e:  # the cap was hit mid-run: hand back what was generated so far
-        e.tokens, e.text = list(res.tokens), res.text
+    except GGUFFlashError as e:
+        carry_partial(e, res)
         raise
     return res

@@ -55,6 +55,10 @@ def tokenizer_from_gguf(f):
     if kind is None or tokens is None:
         raise GGUFFormatError(f"{f.path}: no tokenizer in the file (tokenizer.ggml.model/tokens)")
     check_tokenizer_types(f)
+    if not any(tokens):   # llama.cpp renames empty tokens "[EMPTY_i]": every piece of text would be lost
+        raise GGUFFormatError(f"{f.path}: tokenizer.ggml.tokens: " + (
+            f"all {len(tokens)} tokens are empty strings" if tokens else "the vocabulary is empty")
+            + " (no text can be encoded or decoded)")
     try:
         if kind == "gpt2":
             from .tokenizer_bpe import BPETokenizer

@@ -78,3 +78,46 @@ def test_bad_arguments(tiny_llama_path, tmp_path):
     assert_one_line_error(cli("fetch", "no-such-model"), "unknown model name")
     with pytest.raises(InvalidArgumentError):
         gguf_flash.load(tiny_llama_path).generate("x", n_predict=-2)
+
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "llama"])
+def test_vocabulary_of_empty_strings_names_the_file(tmp_path, tokenizer):
+    """Every tokenizer.ggml.tokens string empty: llama.cpp renames them "[EMPTY_i]", which left the BPE
+    tokenizer dropping all text (the prompt became no tokens: "empty prompt", naming nothing). Refused
+    at load, naming the file."""
+    from fuzz_gguf import rewrite
+    from gguf_flash.synthetic import write_synthetic
+    src = write_synthetic(tmp_path / "ok.gguf", n_layer=1, n_vocab=300, tokenizer=tokenizer)
+    empty = ([""] * 300, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
+    bad = rewrite(src, tmp_path / "empty-vocab.gguf", meta={"tokenizer.ggml.tokens": empty})
+    with pytest.raises(GGUFFormatError, match=r"empty-vocab\.gguf: tokenizer\.ggml\.tokens: all 300 tokens are empty"):
+        gguf_flash.load(bad)
+    assert_one_line_error(cli("run", "-m", bad, "-p", "hello", "-n", "2"), str(bad), "all 300 tokens are empty")
+
+
+def test_text_the_vocabulary_cannot_spell_names_the_file(tmp_path):
+    """Only the special tokens have text: a prompt encodes to nothing, which is refused naming the model
+    file (not run as an empty prompt); an empty prompt (file) names the prompt file and the model."""
+    from fuzz_gguf import rewrite
+    from gguf_flash.gguf_file import GGUFFile
+    from gguf_flash.synthetic import write_synthetic
+    src = write_synthetic(tmp_path / "ok.gguf", n_layer=1, n_vocab=300, tokenizer="gpt2")
+    f = GGUFFile(src)
+    kept = [t if ty == gguf.TokenType.CONTROL else "" for t, ty in
+            zip(f.get("tokenizer.ggml.tokens"), f.get("tokenizer.ggml.token_type"))]
+    f.close()
+    assert 0 < sum(map(bool, kept)) < 10
+    bad = rewrite(src, tmp_path / "specials-only.gguf",
+                  meta={"tokenizer.ggml.tokens": (kept, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)})
+    with pytest.raises(GGUFFormatError, match=r"specials-only\.gguf: the vocabulary encodes none of the text"):
+        gguf_flash.load(bad).generate("hello", n_predict=2)
+    proc = cli("run", "-m", bad, "-p", "hello", "-n", "2")    # a warning first: its merges are dropped
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and lines[0].startswith("dropping "), proc.stderr
+    assert lines[1:] == [f"gguf-flash: error: {bad}: the vocabulary encodes none of the text (5 characters): its "
+                         f"tokens cannot spell it"], proc.stderr
+    prompt = tmp_path / "empty-prompt.txt"
+    prompt.write_text("")
+    assert_one_line_error(cli("run", "-m", src, "-f", prompt, "-n", "2"), f"{prompt}: the prompt is empty",
+                          str(src))

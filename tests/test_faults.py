@@ -1,18 +1,30 @@
-"""Faults outside the flash runtime (issue 16): Ctrl-C during `run` and `convert`, a converter or
-tools/make_synthetic.py killed outright, a full disk during conversion, two processes fetching one
-model, two processes reading one flash file. Each runs the real command line in a child process."""
+"""Faults (issue 16): Ctrl-C during `run`, `convert` and `serve`, a converter or tools/make_synthetic.py
+killed outright, a full disk during conversion, two processes fetching one model, two processes reading
+one flash file, and a flash file truncated, replaced, overwritten or failing to read (EIO) while it
+generates. The command-line cases run the real command line in a child process."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+
+import gguf_flash
+import gguf_flash.generate as generate_mod
+from gguf_flash.errors import FlashFormatError
+from gguf_flash.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "import sys; from gguf_flash.cli import main; sys.exit(main())"]
@@ -248,3 +260,279 @@ def test_two_processes_read_one_flash_file(tmp_path):
     results = [k.finish(timeout=300) for k in kids]
     assert [r[0] for r in results] == [0, 0], [r[2][-1000:] for r in results]
     assert results[0][1] == results[1][1] == alone.stdout
+
+
+# ---- a flash file that fails while generating ------------------------------------------------------------
+
+PROMPT = "w1 x2 w3 x4"
+N_PREDICT = 16
+# a hot sampler: the synthetic model's greedy text repeats one token; seeded, so every run is the same
+PARAMS = SamplingParams(temperature=4.0, top_k=0, top_p=1.0, min_p=0.0, seed=3)
+SAMPLING_ARGS = ["--temp", "4", "--top-k", "0", "--top-p", "1", "--min-p", "0", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_flash(tmp_path_factory):
+    """A synthetic llama (2 layers of 128 neurons) as a ~200 KiB flash file. Run in naive mode, every token
+    reads every bundle of every layer from the file: a fault at any token hits a read."""
+    from gguf_flash.synthetic import write_synthetic
+    d = tmp_path_factory.mktemp("flashfault")
+    src = write_synthetic(d / "t.gguf", arch="llama", n_layer=2, n_embd=64, n_ff=128, n_head=4, n_head_kv=2,
+                          n_vocab=300, n_ctx=256, qtype="Q8_0", seed=5)
+    calib = d / "c.txt"
+    calib.write_text(" ".join(f"w{i % 50} x{i % 7}" for i in range(3000)))
+    return gguf_flash.convert(src, d / "t.flash.gguf", calib=calib, calib_tokens=512, sparsity=0.5, rank=8).out
+
+
+@pytest.fixture(scope="module")
+def unfaulted(tiny_flash):
+    """What the unfaulted file generates (tokens and text)."""
+    res = gguf_flash.load(tiny_flash, mode="naive", n_ctx=64, n_threads=1).generate(
+        PROMPT, N_PREDICT, PARAMS, ignore_eos=True)
+    assert len(set(res.tokens)) > N_PREDICT // 2      # varied tokens: a prefix check means something
+    return res
+
+
+def load_copy(src, tmp_path):
+    path = tmp_path / "m.flash.gguf"
+    shutil.copyfile(src, path)
+    return path, gguf_flash.load(path, mode="naive", n_ctx=64, n_threads=1)
+
+
+def after_tokens(monkeypatch, k, action):
+    """Call action() once, right after the k-th token is sampled (before the next token reads the file)."""
+    real, n = generate_mod.decode_one, [0]
+
+    def decode_one(*a):
+        tok = real(*a)
+        n[0] += 1
+        if n[0] == k:
+            action()
+        return tok
+    monkeypatch.setattr(generate_mod, "decode_one", decode_one)
+
+
+def bundle_offset(llm):
+    return llm.model.info.layers[0].bundle_offset
+
+
+def truncate(path, llm):          # into the first layer's bundles; the resident tensors before them stay
+    os.truncate(path, bundle_offset(llm) + 100)
+
+
+def replace(path, llm):           # another file renamed onto the name (what the converter's output does)
+    tmp = path.with_suffix(".new")
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, path)
+
+
+def overwrite(path, llm):         # same size, same inode, other bytes in the bundles
+    with open(path, "r+b") as fh:
+        fh.seek(bundle_offset(llm))
+        fh.write(b"\xff" * 4096)
+
+
+@pytest.mark.parametrize("fault,needle", [(truncate, "truncated from"), (replace, "replaced by another file"),
+                                          (overwrite, "modified")])
+def test_flash_file_changed_between_tokens(tiny_flash, unfaulted, tmp_path, monkeypatch, fault, needle):
+    """The file changes after the 4th token: the 5th token refuses to read it. The error names the file
+    and what changed, and carries the 4 tokens generated before it (those of an unfaulted run); the
+    model stays refused afterwards."""
+    path, llm = load_copy(tiny_flash, tmp_path)
+    after_tokens(monkeypatch, 4, lambda: fault(path, llm))
+    with pytest.raises(FlashFormatError) as e:
+        llm.generate(PROMPT, N_PREDICT, PARAMS, ignore_eos=True)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: changed on disk since it was opened") and needle in msg, msg
+    assert e.value.tokens == unfaulted.tokens[:4]
+    assert unfaulted.text.startswith(e.value.text)
+    assert llm.fault is not None and needle in llm.fault
+    with pytest.raises(FlashFormatError, match="earlier fault"):
+        llm.generate(PROMPT, 2, PARAMS)
+
+
+def test_flash_file_truncated_while_a_token_reads_it(tiny_flash, unfaulted, tmp_path, monkeypatch):
+    """The file is cut between the token's check and its reads: the reads past the new end come up short
+    (four read threads), which is the error, never rows of stale bytes computed as weights."""
+    path, llm = load_copy(tiny_flash, tmp_path)
+    store, armed = llm.model.store, []
+    real_read_rows = store.read_rows
+
+    def read_rows(*a):
+        if armed == [True]:
+            truncate(path, llm)
+            armed.append(False)
+        return real_read_rows(*a)
+    monkeypatch.setattr(store, "read_rows", read_rows)
+    after_tokens(monkeypatch, 3, lambda: armed.append(True))
+    with pytest.raises(FlashFormatError) as e:
+        llm.generate(PROMPT, N_PREDICT, PARAMS, ignore_eos=True)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: short read: ") and "truncated while running" in msg, msg
+    assert e.value.tokens == unfaulted.tokens[:3]
+    assert store.n_threads > 1 and store._pool is not None
+
+
+def test_flash_file_read_error(tiny_flash, unfaulted, tmp_path, monkeypatch):
+    """preadv fails with EIO after the 5th token: FlashFormatError naming the file and the errno's text,
+    with the 5 tokens so far. The fault is sticky: once the disk reads again, the model still refuses
+    (a window may hold rows half read), and says why."""
+    path, llm = load_copy(tiny_flash, tmp_path)
+    real_preadv, failing = os.preadv, []
+
+    def preadv(fd, buffers, offset):
+        if failing:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_preadv(fd, buffers, offset)
+    monkeypatch.setattr(os, "preadv", preadv)
+    after_tokens(monkeypatch, 5, lambda: failing.append(True))
+    with pytest.raises(FlashFormatError) as e:
+        llm.generate(PROMPT, N_PREDICT, PARAMS, ignore_eos=True)
+    assert str(e.value).startswith(f"{path}: read error at byte ") and os.strerror(errno.EIO) in str(e.value)
+    assert e.value.tokens == unfaulted.tokens[:5]
+    failing.clear()
+    with pytest.raises(FlashFormatError, match=r"not read after an earlier fault \(read error at byte"):
+        list(llm.stream(PROMPT, 4, PARAMS))
+
+
+def test_partial_reads_are_completed(tiny_flash, unfaulted, tmp_path, monkeypatch):
+    """preadv may return fewer bytes than asked (signals, network filesystems) without being at the end of
+    the file: the store asks again for the rest, and the tokens are the unfaulted ones."""
+    path, llm = load_copy(tiny_flash, tmp_path)
+    real_preadv, calls = os.preadv, [0]
+
+    def preadv(fd, buffers, offset):
+        calls[0] += 1
+        return real_preadv(fd, [memoryview(buffers[0])[:1000]], offset)   # at most 1000 bytes a call
+    monkeypatch.setattr(os, "preadv", preadv)
+    res = llm.generate(PROMPT, N_PREDICT, PARAMS, ignore_eos=True)
+    assert res.tokens == unfaulted.tokens and calls[0] > 0
+    assert llm.model.store.total.n_reads > llm.model.store.total.bytes_read // 1000 - 1
+
+
+def test_store_refuses_to_read_after_a_short_read(tmp_path):
+    """BundleStore alone: rows past a truncation fail; rows still inside the file are refused after it,
+    and so is check_unchanged, each naming the file and the first fault."""
+    import numpy as np
+    from gguf_flash.flash.store import BundleStore
+    path = tmp_path / "rows.bin"
+    path.write_bytes(np.arange(8192 + 64 * 1000, dtype=np.uint64).astype(np.uint8).tobytes())
+    with BundleStore(path, 8192, 1000, 64, n_threads=2, gap_bytes=0) as store:
+        dest = np.zeros((4, 1000), np.uint8)
+        store.read_rows(np.array([0, 1], np.int32), dest, np.array([0, 1], np.int32))
+        os.truncate(path, 8192 + 10 * 1000 + 500)          # row 10 is cut in half
+        with pytest.raises(FlashFormatError, match=f"^{re.escape(str(path))}: short read: .*the file has 18692 bytes now"):
+            store.read_rows(np.array([9, 10, 40], np.int32), dest, np.array([0, 1, 2], np.int32))
+        for call in (lambda: store.read_rows(np.array([2], np.int32), dest, np.array([0], np.int32)),
+                     store.check_unchanged):
+            with pytest.raises(FlashFormatError, match=f"^{re.escape(str(path))}: not read after an earlier fault \\(short read"):
+                call()
+
+
+FAULT_CHILD = r"""
+import os, sys
+import gguf_flash.generate as g
+from gguf_flash.cli import main
+path, k, fault = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+real_decode, real_preadv, n = g.decode_one, os.preadv, [0]
+def eio(*a):
+    raise OSError(5, os.strerror(5))
+def decode_one(*a):
+    tok = real_decode(*a)
+    n[0] += 1
+    if n[0] == k:           # after the k-th token: the file is cut, or the disk fails
+        if fault == "truncate":
+            os.truncate(path, os.path.getsize(path) // 2)
+        else:
+            os.preadv = eio
+    return tok
+g.decode_one = decode_one
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+@pytest.mark.parametrize("fault,needle", [("truncate", "changed on disk since it was opened: truncated"),
+                                          ("eio", "read error at byte")])
+def test_run_prints_the_partial_output_then_one_line(tiny_flash, tmp_path, fault, needle):
+    path = tmp_path / "m.flash.gguf"
+    shutil.copyfile(tiny_flash, path)
+    args = ["run", "-m", str(path), "--mode", "naive", "-p", PROMPT, "-n", str(N_PREDICT), "--ignore-eos",
+            "-t", "1", "-q", *SAMPLING_ARGS]
+    whole = subprocess.run(CLI + args, capture_output=True, text=True, env=ENV, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    cut = subprocess.run([sys.executable, "-c", FAULT_CHILD, str(path), "6", fault, *args], capture_output=True,
+                         text=True, env=ENV, timeout=300)
+    assert cut.returncode == 2 and "Traceback" not in cut.stderr, cut.stderr[-2000:]
+    lines = cut.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"gguf-flash: error: {path}: ") and needle in lines[0], lines
+    assert lines[0].endswith("(after 6 generated tokens)")
+    partial = cut.stdout.rstrip("\n")
+    assert len(partial) > len(PROMPT) and whole.stdout.startswith(partial), (cut.stdout, whole.stdout)
+
+
+def test_chat_prints_the_partial_reply_then_one_line(tiny_flash, tmp_path):
+    path = tmp_path / "m.flash.gguf"
+    shutil.copyfile(tiny_flash, path)
+    args = ["chat", "-m", str(path), "--mode", "naive", "-n", str(N_PREDICT), "--ignore-eos", "-t", "1",
+            *SAMPLING_ARGS]
+    whole = subprocess.run(CLI + args, input="w1 x2\n", capture_output=True, text=True, env=ENV, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    cut = subprocess.run([sys.executable, "-c", FAULT_CHILD, str(path), "6", "truncate", *args], input="w1 x2\n",
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert cut.returncode == 2 and "Traceback" not in cut.stderr, cut.stderr[-2000:]
+    errors = [line for line in cut.stderr.splitlines() if "error" in line]
+    assert errors == [cut.stderr.strip().splitlines()[-1]] and str(path) in errors[0] and "truncated" in errors[0]
+    partial = cut.stdout.rstrip("\n")
+    assert partial and whole.stdout.startswith(partial), (cut.stdout, whole.stdout)
+
+
+# ---- Ctrl-C during `gguf-flash serve` --------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url, timeout=5):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_ctrl_c_during_serve(tiny_llama_path, smollm2_path, busy):
+    """SIGINT once the server answers /health: exit 130, 'interrupted', no traceback. Busy: a streamed
+    completion is being generated (SmolLM2, slow enough to be caught midway); it is answered with a 503
+    'shutting down' event and [DONE] before the server exits, instead of being cancelled (which uvicorn
+    logged with two tracebacks)."""
+    pytest.importorskip("uvicorn")
+    port = _free_port()
+    model = smollm2_path if busy else tiny_llama_path
+    c = Child(CLI + ["serve", "-m", str(model), "--port", str(port), "-t", "1", "-c", "600" if busy else "128"])
+    base = f"http://127.0.0.1:{port}"
+    assert c.wait_for(lambda: _get(base + "/health") == 200, poll=0.1), c.err.decode()[-2000:]
+    stream = bytearray()
+    if busy:
+        body = json.dumps({"prompt": "Once upon a time", "max_tokens": 500, "stream": True, "ignore_eos": True,
+                           "temperature": 0}).encode()
+        req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+
+        def client():
+            with urllib.request.urlopen(req, timeout=120) as r:
+                while chunk := r.read1(4096):
+                    stream.extend(chunk)
+        t = threading.Thread(target=client, daemon=True)
+        t.start()
+        assert c.wait_for(lambda: stream.count(b'"text"') >= 3), stream.decode()[-2000:]
+    c.signal(signal.SIGINT)
+    rc, out, err = c.finish()
+    assert rc == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err[-2000:]
+    assert "ERROR" not in err, err[-2000:]
+    if busy:
+        t.join(timeout=30)
+        events = [line[6:] for line in stream.decode().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "shutting_down", events[-3:]

@@ -4,6 +4,7 @@ of impossible caps, a file changed under the reader, statistics."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,3 +266,53 @@ def test_nothing_compiles_after_the_plan(smollm2_flash, cap_extra, mode, selecto
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["new"] == []
     assert r["streamed"] == (cap_extra < 20)     # 8 MiB over the minimum: the head does not fit
+
+
+NO_O_DIRECT = r"""
+import os, sys
+from gguf_flash.cli import main
+real_open = os.open
+def refuse_direct(path, flags, *a, **kw):   # what tmpfs before Linux 6.6 (and some FUSE filesystems) do
+    if flags & os.O_DIRECT:
+        raise OSError(22, "Invalid argument")
+    return real_open(path, flags, *a, **kw)
+os.open = refuse_direct
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_stats_say_how_cold_reads_bypass_the_page_cache(tmp_path):
+    """`run --cold --stats` names the cold-read mechanism: O_DIRECT, or posix_fadvise(DONTNEED) where the
+    filesystem refuses O_DIRECT. The file sits on /dev/shm (tmpfs): tmpfs refused O_DIRECT before Linux 6.6
+    and accepts it since, so that run's line must be whatever the store finds on this kernel; a run whose
+    os.open refuses O_DIRECT must report the fallback."""
+    from gguf_flash.flash.store import BundleStore
+    from gguf_flash.synthetic import write_synthetic
+    shm = Path("/dev/shm")
+    assert shm.is_dir()
+    src = write_synthetic(tmp_path / "t.gguf", arch="llama", n_layer=2, n_embd=64, n_ff=128, n_head=4,
+                          n_head_kv=2, n_vocab=300, n_ctx=256, qtype="Q8_0", seed=5)
+    calib = tmp_path / "c.txt"
+    calib.write_text(" ".join(f"w{i % 50} x{i % 7}" for i in range(3000)))
+    path = shm / f"gguf-flash-test-{os.getpid()}.flash.gguf"
+    try:
+        gguf_flash.convert(src, path, calib=calib, calib_tokens=512, sparsity=0.5, rank=8)
+        with BundleStore(path, 0, 4096, 1, cold=True) as probe:
+            expected = probe.read_mode()
+        args = ["run", "-m", str(path), "--mode", "naive", "-p", "w1 x2", "-n", "3", "--temp", "0", "-t", "1",
+                "-q", "--stats"]
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        lines = {}
+        for name, launcher, extra in [("kernel", [sys.executable, "-m", "gguf_flash.cli"], ["--cold"]),
+                                      ("refused", [sys.executable, "-c", NO_O_DIRECT], ["--cold"]),
+                                      ("warm", [sys.executable, "-m", "gguf_flash.cli"], [])]:
+            proc = subprocess.run(launcher + args + extra, capture_output=True, text=True, env=env, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            lines[name] = [line for line in proc.stderr.splitlines() if "reads:" in line]
+    finally:
+        path.unlink(missing_ok=True)
+    assert lines["kernel"] == [expected]
+    assert expected in ("cold reads: O_DIRECT",
+                        "cold reads: posix_fadvise(DONTNEED) (O_DIRECT refused by the filesystem)")
+    assert lines["refused"] == ["cold reads: posix_fadvise(DONTNEED) (O_DIRECT refused by the filesystem)"]
+    assert lines["warm"] == ["reads: through the page cache (--cold bypasses it)"]

@@ -58,11 +58,12 @@ def health(base):
     return http(base + "/health", timeout=5)
 
 
-def start_server(model, *args, timeout=240):
-    """Start `gguf-flash serve` on a free loopback port; returns (proc, base_url, saw_503)."""
+def start_server(model, *args, timeout=240, launcher=(sys.executable, "-m", "gguf_flash")):
+    """Start `gguf-flash serve` on a free loopback port; returns (proc, base_url, saw_503). launcher: the
+    command before `serve` (a test's script that installs a fault, then calls cli.main)."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "gguf_flash", "serve", "-m", str(model), "--port", str(port),
+    proc = subprocess.Popen([*launcher, "serve", "-m", str(model), "--port", str(port),
                              *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
     saw_503, t_end = False, time.time() + timeout
@@ -387,3 +388,58 @@ def test_rss_stays_under_the_cap_while_serving(tiny_flash):
         sampler.join(timeout=30)
     print(f"server peak RSS sampled from outside: {peak['rss'] / 2**20:.1f} MiB, cap {cap_mib} MiB")
     assert 0 < peak["rss"] <= cap_mib << 20
+
+
+TRUNCATING_SERVER = r"""
+import os, sys
+from gguf_flash import sampling
+from gguf_flash.cli import main
+trigger, k = sys.argv[1], int(sys.argv[2])
+real_sample, n = sampling.Sampler.sample, [0]
+def sample(self, logits, history):
+    tok = real_sample(self, logits, history)
+    if os.path.exists(trigger):   # armed by the test: truncate the model file after k more tokens
+        n[0] += 1
+        if n[0] == k:
+            model = sys.argv[sys.argv.index("-m") + 1]
+            os.truncate(model, os.path.getsize(model) // 2)
+    return tok
+sampling.Sampler.sample = sample
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_flash_file_truncated_while_serving(tiny_flash, tmp_path):
+    """The model file is cut while a streamed completion generates: the stream ends with a server_error
+    event naming the file (after the tokens already sent) and [DONE]; later requests get a 500 naming the
+    file and saying to restart, /health turns 500, and the server keeps answering."""
+    model, trigger = tmp_path / "m.flash.gguf", tmp_path / "armed"
+    model.write_bytes(tiny_flash.read_bytes())
+    proc, base, _ = start_server(model, "--mode", "naive", "-c", "128", "-t", "1",
+                                 launcher=(sys.executable, "-c", TRUNCATING_SERVER, str(trigger), "5"))
+    try:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        srv = (base,)
+        body = {"prompt": "w1 x2", "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+        assert post(srv, "/v1/completions", body, key=None).status_code == 200
+        trigger.touch()
+        r = post(srv, "/v1/completions", dict(body, stream=True), key=None)
+        events = [e[len("data: "):] for e in r.text.split("\n\n") if e]
+        assert r.status_code == 200 and events[-1] == "[DONE]", r.text[-2000:]
+        err = json.loads(events[-2])["error"]
+        texts = [c for e in events[:-2] for c in json.loads(e)["choices"] if c.get("text")]
+        assert err["type"] == "server_error" and err["code"] == "model_file_fault"
+        assert err["message"].startswith("completions: server-side fault after 5 generated tokens: "
+                                         f"{model}: changed on disk since it was opened: truncated"), err
+        assert 1 <= len(texts) <= 5
+        after = post(srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, key=None)
+        assert after.status_code == 500 and after.json()["error"]["code"] == "model_file_fault"
+        assert str(model) in after.json()["error"]["message"] and "restart" in after.json()["error"]["message"]
+        h = health(base)
+        assert h.status_code == 500 and str(model) in h.json()["error"]["message"]
+        tok = post(srv, "/tokenize", {"content": "w1 x2"}, key=None)
+        assert tok.status_code == 200 and tok.json()["tokens"] and proc.poll() is None
+    finally:
+        _, err_text = stop_server(proc)
+    assert "Traceback" not in err_text, err_text[-2000:]
+    assert f"generation failed: {model}: changed on disk" in err_text

@@ -309,6 +309,7 @@ class FlashModel:
         self.t += 1
         ts.rss = self._watchdog()
         self.stats.append(ts)
+        self.store.check_unchanged()   # the file changed while this token read it: its logits may mix two files
         return s.logits
 
     def _watchdog(self) -> int:
@@ -337,6 +338,7 @@ class FlashModel:
             if not 0 <= t < self.cfg.n_vocab:
                 raise GGUFFormatError(f"{self.file.path}: token id {t} out of range")
         self.chunked.run(tokens, pos0)
+        self.store.check_unchanged()   # as in forward: no logits from a file that changed while read
         return self.st.logits
 
     def _prefill_all(self, tokens, pos0):

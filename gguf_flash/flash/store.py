@@ -11,15 +11,19 @@ to a pool of threads calling os.preadv (which releases the GIL).
 Cold mode makes benchmarks honest: with the page cache in play, a second read is a memcpy and the cache
 acts as hidden DRAM. O_DIRECT needs the file offset, length and buffer address aligned (4096 here), so
 each range is widened to whole 4096-byte blocks and read into an aligned staging buffer (anonymous
-mmap), then rows are copied out. Where O_DIRECT is refused (tmpfs), posix_fadvise(DONTNEED) before each
-read drops the cached pages instead.
+mmap), then rows are copied out. Where O_DIRECT is refused (tmpfs before Linux 6.6, some network and
+FUSE filesystems), posix_fadvise(DONTNEED) before each read drops the cached pages instead.
+
+Faults: a read that fails (EIO), comes up short (the file was truncated) or a file that changed on disk
+raises FlashFormatError naming the file, and the fault is sticky: rows half read may already sit in a
+window's slots, so the store refuses every later read and check until the model is loaded again.
 """
 
 import itertools
 import mmap
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +114,17 @@ def _identity(st):
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _what_changed(old, new) -> str:
+    """How the file differs from when it was opened (two _identity tuples)."""
+    if old[:2] != new[:2]:
+        return "replaced by another file"
+    if new[2] < old[2]:
+        return f"truncated from {old[2]} to {new[2]} bytes"
+    if new[2] != old[2]:
+        return f"resized from {old[2]} to {new[2]} bytes"
+    return "modified (its mtime changed)"
+
+
 class BundleStore:
     """Random access to the rows of one bundle tensor.
 
@@ -131,6 +146,8 @@ class BundleStore:
         self.n_threads, self.gap_bytes, self.cold = int(n_threads), int(gap_bytes), bool(cold)
         self.direct_io = False   # O_DIRECT in use
         self.fadvise = False     # DONTNEED before each read instead
+        self.direct_refused = None if hasattr(os, "O_DIRECT") else "no O_DIRECT on this system"
+        self.fault: str | None = None   # the first read fault or change on disk; later reads are refused
         self._fd = -1
         self._pool = None
         flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
@@ -139,7 +156,8 @@ class BundleStore:
                 self._fd = os.open(self.path, flags | os.O_DIRECT)
                 self.direct_io = True
             except OSError:
-                self._fd = -1  # tmpfs and some others refuse O_DIRECT at open
+                self._fd = -1  # tmpfs (before Linux 6.6) and some others refuse O_DIRECT at open
+                self.direct_refused = "O_DIRECT refused by the filesystem"
         if self._fd < 0:
             self._fd = os.open(self.path, flags)
             self.fadvise = self.cold and hasattr(os, "posix_fadvise")
@@ -189,8 +207,20 @@ class BundleStore:
             os.close(self._fd)
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             self.direct_io, self.fadvise, self._align = False, True, 1
+            self.direct_refused = "O_DIRECT refused by the filesystem"
         finally:
             buf.close()
+
+    def read_mode(self) -> str:
+        """How rows are read, in one line (`--stats`): O_DIRECT, or fadvise where O_DIRECT was refused."""
+        if self.direct_io:
+            return "cold reads: O_DIRECT"
+        if self.fadvise:
+            return f"cold reads: posix_fadvise(DONTNEED) ({self.direct_refused})"
+        if self.cold:
+            return (f"cold reads: unavailable ({self.direct_refused}, no posix_fadvise): "
+                    f"repeated reads come from the page cache")
+        return "reads: through the page cache (--cold bypasses it)"
 
     def _grow_plan(self, n):
         """Range arrays for up to n rows; grown (rarely) when a call asks for more rows."""
@@ -209,6 +239,8 @@ class BundleStore:
         rows: (n,) int32 strictly increasing row ids; dest: (capacity, row_bytes) uint8 C-contiguous
         (e.g. Window.slots); dest_idx: (n,) int32 the dest row of each row.
         """
+        if self.fault is not None:
+            raise self._refused()
         t0 = time.perf_counter()
         rows = np.ascontiguousarray(rows, dtype=np.int32)
         dest_idx = np.ascontiguousarray(dest_idx, dtype=np.int32)
@@ -239,6 +271,7 @@ class BundleStore:
         else:
             futs = [self._pool.submit(self._work, w, counter, nr, rows, dest, dest_idx)
                     for w in range(min(self.n_threads, nr))]
+            wait(futs)   # on a fault, every thread has stopped writing into dest before it is raised
             n_bytes = n_calls = 0
             for f in futs:
                 b, c = f.result()
@@ -259,18 +292,21 @@ class BundleStore:
         n_bytes = n_calls = 0
         while True:
             i = next(counter)  # atomic under the GIL: dynamic load balancing across threads
-            if i >= nr:
+            if i >= nr or self.fault is not None:   # done, or another thread failed
                 return n_bytes, n_calls
             off, length, need = int(self._r_off[i]), int(self._r_len[i]), int(self._r_need[i])
             first, count = int(self._r_first[i]), int(self._r_count[i])
-            if self.fadvise:
-                os.posix_fadvise(fd, off, length, os.POSIX_FADV_DONTNEED)
             if self._r_direct[i]:
                 d0 = int(dest_idx[first])
                 buf = dest[d0:d0 + count].reshape(-1)  # contiguous dest rows: no staging, no copy
             else:
                 buf = staging[:length]
-            got, calls = self._read_full(fd, buf, off, need)
+            try:
+                if self.fadvise:
+                    os.posix_fadvise(fd, off, length, os.POSIX_FADV_DONTNEED)
+                got, calls = self._read_full(fd, buf, off, need)
+            except OSError as e:   # EIO, a vanished network file, ...
+                raise self._fail(f"read error at byte {off}: {e.strerror or e}") from e
             n_bytes += got
             n_calls += calls
             if not self._r_direct[i]:
@@ -278,27 +314,47 @@ class BundleStore:
                            self.row_bytes, self.stride)
 
     def _read_full(self, fd, buf, off, need):
-        """preadv until `need` bytes are in buf (short reads happen at EOF and on signals)."""
+        """preadv until `need` bytes are in buf (short reads happen at EOF and on signals). Nothing past
+        the end of the file is ever taken as data: reading 0 bytes before `need` is a fault."""
         got = calls = 0
         mv = memoryview(buf)
         while got < need:
             k = os.preadv(fd, [mv[got:]], off + got)
             calls += 1
             if k <= 0:
-                raise FlashFormatError(f"{self.path}: short read at byte {off + got}")
+                try:
+                    size = f"the file has {os.fstat(fd).st_size} bytes now"
+                except OSError:
+                    size = "the file's size is unknown"
+                raise self._fail(f"short read: bytes {off}..{off + need} were needed, the file ended at byte "
+                                 f"{off + got} ({size}; truncated while running?)")
             got += k
         return got, calls
+
+    def _fail(self, problem: str) -> FlashFormatError:
+        """Record the first fault (the store refuses to read after it) and return the error to raise."""
+        if self.fault is None:
+            self.fault = problem
+        return FlashFormatError(f"{self.path}: {problem}")
+
+    def _refused(self) -> FlashFormatError:
+        return FlashFormatError(f"{self.path}: not read after an earlier fault ({self.fault}); load the model "
+                                f"again")
 
     # -- lifetime -----------------------------------------------------------------------------------
 
     def check_unchanged(self) -> None:
-        """Raise FlashFormatError if the file at `path` was replaced, resized or modified since open."""
+        """Raise FlashFormatError if the file at `path` was replaced, resized or modified since open, or
+        an earlier read failed. The runtime calls it before each token and prompt chunk and after each
+        token and prompt, so logits computed while the file changed are never sampled."""
+        if self.fault is not None:
+            raise self._refused()
         try:
             st = os.stat(self.path)
         except OSError as e:
-            raise FlashFormatError(f"{self.path} is gone: {e}") from e
+            raise self._fail(f"gone since it was opened ({e.strerror or e})") from e
         if _identity(st) != self._identity:
-            raise FlashFormatError(f"{self.path} changed on disk since it was opened")
+            raise self._fail(f"changed on disk since it was opened: {_what_changed(self._identity, _identity(st))}")
 
     def close(self) -> None:
         if self._pool is not None:

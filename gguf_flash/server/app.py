@@ -51,6 +51,7 @@ class Server:
         self._user_on_loaded = on_loaded
         self.worker = Worker(self._load(loader), cfg.max_queue, self._on_loaded)
         self.created = int(time.time())
+        self._open: dict = {}        # id(job) -> (job, its events queue, endpoint): requests not yet answered
         self.app = Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/health", self.health, methods=["GET"]),
@@ -135,6 +136,9 @@ class Server:
         if self.worker.llm is None:
             return JSONResponse({"error": {"message": "model failed to load", "type": "server_error",
                                            "param": None, "code": 500}}, status_code=500)
+        if self.worker.llm.fault is not None:
+            return JSONResponse({"error": {"message": _fault_message(self.worker.llm), "type": "server_error",
+                                           "param": None, "code": 500}}, status_code=500)
         return JSONResponse({"status": "ok", "busy": self.worker.busy, "queued": self.worker.jobs.qsize(),
                              "cached_tokens": len(self.worker.cache_ids)})
 
@@ -211,6 +215,9 @@ class Server:
         events: asyncio.Queue = asyncio.Queue()
         try:
             self._check(request, endpoint)
+            if self.worker.llm.fault is not None:   # the model's file failed earlier: nothing can run
+                raise APIError(500, f"{endpoint}: {_fault_message(self.worker.llm)}", type_="server_error",
+                               code="model_file_fault")
             body = await self._body(request, endpoint)
             # template, tokenizer and grammar compilation run off the event loop (/health stays quick)
             req, constraint = await asyncio.to_thread(self._request, body, endpoint)
@@ -222,6 +229,7 @@ class Server:
             return _error_response(APIError(
                 503, f"{endpoint}: the server is busy ({self.cfg.max_queue} requests queued); retry later",
                 type_="server_error", code="queue_full", headers={"Retry-After": "1"}))
+        self._open[id(job)] = (job, events, endpoint)
         fmt = Formatter(endpoint, self.cfg.model_ids[0], self.worker.llm, req)
         if req.stream:
             return StreamingResponse(self._sse(job, events, fmt), media_type="text/event-stream",
@@ -248,6 +256,7 @@ class Server:
         finally:
             watcher.cancel()
             job.cancelled.set()      # no-op when done; stops the generation when the handler is torn down
+            self._open.pop(id(job), None)
 
     async def _sse(self, job: Job, events: asyncio.Queue, fmt):
         """Streamed: server-sent events ending with `data: [DONE]`. Closing the connection cancels the
@@ -270,10 +279,23 @@ class Server:
             yield "data: [DONE]\n\n"
         finally:
             job.cancelled.set()
+            self._open.pop(id(job), None)
+
+    def close_requests(self) -> None:
+        """Shutting down (Ctrl-C, SIGTERM): every open request is cancelled and answered now, 503, so the
+        web server's graceful shutdown finds nothing to kill. Called on the event loop."""
+        for job, events, endpoint in list(self._open.values()):
+            job.cancelled.set()
+            events.put_nowait(ErrorEvent(APIError(503, f"{endpoint}: the server is shutting down",
+                                                  type_="unavailable_error", code="shutting_down")))
 
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _fault_message(llm) -> str:
+    return f"server-side fault: the model file {llm.path} failed while running ({llm.fault}); restart the server"
 
 
 def _api_error(e: Exception, endpoint: str) -> APIError:
@@ -281,6 +303,9 @@ def _api_error(e: Exception, endpoint: str) -> APIError:
         return e
     if isinstance(e, ContextOverflowError):
         return APIError(400, f"{endpoint}: {e}", code="context_length_exceeded")
+    if isinstance(e, GGUFFormatError):   # raised while generating: the model's file failed, not the request
+        return APIError(500, f"{endpoint}: server-side fault after {len(e.tokens)} generated tokens: {e}",
+                        type_="server_error", code="model_file_fault")
     if isinstance(e, GGUFFlashError):
         return APIError(500, f"{endpoint}: {e}", type_="server_error", code=type(e).__name__)
     return APIError(500, f"{endpoint}: internal error ({type(e).__name__})", type_="server_error",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import GGUFFlashError
+from ..errors import GGUFFlashError, GGUFFormatError
 from ..sampling import Sampler, log_softmax
 from ..tokenizer import StreamDecoder
 
@@ -107,6 +107,8 @@ class Worker:
                 self._generate(job)
             except GGUFFlashError as e:
                 self.cache_ids = []
+                if isinstance(e, GGUFFormatError):   # the model's file failed (truncated, EIO): say so here too
+                    log.error("generation failed: %s", e)
                 job.emit(ErrorEvent(e))
             except Exception as e:  # noqa: BLE001 - the server must outlive any one request
                 log.exception("generation failed")
@@ -133,6 +135,14 @@ class Worker:
         return logits, common
 
     def _generate(self, job: Job):
+        generated: list = []          # filled by _generate_into as tokens are sampled
+        try:
+            self._generate_into(job, generated)
+        except GGUFFlashError as e:   # e.g. the flash file truncated midway: say how far it got
+            e.tokens = list(generated)
+            raise
+
+    def _generate_into(self, job: Job, generated: list):
         req, model, tok = job.req, self.llm.model, self.llm.tokenizer
         ids = list(req.prompt_ids)
         t0 = time.perf_counter()
@@ -144,7 +154,7 @@ class Worker:
         stops = list(req.stop)
         budget = model.n_ctx - len(ids)
         n_max = budget if req.max_tokens is None else min(req.max_tokens, budget)
-        history, generated = list(ids), []
+        history = list(ids)
         text, held, reason = "", "", "length"    # reason: length, eog, stop, grammar, cancelled
         t0 = time.perf_counter()
         while len(generated) < n_max:
