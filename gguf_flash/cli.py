@@ -213,6 +213,14 @@ def _print_flash_stats(llm):
         print("(no flash statistics: the model runs dense)", file=sys.stderr)
         return
     print(store.read_mode(), file=sys.stderr)   # e.g. where --cold could not have O_DIRECT
+    chunks = llm.model.prompt_stats
+    if chunks:
+        n = sum(c.tokens for c in chunks)
+        io, mm, comp = (sum(getattr(c, k) for c in chunks) for k in ("io_ms", "mm_ms", "compute_ms"))
+        print(f"prompt: {n} tokens in {len(chunks)} chunks, {sum(c.bytes_read for c in chunks) / 2**20:.1f} MiB "
+              f"in {sum(c.read_calls for c in chunks)} reads, {sum(c.loaded for c in chunks)} bundles loaded, "
+              f"I/O {io:.0f} ms, mem-mgmt {mm:.0f} ms, compute {comp:.0f} ms, "
+              f"{n / max(io + mm + comp, 1e-9) * 1e3:.1f} tok/s", file=sys.stderr)
     stats = llm.model.stats
     if not stats:
         print("(no token was decoded)", file=sys.stderr)
