@@ -82,25 +82,38 @@ def test_chunked_prefill_agrees_with_token_by_token(smollm2_flash, mode, selecto
     path, _ = smollm2_flash
     a = gguf_flash.load(path, n_ctx=256, mode=mode, selector=selector)
     b = gguf_flash.load(path, n_ctx=256, mode=mode, selector=selector)
-    ids = a.tokenize(PROMPT)
-    assert len(ids) > 64                      # more than one chunk
+    ids = a.tokenize(PROMPT * 2)
+    assert len(ids) > a.model.prefill_chunk == 128      # more than one chunk (128 tokens when uncapped)
     chunked = a.model.prefill(ids, 0).copy()
     ref = _token_by_token(b.model, ids)
-    _agree(chunked, ref)
-    assert len(a.model.prompt_stats) == -(-len(ids) // 64) and not a.model.stats
+    # the predictor's choice is a threshold on its own logit: a rounding flips whole neurons in and out
+    # (measured KL 0.14 after 150 tokens, where the gate's exact threshold stays under 0.05)
+    kl_max = 0.25 if selector == "predictor" else 0.05
+    _agree(chunked, ref, kl_max)
+    assert len(a.model.prompt_stats) == -(-len(ids) // 128) and not a.model.stats
     # decoding goes on from the KV cache the chunks filled, with the window warm
-    _agree(a.model.forward(17, len(ids)), b.model.forward(17, len(ids)))
+    _agree(a.model.forward(17, len(ids)), b.model.forward(17, len(ids)), kl_max)
     if mode == "flash":
         assert a.model.stats[-1].hit_rate > 0.5
 
 
-def _agree(got, want):
-    """Same top token, 8 of the same top 10, logits off by 3% of the largest on average (a predictor's
-    choice flips on a rounding, so single logits may move more)."""
-    assert got.argmax() == want.argmax()
+def _kl(want, got):
+    """KL(softmax(want) || softmax(got)) in nats, row-wise for 2-d inputs."""
+    lw = want - want.max(-1, keepdims=True)
+    lw = lw - np.log(np.exp(lw).sum(-1, keepdims=True))
+    lg = got - got.max(-1, keepdims=True)
+    lg = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+    return (np.exp(lw) * (lw - lg)).sum(-1)
+
+
+def _agree(got, want, kl_max=0.05):
+    """Same top token where the reference's margin is clear (1 logit), 8 of the same top 10, and the
+    distributions within kl_max nats (a thresholded neuron flips on a rounding, so single logits move)."""
+    got, want = got.astype(np.float64), want.astype(np.float64)
+    top2 = np.sort(want)[-2:]
+    assert got.argmax() == want.argmax() or top2[1] - top2[0] < 1.0, (got.argmax(), want.argmax(), top2)
     assert len(set(np.argsort(got)[-10:]) & set(np.argsort(want)[-10:])) >= 8
-    d = np.abs(got - want)
-    assert d.mean() <= 0.03 * np.abs(want).max(), (d.mean(), d.max(), np.abs(want).max())
+    assert _kl(want, got) <= kl_max, _kl(want, got)
 
 
 def test_prompt_logits_of_every_position_agree_with_token_by_token(smollm2_flash):
@@ -117,7 +130,8 @@ def test_prompt_logits_of_every_position_agree_with_token_by_token(smollm2_flash
     # the thresholded model turns rounding into flipped neurons at near-ties: measured 0.91 of 150
     # positions keep the top token at sparsity 0.3 (the dense engine's own batch vs decode: 0.99)
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.85
-    assert np.abs(got - want).mean() <= 0.03 * np.abs(want).max()
+    kl = _kl(want.astype(np.float64), got.astype(np.float64))
+    assert kl.mean() <= 0.02 and kl.max() <= 0.2, (kl.mean(), kl.max())
 
 
 CHUNK_UNDER_CAP = r"""
@@ -138,8 +152,9 @@ print(sum(c.overflow for c in llm.model.prompt_stats))
 
 def test_chunked_prefill_at_the_smallest_cap_equals_everything_resident(smollm2_flash, tmp_path):
     """Chunks whose union does not fit the window stream through the staging buffer in parts; each row
-    is added in the same order whatever part it arrives in, so the logits are bitwise those of an
-    uncapped chunked run (each side in a fresh process, as the plan measures the process)."""
+    is added in the same order whatever part it arrives in and whatever else its chunk chose, so the
+    logits are bitwise those of an uncapped run, although that one runs chunks of 128 tokens and the
+    capped one of 64 (each side in a fresh process, as the plan measures the process)."""
     path, _ = smollm2_flash
     overflow = []
     for capped in ("1", "0"):

@@ -44,7 +44,7 @@ def _reference(deq, XB, MK, HG, have_gate, act, thr):
     return (h @ deq[2]).astype(np.float32)                    # (T, N_EMBD)
 
 
-def _run(rows, offs, XB, MK, HG, have_gate, act, thr, qt, cuts, in_window):
+def _run(rows, offs, XB, MK, HG, have_gate, act, thr, qt, cuts, in_window, T_=T):
     """The kernel over the union, cut at `cuts`; rows in_window sit in 'slots', the rest in 'staging'."""
     union = np.zeros(N_FF, np.int32)
     n = sparse.union_rows(union, MK)
@@ -60,15 +60,15 @@ def _run(rows, offs, XB, MK, HG, have_gate, act, thr, qt, cuts, in_window):
         else:
             stage_map[a] = k
             stage[k] = rows[a]
-    PART = np.zeros((n_part, T, N_EMBD), np.float32)
+    PART = np.zeros((n_part, T_, N_EMBD), np.float32)
     DEC = np.zeros((n_part, 3, MM_ROWS, N_EMBD), np.float32)
-    H = np.zeros((n_part, 2, T, MM_ROWS), np.float32)
+    H = np.zeros((n_part, 2, T_, MM_ROWS), np.float32)
     types = np.array([qt, qt, qt], np.int64)
     bounds = [0] + [c for c in cuts if 0 < c < n] + [n]
     for p0, p1 in zip(bounds[:-1], bounds[1:]):
         sparse.sparse_ffn_chunk(PART, DEC, H, slots, slot_map, stage, stage_map, union, p0, p1, MK, HG,
                                 have_gate, XB, XB, types, offs, act, np.float32(thr))
-    out = np.zeros((T, N_EMBD), np.float32)
+    out = np.zeros((T_, N_EMBD), np.float32)
     sparse.sum_parts_chunk(out, PART)
     return out, union[:n]
 
@@ -85,13 +85,17 @@ def test_chunk_kernel_equals_numpy(qt, have_gate, act, thr):
 
 
 def test_chunk_kernel_sum_is_the_same_however_the_union_is_cut():
-    """The cap decides which rows sit in the window and where the staging parts end, never the sum."""
+    """The cap decides which rows sit in the window and where the staging parts end, never the sum; nor
+    do the other tokens of the chunk (a token's rows are summed alike in a chunk of 2 or of 9)."""
     rows, deq, offs, XB, MK, HG = _case(Q.Q8_0, seed=11)
     whole, _ = _run(rows, offs, XB, MK, HG, False, ACT_SILU, 0.02, int(Q.Q8_0), [], lambda a: True)
     for cuts, in_window in [([7, 30, 31, 60], lambda a: a % 3 == 0), ([1, 2, 3], lambda a: False),
                             ([40], lambda a: a < 20)]:
         got, _ = _run(rows, offs, XB, MK, HG, False, ACT_SILU, 0.02, int(Q.Q8_0), cuts, in_window)
         np.testing.assert_array_equal(got, whole)
+    pair, _ = _run(rows, offs, XB[:2].copy(), MK[:2].copy(), HG[:2].copy(), False, ACT_SILU, 0.02, int(Q.Q8_0),
+                   [5], lambda a: a % 2 == 0, T_=2)
+    np.testing.assert_array_equal(pair, whole[:2])
 
 
 def test_mask_and_union_of_a_chunk():

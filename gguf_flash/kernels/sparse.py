@@ -154,13 +154,14 @@ def union_rows(union, MK):
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, u0, u1, MK, HG, have_gate,
                      XB, XR, types, offs, act, threshold):
-    """PART[c, j] += the FFN contributions, for token j, of the rows union[p], u0 <= p < u1,
-    p % n_part == c, that token j chose (MK[j, row]) and whose |act(gate)| > threshold.
+    """PART[c, j] += the FFN contributions, for token j, of the rows a = union[p], u0 <= p < u1,
+    a % n_part == c, that token j chose (MK[j, a]) and whose |act(gate)| > threshold.
 
     Each row is decoded once for the whole chunk (gate, up, down parts into DEC) and its gate/up dot
     products with every token's input come from a register-blocked matrix product (the dense engine's
-    _gemm_rows); token j then adds h_j * down_row for the rows it chose, rows in increasing p per part,
-    however the positions are cut into calls: the sum is the same at every cap. With have_gate the
+    _gemm_rows); token j then adds h_j * down_row for the rows it chose, in increasing row id per part
+    (parts by row id, not by position in the union), however the union is cut into calls and whatever
+    else the chunk's tokens chose: the sum is the same at every cap and chunk size. With have_gate the
     gate values are HG[j, row] (the chunk's resident gate rows), else they come from the bundle.
     PART (n_part, T, n_embd) f32, zeroed by the caller; DEC (n_part, 3, MM_ROWS, n_embd) f32 and
     H (n_part, 2, T, MM_ROWS) f32 scratch; slots/stage (rows, slot_bytes) uint8; neuron_slot/stage_map
@@ -176,11 +177,19 @@ def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, 
         acc = PART[c]
         gb, ub, db = DEC[c, 0], DEC[c, 1], DEC[c, 2]
         hgl, hul = H[c, 0], H[c, 1]
-        p = u0 + (c - u0 % n_part) % n_part
+        rows = np.empty(MM_ROWS, np.int32)    # this part's rows of the group being decoded
+        p = u0
         while p < u1:
-            nr = min(MM_ROWS, (u1 - 1 - p) // n_part + 1)
+            nr = 0
+            while p < u1 and nr < MM_ROWS:
+                if union[p] % n_part == c:
+                    rows[nr] = union[p]
+                    nr += 1
+                p += 1
+            if nr == 0:
+                break
             for r in range(nr):
-                a = union[p + r * n_part]
+                a = rows[r]
                 s = neuron_slot[a]
                 row = slots[s] if s >= 0 else stage[stage_map[a]]
                 if not have_gate:
@@ -188,7 +197,7 @@ def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, 
                 dequant_into(types[1], ub[r], row[offs[1]:offs[2]])
                 dequant_into(types[2], db[r], row[offs[2]:offs[3]])
             # whole blocks of 4 rows (zero rows pad the last): _gemm_rows computes each row of a block
-            # by the same code, so a row's dot products do not depend on how the union was cut
+            # by the same code, so a row's dot products do not depend on its neighbours
             nr4 = (nr + 3) // 4 * 4
             for r in range(nr, nr4):
                 gb[r, :] = 0.0
@@ -199,7 +208,7 @@ def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, 
             for j in range(T):
                 out = acc[j]
                 for r in range(nr):
-                    a = union[p + r * n_part]
+                    a = rows[r]
                     if MK[j, a]:
                         v = activate(HG[j, a] if have_gate else hgl[j, r], act)
                         if abs(v) > threshold:
@@ -207,7 +216,6 @@ def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, 
                             d = db[r]
                             for i in range(n_embd):
                                 out[i] += h * d[i]
-            p += nr * n_part
 
 
 @njit(cache=True, parallel=True)
