@@ -105,6 +105,29 @@ def floor_ms(bytes_per_tok, reads_per_tok, compute_ms, tput):
     return bytes_per_tok / (mib_s * 2**20) * 1e3 + compute_ms
 
 
+def model_paths(model, source):
+    """(flash file, source GGUF) for a known name or a path (the source then given by --source)."""
+    from gguf_flash.cli import _flash_path_for
+    from gguf_flash.models import REGISTRY, resolve
+    source = source or (resolve(model) if model in REGISTRY else None)
+    if source is None:
+        sys.exit("--source is needed: the dense engine on the source model is the yardstick")
+    return _flash_path_for(model), source
+
+
+def resolve_cap(spec, path, mode, dense_peak, src_size):
+    """A cap spec -> MiB: min (asked of a fresh process; None when the mode has no floor), dN (N x the
+    dense engine's peak RSS) or d-N (that peak - N x the source file)."""
+    if spec == "min":
+        need = run_child(MIN_CAP, [path, mode], sample=False)[0]
+        return int(need) // 2**20 + 1 if need.strip().isdigit() else None
+    if spec.startswith("d-"):
+        return int((dense_peak - float(spec[2:]) * src_size) / 2**20)
+    if spec.startswith("d"):
+        return int(float(spec[1:]) * dense_peak / 2**20)
+    sys.exit(f"bad cap {spec!r}: min, dN (x dense peak) or d-N (dense peak - N x source file)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -115,12 +138,7 @@ def main():
     ap.add_argument("--selector", default="auto")
     ap.add_argument("--plot", default=None, help="write a PNG of latency against cap (needs matplotlib)")
     a = ap.parse_args()
-    from gguf_flash.cli import _flash_path_for
-    from gguf_flash.models import REGISTRY, resolve
-    path = _flash_path_for(a.model)
-    source = a.source or (resolve(a.model) if a.model in REGISTRY else None)
-    if source is None:
-        sys.exit("--source is needed: the dense engine's peak RSS on the source model is the yardstick")
+    path, source = model_paths(a.model, a.source)
     size, src_size = os.path.getsize(path), os.path.getsize(source)
     dense_out, dense_peak = run_child(DENSE, [source, a.tokens, PROMPT_TEXT])
     dense = json.loads(dense_out)
@@ -129,17 +147,9 @@ def main():
     rows = []
     for spec in a.caps.split(","):
         for mode in a.modes.split(","):
-            if spec == "min":
-                need = run_child(MIN_CAP, [path, mode], sample=False)[0]
-                if not need.strip().isdigit():
-                    continue
-                cap = int(need) // 2**20 + 1
-            elif spec.startswith("d-"):
-                cap = int((dense_peak - float(spec[2:]) * src_size) / 2**20)
-            elif spec.startswith("d"):
-                cap = int(float(spec[1:]) * dense_peak / 2**20)
-            else:
-                sys.exit(f"bad cap {spec!r}: min, dN (x dense peak) or d-N (dense peak - N x source file)")
+            cap = resolve_cap(spec, path, mode, dense_peak, src_size)
+            if cap is None:
+                continue
             out, peak = run_child(CHILD, [path, f"{cap}M", mode, a.tokens, a.selector, PROMPT_TEXT])
             r = json.loads(out)
             r.update(spec=spec, cap=cap, mode=mode, peak=peak / 2**20)

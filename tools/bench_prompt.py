@@ -15,7 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_flash import MIN_CAP, run_child  # noqa: E402
+from bench_flash import model_paths, resolve_cap, run_child  # noqa: E402
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz "
         "combined movable metal type, oil-based ink and a wooden press adapted from wine making. Within "
@@ -66,29 +66,17 @@ def main():
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--no-by-token", action="store_true", help="skip the token-by-token runs")
     a = ap.parse_args()
-    from gguf_flash.cli import _flash_path_for
-    from gguf_flash.models import REGISTRY, resolve
-    path = _flash_path_for(a.model)
-    source = a.source or (resolve(a.model) if a.model in REGISTRY else None)
-    if source is None:
-        sys.exit("--source is needed: the dense engine on the source model is the yardstick")
+    path, source = model_paths(a.model, a.source)
     src_size, size = os.path.getsize(source), os.path.getsize(path)
     out, dense_peak = run_child(CHILD, [source, "none", "engine", a.tokens, "0", TEXT])
     dense = json.loads(out)
     rows = []
     for spec in a.caps.split(","):
         for mode in a.modes.split(","):
-            if spec == "min":
-                need = run_child(MIN_CAP, [path, mode], sample=False)[0]
-                cap = int(need) // 2**20 + 1
-            elif spec.startswith("d-"):
-                cap = int((dense_peak - float(spec[2:]) * src_size) / 2**20)
-            elif spec.startswith("d"):
-                cap = int(float(spec[1:]) * dense_peak / 2**20)
-            elif spec.startswith("f"):
-                cap = int(float(spec[1:]) * size / 2**20)
-            else:
-                sys.exit(f"bad cap {spec!r}")
+            cap = int(float(spec[1:]) * size / 2**20) if spec.startswith("f") else \
+                resolve_cap(spec, path, mode, dense_peak, src_size)
+            if cap is None:
+                continue
             for by_token in ([False] if a.no_by_token else [False, True]):
                 o, peak = run_child(CHILD, [path, f"{cap}M", mode, a.tokens, "1" if by_token else "0", TEXT])
                 r = json.loads(o)

@@ -45,6 +45,13 @@ class OutputHead:
             return
         nn.rmsnorm(s.xb, s.x, w.output_norm, eps)
         dispatch.quantize_x(s.xq_embd, s.xb)
+        for r0, n in self._pieces(ts):
+            dispatch.matvec(s.logits[r0:r0 + n], self.blob, self.desc, s.xb, s.xq_embd)
+
+    def _pieces(self, ts):
+        """Read the head piece by piece into self.buf (self.desc describes the piece); yields (first row,
+        rows) after each read."""
+        w = self.w
         off, n_rows, rb = int(w.output[0]), int(w.output[1]), int(w.output[2])
         step = self.buf.shape[0]
         self.store.select(off, rb, n_rows)
@@ -53,8 +60,7 @@ class OutputHead:
             np.add(self.idx[:n], r0, out=self.row_ids[:n])
             add_read(ts, self.store.read_rows(self.row_ids[:n], self.buf, self.idx[:n]))
             self.desc[1] = n
-            dispatch.matvec(s.logits[r0:r0 + n], self.blob, self.desc, s.xb, s.xq_embd)
-
+            yield r0, n
 
     def rows(self, hidden, out, ts):
         """out (m, n_vocab) = W_out @ hidden rows (m, n_embd), already normed (prompt logits for
@@ -64,17 +70,10 @@ class OutputHead:
             dispatch.matmat(out, w.blob, w.output, hidden)
             return
         m = hidden.shape[0]
-        off, n_rows, rb = int(w.output[0]), int(w.output[1]), int(w.output[2])
-        step = self.buf.shape[0]
         if getattr(self, "tmp", None) is None or self.tmp.shape[0] < m:
-            self.tmp = np.zeros((m, step), np.float32)          # (m, step) one chunk's logits
+            self.tmp = np.zeros((m, self.buf.shape[0]), np.float32)   # (m, step) one piece's logits
         tmp = self.tmp[:m]
-        self.store.select(off, rb, n_rows)
-        for r0 in range(0, n_rows, step):
-            n = min(step, n_rows - r0)
-            np.add(self.idx[:n], r0, out=self.row_ids[:n])
-            add_read(ts, self.store.read_rows(self.row_ids[:n], self.buf, self.idx[:n]))
-            self.desc[1] = n
+        for r0, n in self._pieces(ts):
             dispatch.matmat(tmp, self.blob, self.desc, hidden)
             out[:, r0:r0 + n] = tmp[:, :n]
 

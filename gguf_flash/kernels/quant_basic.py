@@ -734,6 +734,19 @@ def q8x_scratch_bytes(n_cols):
     return n_cols + 8 * (n_cols // QK)
 
 
+@njit(cache=True, inline="always")
+def _q8_scale(x, b):
+    """(d, 1/d) of block b of x as an 8-bit block: d = max |x| / 127."""
+    amax = np.float32(0)
+    for j in range(QK):
+        amax = max(amax, abs(x[b * QK + j]))
+    # in float64, then rounded: the same float32 as amax / 127 correctly rounded (f64 has more than
+    # twice f32's precision), even if a fastmath caller's flags turn the division into a multiply by
+    # 1/127 (numba can cache a callee compiled under its caller's flags)
+    d = np.float32(np.float64(amax) / 127.0)
+    return d, (np.float32(1) / d if d > 0 else np.float32(0))
+
+
 @njit(cache=True)  # no fastmath: d and 1/d bit-exact with the numpy twin (and cheap: O(n_cols))
 def quantize_x_q8(scratch, x):
     """scratch (q8x_scratch_bytes(n),) uint8 <- x (n,) float32 as Q8 blocks plus their (quantized) sums."""
@@ -743,14 +756,7 @@ def quantize_x_q8(scratch, x):
     xd = scratch[n:n + 4 * nb].view(np.float32)  # (nb,) f32
     xs = scratch[n + 4 * nb:n + 8 * nb].view(np.float32)  # (nb,) f32
     for b in range(nb):
-        amax = np.float32(0)
-        for j in range(QK):
-            amax = max(amax, abs(x[b * QK + j]))
-        # in float64, then rounded: the same float32 as amax / 127 correctly rounded (f64 has more
-        # than twice f32's precision), even if a fastmath caller's flags turn the division into a
-        # multiply by 1/127 (numba can cache a callee compiled under its caller's flags)
-        d = np.float32(np.float64(amax) / 127.0)
-        inv = np.float32(1) / d if d > 0 else np.float32(0)
+        d, inv = _q8_scale(x, b)
         s = 0
         for j in range(QK):
             q = np.int8(np.rint(x[b * QK + j] * inv))
@@ -770,11 +776,7 @@ def round_q8(out, x):
     compute from the same blocks, up to float rounding (prompt chunks vs token by token)."""
     nb = x.shape[0] // QK
     for b in range(nb):
-        amax = np.float32(0)
-        for j in range(QK):
-            amax = max(amax, abs(x[b * QK + j]))
-        d = np.float32(np.float64(amax) / 127.0)
-        inv = np.float32(1) / d if d > 0 else np.float32(0)
+        d, inv = _q8_scale(x, b)
         for j in range(QK):
             out[b * QK + j] = np.float32(np.int8(np.rint(x[b * QK + j] * inv))) * d
 
