@@ -160,7 +160,7 @@ def test_cli_convert_and_inspect(tmp_path, tiny_llama_path):
     p = subprocess.run(cmd + ["inspect", str(out)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "flash v1: activation silu, target sparsity 0.50" in p.stdout
     assert "layer threshold sparsity predictor rank recall precision" in p.stdout
-    assert "predictors 0.0 MiB (0% of the bundles) in 2 of 2 layers" not in p.stdout
+    assert ") in 2 of 2 layers" in p.stdout        # rank 8 is smaller than the Q8_0 gate rows: auto keeps both
 
 
 # ---------------------------------------------------------------------------------------------------
