@@ -129,11 +129,16 @@ def cmd_convert(a):
     from .flash.convert import convert
     r = convert(a.input, a.output, calib=a.calib, calib_tokens=a.calib_tokens, sparsity=a.sparsity,
                 rank=a.rank, down_type=a.down_type, force=a.force, full_curve=a.curve,
-                progress=True)
+                predictor=a.predictor, progress=True)
+    stored = [i for i, k in enumerate(r.ranks) if k]
+    preds = (f"rank {min(r.ranks[i] for i in stored)}-{max(r.ranks[i] for i in stored)}, "
+             f"recall {min(r.recall[i] for i in stored):.3f}-{max(r.recall[i] for i in stored):.3f}, "
+             f"precision {min(r.precision[i] for i in stored):.3f}-{max(r.precision[i] for i in stored):.3f}"
+             ) if stored else "none stored"
     print(f"wrote {r.out}: sparsity {r.sparsity:.2f}, bundles {r.bundle_bytes / 2**20:.1f} MiB "
           f"(FFN in the source {r.ffn_bytes / 2**20:.1f} MiB), predictors {r.predictor_bytes / 2**20:.1f} MiB "
-          f"({100 * r.predictor_bytes / r.ffn_bytes:.0f}% of the FFN), rank {min(r.ranks)}-{max(r.ranks)}, "
-          f"recall {min(r.recall):.3f}-{max(r.recall):.3f}, precision {min(r.precision):.3f}-{max(r.precision):.3f}")
+          f"({100 * r.predictor_bytes / r.ffn_bytes:.0f}% of the FFN) in {len(stored)} of {len(r.ranks)} "
+          f"layers, {preds}")
     print("held-out perplexity by sparsity: " + ", ".join(f"{s:.1f}: {p:.2f}" for s, p in r.curve))
     print(f"total {r.seconds:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in r.phases.items())
           + f"), peak RSS {r.peak_rss_mb:.0f} MiB")
@@ -293,15 +298,18 @@ def _print_flash_summary(f):
     curve = list(zip(f.get(K_CURVE_S, []), f.get(K_CURVE_PPL, [])))
     if curve:
         print("held-out perplexity by sparsity: " + ", ".join(f"{s:.1f}: {p:.2f}" for s, p in curve))
-    print("layer threshold sparsity rank recall precision bundle-B  freq@1 @10% @50% @90%")
+    print("layer threshold sparsity predictor rank recall precision bundle-B  freq@1 @10% @50% @90%")
     for il, l in enumerate(info.layers):
         fr = l.freq
         at = [fr[int(q * (len(fr) - 1))] for q in (0, 0.1, 0.5, 0.9)]
-        print(f"{il:5d} {l.threshold:9.4f} {lsp[il]:8.3f} {l.pred_a.shape[1]:4d} {l.recall:6.3f} "
-              f"{l.precision:9.3f} {l.bundle_bytes:8d}  " + " ".join(f"{x:5.2f}" for x in at))
-    pred = sum((l.pred_a.size + l.pred_b.size) * 2 + l.pred_bias.size * 4 for l in info.layers)
+        pred = f"yes {l.rank:8d} {l.recall:6.3f} {l.precision:9.3f}" if l.rank else f"no {'-':>9s} {'-':>6s} {'-':>9s}"
+        print(f"{il:5d} {l.threshold:9.4f} {lsp[il]:8.3f} {pred:>34s} {l.bundle_bytes:8d}  "
+              + " ".join(f"{x:5.2f}" for x in at))
+    pred = sum(l.pred_bytes for l in info.layers)
+    n_pred = sum(1 for l in info.layers if l.rank)
     print(f"bundles {info.bundle_bytes_total / 2**20:.1f} MiB, predictors {pred / 2**20:.1f} MiB "
-          f"({100 * pred / info.bundle_bytes_total:.0f}% of the bundles)")
+          f"({100 * pred / info.bundle_bytes_total:.0f}% of the bundles) in {n_pred} of {len(info.layers)} layers"
+          + ("" if n_pred == len(info.layers) else " (--selector predictor needs one in every layer)"))
 
 
 def cmd_perplexity(a):
@@ -416,6 +424,9 @@ def build_parser():
                    help="target fraction of inactive neurons (default: largest within 2%% held-out perplexity)")
     p.add_argument("--rank", type=int, default=None, help="predictor rank (default: smallest reaching recall 0.95)")
     p.add_argument("--down-type", default="Q8_0", help="type of the re-quantized down columns (default Q8_0)")
+    p.add_argument("--predictor", choices=("auto", "always", "never"), default="auto",
+                   help="store low-rank predictors: auto (default) only in layers where one is smaller than "
+                        "the layer's gate rows, always (every layer; needed for --selector predictor), never")
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT")
     p.add_argument("--curve", action="store_true", help="held-out perplexity at every grid sparsity "
                                                          "(default: bisect the grid for the chosen one)")

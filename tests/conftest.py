@@ -66,9 +66,10 @@ def tiny_llama_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_flash(smollm2_path, tmp_path_factory):
-    """SmolLM2 converted with a short calibration and fixed sparsity/rank (fast); the full default
-    conversion is measured by tools/bench_convert.py, not here."""
+    """SmolLM2 converted with a short calibration and fixed sparsity/rank (fast), a predictor in every
+    layer (tests run --selector predictor on it); the full default conversion is measured by
+    tools/bench_convert.py, not here."""
     from gguf_flash.flash.convert import convert
     out = tmp_path_factory.mktemp("flash") / "smollm2.flash.gguf"
-    report = convert(smollm2_path, out, calib_tokens=1024, sparsity=0.3, rank=32)
+    report = convert(smollm2_path, out, calib_tokens=1024, sparsity=0.3, rank=32, predictor="always")
     return out, report

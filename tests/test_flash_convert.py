@@ -159,4 +159,117 @@ def test_cli_convert_and_inspect(tmp_path, tiny_llama_path):
     assert p.returncode == 2 and "--force" in p.stderr
     p = subprocess.run(cmd + ["inspect", str(out)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "flash v1: activation silu, target sparsity 0.50" in p.stdout
-    assert "layer threshold sparsity rank recall precision" in p.stdout
+    assert "layer threshold sparsity predictor rank recall precision" in p.stdout
+    assert ") in 2 of 2 layers" in p.stdout        # rank 8 is smaller than the Q8_0 gate rows: auto keeps both
+
+
+# ---------------------------------------------------------------------------------------------------
+# --predictor auto | always | never
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_src(tmp_path_factory):
+    """A two-layer synthetic llama (Q8_0: gate rows of 128 x 68 = 8704 bytes a layer) and its calibration."""
+    from gguf_flash.synthetic import write_synthetic
+    d = tmp_path_factory.mktemp("preds")
+    src = write_synthetic(d / "t.gguf", arch="llama", n_layer=2, n_embd=64, n_ff=128, n_head=4, n_head_kv=2,
+                          n_vocab=300, n_ctx=256, qtype="Q8_0", seed=5)
+    return src, _calib_file(d)
+
+
+def _pred_tensors(path):
+    return sorted(n for n in GGUFFile(path).tensors if ".ffn_pred_" in n)
+
+
+def test_predictor_never_stores_none_and_runs_with_gate_and_bundle(tmp_path, tiny_src):
+    import subprocess
+    import sys
+    src, calib = tiny_src
+    out = tmp_path / "never.flash.gguf"
+    r = gguf_flash.convert(src, out, calib=calib, calib_tokens=512, sparsity=0.5, rank=8, predictor="never")
+    assert r.ranks == [0, 0] and r.predictor_bytes == 0 and _pred_tensors(out) == []
+    f = GGUFFile(out)
+    assert list(f.get(ff.K_RANK)) == [0, 0]
+    info = ff.read_flash(f, gguf_flash.load(out, mode="dense", n_ctx=16).cfg)
+    assert not info.has_predictors and all(l.pred_a is None and l.pred_bytes == 0 for l in info.layers)
+    toks = [5, 17, 99, 200, 3]
+    logits = {}
+    for sel in ("gate", "bundle", "auto"):
+        llm = gguf_flash.load(out, n_ctx=64, selector=sel)
+        assert llm.model.plan.selector in ("gate", "bundle") and "predictors" not in llm.model.plan.resident
+        logits[sel] = np.stack([llm.model.forward(t, p).copy() for p, t in enumerate(toks)])
+    # the same neurons from resident gate rows as from the bundles' own gate parts
+    np.testing.assert_allclose(logits["gate"], logits["bundle"], rtol=1e-4, atol=1e-3)
+    with pytest.raises(InvalidArgumentError, match="this file has no predictors: convert with --predictor always"):
+        gguf_flash.load(out, n_ctx=64, selector="predictor")
+    p = subprocess.run([sys.executable, "-m", "gguf_flash.cli", "run", "-m", str(out), "--selector", "predictor",
+                        "-p", "hi", "-n", "2"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and str(out) in p.stderr
+    assert "this file has no predictors: convert with --predictor always" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = subprocess.run([sys.executable, "-m", "gguf_flash.cli", "inspect", str(out)], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and "in 0 of 2 layers" in p.stdout
+    rows = [l.split() for l in p.stdout.splitlines() if l.split()[:1] in (["0"], ["1"])]
+    assert [row[3] for row in rows[-2:]] == ["no", "no"]
+
+
+def test_predictor_always_keeps_every_layer(tmp_path, tiny_src):
+    """always = the behaviour before --predictor: a predictor in every layer, even where it is larger than
+    the gate rows (rank 64: 2 x 64 x (64 + 128) + 4 x 128 = 25088 bytes > 8704), and the predictor
+    selector runs, with its resident bytes as the plan counts them."""
+    src, calib = tiny_src
+    out = tmp_path / "always.flash.gguf"
+    r = gguf_flash.convert(src, out, calib=calib, calib_tokens=512, sparsity=0.5, rank=64, predictor="always")
+    assert r.ranks == [64, 64] and r.predictor_bytes == 2 * 25088
+    assert len(_pred_tensors(out)) == 6
+    llm = gguf_flash.load(out, n_ctx=64, selector="predictor")
+    m = llm.model
+    assert m.plan.selector == "predictor" and m.info.has_predictors
+    resident = sum(a.nbytes + b.nbytes for a, b in m.select.pred) + sum(l.pred_bias.nbytes for l in m.info.layers)
+    assert m.plan.resident["predictors"] == resident == 2 * 25088
+    assert all(a.dtype == np.uint16 and b.dtype == np.uint16 for a, b in m.select.pred)   # F16, as stored
+    logits = np.stack([m.forward(t, p).copy() for p, t in enumerate([5, 17, 99])])
+    assert np.isfinite(logits).all()
+
+
+def test_predictor_auto_stores_only_those_smaller_than_the_gate_rows(tmp_path, tiny_src):
+    """auto: rank 8 (2 x 8 x 192 + 512 = 3584 bytes < 8704 of gate rows) in every layer; rank 64 (25088)
+    in none, and those layers are not trained at all."""
+    from gguf_flash.flash import convert as conv
+    src, calib = tiny_src
+    small = gguf_flash.convert(src, tmp_path / "a8.flash.gguf", calib=calib, calib_tokens=512, sparsity=0.5,
+                               rank=8)          # auto is the default
+    assert small.ranks == [8, 8] and len(_pred_tensors(tmp_path / "a8.flash.gguf")) == 6
+    trained = []
+    real = conv.train_predictor
+
+    def spy(*a, **k):
+        trained.append(k["rank"])
+        return real(*a, **k)
+
+    import unittest.mock
+    with unittest.mock.patch.object(conv, "train_predictor", spy):
+        big = gguf_flash.convert(src, tmp_path / "a64.flash.gguf", calib=calib, calib_tokens=512, sparsity=0.5,
+                                 rank=64, predictor="auto")
+    assert big.ranks == [0, 0] and trained == [] and _pred_tensors(tmp_path / "a64.flash.gguf") == []
+    assert big.phases["predictors"] < small.phases["predictors"] + 5
+    # SmolLM2's layer (576 x 1536, Q4_1 gate rows of 360 bytes): rank 128 is smaller, 256 (the search's
+    # largest) is not, so the default search stores none there
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(n_embd=576, n_ff=1536)
+    assert conv._wants_predictor("auto", 128, cfg, 3) and not conv._wants_predictor("auto", 256, cfg, 3)
+    assert conv._wants_predictor("always", 256, cfg, 3) and not conv._wants_predictor("never", 8, cfg, 3)
+    with pytest.raises(InvalidArgumentError, match="--predictor"):
+        gguf_flash.convert(src, tmp_path / "x.flash.gguf", calib=calib, predictor="sometimes")
+
+
+def test_file_with_a_predictor_in_every_layer_loads_as_before(smollm2_flash):
+    """Files written before --predictor had one in every layer: the same keys and tensors as always
+    (ranks > 0 in flash.predictor.rank, three tensors a layer); they load and offer the predictor."""
+    path, report = smollm2_flash
+    f = GGUFFile(path)
+    assert list(f.get(ff.K_RANK)) == [32] * 30 and len(_pred_tensors(path)) == 3 * 30
+    m = gguf_flash.load(path, n_ctx=64, selector="predictor").model
+    assert m.info.has_predictors and m.plan.selector == "predictor"
+    assert m.plan.resident["predictors"] == report.predictor_bytes == sum(l.pred_bytes for l in m.info.layers)

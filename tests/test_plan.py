@@ -61,6 +61,9 @@ def test_auto_selector_by_expected_reading():
     small = make_plan(_inp(124 * MiB, freq=sparse_freq, gap_bytes=0, gate_bytes=50 * MiB, pred_bytes=5 * MiB))
     assert small.selector == "predictor" and small.slot_bytes == [3000] * 4   # whole bundles read
     assert "predictors" in small.resident and "gate rows" not in small.resident
+    # a file without a predictor in every layer (pred_bytes 0): the same cap falls back to bundle
+    none = make_plan(_inp(124 * MiB, freq=sparse_freq, gap_bytes=0, gate_bytes=50 * MiB, pred_bytes=0))
+    assert none.selector == "bundle" and "predictors" not in none.resident
     dense_freq = [np.full(1024, 0.8, np.float32) for _ in range(4)]
     tight = make_plan(_inp(130 * MiB, freq=dense_freq, gate_bytes=8 * MiB))
     assert tight.selector == "bundle" and "gate rows" not in tight.resident and tight.slot_bytes == [3000] * 4

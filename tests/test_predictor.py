@@ -209,3 +209,31 @@ def test_real_smollm2_layer(smollm2_path):
     recall, precision = evaluate(pred, Xs, Ys)
     assert recall >= 0.9
     assert precision > Y.mean() + 0.03
+
+
+# ---------------------------------------------------------------------------------------------------
+# The runtime's evaluation: A and B resident as the file's float16 bits
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("r", [1, 8, 37])
+def test_f16_resident_predictor_equals_float32_evaluation(r):
+    """sparse.predictor_logits reads A and B as float16 bits (uint16) and sums in float32: equal to the
+    float32 evaluation of the same halves (numpy twin, float64 for reference) up to float rounding,
+    and so it chooses the same neurons wherever a logit is not within rounding of the boundary."""
+    from gguf_flash.kernels import sparse
+    rng = np.random.default_rng(7)
+    n_embd, n_ff = 96, 200
+    A = (rng.standard_normal((n_embd, r)) / np.sqrt(n_embd)).astype(np.float16)      # (n_embd, r)
+    B = rng.standard_normal((r, n_ff)).astype(np.float16)                             # (r, n_ff)
+    bias = rng.standard_normal(n_ff).astype(np.float32)
+    x = rng.standard_normal(n_embd).astype(np.float32)
+    z = np.zeros(n_ff, np.float32)
+    sparse.predictor_logits(z, np.zeros(r, np.float32), x, A.view(np.uint16), B.view(np.uint16), bias)
+    want32 = (x @ A.astype(np.float32)) @ B.astype(np.float32) + bias
+    want64 = (x.astype(np.float64) @ A.astype(np.float64)) @ B.astype(np.float64) + bias
+    np.testing.assert_allclose(z, want32, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(z, want64, rtol=1e-5, atol=1e-5)
+    offset = np.float32(0.5)
+    n = sparse.select_by_logit(np.zeros(n_ff, np.int32), z, offset, True)
+    near = np.abs(np.abs(want64) - offset) < 1e-4
+    assert abs(n - int((np.abs(want64) - offset > 0).sum())) <= int(near.sum())

@@ -5,7 +5,10 @@ Phases (each with a progress bar when `progress` is true):
   1. calibrate   dense model over calibration text -> per-layer FFN inputs (calibrate.py)
   2. sparsity    per-layer |act(gate . x)| quantiles; held-out perplexity at each grid point; the default
                  sparsity is the largest whose held-out perplexity stays within 2% of dense (CATS)
-  3. predictors  per layer, the smallest rank whose predictor reaches the target recall (predictor.py)
+  3. predictors  per layer, the smallest rank whose predictor reaches the target recall (predictor.py);
+                 with predictor="auto" only for layers where every rank it may pick is stored in fewer
+                 bytes than the layer's gate rows (the runtime prefers the exact gate rows otherwise),
+                 "always" every layer, "never" none; a layer without one is not trained at all
   4. write       every non-FFN tensor byte for byte, then bundles (gate, up copied; down columns
                  re-quantized), neuron ids, frequencies and predictors; temp file renamed on success
 """
@@ -35,7 +38,8 @@ from ..perplexity import chunk_nll
 from ..tokenizer import tokenizer_from_gguf
 from . import format as ff
 from .calibrate import calibrate, read_calibration_text
-from .predictor import single_threaded_blas, active_mask, fit_smallest_rank, train_predictor
+from .predictor import (DEFAULT_RANKS, single_threaded_blas, active_mask, fit_smallest_rank,
+                        predictor_bytes, train_predictor)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ ACT_NAMES = {ACT_SILU: "silu", ACT_GELU_TANH: "gelu", ACT_RELU: "relu"}
 SPARSITY_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 PPL_BUDGET = 1.02          # default sparsity: held-out perplexity within 2% of dense
 DOWN_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "F32")
+PREDICTOR_CHOICES = ("auto", "always", "never")
 
 
 @dataclass
@@ -52,7 +57,7 @@ class ConvertReport:
     curve: list                     # [(sparsity, held-out ppl)], sparsity 0 = dense
     thresholds: list
     layer_sparsity: list
-    ranks: list
+    ranks: list                     # per layer, 0: no predictor stored
     recall: list
     precision: list
     predictor_bytes: int
@@ -128,9 +133,12 @@ def _act_abs(G, act):
 
 def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float | None = None,
             rank: int | None = None, down_type: str = "Q8_0", force: bool = False,
-            target_recall: float = 0.95, full_curve: bool = False, progress: bool = False) -> ConvertReport:
+            target_recall: float = 0.95, full_curve: bool = False, predictor: str = "auto",
+            progress: bool = False) -> ConvertReport:
     """Write the flash GGUF of `src` to `dst` (see the module docstring). full_curve evaluates the
-    held-out perplexity at every grid sparsity (the default bisects the grid: 3 evaluations, not 7)."""
+    held-out perplexity at every grid sparsity (the default bisects the grid: 3 evaluations, not 7).
+    predictor: "auto" (a layer's predictor only where it is smaller than its gate rows), "always",
+    "never"."""
     t_start = time.perf_counter()
     src_path = models.resolve(src)
     dst = Path(dst)
@@ -142,6 +150,8 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
         raise InvalidArgumentError(f"--sparsity must be in [0, 1), got {sparsity}")
     if rank is not None and rank < 1:
         raise InvalidArgumentError(f"--rank must be >= 1, got {rank}")
+    if predictor not in PREDICTOR_CHOICES:
+        raise InvalidArgumentError(f"--predictor {predictor}: choose one of {', '.join(PREDICTOR_CHOICES)}")
     f = GGUFFile(src_path)
     if ff.is_flash(f):
         raise InvalidArgumentError(f"{src_path}: already a flash GGUF")
@@ -218,6 +228,13 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
     f.release(0, f.file_size)
     _release_freed_memory()
 
+    # the ranks a layer's predictor may have: --rank, or the search's candidates that fit the matrix
+    max_rank = min(cfg.n_embd, cfg.n_ff)
+    ranks = (min(rank, max_rank),) if rank is not None else \
+        tuple(r for r in DEFAULT_RANKS if r <= max_rank) or (max_rank,)
+    trained = [_wants_predictor(predictor, max(ranks), cfg, f.tensor(f"blk.{il}.ffn_gate.weight").qtype)
+               for il in range(cfg.n_layer)]
+
     def fit_layer(il):
         Wg = dequant(f, f"blk.{il}.ffn_gate.weight")               # (n_ff, n_embd) f32
         Xt, Xv = cal.train(il), cal.held_out(il)
@@ -225,10 +242,12 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
         Yv = active_mask(Xv, Wg, float(thresholds[il]), ACT_NAMES[act])
         fr = Yt.mean(axis=0).astype(np.float32)                  # (n_ff,) activation frequency
         order = np.argsort(-fr, kind="stable")                   # hot-first
-        if rank is not None:
-            p = train_predictor(Xt, Yt, Xv, Yv, Wg, rank=min(rank, cfg.n_embd), target_recall=target_recall)
+        if not trained[il]:
+            p = None
+        elif rank is not None:
+            p = train_predictor(Xt, Yt, Xv, Yv, Wg, rank=ranks[0], target_recall=target_recall)
         else:
-            p = fit_smallest_rank(Xt, Yt, Xv, Yv, Wg, target_recall=target_recall)
+            p = fit_smallest_rank(Xt, Yt, Xv, Yv, Wg, ranks=ranks, target_recall=target_recall)
         del Wg, Xt, Xv, Yt
         _release_freed_memory()
         return fr[order], order, float(1.0 - Yv.mean()), p
@@ -274,8 +293,9 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
     ffn_bytes = sum(f.tensor(f"blk.{il}.{p}.weight").n_bytes for il in range(cfg.n_layer)
                     for p in ("ffn_gate", "ffn_up", "ffn_down"))
     return ConvertReport(
-        str(dst), chosen, curve, [float(x) for x in thresholds], layer_sparsity, [p.rank for p in preds],
-        [p.recall for p in preds], [p.precision for p in preds], sum(p.n_bytes for p in preds), ffn_bytes,
+        str(dst), chosen, curve, [float(x) for x in thresholds], layer_sparsity,
+        [p.rank if p else 0 for p in preds], [p.recall if p else 0.0 for p in preds],
+        [p.precision if p else 0.0 for p in preds], sum(p.n_bytes for p in preds if p), ffn_bytes,
         sum(cfg.n_ff * sum(part_bytes[3 * il:3 * il + 3]) for il in range(cfg.n_layer)),
         time.perf_counter() - t_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, phases)
 
@@ -307,12 +327,13 @@ def _write(f, cfg, path, meta, orders, freq, down_q, progress):
     f32s(ff.K_THRESHOLD, meta["thresholds"])
     w.add_float32(ff.K_SPARSITY, meta["sparsity"])
     f32s(ff.K_LAYER_SPARSITY, meta["layer_sparsity"])
-    w.add_key_value(ff.K_RANK, [int(p.rank) for p in preds], GGUFValueType.ARRAY, GGUFValueType.UINT32)
-    f32s(ff.K_RECALL, [p.recall for p in preds])
-    f32s(ff.K_PRECISION, [p.precision for p in preds])
-    w.add_key_value(ff.K_PRED_KIND, [int(p.kind == "abs") for p in preds], GGUFValueType.ARRAY,
+    # a layer without a predictor: rank 0, zeros in the other predictor keys, no predictor tensors
+    w.add_key_value(ff.K_RANK, [int(p.rank) if p else 0 for p in preds], GGUFValueType.ARRAY, GGUFValueType.UINT32)
+    f32s(ff.K_RECALL, [p.recall if p else 0.0 for p in preds])
+    f32s(ff.K_PRECISION, [p.precision if p else 0.0 for p in preds])
+    w.add_key_value(ff.K_PRED_KIND, [int(p is not None and p.kind == "abs") for p in preds], GGUFValueType.ARRAY,
                     GGUFValueType.UINT32)
-    f32s(ff.K_PRED_OFFSET, [p.offset for p in preds])
+    f32s(ff.K_PRED_OFFSET, [p.offset if p else 0.0 for p in preds])
     w.add_uint32(ff.K_CAL_TOKENS, meta["cal_tokens"])
     w.add_string(ff.K_CAL_SOURCE, meta["source"])
     f32s(ff.K_CURVE_S, [s for s, _ in meta["curve"]])
@@ -340,6 +361,8 @@ def _write(f, cfg, path, meta, orders, freq, down_q, progress):
         plan.append(lambda il=il: orders[il].astype(np.int32))
         w.add_tensor_info(ff.t_freq(il), (cfg.n_ff,), np.dtype(np.float32), cfg.n_ff * 4)
         plan.append(lambda il=il: freq[il])
+        if p is None:
+            continue
         # predictor columns follow the stored (hot-first) row order, so predicted rows index bundles
         A, B = _balanced(p.A, p.B[:, orders[il]])
         w.add_tensor_info(ff.t_pred_a(il), A.shape, np.dtype(np.float16), A.size * 2)
@@ -359,6 +382,17 @@ def _write(f, cfg, path, meta, orders, freq, down_q, progress):
     if bar:
         bar.close()
     w.close()
+
+
+def _wants_predictor(choice, max_rank, cfg, gate_type) -> bool:
+    """Train and store this layer's predictor? "auto": only when a predictor of the largest rank it may
+    get (A, B F16 + bias F32) is smaller than the layer's gate rows as resident (n_ff rows of the gate
+    part): where it is not, the runtime holds the exact gate rows or nothing, never the predictor
+    (plan.make_plan). Decided before training, so a skipped layer costs no training time."""
+    if choice != "auto":
+        return choice == "always"
+    gate_rows = cfg.n_ff * ff.part_bytes(gate_type, cfg.n_embd)
+    return predictor_bytes(cfg.n_embd, max_rank, cfg.n_ff) < gate_rows
 
 
 def _balanced(A, B):

@@ -2,7 +2,8 @@
 
 A flash file is a GGUF with every tensor and key of its source except blk.N.ffn_gate/up/down, which are
 replaced per layer by neuron bundles (row i = gate_i | up_i | down_i bytes, hot-first), the original
-neuron ids, calibration frequencies and a low-rank predictor.
+neuron ids, calibration frequencies and, where the converter stored one, a low-rank predictor
+(flash.predictor.rank 0: that layer has none, and no predictor tensors).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ K_ACTIVATION = "flash.activation"         # "silu" | "gelu" | "relu"
 K_THRESHOLD = "flash.threshold"           # f32 (n_layer,): active means |act(gate . x)| > t_l
 K_SPARSITY = "flash.sparsity"             # f32: the target fraction of inactive neurons
 K_LAYER_SPARSITY = "flash.sparsity.layer"  # f32 (n_layer,): measured on held-out calibration tokens
-K_RANK = "flash.predictor.rank"           # u32 (n_layer,)
+K_RANK = "flash.predictor.rank"           # u32 (n_layer,): 0 = no predictor (and no pred tensors)
 K_RECALL = "flash.predictor.recall"       # f32 (n_layer,) held-out
 K_PRECISION = "flash.predictor.precision"  # f32 (n_layer,) held-out
 K_PRED_KIND = "flash.predictor.kind"      # u32 (n_layer,): 0 logit = z, 1 logit = |z| - offset
@@ -61,13 +62,22 @@ class FlashLayer:
     neuron_id: np.ndarray    # (n_ff,) int32: original neuron of each stored row
     freq: np.ndarray         # (n_ff,) f32: calibration activation frequency (descending)
     threshold: float
-    pred_a: np.ndarray       # (n_embd, r) f16 view into the file map
-    pred_b: np.ndarray       # (r, n_ff) f16 view
-    pred_bias: np.ndarray    # (n_ff,) f32
+    pred_a: np.ndarray | None     # (n_embd, r) f16 view into the file map; None: no predictor
+    pred_b: np.ndarray | None     # (r, n_ff) f16 view
+    pred_bias: np.ndarray | None  # (n_ff,) f32
     recall: float
     precision: float
     pred_abs: bool           # logit = |z| - offset (gated SiLU/GELU) instead of z (ReLU)
     pred_offset: float
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.pred_a is None else self.pred_a.shape[1]
+
+    @property
+    def pred_bytes(self) -> int:
+        """Bytes of the predictor as stored (A, B F16; bias F32), 0 without one."""
+        return 0 if self.pred_a is None else 2 * (self.pred_a.size + self.pred_b.size) + 4 * self.pred_bias.size
 
 
 @dataclass
@@ -83,6 +93,11 @@ class FlashInfo:
     @property
     def bundle_bytes_total(self) -> int:
         return sum(l.bundle_bytes * len(l.neuron_id) for l in self.layers)
+
+    @property
+    def has_predictors(self) -> bool:
+        """Every layer has a predictor (the runtime's "predictor" selector needs one per layer)."""
+        return all(l.pred_a is not None for l in self.layers)
 
 
 def is_flash(f) -> bool:
@@ -142,6 +157,7 @@ def read_flash(f, cfg) -> FlashInfo:
     recall = numbers(K_RECALL, L, lo=0.0, hi=1.0)
     precision = numbers(K_PRECISION, L, lo=0.0, hi=1.0)
     kinds = numbers(K_PRED_KIND, L, np.int64, 0, 1)
+    ranks = numbers(K_RANK, L, np.int64, 0, n_embd)
     offsets = numbers(K_PRED_OFFSET, L)
     activation = scalar(K_ACTIVATION, str)
     if activation not in ACTIVATION_NAMES:
@@ -177,19 +193,22 @@ def read_flash(f, cfg) -> FlashInfo:
         if not np.isfinite(freq).all():
             raise FlashFormatError(f"{f.path}: {t_freq(il)} has a value that is not finite")
         # predictor factors stay float16 views into the map (not resident) until a runtime uses them
-        a_info = tensor(t_pred_a(il), None, (F16,), "F16")
-        r = a_info.ne[0] if len(a_info.ne) == 2 else 0
-        if not 1 <= r <= n_embd or a_info.ne != (r, n_embd):
-            raise FlashFormatError(f"{f.path}: {t_pred_a(il)} has shape {list(a_info.ne)}, expected "
-                                   f"[r, {n_embd}] with 1 <= r <= {n_embd}")
-        tensor(t_pred_b(il), (n_ff, r), (F16,), "F16")
-        tensor(t_pred_bias(il), (n_ff,), (F32,), "F32")
-        a, b = f.array(t_pred_a(il)), f.array(t_pred_b(il))
-        bias = np.asarray(f.array(t_pred_bias(il)), np.float32)
-        if not (np.isfinite(a).all() and np.isfinite(b).all() and np.isfinite(bias).all()):
-            raise FlashFormatError(f"{f.path}: layer {il} predictor has a value that is not finite")
-        for name in (t_pred_a(il), t_pred_b(il)):   # the check read them: not resident until used
-            f.release(f.tensors[name].offset, f.tensors[name].n_bytes)
+        a = b = bias = None
+        r = int(ranks[il])
+        if r == 0:      # no predictor for this layer: no tensors either
+            for name in (t_pred_a(il), t_pred_b(il), t_pred_bias(il)):
+                if name in f.tensors:
+                    raise FlashFormatError(f"{f.path}: layer {il} has {K_RANK} 0 but a tensor {name}")
+        else:
+            tensor(t_pred_a(il), (r, n_embd), (F16,), "F16")
+            tensor(t_pred_b(il), (n_ff, r), (F16,), "F16")
+            tensor(t_pred_bias(il), (n_ff,), (F32,), "F32")
+            a, b = f.array(t_pred_a(il)), f.array(t_pred_b(il))
+            bias = np.asarray(f.array(t_pred_bias(il)), np.float32)
+            if not (np.isfinite(a).all() and np.isfinite(b).all() and np.isfinite(bias).all()):
+                raise FlashFormatError(f"{f.path}: layer {il} predictor has a value that is not finite")
+            for name in (t_pred_a(il), t_pred_b(il)):   # the check read them: not resident until used
+                f.release(f.tensors[name].offset, f.tensors[name].n_bytes)
         layers.append(FlashLayer(info.offset, sum(pb), t, pb, nid, freq, float(thresholds[il]), a, b, bias,
                                  float(recall[il]), float(precision[il]), bool(kinds[il]), float(offsets[il])))
     sha = f.get(K_SOURCE_SHA, "")

@@ -46,7 +46,8 @@ class PlanInput:
     mode: str                      # flash | naive | dense
     selector: str                  # gate | predictor | auto (flash mode)
     gate_bytes: int                # all layers' gate rows
-    pred_bytes: int                # all layers' predictors (f32 at run time)
+    pred_bytes: int                # all layers' predictors as resident (A, B float16, bias f32);
+                                   # 0: the file has no predictor for some layer, never a candidate
     head_bytes: int                # output head (0 when there is none to place)
     embd_bytes: int                # untied token embedding (0 when tied to the head)
     bundle_bytes: list             # per layer: bytes of a bundle row (gate | up | down)
@@ -113,7 +114,7 @@ def make_plan(p: PlanInput) -> Plan:
     ("bundle": gate values computed from the bundles read, same neurons, same thresholds) where the
     layers' active rows are so dense that their reads coalesce into whole layers anyway and the gate
     rows' RAM buys more as window or head; the predictor (it misses neurons) only where the gate rows
-    do not fit."""
+    do not fit, when the file has one for every layer (pred_bytes > 0)."""
     if p.mode != "flash" or p.selector != "auto":
         return _plan(p, p.selector if p.mode == "flash" else "none")
     plans, refused = [], None
@@ -122,7 +123,7 @@ def make_plan(p: PlanInput) -> Plan:
             plans.append(_plan(p, sel))
         except RamCapError as e:
             refused = refused if refused is not None and refused.need <= e.need else e
-    if not any(q.selector == "gate" for q in plans) and p.pred_bytes < p.gate_bytes:
+    if not any(q.selector == "gate" for q in plans) and 0 < p.pred_bytes < p.gate_bytes:
         try:
             plans.append(_plan(p, "predictor"))
         except RamCapError as e:

@@ -135,6 +135,12 @@ def active_mask(X: np.ndarray, W_gate: np.ndarray, threshold: float, activation:
 # The predictor
 # ---------------------------------------------------------------------------------------------------
 
+def predictor_bytes(n_embd: int, rank: int, n_ff: int) -> int:
+    """Bytes of a rank-r predictor as a flash GGUF stores it (and the runtime holds it): A (n_embd, r) and
+    B (r, n_ff) float16, bias (n_ff,) float32."""
+    return 2 * rank * (n_embd + n_ff) + 4 * n_ff
+
+
 @dataclass
 class Predictor:
     A: np.ndarray          # (n_embd, r) float32
@@ -150,7 +156,7 @@ class Predictor:
     @property
     def n_bytes(self) -> int:
         """Bytes as stored in a flash GGUF: A and B in F16, bias in F32."""
-        return 2 * (self.A.size + self.B.size) + 4 * self.bias.size
+        return predictor_bytes(self.A.shape[0], self.rank, self.B.shape[1])
 
     def scores(self, X: np.ndarray) -> np.ndarray:
         """(n, n_ff) float32 logits for X (n, n_embd); sigmoid(logit) > 0.5 means predicted active."""

@@ -28,6 +28,7 @@ from ..kernels.quant_basic import MM_ROWS
 from ..model import RunState, Weights, set_threads
 from . import budget, diskprobe
 from .ffn import FFNLoader, _split
+from . import format as ff
 from .format import read_flash
 from .head import OutputHead, TokenEmbedding
 from .plan import HEADROOM, PlanInput, make_plan, mib
@@ -134,9 +135,10 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     _split(idx, idx, idx, 0, idx, 1)
     sparse.select_by_gate(np.zeros(1, np.int32), np.zeros(1, np.float32), s.hg[:1], c.activation, 0.0)
     sparse.select_by_logit(np.zeros(1, np.int32), s.hg[:1], 0.0, True)
-    r = l0.pred_a.shape[1]
-    sparse.predictor_logits(s.hg[:1], np.zeros(r, np.float32), s.xb, np.zeros((c.n_embd, r), np.float32),
-                            np.zeros((r, 1), np.float32), l0.pred_bias[:1])
+    # the factors as Selector holds them (uint16 copies), the bias a read-only view of the map
+    bias = l0.pred_bias[:1] if l0.pred_bias is not None else np.zeros(1, np.float32)
+    sparse.predictor_logits(s.hg[:1], np.zeros(1, np.float32), s.xb, np.zeros((c.n_embd, 1), np.uint16),
+                            np.zeros((1, 1), np.uint16), bias)
     sparse.matvec_rows(s.hg[:1], np.zeros((1, l0.part_bytes[0]), np.uint8), int(l0.types[0]), s.xb,
                        s.xq_embd)
     head = w.output.copy()
@@ -190,6 +192,11 @@ class FlashModel:
         self.file, self.mode = f, mode
         self.cfg = c = config_from_gguf(f)
         self.info = info = read_flash(f, c)
+        if mode == "flash" and selector == "predictor" and not info.has_predictors:
+            have = sum(l.pred_a is not None for l in info.layers)
+            raise InvalidArgumentError(f"{f.path}: this file has no predictors"
+                                       f"{f' (only {have} of {c.n_layer} layers have one)' if have else ''}: "
+                                       f"convert with --predictor always")
         for il, l in enumerate(info.layers):
             for part, qt in zip(("gate", "up", "down"), l.types):
                 if qt not in dispatch.SUPPORTED:
@@ -233,7 +240,7 @@ class FlashModel:
             cap=self.cap, baseline=baseline, fixed=fixed, mode=mode,
             selector=selector if mode == "flash" else "none",
             gate_bytes=sum(c.n_ff * l.part_bytes[0] for l in info.layers),
-            pred_bytes=sum((l.pred_a.size + l.pred_b.size + l.pred_bias.size) * 4 for l in info.layers),
+            pred_bytes=sum(l.pred_bytes for l in info.layers) if info.has_predictors else 0,
             head_bytes=head_bytes, embd_bytes=embd_bytes,
             bundle_bytes=bb, gate_part=[l.part_bytes[0] for l in info.layers],
             freq=[l.freq for l in info.layers], precision=[l.precision for l in info.layers],
@@ -259,6 +266,10 @@ class FlashModel:
         self.store = BundleStore(f.path, info.layers[0].bundle_offset, bb[0], c.n_ff, cold=cold,
                                  n_threads=io_threads, gap_bytes=gap, stat=f.stat, max_range=max_range)
         self.select = Selector(self.selector, info.layers, self.store, c.n_ff, c.activation)
+        if self.selector == "predictor":   # the selector copied the factors: drop the map's pages of them
+            for il in range(L):
+                for name in (ff.t_pred_a(il), ff.t_pred_b(il)):
+                    f.release(f.tensors[name].offset, f.tensors[name].n_bytes)
         self.thresholds = np.array([l.threshold for l in info.layers], np.float32) if mode == "flash" \
             else np.zeros(L, np.float32)
         self.ffn = FFNLoader(self.store, info.layers, self.plan, c.n_ff, c.n_embd, numba.get_num_threads(),

@@ -20,9 +20,11 @@ class Selector:
         if kind == "gate":
             self.gates = [self._read_gate_rows(store, l) for l in layers]   # (n_ff, gate_bytes) uint8 each
         elif kind == "predictor":
-            self.tmp = np.zeros(max(l.pred_a.shape[1] for l in layers), np.float32)
-            self.pred = [(np.ascontiguousarray(l.pred_a, np.float32), np.ascontiguousarray(l.pred_b, np.float32))
-                         for l in layers]                # (n_embd, r), (r, n_ff) f32, resident
+            self.tmp = np.zeros(max(l.rank for l in layers), np.float32)   # (r,) f32
+            # (n_embd, r), (r, n_ff) uint16: the stored float16 bits, copied out of the map (resident,
+            # 2 bytes a weight: plan.PlanInput.pred_bytes counts this)
+            self.pred = [(np.array(l.pred_a).view(np.uint16), np.array(l.pred_b).view(np.uint16))
+                         for l in layers]
 
     def _read_gate_rows(self, store, l):
         """The gate part of every bundle row of one layer, read once (a strided read of the bundles)."""

@@ -10,7 +10,7 @@ from numba import njit, prange
 
 from .dispatch import axpy_row, dequant_into, dot_row, uses_q8x
 from .nn import FASTMATH, activate
-from .quant_basic import MM_ROWS, _gemm_rows
+from .quant_basic import MM_ROWS, _gemm_rows, _u16_as_f16_to_f32
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
@@ -48,20 +48,21 @@ def select_by_logit(active, z, offset, absolute):
 
 @njit(cache=True, fastmath=FASTMATH)
 def predictor_logits(z, tmp, x, a, b, bias):
-    """z (n_ff,) = (x @ A) @ B + bias; tmp (r,) scratch; A (n_embd, r), B (r, n_ff) f32."""
+    """z (n_ff,) = (x @ A) @ B + bias; tmp (r,) f32 scratch; A (n_embd, r) and B (r, n_ff) uint16 holding
+    the file's float16 bits (resident as stored: half the RAM of float32), summed in float32."""
     r = a.shape[1]
     for k in range(r):
         tmp[k] = 0.0
     for i in range(x.shape[0]):
         xi = x[i]
         for k in range(r):
-            tmp[k] += xi * a[i, k]
+            tmp[k] += xi * _u16_as_f16_to_f32(a[i, k])
     for j in range(z.shape[0]):
         z[j] = bias[j]
     for k in range(r):
         t = tmp[k]
         for j in range(z.shape[0]):
-            z[j] += t * b[k, j]
+            z[j] += t * _u16_as_f16_to_f32(b[k, j])
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
