@@ -248,17 +248,9 @@ class FlashModel:
             gap_bytes=gap, startup_peak=peak_rss() if self.cap is not None else 0, path=str(f.path))
         if small:
             inp.small_mib_s, inp.large_mib_s = small, large
-        # prompt chunks of 2 x CHUNK tokens where the cap allows them (half the reads per prompt token;
-        # SmolLM2 at dense peak - 40%: 324 -> 371 tok/s for 3 MiB of window), else CHUNK
-        for i, chunk in enumerate([prefill_chunk] if prefill_chunk else [2 * CHUNK, CHUNK]):
-            fixed["prompt chunk"] = prefill_bytes(c, self.n_ctx, chunk)
-            try:
-                self.plan = make_plan(inp)
-                break
-            except RamCapError:
-                if prefill_chunk or i == 1:
-                    raise
-        self.prefill_chunk = chunk
+        self.prefill_chunk = chunk = prefill_chunk or CHUNK
+        fixed["prompt chunk"] = prefill_bytes(c, self.n_ctx, chunk)
+        self.plan = make_plan(inp)
         self.selector = self.plan.selector
         log.info("RAM plan: %s", self.plan.describe())
 
