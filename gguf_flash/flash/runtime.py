@@ -248,9 +248,17 @@ class FlashModel:
             gap_bytes=gap, startup_peak=peak_rss() if self.cap is not None else 0, path=str(f.path))
         if small:
             inp.small_mib_s, inp.large_mib_s = small, large
-        self.prefill_chunk = chunk = prefill_chunk or CHUNK
-        fixed["prompt chunk"] = prefill_bytes(c, self.n_ctx, chunk)
-        self.plan = make_plan(inp)
+        # prompt chunks of 2 x CHUNK tokens where the cap allows them (half the reads per prompt token),
+        # else CHUNK: the floor stays that of CHUNK
+        for i, chunk in enumerate([prefill_chunk] if prefill_chunk else [2 * CHUNK, CHUNK]):
+            fixed["prompt chunk"] = prefill_bytes(c, self.n_ctx, chunk)
+            try:
+                self.plan = make_plan(inp)
+                break
+            except RamCapError:
+                if prefill_chunk or i == 1:
+                    raise
+        self.prefill_chunk = chunk
         self.selector = self.plan.selector
         log.info("RAM plan: %s", self.plan.describe())
 
