@@ -321,7 +321,7 @@ def cmd_perplexity(a):
         raise InvalidArgumentError(f"{a.file}: cannot read text ({e})") from None
     if not a.ctx_size:
         a.ctx_size = a.chunk + 1
-    llm = _load(a, logit_rows=16)
+    llm = _load(a, logit_rows=32)
     t0 = time.perf_counter()
 
     def progress(i, n, ppl):

@@ -29,13 +29,17 @@ def chunk_nll(model, inp) -> tuple[float, int]:
     nll, n = 0.0, 0
     for start, logits in model.prefill(inp, 0, logits_rows="all"):
         targets = np.arange(start, start + len(logits)) + 1   # position p predicts input p + 1
-        # log p(target) = z[target] - logsumexp(z), row by row: no (m, n_vocab) temporaries
-        for i in np.flatnonzero(targets < len(inp)):
-            row = logits[i]                                 # (n_vocab,) f32
-            zmax = row.max()
-            lse = float(zmax) + float(np.log(np.exp(row - zmax).sum(dtype=np.float64)))
-            nll -= float(row[inp[targets[i]]]) - lse
-            n += 1
+        keep = np.flatnonzero(targets < len(inp))
+        # log p(target) = z[target] - logsumexp(z), a few rows at a time: temporaries of ~1 MiB
+        # (a flash model under a cap has no room planned for (m, n_vocab) of them)
+        step = max(1, (1 << 18) // logits.shape[1])
+        for k in range(0, len(keep), step):
+            rows = keep[k:k + step]
+            z = logits[rows]                                # (m, n_vocab) f32
+            zmax = z.max(axis=1, keepdims=True)
+            lse = zmax[:, 0].astype(np.float64) + np.log(np.exp(z - zmax).sum(axis=1, dtype=np.float64))
+            nll -= float((z[np.arange(len(rows)), inp[targets[rows]]] - lse).sum())
+            n += len(rows)
     return nll, n
 
 

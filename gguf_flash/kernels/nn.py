@@ -127,16 +127,77 @@ def attention(out, q, k_cache, v_cache, scores, pos, window, n_head, n_head_kv, 
                      k_cache, v_cache, scores[h], t0, pos + 1, (h // group) * head_dim, head_dim, scale)
 
 
+QB = 4   # query tokens per attention_batch task: each K/V row is read and decoded once for all four
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _attend_block(out, q, k_cache, v_cache, scores, j0, nq, pos0, window, h, kv_off, head_dim, scale, n_head):
+    """Heads h of query tokens j0 .. j0 + nq - 1 (positions pos0 + j) over their causal ranges of the
+    cache: each K and V row in the union of the ranges is decoded once and used by every query whose
+    range holds it. Per query the sums run over t and i in the same order as _attend_head.
+    out, q (n_tok, n_head * head_dim); scores (n_tok * n_head, >= pos0 + n_tok): row j * n_head + h."""
+    c0 = h * head_dim
+    kr = np.empty(head_dim, np.float32)
+    lo = pos0 + j0 - window + 1 if window > 0 else 0
+    lo = max(0, lo)
+    hi = pos0 + j0 + nq                      # exclusive: the last query's position + 1
+    m = np.full(QB, -np.inf, np.float32)
+    for t in range(lo, hi):
+        row = k_cache[t, kv_off:kv_off + head_dim]
+        for i in range(head_dim):
+            kr[i] = kv_get(row, i)
+        for b in range(nq):
+            pos = pos0 + j0 + b
+            if t > pos or (window > 0 and t < pos - window + 1):
+                continue
+            qq = q[j0 + b, c0:c0 + head_dim]
+            s = np.float32(0.0)
+            for i in range(head_dim):
+                s += qq[i] * kr[i]
+            s *= scale
+            scores[(j0 + b) * n_head + h, t] = s
+            if s > m[b]:
+                m[b] = s
+    for b in range(nq):
+        pos = pos0 + j0 + b
+        t0 = max(0, pos - window + 1) if window > 0 else 0
+        sc = scores[(j0 + b) * n_head + h]
+        total = np.float32(0.0)
+        for t in range(t0, pos + 1):
+            e = np.exp(sc[t] - m[b])
+            sc[t] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for t in range(t0, pos + 1):
+            sc[t] *= inv
+        o = out[j0 + b, c0:c0 + head_dim]
+        for i in range(head_dim):
+            o[i] = np.float32(0.0)
+    for t in range(lo, hi):
+        row = v_cache[t, kv_off:kv_off + head_dim]
+        for i in range(head_dim):
+            kr[i] = kv_get(row, i)
+        for b in range(nq):
+            pos = pos0 + j0 + b
+            if t > pos or (window > 0 and t < pos - window + 1):
+                continue
+            p = scores[(j0 + b) * n_head + h, t]
+            o = out[j0 + b, c0:c0 + head_dim]
+            for i in range(head_dim):
+                o[i] += p * kr[i]
+
+
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def attention_batch(out, q, k_cache, v_cache, scores, pos0, window, n_head, n_head_kv, head_dim, scale):
-    """A batch of query tokens at positions pos0 .. pos0 + n_tok - 1 (their K/V already in the cache).
-    out, q (n_tok, n_head * head_dim); scores (n_tok * n_head, >= pos0 + n_tok) scratch, one row per task."""
+    """A batch of query tokens at positions pos0 .. pos0 + n_tok - 1 (their K/V already in the cache),
+    QB queries per task so each cache row is decoded once per QB queries.
+    out, q (n_tok, n_head * head_dim); scores (n_tok * n_head, >= pos0 + n_tok) scratch, one row per
+    (token, head)."""
     n_tok = q.shape[0]
     group = n_head // n_head_kv
-    for task in prange(n_tok * n_head):
-        j, h = task // n_head, task % n_head
-        pos = pos0 + j
-        t0 = max(0, pos - window + 1) if window > 0 else 0
-        _attend_head(out[j, h * head_dim:(h + 1) * head_dim], q[j, h * head_dim:(h + 1) * head_dim],
-                     k_cache, v_cache, scores[task], t0, pos + 1,
-                     (h // group) * head_dim, head_dim, scale)
+    n_blk = (n_tok + QB - 1) // QB
+    for task in prange(n_blk * n_head):
+        blk, h = task // n_head, task % n_head
+        j0 = blk * QB
+        _attend_block(out, q, k_cache, v_cache, scores, j0, min(QB, n_tok - j0), pos0, window, h,
+                      (h // group) * head_dim, head_dim, scale, n_head)
