@@ -230,7 +230,8 @@ class FlashModel:
         kv = self.st.k_cache.nbytes + self.st.v_cache.nbytes
         scratch = sum(a.nbytes for a in vars(self.st).values() if isinstance(a, np.ndarray)) - kv
         fixed = {"attention": attn, "KV cache": kv, "scratch": scratch, "I/O staging": io_threads * max_range}
-        self.logit_rows = max(1, min(int(logit_rows), CHUNK))
+        # at most 8 MiB of logits (SmolLM2: 32 rows, Gemma 3's 262,144-token vocabulary: 8)
+        self.logit_rows = max(1, min(int(logit_rows), CHUNK, (8 << 20) // (4 * c.n_vocab)))
         if self.logit_rows > 1:
             fixed["prompt logits"] = self.logit_rows * c.n_vocab * 4
         head_bytes = int(self.w.output[1] * self.w.output[2])
