@@ -13,6 +13,7 @@ from .errors import ContextOverflowError, GGUFFormatError, InvalidArgumentError,
 from .gguf_file import GGUFFile
 from .kernels import dispatch, forward as fw, release_compiler_pages
 from .kernels.kvcache import KV_TYPES
+from .kernels.nn import batch_score_rows
 from .kernels.quant_basic import q8x_scratch_bytes
 
 MAT_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -144,7 +145,7 @@ class RunState:
         self.HG = np.zeros((b, c.n_ff), f32)
         self.HU = np.zeros((b, c.n_ff), f32)
         self.H = np.zeros((b, c.n_embd), f32)            # final normed hidden states
-        self.scores_b = lazy_zeros((b * c.n_head, n_ctx))
+        self.scores_b = lazy_zeros((batch_score_rows(), n_ctx))   # (QB x lanes, n_ctx) attention_batch scratch
         self.cos_b = np.zeros((b, 2, c.rope_dim // 2), f32)
         self.sin_b = np.zeros((b, 2, c.rope_dim // 2), f32)
 

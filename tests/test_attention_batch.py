@@ -21,7 +21,7 @@ def test_attention_batch_equals_attention_per_query(T, pos0, window, kv):
         kv_put(k[t], rng.standard_normal(n_kv * hd).astype(np.float32))
         kv_put(v[t], rng.standard_normal(n_kv * hd).astype(np.float32))
     out = np.zeros((T, n_head * hd), np.float32)
-    nn.attention_batch(out, q, k, v, np.zeros((T * n_head, n_ctx), np.float32), pos0, window, n_head, n_kv, hd,
+    nn.attention_batch(out, q, k, v, np.zeros((nn.batch_score_rows(), n_ctx), np.float32), pos0, window, n_head, n_kv, hd,
                        np.float32(0.25))
     ref = np.zeros_like(out)
     for j in range(T):

@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from ..kernels import forward as fw, nn, sparse
+from ..kernels.nn import batch_score_rows
 from ..kernels.quant_basic import MM_ROWS
 from ..model import lazy_zeros
 from .stats import ChunkStats
@@ -35,11 +36,17 @@ def _n_part() -> int:
 
 
 def buffer_bytes(cfg, n_ctx: int, chunk: int = CHUNK) -> int:
-    """RSS of a ChunkPrefill's buffers (the lazy attention scores counted whole): what the plan reserves."""
+    """RSS of a ChunkPrefill's buffers (the lazy attention scratch counted whole), without the gate
+    values of a chunk (gate_bytes(): counted with the gate rows, the only selector that needs them)."""
     c, n_part = cfg, _n_part()
-    per_tok = 4 * (6 * c.n_embd + 3 * c.q_dim + 2 * c.kv_dim + 2 * c.rope_dim + c.n_ff
-                   + n_part * (c.n_embd + 2 * MM_ROWS) + c.n_head * n_ctx) + c.n_ff
-    return chunk * per_tok + 4 * (n_part * 3 * MM_ROWS * c.n_embd + c.n_ff)
+    per_tok = 4 * (3 * c.n_embd + 2 * c.q_dim + 2 * c.kv_dim + 2 * c.rope_dim
+                   + n_part * (c.n_embd + 2 * MM_ROWS)) + c.n_ff
+    return chunk * per_tok + 4 * (n_part * 3 * MM_ROWS * c.n_embd + c.n_ff + batch_score_rows() * n_ctx)
+
+
+def gate_bytes(cfg, chunk: int) -> int:
+    """The chunk's gate values (T, n_ff) f32, allocated when the gate rows are resident."""
+    return chunk * cfg.n_ff * 4
 
 
 class ChunkPrefill:
@@ -48,19 +55,19 @@ class ChunkPrefill:
         self.m, self.chunk = model, chunk
         T = chunk
         self.X = np.zeros((T, c.n_embd), f32)          # (T, n_embd) residual stream per token
-        self.XB = np.zeros((T, c.n_embd), f32)         # (T, n_embd) normed input (attention, FFN)
+        self.XB = np.zeros((T, c.n_embd), f32)         # (T, n_embd) normed input (attention, FFN), FFN output
         self.XR = np.zeros((T, c.n_embd), f32)         # (T, n_embd) the same as 8-bit blocks (round_q8)
-        self.ATR = np.zeros((T, c.q_dim), f32)         # (T, q_dim) attention output as 8-bit blocks
-        self.FOUT = np.zeros((T, c.n_embd), f32)       # (T, n_embd) FFN output per token
-        self.HID = np.zeros((T, c.n_embd), f32)        # (T, n_embd) final normed hidden states (rows)
-        self.Q = np.zeros((T, c.q_dim), f32)           # (T, q_dim)
+        self.HID = None                                # (T, n_embd) final normed hidden states (logit rows)
+        self.Q = np.zeros((T, c.q_dim), f32)           # (T, q_dim); after attention: its output as 8-bit blocks
+        self.ATR = self.Q
         self.K = np.zeros((T, c.kv_dim), f32)          # (T, kv_dim)
         self.V = np.zeros((T, c.kv_dim), f32)
         self.ATT = np.zeros((T, c.q_dim), f32)
-        self.scores = lazy_zeros((T * c.n_head, model.n_ctx))        # (T * n_head, n_ctx)
+        self.scores = lazy_zeros((batch_score_rows(), model.n_ctx))  # (QB x lanes, n_ctx) attention scratch
         self.cos = np.zeros((T, 2, c.rope_dim // 2), f32)           # (T, [global, local], rope_dim / 2)
         self.sin = np.zeros((T, 2, c.rope_dim // 2), f32)
-        self.HG = np.zeros((T, c.n_ff), f32)           # (T, n_ff) gate values (resident gate rows)
+        # (T, n_ff) gate values: only with resident gate rows (else one unused row)
+        self.HG = np.zeros((T if model.selector == "gate" else 1, c.n_ff), f32)
         self.MK = np.zeros((T, c.n_ff), np.uint8)      # (T, n_ff) 1 where token j chose row i
         self.union = np.zeros(c.n_ff, np.int32)        # (n_ff,) rows some token chose, increasing
         n_part = model.ffn.partial.shape[0]
@@ -93,6 +100,8 @@ class ChunkPrefill:
                 m.out_head(eps, cs)
                 yield start + j, out
             return
+        if self.HID is None:
+            self.HID = np.zeros((self.chunk, m.cfg.n_embd), np.float32)
         fw.rows_rmsnorm(self.HID[:T], self.X[:T], m.w.output_norm, eps)
         for j0 in range(0, T, r):
             n = min(r, T - j0)
@@ -103,7 +112,7 @@ class ChunkPrefill:
         m = self.m
         c, w = m.cfg, m.w
         T = len(tokens)
-        X, XB, XR, FOUT, HG, MK = self.X[:T], self.XB[:T], self.XR[:T], self.FOUT[:T], self.HG[:T], self.MK[:T]
+        X, XB, XR, HG, MK = self.X[:T], self.XB[:T], self.XR[:T], self.HG[:T], self.MK[:T]
         cs = ChunkStats(tokens=T)
         t_all = time.perf_counter()
         m.store.check_unchanged()
@@ -121,9 +130,10 @@ class ChunkPrefill:
             fw.rows_round_q8(XR, XB)
             have_gate = m.select.chunk(il, HG, MK, XB, XR)
             n = sparse.union_rows(self.union, MK)
-            m.ffn.run_chunk(FOUT, il, self.union, n, MK, HG, have_gate, XB, XR, c.activation, m.thresholds[il],
+            # the FFN's output goes to XB: its sums are written once every part has used XB
+            m.ffn.run_chunk(XB, il, self.union, n, MK, HG, have_gate, XB, XR, c.activation, m.thresholds[il],
                             m.t + T - 1, cs, self)
-            fw.rows_residual(X, FOUT, w.norms[il, fw.NORM_POST_FFW], eps, c.post_norms)
+            fw.rows_residual(X, XB, w.norms[il, fw.NORM_POST_FFW], eps, c.post_norms)
         s.x[:] = X[T - 1]
         if last:
             m.out_head(eps, cs)

@@ -32,7 +32,7 @@ from . import format as ff
 from .format import read_flash
 from .head import OutputHead, TokenEmbedding
 from .plan import HEADROOM, PlanInput, make_plan, mib
-from .prefill import CHUNK, ChunkPrefill, buffer_bytes as prefill_bytes
+from .prefill import CHUNK, ChunkPrefill, buffer_bytes as prefill_bytes, gate_bytes as prefill_gate_bytes
 from .selector import Selector
 from .stats import TokenStats  # noqa: F401  (the per-token statistics; re-exported)
 from .store import BundleStore
@@ -171,7 +171,7 @@ class _TinyChunk:
         self.X, self.XB, self.XR = (np.zeros((1, c.n_embd), f32) for _ in range(3))
         self.Q, self.ATT, self.ATR = (np.zeros((1, c.q_dim), f32) for _ in range(3))
         self.K, self.V = np.zeros((1, c.kv_dim), f32), np.zeros((1, c.kv_dim), f32)
-        self.scores = np.zeros((c.n_head, s.k_cache.shape[1]), f32)
+        self.scores = np.zeros((nn.batch_score_rows(), s.k_cache.shape[1]), f32)
         self.cos, self.sin = np.zeros((1, 2, c.rope_dim // 2), f32), np.zeros((1, 2, c.rope_dim // 2), f32)
         self.HG, self.MK = np.zeros((1, c.n_ff), f32), np.zeros((1, c.n_ff), np.uint8)
         self.PART = np.zeros((2, 1, c.n_embd), f32)
@@ -240,7 +240,7 @@ class FlashModel:
         inp = PlanInput(
             cap=self.cap, baseline=baseline, fixed=fixed, mode=mode,
             selector=selector if mode == "flash" else "none",
-            gate_bytes=sum(c.n_ff * l.part_bytes[0] for l in info.layers),
+            gate_bytes=sum(c.n_ff * l.part_bytes[0] for l in info.layers) + prefill_gate_bytes(c, 2 * CHUNK),
             pred_bytes=sum(l.pred_bytes for l in info.layers) if info.has_predictors else 0,
             head_bytes=head_bytes, embd_bytes=embd_bytes,
             bundle_bytes=bb, gate_part=[l.part_bytes[0] for l in info.layers],
@@ -249,16 +249,19 @@ class FlashModel:
             gap_bytes=gap, startup_peak=peak_rss() if self.cap is not None else 0, path=str(f.path))
         if small:
             inp.small_mib_s, inp.large_mib_s = small, large
-        # prompt chunks of 2 x CHUNK tokens where the cap allows them (half the reads per prompt token),
-        # else CHUNK: the floor stays that of CHUNK
-        for i, chunk in enumerate([prefill_chunk] if prefill_chunk else [2 * CHUNK, CHUNK]):
+        # prompt chunks of 2 x CHUNK tokens (half the reads per prompt token) where their buffers cost
+        # decoding at most 5% more expected reading than CHUNK's; else CHUNK (the floor is CHUNK's)
+        plans = {}
+        for chunk in ([prefill_chunk] if prefill_chunk else [CHUNK, 2 * CHUNK]):
             fixed["prompt chunk"] = prefill_bytes(c, self.n_ctx, chunk)
             try:
-                self.plan = make_plan(inp)
-                break
+                plans[chunk] = make_plan(inp)
             except RamCapError:
-                if prefill_chunk or i == 1:
+                if chunk == (prefill_chunk or CHUNK):
                     raise
+        chunk = max(k for k, q in plans.items() if q.read_ms <= 1.05 * min(p.read_ms for p in plans.values()))
+        self.plan = plans[chunk]
+        fixed["prompt chunk"] = prefill_bytes(c, self.n_ctx, chunk)
         self.prefill_chunk = chunk
         self.selector = self.plan.selector
         log.info("RAM plan: %s", self.plan.describe())

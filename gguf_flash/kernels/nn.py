@@ -135,7 +135,7 @@ def _attend_block(out, q, k_cache, v_cache, scores, j0, nq, pos0, window, h, kv_
     """Heads h of query tokens j0 .. j0 + nq - 1 (positions pos0 + j) over their causal ranges of the
     cache: each K and V row in the union of the ranges is decoded once and used by every query whose
     range holds it. Per query the sums run over t and i in the same order as _attend_head.
-    out, q (n_tok, n_head * head_dim); scores (n_tok * n_head, >= pos0 + n_tok): row j * n_head + h."""
+    out, q (n_tok, n_head * head_dim); scores (QB, >= pos0 + n_tok) scratch: row b for query j0 + b."""
     c0 = h * head_dim
     kr = np.empty(head_dim, np.float32)
     lo = pos0 + j0 - window + 1 if window > 0 else 0
@@ -155,13 +155,13 @@ def _attend_block(out, q, k_cache, v_cache, scores, j0, nq, pos0, window, h, kv_
             for i in range(head_dim):
                 s += qq[i] * kr[i]
             s *= scale
-            scores[(j0 + b) * n_head + h, t] = s
+            scores[b, t] = s
             if s > m[b]:
                 m[b] = s
     for b in range(nq):
         pos = pos0 + j0 + b
         t0 = max(0, pos - window + 1) if window > 0 else 0
-        sc = scores[(j0 + b) * n_head + h]
+        sc = scores[b]
         total = np.float32(0.0)
         for t in range(t0, pos + 1):
             e = np.exp(sc[t] - m[b])
@@ -181,23 +181,31 @@ def _attend_block(out, q, k_cache, v_cache, scores, j0, nq, pos0, window, h, kv_
             pos = pos0 + j0 + b
             if t > pos or (window > 0 and t < pos - window + 1):
                 continue
-            p = scores[(j0 + b) * n_head + h, t]
+            p = scores[b, t]
             o = out[j0 + b, c0:c0 + head_dim]
             for i in range(head_dim):
                 o[i] += p * kr[i]
+
+
+def batch_score_rows() -> int:
+    """Rows of attention_batch's scores scratch: QB per lane, a lane per thread numba may run."""
+    import numba
+    return QB * max(2, numba.config.NUMBA_NUM_THREADS)
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def attention_batch(out, q, k_cache, v_cache, scores, pos0, window, n_head, n_head_kv, head_dim, scale):
     """A batch of query tokens at positions pos0 .. pos0 + n_tok - 1 (their K/V already in the cache),
     QB queries per task so each cache row is decoded once per QB queries.
-    out, q (n_tok, n_head * head_dim); scores (n_tok * n_head, >= pos0 + n_tok) scratch, one row per
-    (token, head)."""
+    out, q (n_tok, n_head * head_dim); scores (batch_score_rows(), >= pos0 + n_tok) scratch: QB rows per
+    lane, each lane running every n_lanes-th task (so the scratch does not grow with the batch)."""
     n_tok = q.shape[0]
     group = n_head // n_head_kv
     n_blk = (n_tok + QB - 1) // QB
-    for task in prange(n_blk * n_head):
-        blk, h = task // n_head, task % n_head
-        j0 = blk * QB
-        _attend_block(out, q, k_cache, v_cache, scores, j0, min(QB, n_tok - j0), pos0, window, h,
-                      (h // group) * head_dim, head_dim, scale, n_head)
+    n_lanes = scores.shape[0] // QB
+    for lane in prange(n_lanes):
+        for task in range(lane, n_blk * n_head, n_lanes):
+            blk, h = task // n_head, task % n_head
+            j0 = blk * QB
+            _attend_block(out, q, k_cache, v_cache, scores[lane * QB:(lane + 1) * QB], j0, min(QB, n_tok - j0),
+                          pos0, window, h, (h // group) * head_dim, head_dim, scale, n_head)
