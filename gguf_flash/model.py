@@ -63,7 +63,10 @@ class Weights:
                 self.biases[il, 2, :c.kv_dim] = f.array(p + "attn_v.bias")
         self.embd = weight_desc(f, "token_embd.weight", c.n_embd)
         self.output = self.embd if c.tied_output else weight_desc(f, "output.weight", c.n_embd)
-        self.output_norm = np.ascontiguousarray(f.array("output_norm.weight"), dtype=np.float32)
+        # a copy, not a view of the file map (a truncated file must not fault under a running model),
+        # read-only like the map's arrays: the compiled kernels' type for it stays the same
+        self.output_norm = np.array(f.array("output_norm.weight"), dtype=np.float32)
+        self.output_norm.flags.writeable = False
         # RoPE frequencies: [global, local]; llama3-style rope_freqs divide them
         half = c.rope_dim // 2
         i = np.arange(half, dtype=np.float64)

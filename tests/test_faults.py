@@ -536,3 +536,38 @@ def test_ctrl_c_during_serve(tiny_llama_path, smollm2_path, busy):
         t.join(timeout=30)
         events = [line[6:] for line in stream.decode().splitlines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "shutting_down", events[-3:]
+
+
+TRUNCATE_TO_ZERO = r"""
+import os, sys, gguf_flash
+from gguf_flash.errors import FlashFormatError
+path, mode = sys.argv[1], sys.argv[2]
+llm = gguf_flash.load(path, mode=mode, n_ctx=64, n_threads=1)
+n, store = [0], llm.model.store
+real_read_rows = store.read_rows
+def read_rows(*a):        # inside a token, right after a read: the next layer's attention comes next
+    r = real_read_rows(*a)
+    if n[0] == 3 and os.path.getsize(path):
+        os.truncate(path, 0)      # below every tensor: the resident ones too
+    return r
+store.read_rows = read_rows
+def count(piece):
+    n[0] += 1
+try:
+    llm.generate("w1 x2 w3 x4", 16, ignore_eos=True, stream=count)
+except FlashFormatError as e:
+    print("ERROR", len(e.tokens), str(e).split(":")[0] == path)
+"""
+
+
+@pytest.mark.parametrize("mode", ["naive", "flash"])
+def test_flash_file_truncated_to_zero_bytes_while_generating(tiny_flash, tmp_path, mode):
+    """Truncated to 0 bytes in the middle of a token, right after a bundle read, with the next layer's
+    attention to come: the weights kept in RAM are copies (flash/pinned.py), so the next read is the
+    error naming the file; read from the file map, they were SIGBUS (the process killed, exit -7)."""
+    path = tmp_path / "z.flash.gguf"
+    shutil.copyfile(tiny_flash, path)
+    out = subprocess.run([sys.executable, "-c", TRUNCATE_TO_ZERO, str(path), mode], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stderr[-1500:])
+    assert out.stdout.split() == ["ERROR", "3", "True"], out.stdout

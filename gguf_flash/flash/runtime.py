@@ -31,6 +31,7 @@ from .ffn import FFNLoader, _split
 from . import format as ff
 from .format import read_flash
 from .head import OutputHead, TokenEmbedding
+from .pinned import pin
 from .plan import HEADROOM, PlanInput, make_plan, mib
 from .prefill import CHUNK, ChunkPrefill, buffer_bytes as prefill_bytes, gate_bytes as prefill_gate_bytes
 from .selector import Selector
@@ -278,8 +279,16 @@ class FlashModel:
             else np.zeros(L, np.float32)
         self.ffn = FFNLoader(self.store, info.layers, self.plan, c.n_ff, c.n_embd, numba.get_num_threads(),
                              window_k)
+        # what stays resident is copied out of the file map (flash/pinned.py: a file truncated under the
+        # model is then a read error naming it, not SIGBUS); streamed parts keep their file offsets
+        embd_resident = self.plan.embedding != "on demand (a row per token)"
+        if self.w.embd is self.w.output:
+            self.w.embd = self.w.output.copy()
+        keep = [self.w.mats[il, j] for il in range(L) for j in range(4)]
+        keep += ([] if self.plan.head_streamed else [self.w.output]) + ([self.w.embd] if embd_resident else [])
+        self.w.blob = pin(f, keep)
         self.out_head = OutputHead(self.w, self.st, self.store, self.plan.head_streamed)
-        self.embed = TokenEmbedding(self.w, self.store, self.plan.embedding != "on demand (a row per token)")
+        self.embed = TokenEmbedding(self.w, self.store, embd_resident)
         if mode == "dense":
             for il in range(L):
                 self.ffn.load_all(il)

@@ -25,6 +25,7 @@ class Selector:
             # 2 bytes a weight: plan.PlanInput.pred_bytes counts this)
             self.pred = [(np.array(l.pred_a).view(np.uint16), np.array(l.pred_b).view(np.uint16))
                          for l in layers]
+            self.pred_bias = [_readonly_copy(l.pred_bias) for l in layers]   # copies, not map views
 
     def _read_gate_rows(self, store, l):
         """The gate part of every bundle row of one layer, read once (a strided read of the bundles)."""
@@ -44,7 +45,7 @@ class Selector:
             sparse.matvec_rows(hg, self.gates[il], int(l.types[0]), xb, xq)
             return sparse.select_by_gate(self.active, self.gvals, hg, self.act, l.threshold), True
         a, b = self.pred[il]
-        sparse.predictor_logits(self.z, self.tmp[:a.shape[1]], xb, a, b, l.pred_bias)
+        sparse.predictor_logits(self.z, self.tmp[:a.shape[1]], xb, a, b, self.pred_bias[il])
         return sparse.select_by_logit(self.active, self.z, l.pred_offset, l.pred_abs), False
 
     def chunk(self, il, HG, MK, XB, XR):
@@ -62,7 +63,14 @@ class Selector:
             return True
         a, b = self.pred[il]
         for j in range(XB.shape[0]):
-            sparse.predictor_logits(self.z, self.tmp[:a.shape[1]], XB[j], a, b, l.pred_bias)
+            sparse.predictor_logits(self.z, self.tmp[:a.shape[1]], XB[j], a, b, self.pred_bias[il])
             sparse.mask_by_logit(MK[j], self.z, l.pred_offset, l.pred_abs)
         return False
 
+
+
+def _readonly_copy(a) -> np.ndarray:
+    """A float32 copy, read-only like the file map's views: the compiled kernels' argument type stays."""
+    c = np.array(a, np.float32)
+    c.flags.writeable = False
+    return c
