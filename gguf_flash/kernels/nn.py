@@ -130,6 +130,20 @@ def attention(out, q, k_cache, v_cache, scores, pos, window, n_head, n_head_kv, 
 QB = 4   # query tokens per attention_batch task: each K/V row is read and decoded once for all four
 
 
+@njit(cache=True, inline="always")
+def _decode_row(out, cache, t, kv_off):
+    """out (head_dim,) f32 = cache row t's head at kv_off (F32 or F16 bits)."""
+    row = cache[t, kv_off:kv_off + out.shape[0]]
+    for i in range(out.shape[0]):
+        out[i] = kv_get(row, i)
+
+
+@njit(cache=True, inline="always")
+def _sees(t, pos, window):
+    """Whether the query at pos attends to cache position t (causal, within a sliding window)."""
+    return t <= pos and (window <= 0 or t >= pos - window + 1)
+
+
 @njit(cache=True, fastmath=FASTMATH)
 def _attend_block(out, q, k_cache, v_cache, scores, j0, nq, pos0, window, h, kv_off, head_dim, scale, n_head):
     """Heads h of query tokens j0 .. j0 + nq - 1 (positions pos0 + j) over their causal ranges of the
@@ -143,12 +157,9 @@ def _attend_block(out, q, k_cache, v_cache, scores, j0, nq, pos0, window, h, kv_
     hi = pos0 + j0 + nq                      # exclusive: the last query's position + 1
     m = np.full(QB, -np.inf, np.float32)
     for t in range(lo, hi):
-        row = k_cache[t, kv_off:kv_off + head_dim]
-        for i in range(head_dim):
-            kr[i] = kv_get(row, i)
+        _decode_row(kr, k_cache, t, kv_off)
         for b in range(nq):
-            pos = pos0 + j0 + b
-            if t > pos or (window > 0 and t < pos - window + 1):
+            if not _sees(t, pos0 + j0 + b, window):
                 continue
             qq = q[j0 + b, c0:c0 + head_dim]
             s = np.float32(0.0)
@@ -174,12 +185,9 @@ def _attend_block(out, q, k_cache, v_cache, scores, j0, nq, pos0, window, h, kv_
         for i in range(head_dim):
             o[i] = np.float32(0.0)
     for t in range(lo, hi):
-        row = v_cache[t, kv_off:kv_off + head_dim]
-        for i in range(head_dim):
-            kr[i] = kv_get(row, i)
+        _decode_row(kr, v_cache, t, kv_off)
         for b in range(nq):
-            pos = pos0 + j0 + b
-            if t > pos or (window > 0 and t < pos - window + 1):
+            if not _sees(t, pos0 + j0 + b, window):
                 continue
             p = scores[b, t]
             o = out[j0 + b, c0:c0 + head_dim]
