@@ -49,11 +49,14 @@ def gate_bytes(cfg, chunk: int) -> int:
     return chunk * cfg.n_ff * 4
 
 
-class ChunkPrefill:
-    def __init__(self, model, chunk: int = CHUNK):
-        c, f32 = model.cfg, np.float32
-        self.m, self.chunk = model, chunk
-        T = chunk
+class ChunkBuffers:
+    """Every array a prompt chunk of `chunk` tokens writes (the plan counts them: buffer_bytes). The
+    kernel preload (runtime.preload_kernels) builds them for one token, so the kernels are loaded for
+    exactly these array types."""
+
+    def __init__(self, c, n_ctx: int, n_part: int, gate: bool, chunk: int = CHUNK):
+        f32, T = np.float32, chunk
+        self.chunk = chunk
         self.X = np.zeros((T, c.n_embd), f32)          # (T, n_embd) residual stream per token
         self.XB = np.zeros((T, c.n_embd), f32)         # (T, n_embd) normed input (attention, FFN), FFN output
         self.XR = np.zeros((T, c.n_embd), f32)         # (T, n_embd) the same as 8-bit blocks (round_q8)
@@ -63,17 +66,22 @@ class ChunkPrefill:
         self.K = np.zeros((T, c.kv_dim), f32)          # (T, kv_dim)
         self.V = np.zeros((T, c.kv_dim), f32)
         self.ATT = np.zeros((T, c.q_dim), f32)
-        self.scores = lazy_zeros((batch_score_rows(), model.n_ctx))  # (QB x lanes, n_ctx) attention scratch
+        self.scores = lazy_zeros((batch_score_rows(), n_ctx))        # (QB x lanes, n_ctx) attention scratch
         self.cos = np.zeros((T, 2, c.rope_dim // 2), f32)           # (T, [global, local], rope_dim / 2)
         self.sin = np.zeros((T, 2, c.rope_dim // 2), f32)
         # (T, n_ff) gate values: only with resident gate rows (else one unused row)
-        self.HG = np.zeros((T if model.selector == "gate" else 1, c.n_ff), f32)
+        self.HG = np.zeros((T if gate else 1, c.n_ff), f32)
         self.MK = np.zeros((T, c.n_ff), np.uint8)      # (T, n_ff) 1 where token j chose row i
         self.union = np.zeros(c.n_ff, np.int32)        # (n_ff,) rows some token chose, increasing
-        n_part = model.ffn.partial.shape[0]
         self.PART = np.zeros((n_part, T, c.n_embd), f32)             # (n_part, T, n_embd) accumulators
         self.DEC = np.zeros((n_part, 3, MM_ROWS, c.n_embd), f32)     # decoded gate/up/down rows per part
         self.H = np.zeros((n_part, 2, T, MM_ROWS), f32)              # their gate/up dot products
+
+
+class ChunkPrefill(ChunkBuffers):
+    def __init__(self, model, chunk: int = CHUNK):
+        super().__init__(model.cfg, model.n_ctx, model.ffn.partial.shape[0], model.selector == "gate", chunk)
+        self.m = model
 
     def run(self, tokens, pos0: int) -> None:
         """Feed tokens at pos0..; the model's logits buffer ends with the last token's logits."""

@@ -33,7 +33,8 @@ from .format import read_flash
 from .head import OutputHead, TokenEmbedding
 from .pinned import pin
 from .plan import HEADROOM, PlanInput, make_plan, mib
-from .prefill import CHUNK, ChunkPrefill, buffer_bytes as prefill_bytes, gate_bytes as prefill_gate_bytes
+from .prefill import CHUNK, ChunkBuffers, ChunkPrefill
+from .prefill import buffer_bytes as prefill_bytes, gate_bytes as prefill_gate_bytes
 from .selector import Selector
 from .stats import TokenStats  # noqa: F401  (the per-token statistics; re-exported)
 from .store import BundleStore
@@ -117,7 +118,7 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
                             c.activation, np.float32(0))
     sparse.sum_partials(ffn_out, partial)
     # the prompt chunk's kernels (flash/prefill.py), on one token
-    pre = _TinyChunk(c, s)
+    pre = ChunkBuffers(c, s.k_cache.shape[1], 2, True, chunk=1)
     fw.attention_batch_layer(pre.X, pre.XB, pre.XR, pre.Q, pre.K, pre.V, pre.ATT, pre.ATR, pre.scores,
                              s.k_cache, s.v_cache, pre.cos, pre.sin, w.blob, w.mats, w.norms, w.qk_norms,
                              w.biases, w.swa, w.ip, w.fp, 0, 0)
@@ -162,22 +163,6 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
         st.select(l0.bundle_offset, l0.part_bytes[0], 2, stride=l0.bundle_bytes)
         st.read_rows(two, np.zeros((2, l0.part_bytes[0]), np.uint8), two)
     release_compiler_pages()
-
-
-class _TinyChunk:
-    """One-token twins of ChunkPrefill's buffers: loads the prompt kernels for the right array types."""
-
-    def __init__(self, c, s):
-        f32 = np.float32
-        self.X, self.XB, self.XR = (np.zeros((1, c.n_embd), f32) for _ in range(3))
-        self.Q, self.ATT, self.ATR = (np.zeros((1, c.q_dim), f32) for _ in range(3))
-        self.K, self.V = np.zeros((1, c.kv_dim), f32), np.zeros((1, c.kv_dim), f32)
-        self.scores = np.zeros((nn.batch_score_rows(), s.k_cache.shape[1]), f32)
-        self.cos, self.sin = np.zeros((1, 2, c.rope_dim // 2), f32), np.zeros((1, 2, c.rope_dim // 2), f32)
-        self.HG, self.MK = np.zeros((1, c.n_ff), f32), np.zeros((1, c.n_ff), np.uint8)
-        self.PART = np.zeros((2, 1, c.n_embd), f32)
-        self.DEC = np.zeros((2, 3, MM_ROWS, c.n_embd), f32)
-        self.H = np.zeros((2, 2, 1, MM_ROWS), f32)
 
 
 class FlashModel:
@@ -262,7 +247,6 @@ class FlashModel:
                     raise
         chunk = max(k for k, q in plans.items() if q.read_ms <= 1.05 * min(p.read_ms for p in plans.values()))
         self.plan = plans[chunk]
-        fixed["prompt chunk"] = prefill_bytes(c, self.n_ctx, chunk)
         self.prefill_chunk = chunk
         self.selector = self.plan.selector
         log.info("RAM plan: %s", self.plan.describe())
