@@ -61,6 +61,12 @@ def _add_flash(p):
                         "or bundle (nothing resident: every bundle read or held, its own gate decides); "
                         "auto: the plan's cheapest in reading per token at the cap, predictor only when "
                         "neither fits")
+    p.add_argument("--head", choices=("auto", "index", "exact"), default="auto",
+                   help="flash GGUF with a head index: auto (default) lets the RAM plan use it when the head is "
+                        "not resident, so decoding reads only the head rows that can be sampled; the index's "
+                        "bound is calibrated on held-out states, not proven (docs/flash-gguf.md). exact: "
+                        "read the whole head every token (perplexity, logprobs and --repeat-penalty always do); index: use the "
+                        "index even where the head would fit (benchmarks)")
     p.add_argument("--cold", action="store_true", help="read bundles bypassing the page cache (benchmarks)")
     p.add_argument("--stats", action="store_true", help="the RAM plan and per-token flash statistics on stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="say what the RAM plan chose and why")
@@ -98,7 +104,8 @@ def _load(a, n_ctx_for=None, on_tokenizer=None, logit_rows: int = 0):
     return load(model, n_ctx=a.ctx_size or None, n_threads=a.threads or None,
                 max_ram=getattr(a, "max_ram", None), mode=getattr(a, "mode", None),
                 selector=getattr(a, "selector", "auto"), cold=getattr(a, "cold", False), n_ctx_for=n_ctx_for,
-                kv_type=a.cache_type_k, on_tokenizer=on_tokenizer, logit_rows=logit_rows)
+                kv_type=a.cache_type_k, on_tokenizer=on_tokenizer, logit_rows=logit_rows,
+                head=getattr(a, "head", "auto"))
 
 
 def _n_predict(a, llm, n_prompt):
@@ -129,7 +136,8 @@ def cmd_convert(a):
     from .flash.convert import convert
     r = convert(a.input, a.output, calib=a.calib, calib_tokens=a.calib_tokens, sparsity=a.sparsity,
                 rank=a.rank, down_type=a.down_type, force=a.force, full_curve=a.curve,
-                predictor=a.predictor, progress=True)
+                predictor=a.predictor, head_index=not a.no_head_index,
+                head_index_rank=a.head_index_rank, progress=True)
     stored = [i for i, k in enumerate(r.ranks) if k]
     preds = (f"rank {min(r.ranks[i] for i in stored)}-{max(r.ranks[i] for i in stored)}, "
              f"recall {min(r.recall[i] for i in stored):.3f}-{max(r.recall[i] for i in stored):.3f}, "
@@ -140,6 +148,11 @@ def cmd_convert(a):
           f"({100 * r.predictor_bytes / r.ffn_bytes:.0f}% of the FFN) in {len(stored)} of {len(r.ranks)} "
           f"layers, {preds}")
     print("held-out perplexity by sparsity: " + ", ".join(f"{s:.1f}: {p:.2f}" for s, p in r.curve))
+    if r.head_index is not None:
+        hi = r.head_index
+        print(f"head index: rank {hi.rank}, {hi.n_bytes / 2**20:.1f} MiB ({100 * hi.n_bytes / r.head_bytes:.0f}% of "
+              f"the head), z {hi.z:.3f} (no top-1 miss on {hi.n_heldout} held-out states, where it read "
+              f"{100 * hi.read_frac:.1f}% of the head's rows on average)")
     print(f"total {r.seconds:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in r.phases.items())
           + f"), peak RSS {r.peak_rss_mb:.0f} MiB")
 
@@ -230,11 +243,14 @@ def _print_flash_stats(llm):
     if not stats:
         print("(no token was decoded)", file=sys.stderr)
         return
-    print("token predicted loaded overflow  KiB-read reads hit%  io-ms  mm-ms compute-ms  RSS-MiB", file=sys.stderr)
+    n_vocab = llm.model.cfg.n_vocab
+    print("token predicted loaded overflow  KiB-read reads hit%  io-ms  mm-ms compute-ms  RSS-MiB  "
+          "head-rows head-KiB head-reads early", file=sys.stderr)
     for i, s in enumerate(stats):
         print(f"{i:5d} {s.predicted:9d} {s.loaded:6d} {s.overflow:8d} {s.bytes_read / 1024:9.0f} {s.read_calls:5d} "
               f"{100 * s.hit_rate:4.0f} {s.io_ms:6.1f} {s.mm_ms:6.1f} {s.compute_ms:10.1f} "
-              f"{s.rss / 2**20:8.1f}", file=sys.stderr)
+              f"{s.rss / 2**20:8.1f}  {s.head_rows:9d} {s.head_bytes / 1024:8.0f} {s.head_reads:10d} "
+              f"{'yes' if s.head_rows < n_vocab else 'no':>5s}", file=sys.stderr)
 
 
 def cmd_chat(a):
@@ -310,6 +326,15 @@ def _print_flash_summary(f):
     print(f"bundles {info.bundle_bytes_total / 2**20:.1f} MiB, predictors {pred / 2**20:.1f} MiB "
           f"({100 * pred / info.bundle_bytes_total:.0f}% of the bundles) in {n_pred} of {len(info.layers)} layers"
           + ("" if n_pred == len(info.layers) else " (--selector predictor needs one in every layer)"))
+    hi = info.head_index
+    if hi is None:
+        print("head index: none (decoding reads the whole head when it is not resident)")
+    else:
+        from .flash.head_build import index_bytes
+        n = index_bytes(cfg.n_vocab, cfg.n_embd, hi["rank"])
+        print(f"head index: rank {hi['rank']}, {n / 2**20:.1f} MiB, z {hi['z']:.3f} (calibrated: no top-1 miss on "
+              f"{hi['heldout']} held-out states, where it read {100 * hi['read_frac']:.1f}% of the head's rows, "
+              f"{100 * hi['bytes_frac']:.1f}% of its bytes)")
 
 
 def cmd_perplexity(a):
@@ -427,6 +452,12 @@ def build_parser():
     p.add_argument("--predictor", choices=("auto", "always", "never"), default="auto",
                    help="store low-rank predictors: auto (default) only in layers where one is smaller than "
                         "the layer's gate rows, always (every layer; needed for --selector predictor), never")
+    p.add_argument("--no-head-index", action="store_true",
+                   help="do not build the output head's index (a calibrated low-rank preview that lets decoding "
+                        "read only the head rows that can win; see docs/flash-gguf.md)")
+    p.add_argument("--head-index-rank", type=int, default=None,
+                   help="rank of the head index's preview (default: the largest whose index is at most 10%% "
+                        "of the head's bytes; 0: none)")
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT")
     p.add_argument("--curve", action="store_true", help="held-out perplexity at every grid sparsity "
                                                          "(default: bisect the grid for the chosen one)")

@@ -26,7 +26,7 @@ class LLM:
 
     def __init__(self, path, n_ctx: int | None = None, n_threads: int | None = None, max_ram=None,
                  mode: str | None = None, selector: str = "auto", cold: bool = False, n_ctx_for=None,
-                 kv_type: str = "f16", on_tokenizer=None, logit_rows: int = 0):
+                 kv_type: str = "f16", on_tokenizer=None, logit_rows: int = 0, head: str = "auto"):
         from .flash.format import is_flash
         self.path = models.resolve(path)
         self.file = GGUFFile(self.path)
@@ -47,7 +47,7 @@ class LLM:
             from .flash.runtime import FlashModel
             self.model = FlashModel(self.file, max_ram=max_ram, mode=mode or "flash", selector=selector,
                                     n_ctx=n_ctx, n_threads=n_threads, cold=cold, kv_type=kv_type,
-                                    logit_rows=logit_rows)
+                                    logit_rows=logit_rows, head=head)
         elif max_ram is not None or mode in ("flash", "naive"):
             raise InvalidArgumentError(
                 f"{self.path}: not a flash GGUF, so it cannot run under --max-ram or in {mode or 'flash'} "
@@ -126,7 +126,7 @@ class LLM:
 
 def load(name_or_path, n_ctx: int | None = None, n_threads: int | None = None, max_ram=None,
          mode: str | None = None, selector: str = "auto", cold: bool = False, n_ctx_for=None,
-         kv_type: str = "f16", on_tokenizer=None, logit_rows: int = 0) -> LLM:
+         kv_type: str = "f16", on_tokenizer=None, logit_rows: int = 0, head: str = "auto") -> LLM:
     return LLM(name_or_path, n_ctx=n_ctx, n_threads=n_threads, max_ram=max_ram, mode=mode,
                selector=selector, cold=cold, n_ctx_for=n_ctx_for, kv_type=kv_type, on_tokenizer=on_tokenizer,
-               logit_rows=logit_rows)
+               logit_rows=logit_rows, head=head)

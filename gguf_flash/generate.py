@@ -54,6 +54,19 @@ def generate_tokens(model, prompt_ids, n_predict: int, sampler: Sampler, eog_ids
         raise ContextOverflowError(f"prompt of {len(prompt_ids)} tokens does not fit the context of "
                                    f"{model.n_ctx} (use -c to enlarge it)")
     t0 = time.perf_counter()
+    set_need = getattr(model, "set_head_need", None)   # a flash model's head index reads what the sampler needs
+    if set_need is not None:
+        from .flash.head_index import need_for
+        set_need(need_for(sampler.p))
+    try:
+        yield from _decode(model, prompt_ids, n_predict, sampler, eog_ids, res, t0)
+    finally:
+        if set_need is not None:
+            from .flash.head_index import EXACT
+            set_need(EXACT)
+
+
+def _decode(model, prompt_ids, n_predict, sampler, eog_ids, res, t0):
     logits = prefill(model, prompt_ids)
     res.prompt_s = time.perf_counter() - t0
     history = list(prompt_ids)

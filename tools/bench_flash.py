@@ -32,10 +32,10 @@ import json, sys, time
 import numpy as np
 import gguf_flash
 from gguf_flash.errors import RamCapError
-path, cap, mode, n_tok, selector, PROMPT = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6]
+path, cap, mode, n_tok, selector, PROMPT, head = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]
 try:
     llm = gguf_flash.load(path, max_ram=None if cap == "none" else cap, mode=mode, n_ctx=256, n_threads=2,
-                          selector=selector, cold=True)
+                          selector=selector, cold=True, head=head if mode == "flash" else "auto")
 except RamCapError as e:
     print(json.dumps({"refused": str(e)})); sys.exit(0)
 prompt = llm.tokenize(PROMPT)
@@ -45,7 +45,8 @@ st = llm.model.stats                        # decode steps (the prompt runs in c
 m = lambda k: float(np.mean([getattr(s, k) for s in st]))
 print(json.dumps(dict(io_ms=m("io_ms"), mm_ms=m("mm_ms"), compute_ms=m("compute_ms"),
                       bytes=m("bytes_read"), reads=m("read_calls"), loaded=m("loaded"), hit=m("hit_rate"),
-                      overflow=m("overflow"), tps=res.decode_tps, prompt_tps=res.prompt_tps, selector=llm.model.selector,
+                      overflow=m("overflow"), head_bytes=m("head_bytes"), head_rows=m("head_rows"),
+                      tps=res.decode_tps, prompt_tps=res.prompt_tps, selector=llm.model.selector,
                       plan=llm.model.plan.describe(), baseline=llm.model.plan.baseline,
                       direct_io=llm.model.store.direct_io)))
 """
@@ -136,6 +137,7 @@ def main():
     ap.add_argument("--modes", default="dense,naive,flash")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--selector", default="auto")
+    ap.add_argument("--head", default="auto", help="flash mode's head: auto (the plan's choice), index, exact")
     ap.add_argument("--plot", default=None, help="write a PNG of latency against cap (needs matplotlib)")
     a = ap.parse_args()
     path, source = model_paths(a.model, a.source)
@@ -150,7 +152,7 @@ def main():
             cap = resolve_cap(spec, path, mode, dense_peak, src_size)
             if cap is None:
                 continue
-            out, peak = run_child(CHILD, [path, f"{cap}M", mode, a.tokens, a.selector, PROMPT_TEXT])
+            out, peak = run_child(CHILD, [path, f"{cap}M", mode, a.tokens, a.selector, PROMPT_TEXT, a.head])
             r = json.loads(out)
             r.update(spec=spec, cap=cap, mode=mode, peak=peak / 2**20)
             rows.append(r)
@@ -159,21 +161,21 @@ def main():
           f"2 threads, {a.tokens} decode tokens. Dense engine on the source: peak RSS {dense_mib:.0f} MiB, "
           f"{dense['ms']:.1f} ms/token, prompt {dense['prompt_tps']:.0f} tok/s (page cache warm)\n")
     print("| cap | mode | I/O ms | mem-mgmt ms | compute ms | total ms | floor ms | MiB read/token | reads | "
-          "overflow/token | tok/s | prompt tok/s | peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "overflow/token | tok/s | prompt tok/s | peak RSS | head MiB read/token (rows) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         head = (f"| {r['cap']} MiB = {r['cap'] / dense_mib:.2f} x dense = {r['cap'] * 2**20 / src_size:.1f} x source "
                 f"({r['spec']}) | {r['mode']} |")
         if "refused" in r:
             print(f"{head} refused: needs {r['refused'].split('needs at least ')[1].split(' (')[0]} |"
-                  + " |" * 10)
+                  + " |" * 11)
             continue
         total = r["io_ms"] + r["mm_ms"] + r["compute_ms"]
         fl = floor_ms(r["bytes"], r["reads"], r["compute_ms"], tput)
         sel = f" ({r['selector']})" if r["mode"] == "flash" else ""
         print(f"{head[:-1]}{sel} | {r['io_ms']:.1f} | {r['mm_ms']:.1f} | {r['compute_ms']:.1f} | {total:.1f} | "
               f"{fl:.1f} | {r['bytes'] / 2**20:.2f} | {r['reads']:.0f} | {r['overflow']:.0f} | {r['tps']:.1f} | "
-              f"{r['prompt_tps']:.1f} | {r['peak']:.0f} MiB |")
+              f"{r['prompt_tps']:.1f} | {r['peak']:.0f} MiB | {r['head_bytes'] / 2**20:.1f} ({r['head_rows']:.0f}) |")
     print("\nplans:")
     for r in rows:
         if "plan" in r:

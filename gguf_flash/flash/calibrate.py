@@ -36,6 +36,7 @@ class Calibration:
     tokens: np.ndarray     # (n_tokens,) int64 (chunks of `chunk`, each from a fresh context)
     n_train: int           # the first n_train tokens train; the rest are held out
     chunk: int
+    H: np.ndarray | None = None   # (n_tokens, n_embd) float16 final hidden states (after output_norm)
 
     def train(self, il) -> np.ndarray:
         return self.X[il, :self.n_train].astype(np.float32)
@@ -57,6 +58,7 @@ def calibrate(model, tokenizer, text: str, n_tokens: int = 4096, chunk: int = 51
     cfg = model.cfg
     total = n_chunks * chunk
     X = np.zeros((cfg.n_layer, total, cfg.n_embd), np.float16)
+    H = np.zeros((total, cfg.n_embd), np.float16)
     toks = np.zeros(total, np.int64)
     ub = model.st.n_ubatch
     buf = np.zeros((cfg.n_layer, ub, cfg.n_embd), np.float32)   # one batch of FFN inputs
@@ -66,8 +68,9 @@ def calibrate(model, tokenizer, text: str, n_tokens: int = 4096, chunk: int = 51
             part = inp[s:s + ub]
             model._batch(part, s, ffn_in=buf)
             X[:, c * chunk + s:c * chunk + s + len(part)] = buf[:, :len(part)]
+            H[c * chunk + s:c * chunk + s + len(part)] = model.st.H[:len(part)]
         toks[c * chunk:(c + 1) * chunk] = inp
         if progress:
             progress(c + 1, n_chunks)
     n_held = max(1, int(round(n_chunks * held_out)))
-    return Calibration(X, toks, (n_chunks - n_held) * chunk, chunk)
+    return Calibration(X, toks, (n_chunks - n_held) * chunk, chunk, H)

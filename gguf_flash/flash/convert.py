@@ -5,6 +5,8 @@ Phases (each with a progress bar when `progress` is true):
   1. calibrate   dense model over calibration text -> per-layer FFN inputs (calibrate.py)
   2. sparsity    per-layer |act(gate . x)| quantiles; held-out perplexity at each grid point; the default
                  sparsity is the largest whose held-out perplexity stays within 2% of dense (CATS)
+  2b. head index  the output head's calibrated preview (head_build.py), on the model's final hidden
+                 states of the calibration text and of its own greedy continuations
   3. predictors  per layer, the smallest rank whose predictor reaches the target recall (predictor.py);
                  with predictor="auto" only for layers where every rank it may pick is stored in fewer
                  bytes than the layer's gate rows (the runtime prefers the exact gate rows otherwise),
@@ -38,6 +40,7 @@ from ..perplexity import chunk_nll
 from ..tokenizer import tokenizer_from_gguf
 from . import format as ff
 from .calibrate import calibrate, read_calibration_text
+from .head_build import build_head_index, calibration_states, index_rank
 from .predictor import (DEFAULT_RANKS, single_threaded_blas, active_mask, fit_smallest_rank,
                         predictor_bytes, train_predictor)
 
@@ -66,6 +69,8 @@ class ConvertReport:
     seconds: float
     peak_rss_mb: float
     phases: dict = field(default_factory=dict)
+    head_index: object = None       # head_build.HeadIndex or None
+    head_bytes: int = 0
 
 
 def _progress(enabled, total, desc):
@@ -102,6 +107,8 @@ def _exercise_kernels():
         buf = np.zeros((1, model.st.n_ubatch, model.cfg.n_embd), np.float32)
         model._batch(np.arange(8, dtype=np.int64), 0, ffn_in=buf)
         chunk_nll(model, np.arange(16, dtype=np.int64))
+        model.prefill(np.arange(4, dtype=np.int64), 0)    # the head index's greedy continuations
+        model.forward(1, 4)
         f.close()
 
 
@@ -134,7 +141,7 @@ def _act_abs(G, act):
 def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float | None = None,
             rank: int | None = None, down_type: str = "Q8_0", force: bool = False,
             target_recall: float = 0.95, full_curve: bool = False, predictor: str = "auto",
-            progress: bool = False) -> ConvertReport:
+            head_index: bool = True, head_index_rank: int | None = None, progress: bool = False) -> ConvertReport:
     """Write the flash GGUF of `src` to `dst` (see the module docstring). full_curve evaluates the
     held-out perplexity at every grid sparsity (the default bisects the grid: 3 evaluations, not 7).
     predictor: "auto" (a layer's predictor only where it is smaller than its gate rows), "always",
@@ -150,6 +157,8 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
         raise InvalidArgumentError(f"--sparsity must be in [0, 1), got {sparsity}")
     if rank is not None and rank < 1:
         raise InvalidArgumentError(f"--rank must be >= 1, got {rank}")
+    if head_index_rank is not None and head_index_rank < 0:
+        raise InvalidArgumentError(f"--head-index-rank must be >= 0, got {head_index_rank}")
     if predictor not in PREDICTOR_CHOICES:
         raise InvalidArgumentError(f"--predictor {predictor}: choose one of {', '.join(PREDICTOR_CHOICES)}")
     f = GGUFFile(src_path)
@@ -220,6 +229,26 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
     curve = [(0.0, dense_ppl)] + [(float(grid[j]), evaluated[j]) for j in sorted(evaluated)]
     phases["sparsity"] = time.perf_counter() - t
 
+    # ---- 2b. the output head's index ----
+    t = time.perf_counter()
+    hindex = None
+    head_name = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+    head_raw = f.raw(head_name)
+    r = 0 if not head_index else index_rank(cfg.n_vocab, cfg.n_embd, head_raw.nbytes) \
+        if head_index_rank is None else min(int(head_index_rank), cfg.n_embd - 1)
+    if r:
+        bar = _progress(progress, 2, "head index")
+        train_h, held_h = calibration_states(model, tok, cal)
+        if bar:
+            bar.update(1)
+        hindex = build_head_index(head_raw, f.tensor(head_name).qtype, train_h, held_h, r)
+        del train_h, held_h
+        if bar:
+            bar.update(1)
+            bar.close()
+        f.release(f.tensor(head_name).offset, head_raw.nbytes)
+    phases["head index"] = time.perf_counter() - t
+
     # ---- 3. predictors, frequencies, hot-first order ----
     t = time.perf_counter()
     # the dense model is done: drop its KV cache and scratch, and the source pages it read (they stay
@@ -284,7 +313,7 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
     meta = dict(
         version=ff.FLASH_VERSION, sha=sha, types=part_types, bytes=part_bytes, act=ACT_NAMES[act],
         thresholds=thresholds, sparsity=chosen, layer_sparsity=layer_sparsity, preds=preds,
-        cal_tokens=n_cal_tokens, source=source, curve=curve)
+        cal_tokens=n_cal_tokens, source=source, curve=curve, head_index=hindex)
     # a locked temp file renamed on success: Ctrl-C or a full disk leave nothing at dst, and a converter
     # killed outright leaves a temp file that the next conversion to dst removes (atomic.py)
     with atomic_output(dst) as tmp:
@@ -297,7 +326,8 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
         [p.rank if p else 0 for p in preds], [p.recall if p else 0.0 for p in preds],
         [p.precision if p else 0.0 for p in preds], sum(p.n_bytes for p in preds if p), ffn_bytes,
         sum(cfg.n_ff * sum(part_bytes[3 * il:3 * il + 3]) for il in range(cfg.n_layer)),
-        time.perf_counter() - t_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, phases)
+        time.perf_counter() - t_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, phases,
+        hindex, head_raw.nbytes)
 
 
 def _write(f, cfg, path, meta, orders, freq, down_q, progress):
@@ -338,6 +368,12 @@ def _write(f, cfg, path, meta, orders, freq, down_q, progress):
     w.add_string(ff.K_CAL_SOURCE, meta["source"])
     f32s(ff.K_CURVE_S, [s for s, _ in meta["curve"]])
     f32s(ff.K_CURVE_PPL, [p for _, p in meta["curve"]])
+    hi = meta["head_index"]
+    if hi is not None:
+        w.add_float32(ff.K_HI_Z, hi.z)
+        w.add_uint32(ff.K_HI_HELDOUT, hi.n_heldout)
+        w.add_float32(ff.K_HI_READ, hi.read_frac)
+        w.add_float32(ff.K_HI_BYTES, hi.bytes_frac)
 
     ffn = {f"blk.{il}.{p}.weight" for il in range(L) for p in ("ffn_gate", "ffn_up", "ffn_down")}
     plan = []   # (name, producer) in file order
@@ -371,6 +407,11 @@ def _write(f, cfg, path, meta, orders, freq, down_q, progress):
         plan.append(lambda B=B: B.astype(np.float16))
         w.add_tensor_info(ff.t_pred_bias(il), p.bias.shape, np.dtype(np.float32), p.bias.size * 4)
         plan.append(lambda p=p, il=il: p.bias[orders[il]].astype(np.float32))
+    if hi is not None:
+        for name, arr in ((ff.T_HI_BASIS, hi.basis), (ff.T_HI_PREVIEW, hi.preview), (ff.T_HI_SCALE, hi.scale),
+                          (ff.T_HI_SIGMA, hi.sigma), (ff.T_HI_WHITEN, hi.whiten), (ff.T_HI_COLSCALE, hi.colscale)):
+            w.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes)
+            plan.append(lambda a=arr: a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()

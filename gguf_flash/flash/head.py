@@ -58,7 +58,7 @@ class OutputHead:
         for r0 in range(0, n_rows, step):
             n = min(step, n_rows - r0)
             np.add(self.idx[:n], r0, out=self.row_ids[:n])
-            add_read(ts, self.store.read_rows(self.row_ids[:n], self.buf, self.idx[:n]))
+            add_read(ts, self.store.read_rows(self.row_ids[:n], self.buf, self.idx[:n]), head=True)
             self.desc[1] = n
             yield r0, n
 

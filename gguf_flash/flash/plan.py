@@ -14,6 +14,10 @@ per byte of RAM:
   with probability freq_l[j] at the small-read throughput when misses are scattered; when the layer's
   active rows are dense enough that coalescing (reading through gaps under gap_bytes) makes long
   reads, it saves its whole bundle span every token at the large-read throughput;
+- the head index (flash/head_index.py), when the file has one: saves reading the head's rows that its
+  preview rules out (what it still reads: the share of the head's bytes it read on held-out states at
+  conversion, rows closer than 64 KiB read through, priced between the small- and large-read throughputs,
+  at their geometric mean); a resident head makes it useless, so a plan never holds both;
 - an untied token embedding: saves one row read per token (it is otherwise read row by row).
 Greedy by value density; indivisible items that do not fit are skipped for smaller ones.
 """
@@ -60,6 +64,10 @@ class PlanInput:
     gap_bytes: int = 64 << 10      # the store reads through gaps smaller than this
     startup_peak: int = 0          # the process's RSS peak so far (loading its kernels)
     path: str = ""
+    index_bytes: int = 0           # RAM of the head index (0: the file has none, or --head exact)
+    index_frac: float = 1.0        # the share of head bytes it reads per token (held-out, at conversion)
+    head_choice: str = "auto"      # auto: the plan places head / index; index: the index always, the head
+                                   # streamed (needs index_bytes); exact: never the index
 
 
 @dataclass
@@ -69,7 +77,7 @@ class Plan:
     resident: dict                 # part -> bytes
     capacities: list               # window slots per layer
     selector: str                  # gate | predictor | bundle (gate values from the bundles read) | none
-    head: str                      # resident | streamed
+    head: str                      # resident | indexed (streamed rows the index asks for) | streamed
     embedding: str                 # resident | on demand (a row per token) | with the head
     staging_rows: int
     window_bytes: int = 0
@@ -80,7 +88,11 @@ class Plan:
 
     @property
     def head_streamed(self) -> bool:
-        return self.head == "streamed"
+        return self.head != "resident"
+
+    @property
+    def head_indexed(self) -> bool:
+        return self.head == "indexed"
 
     @property
     def must_have(self) -> int:
@@ -153,6 +165,9 @@ def _plan(p: PlanInput, selector: str) -> Plan:
                     for f, pr in zip(p.freq, p.precision)]
     elif selector == "bundle":   # every row is read or held each token; its gate decides in the kernel
         freq = [np.ones(n, np.float32) for n in n_ff]
+    forced_index = bool(p.head_choice == "index" and p.index_bytes and p.head_bytes)
+    if forced_index:
+        resident["head index"] = p.index_bytes
     # a slot holds up|down when the gate rows are resident (a third less), else the whole bundle
     slot_bytes = [b - g for b, g in zip(p.bundle_bytes, p.gate_part)] if selector == "gate" \
         else list(p.bundle_bytes)
@@ -181,8 +196,15 @@ def _plan(p: PlanInput, selector: str) -> Plan:
     else:
         room = p.cap - floor
     items = []   # (ms saved per token per byte, kind, layer or -1, bytes)
-    if p.head_bytes:
+    if forced_index:
+        head = "indexed"
+    elif p.head_bytes:
         items.append((1e3 / (p.large_mib_s * MiB), "head", -1, p.head_bytes - HEAD_CHUNK))
+        if p.index_bytes and p.head_choice == "auto":
+            mid = (p.small_mib_s * p.large_mib_s) ** 0.5
+            saved_ms = p.head_bytes / (p.large_mib_s * MiB) * 1e3 - p.index_frac * p.head_bytes / (mid * MiB) * 1e3
+            if saved_ms > 0:
+                items.append((saved_ms / p.index_bytes, "head index", -1, p.index_bytes))
     if p.embd_bytes:
         items.append((1e3 / (p.small_mib_s * MiB) / max(p.embd_bytes, 1) * 4096, "embedding", -1, p.embd_bytes))
     if p.mode == "flash":
@@ -209,7 +231,16 @@ def _plan(p: PlanInput, selector: str) -> Plan:
             room -= nbytes
         saved += density * nbytes
         if kind == "head":
+            if head == "indexed":   # the index is of no use beside a resident head: its bytes go back
+                room = None if room is None else room + p.index_bytes
+                saved -= [d * b for d, k, _, b in items if k == "head index"][0]
             head = "resident"
+        elif kind == "head index":
+            if head == "resident":
+                room = None if room is None else room + nbytes
+                saved -= density * nbytes
+                continue
+            head = "indexed"
         elif kind == "embedding":
             embedding = "resident"
         else:
@@ -218,6 +249,8 @@ def _plan(p: PlanInput, selector: str) -> Plan:
         resident["output head"] = p.head_bytes
     elif p.head_bytes:
         resident["output head (streamed, 2 MiB chunks)"] = HEAD_CHUNK
+        if head == "indexed" and not forced_index:
+            resident["head index"] = p.index_bytes
     if embedding == "resident":
         resident["token embedding"] = p.embd_bytes
     elif not p.embd_bytes:

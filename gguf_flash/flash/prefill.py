@@ -144,7 +144,7 @@ class ChunkPrefill(ChunkBuffers):
             fw.rows_residual(X, XB, w.norms[il, fw.NORM_POST_FFW], eps, c.post_norms)
         s.x[:] = X[T - 1]
         if last:
-            m.out_head(eps, cs)
+            m.decode_head(eps, cs)
         m.t += T
         cs.compute_ms = (time.perf_counter() - t_all) * 1e3 - cs.io_ms - cs.mm_ms
         m.prompt_stats.append(cs)

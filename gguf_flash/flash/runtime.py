@@ -31,6 +31,7 @@ from .ffn import FFNLoader, _split
 from . import format as ff
 from .format import read_flash
 from .head import OutputHead, TokenEmbedding
+from .head_index import EXACT, HeadNeed, IndexedHead, index_ram
 from .pinned import pin
 from .plan import HEADROOM, PlanInput, make_plan, mib
 from .prefill import CHUNK, ChunkBuffers, ChunkPrefill
@@ -43,6 +44,8 @@ from .window import Window
 log = logging.getLogger(__name__)
 MODES = ("flash", "naive", "dense")
 SELECTORS = ("auto", "predictor", "gate", "bundle")
+HEADS = ("auto", "index", "exact")   # auto: the plan may use the file's head index; index: always (the
+                                     # head streamed); exact: never
 STAGING_BYTES = 4 << 20   # FFN overflow staging: rows per chunk (a whole SmolLM2 layer; 4 parallel 1 MiB reads)
 
 
@@ -152,6 +155,8 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     fw.output_head(s.logits[:1], s.x, s.xb, s.xq_embd, w.blob, head, w.output_norm, 1e-5)
     nn.rmsnorm(s.xb, s.x, w.output_norm, 1e-5)
     f.release(int(head[0]), int(head[2]))
+    if info.head_index is not None:
+        _preload_head_index(s, w, int(head[3]))
     win = Window(4, 8, 4, 1)
     win.update(np.arange(2, dtype=np.int32), 0)
     win.update(np.arange(2, 4, dtype=np.int32), 5)
@@ -165,15 +170,36 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     release_compiler_pages()
 
 
+def _preload_head_index(s, w, qt) -> None:
+    """The head index's kernels (flash/head_index.py), with its argument types, on one row."""
+    from ..kernels import headidx
+    from .head_index import _copy
+    d = s.xb.shape[0]
+    v = s.logits[:2]
+    bnd, ids, mark = np.zeros(2, np.float32), np.zeros(2, np.int32), np.zeros(2, np.uint8)
+    headidx.preview_bounds(v, bnd, np.zeros(1, np.float32), np.zeros(d, np.float32), s.xb,
+                           _copy(np.zeros((1, d), np.float32)), _copy(np.zeros((d, d), np.uint16)),
+                           _copy(np.ones(1, np.float32)), _copy(np.zeros((2, 1), np.int8)),
+                           _copy(np.zeros(2, np.uint16)), _copy(np.zeros(2, np.uint16)), 1.0)
+    n = headidx.top_rows(ids, np.zeros(1, np.int32), v)
+    headidx.rows_above(ids, bnd, np.float32(0), mark)
+    headidx.kth_largest(v, ids[:n], 1)
+    rows = np.zeros((1, int(w.output[2])), np.uint8)
+    headidx.exact_rows(v, mark, ids[:1], rows, qt, s.xb, s.xq_embd)
+    headidx.clear_marks(mark, ids[:1])
+
+
 class FlashModel:
     def __init__(self, f, *, max_ram=None, mode: str = "flash", selector: str = "auto",
                  n_ctx: int | None = None, n_threads: int | None = None, cold: bool = False,
                  window_k: int = 8, io_threads: int = 4, kv_type: str = "f16", prefill_chunk: int | None = None,
-                 logit_rows: int = 0):
+                 logit_rows: int = 0, head: str = "auto"):
         if mode not in MODES:
             raise InvalidArgumentError(f"--mode {mode}: choose one of {', '.join(MODES)}")
         if selector not in SELECTORS:
             raise InvalidArgumentError(f"--selector {selector}: choose one of {', '.join(SELECTORS)}")
+        if head not in HEADS:
+            raise InvalidArgumentError(f"--head {head}: choose one of {', '.join(HEADS)}")
         set_threads(n_threads)
         self.file, self.mode = f, mode
         self.cfg = c = config_from_gguf(f)
@@ -233,6 +259,14 @@ class FlashModel:
             freq=[l.freq for l in info.layers], precision=[l.precision for l in info.layers],
             staging_rows=c.n_ff if mode == "naive" else max(1, min(c.n_ff, STAGING_BYTES // slot_max)),
             gap_bytes=gap, startup_peak=peak_rss() if self.cap is not None else 0, path=str(f.path))
+        hi = info.head_index
+        if head == "index" and (hi is None or mode != "flash"):
+            raise InvalidArgumentError(f"{f.path}: --head index needs flash mode and a file with a head index "
+                                       f"(convert without --no-head-index)")
+        if hi is not None and head != "exact" and mode == "flash":
+            inp.index_bytes = index_ram(c.n_vocab, c.n_embd, hi["rank"])
+            inp.index_frac = hi["bytes_frac"]
+            inp.head_choice = head
         if small:
             inp.small_mib_s, inp.large_mib_s = small, large
         # prompt chunks of 2 x CHUNK tokens (half the reads per prompt token) where their buffers cost
@@ -272,6 +306,8 @@ class FlashModel:
         keep += ([] if self.plan.head_streamed else [self.w.output]) + ([self.w.embd] if embd_resident else [])
         self.w.blob = pin(f, keep)
         self.out_head = OutputHead(self.w, self.st, self.store, self.plan.head_streamed)
+        self.indexed = IndexedHead(self.w, self.st, hi, self.out_head) if self.plan.head_indexed else None
+        self.head_need = EXACT   # what the next token's sampler needs (set_head_need); exact by default
         self.embed = TokenEmbedding(self.w, self.store, embd_resident)
         if mode == "dense":
             for il in range(L):
@@ -319,7 +355,7 @@ class FlashModel:
                          c.activation, self.thresholds[il], self.t, ts)
             fw.residual_add(s.x, self.ffn_out, w.norms[il, fw.NORM_POST_FFW], eps, c.post_norms)
         if logits:
-            self.out_head(eps, ts)
+            self.decode_head(eps, ts)
         # compute = everything that is not reading or window bookkeeping
         ts.compute_ms = (time.perf_counter() - t_all) * 1e3 - ts.io_ms - ts.mm_ms
         ts.hit_rate = 1.0 - ts.loaded / max(ts.predicted, 1) if self.mode == "flash" else 0.0
@@ -328,6 +364,19 @@ class FlashModel:
         self.stats.append(ts)
         self.store.check_unchanged()   # the file changed while this token read it: its logits may mix two files
         return s.logits
+
+    def set_head_need(self, need: HeadNeed) -> None:
+        """The sampler of the coming tokens (flash/head_index.py): with a head index, decoding reads only
+        the head rows it can pick. EXACT (the default) reads the whole head."""
+        self.head_need = need
+
+    def decode_head(self, eps, stats) -> None:
+        """The logits of the state in st.x: from the index when there is one, else the head."""
+        if self.indexed is not None:
+            self.indexed(eps, stats, self.head_need)
+        else:
+            self.out_head(eps, stats)
+            stats.head_rows = self.cfg.n_vocab
 
     def _watchdog(self) -> int:
         """RSS at every token: shrink the windows before the cap (the overflow staging computes what

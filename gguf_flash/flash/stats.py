@@ -15,6 +15,10 @@ class ReadCounts:
     io_ms: float = 0.0
     mm_ms: float = 0.0      # window bookkeeping (memory management)
     compute_ms: float = 0.0
+    head_rows: int = 0      # output head rows computed exactly (n_vocab: the whole head; fewer: its index
+                            # stopped early)
+    head_bytes: int = 0     # of bytes_read / read_calls, those of the output head
+    head_reads: int = 0
 
 
 @dataclass
@@ -30,8 +34,12 @@ class ChunkStats(ReadCounts):
     tokens: int = 0         # prompt tokens in the chunk
 
 
-def add_read(stats: ReadCounts, rs, rows: int = 0) -> None:
-    """Book one store.read_rows call (its ReadStats) and the bundle rows it delivered."""
+def add_read(stats: ReadCounts, rs, rows: int = 0, head: bool = False) -> None:
+    """Book one store.read_rows call (its ReadStats) and the bundle rows it delivered (or, head=True, a
+    read of output head rows)."""
+    if head:
+        stats.head_bytes += rs.bytes_read
+        stats.head_reads += rs.n_reads
     stats.loaded += rows
     stats.bytes_read += rs.bytes_read
     stats.read_calls += rs.n_reads

@@ -143,6 +143,20 @@ class Worker:
             raise
 
     def _generate_into(self, job: Job, generated: list):
+        """A flash model's head index reads only the rows the sampler can pick: not with logprobs (they
+        are the whole distribution's) nor a grammar (it may mask the rows read), which read the whole head."""
+        set_need = getattr(self.llm.model, "set_head_need", None)
+        if set_need is None:
+            return self._generate(job, generated)
+        from ..flash.head_index import EXACT, need_for
+        exact = job.req.logprobs or job.constraint is not None
+        set_need(EXACT if exact else need_for(job.req.params))
+        try:
+            return self._generate(job, generated)
+        finally:
+            set_need(EXACT)
+
+    def _generate(self, job: Job, generated: list):
         req, model, tok = job.req, self.llm.model, self.llm.tokenizer
         ids = list(req.prompt_ids)
         t0 = time.perf_counter()
