@@ -151,8 +151,8 @@ def cmd_convert(a):
     if r.head_index is not None:
         hi = r.head_index
         print(f"head index: rank {hi.rank}, {hi.n_bytes / 2**20:.1f} MiB ({100 * hi.n_bytes / r.head_bytes:.0f}% of "
-              f"the head), z {hi.z:.3f} (no top-1 miss on {hi.n_heldout} held-out states, where it read "
-              f"{100 * hi.read_frac:.1f}% of the head's rows on average)")
+              f"the head), z {hi.z:.3f} (no top-1 miss on {hi.n_heldout} held-out states; on held-out greedy decoding "
+              f"it read {100 * hi.read_frac:.1f}% of the head's rows, {100 * hi.bytes_frac:.1f}% of its bytes)")
     print(f"total {r.seconds:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in r.phases.items())
           + f"), peak RSS {r.peak_rss_mb:.0f} MiB")
 
@@ -333,8 +333,8 @@ def _print_flash_summary(f):
         from .flash.head_build import index_bytes
         n = index_bytes(cfg.n_vocab, cfg.n_embd, hi["rank"])
         print(f"head index: rank {hi['rank']}, {n / 2**20:.1f} MiB, z {hi['z']:.3f} (calibrated: no top-1 miss on "
-              f"{hi['heldout']} held-out states, where it read {100 * hi['read_frac']:.1f}% of the head's rows, "
-              f"{100 * hi['bytes_frac']:.1f}% of its bytes)")
+              f"{hi['heldout']} held-out states; on held-out greedy decoding it read {100 * hi['read_frac']:.1f}% of "
+              f"the head's rows, {100 * hi['bytes_frac']:.1f}% of its bytes)")
 
 
 def cmd_perplexity(a):

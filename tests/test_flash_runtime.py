@@ -165,7 +165,7 @@ def test_logits_at_the_smallest_cap_equal_those_with_everything_resident(smollm2
         assert out.returncode == 0, out.stderr[-2000:]
         runs[capped] = json.loads(out.stdout.strip().splitlines()[-1])
     assert runs[True]["overflow"] > 0 and runs[False]["overflow"] == 0
-    assert runs[True]["head"] == "streamed" and runs[False]["head"] == "resident"
+    assert runs[True]["head"] in ("streamed", "indexed") and runs[False]["head"] == "resident"
     np.testing.assert_array_equal(np.load(tmp_path / "c1.npy"), np.load(tmp_path / "c0.npy"))
 
 

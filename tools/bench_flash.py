@@ -137,7 +137,8 @@ def main():
     ap.add_argument("--modes", default="dense,naive,flash")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--selector", default="auto")
-    ap.add_argument("--head", default="auto", help="flash mode's head: auto (the plan's choice), index, exact")
+    ap.add_argument("--head", default="auto", help="flash mode's head: auto (the plan's choice), index, exact; "
+                                                   "a comma list runs flash mode once with each")
     ap.add_argument("--plot", default=None, help="write a PNG of latency against cap (needs matplotlib)")
     a = ap.parse_args()
     path, source = model_paths(a.model, a.source)
@@ -147,14 +148,15 @@ def main():
     dense_mib = dense_peak / 2**20
     tput = disk_throughput()
     rows = []
+    runs = [(m, h) for m in a.modes.split(",") for h in (a.head.split(",") if m == "flash" else ["auto"])]
     for spec in a.caps.split(","):
-        for mode in a.modes.split(","):
+        for mode, head in runs:
             cap = resolve_cap(spec, path, mode, dense_peak, src_size)
             if cap is None:
                 continue
-            out, peak = run_child(CHILD, [path, f"{cap}M", mode, a.tokens, a.selector, PROMPT_TEXT, a.head])
+            out, peak = run_child(CHILD, [path, f"{cap}M", mode, a.tokens, a.selector, PROMPT_TEXT, head])
             r = json.loads(out)
-            r.update(spec=spec, cap=cap, mode=mode, peak=peak / 2**20)
+            r.update(spec=spec, cap=cap, mode=mode if head == "auto" else f"{mode}, head {head}", peak=peak / 2**20)
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
     print(f"\n{os.path.basename(path)} ({size / 2**20:.0f} MiB; source {src_size / 2**20:.0f} MiB), cold reads, "
@@ -172,7 +174,7 @@ def main():
             continue
         total = r["io_ms"] + r["mm_ms"] + r["compute_ms"]
         fl = floor_ms(r["bytes"], r["reads"], r["compute_ms"], tput)
-        sel = f" ({r['selector']})" if r["mode"] == "flash" else ""
+        sel = f" ({r['selector']})" if r["mode"].startswith("flash") else ""
         print(f"{head[:-1]}{sel} | {r['io_ms']:.1f} | {r['mm_ms']:.1f} | {r['compute_ms']:.1f} | {total:.1f} | "
               f"{fl:.1f} | {r['bytes'] / 2**20:.2f} | {r['reads']:.0f} | {r['overflow']:.0f} | {r['tps']:.1f} | "
               f"{r['prompt_tps']:.1f} | {r['peak']:.0f} MiB | {r['head_bytes'] / 2**20:.1f} ({r['head_rows']:.0f}) |")

@@ -44,7 +44,7 @@ class HeadIndex:
     colscale: np.ndarray   # (r,) f32: y's column scales (|y / colscale| is in whitened units)
     z: float               # safety factor (no miss on the held-out states)
     n_heldout: int         # held-out states z was calibrated on
-    read_frac: float       # mean share of the head's rows read at z on the held-out states
+    read_frac: float       # mean share of the head's rows read at z on the held-out decoding states
     bytes_frac: float = 1.0  # mean share of the head's bytes read, rows within GAP_BYTES read through
 
     @property
@@ -72,9 +72,12 @@ def _rows(raw, qtype, r0, r1) -> np.ndarray:
     return quants.dequantize(raw[r0:r1], GGMLQuantizationType(qtype)).astype(np.float32, copy=False)
 
 
-def build_head_index(raw, qtype, train, held, rank) -> HeadIndex:
+def build_head_index(raw, qtype, train, held, rank, decode=None) -> HeadIndex:
     """raw (n_vocab, row_bytes) uint8: the head as stored; train (n, n_embd), held (m, n_embd) f32:
-    normed final hidden states. Works through the head ROW_CHUNK rows at a time."""
+    normed final hidden states; decode: the held-out states of greedy decoding (a subset of held, or
+    None: held), on which the rows and bytes read are measured (decoding is what the index serves, and
+    its states are harder than teacher-forced text's: 3-8x more rows read at the same z, measured).
+    Works through the head ROW_CHUNK rows at a time."""
     V = raw.shape[0]
     d = train.shape[1]
     r = int(rank)
@@ -118,11 +121,13 @@ def build_head_index(raw, qtype, train, held, rank) -> HeadIndex:
         ss[r0:r1] = ((E / st[:, None]).astype(np.float64) ** 2).mean(0)
     sigma = np.sqrt(ss).astype(np.float16)
     # ---- z: no top-1 miss on the held-out states under the runtime's rule ----
-    z_need, frac = _z_needed(raw, qtype, held, basis, preview, Aq_scale, sigma.astype(np.float32), s_of(held))
+    z_need, _ = _z_needed(raw, qtype, held, basis, preview, Aq_scale, sigma.astype(np.float32), s_of(held))
     k = int(np.ceil(max(z_need.max(), 0.0) / Z_STEP))
     z = k * Z_STEP
+    dec = held if decode is None or not len(decode) else decode
+    _, frac = _z_needed(raw, qtype, dec, basis, preview, Aq_scale, sigma.astype(np.float32), s_of(dec))
     read = float(frac[:, k].mean()) if k < frac.shape[1] else 1.0
-    sub = held[np.linspace(0, len(held) - 1, min(128, len(held))).astype(int)]
+    sub = dec[np.linspace(0, len(dec) - 1, min(128, len(dec))).astype(int)]
     nbytes = _bytes_read(raw, qtype, sub, basis, preview, Aq_scale, sigma.astype(np.float32), s_of(sub), z)
     return HeadIndex(basis, preview, scale, sigma, whiten, colscale, z, len(held), read, nbytes)
 
@@ -199,9 +204,9 @@ def generated_states(model, tokenizer, seeds, n_new: int = N_NEW) -> np.ndarray:
 
 
 def calibration_states(model, tokenizer, cal, max_text: int = 1024):
-    """(train, held) f32 states: teacher-forced calibration text (its train / held-out split, at most
-    max_text each) and greedy continuations of seeds (half generic, half from the held-out text),
-    alternate seeds to each side."""
+    """(train, held, held_decode) f32 states: teacher-forced calibration text (its train / held-out
+    split, at most max_text each) and greedy continuations of seeds (half generic, half from the
+    held-out text), alternate seeds to each side; held_decode: the held-out continuations alone."""
     text_tr = cal.H[:cal.n_train].astype(np.float32)
     text_ho = cal.H[cal.n_train:].astype(np.float32)
     pick = lambda a: a[np.linspace(0, len(a) - 1, min(max_text, len(a))).astype(int)]  # noqa: E731
@@ -209,5 +214,5 @@ def calibration_states(model, tokenizer, cal, max_text: int = 1024):
     seeds = list(GENERIC_SEEDS) + [cal.tokens[s:s + 24] for s in list(starts)[:len(GENERIC_SEEDS)]]
     gen = [generated_states(model, tokenizer, [s]) for s in seeds]
     train = np.concatenate([pick(text_tr)] + gen[0::2])
-    held = np.concatenate([pick(text_ho)] + gen[1::2])
-    return train, held
+    held_decode = np.concatenate(gen[1::2])
+    return train, np.concatenate([pick(text_ho), held_decode]), held_decode
