@@ -23,7 +23,8 @@ import numba
 from ..config import config_from_gguf
 from ..errors import (ContextOverflowError, GGUFFormatError, InvalidArgumentError, RamCapError,
                       UnsupportedModelError)
-from ..kernels import compile_in_child, dispatch, forward as fw, nn, release_compiler_pages, sparse
+from .. import firstrun
+from ..kernels import dispatch, forward as fw, nn, release_compiler_pages, sparse
 from ..kernels.quant_basic import MM_ROWS
 from ..model import RunState, Weights, set_threads
 from . import budget, diskprobe
@@ -46,34 +47,25 @@ SELECTORS = ("auto", "predictor", "gate", "bundle")
 STAGING_BYTES = 4 << 20   # FFN overflow staging: rows per chunk (a whole SmolLM2 layer; 4 parallel 1 MiB reads)
 
 
-def warm_kernels(path) -> None:
-    """Load (compiling if needed) every kernel FlashModel uses, by opening `path` in naive mode (which
-    reads nothing large), and leave a marker in numba's cache folder (named after the kernel sources)."""
-    from ..gguf_file import GGUFFile
-    FlashModel(GGUFFile(path), mode="naive", n_ctx=16, logit_rows=2)
-    with open(_warm_marker(), "w") as fh:
-        fh.write("kernels of gguf_flash.flash.runtime compiled\n")
+def warm_kernels(f, kv_type: str = "f16", logit_rows: int = 0) -> tuple:
+    """Load (compiling if needed) every kernel FlashModel uses on the flash file `f`: the first-run
+    child (firstrun.ensure_compiled) calls this. Returns the type set they were compiled for."""
+    return preload_kernels(f, kv_type=kv_type, logit_rows=logit_rows)
 
 
-def _warm_marker() -> str:
-    """The marker of compiled flash kernels. numba files its cache by each module's source path, so a
-    checkout in another folder (CI's fresh clone) compiles again: the marker names the package's folder
-    too, or that clone would compile in-process, under the cap, and its start-up peak would be LLVM's."""
-    import hashlib
-    here = hashlib.sha256(os.path.dirname(os.path.abspath(__file__)).encode()).hexdigest()[:12]
-    return os.path.join(numba.config.CACHE_DIR, f"flash-runtime-{here}.warm")
+def flash_type_set(f, cfg=None, info=None) -> tuple:
+    """The type set (dispatch.type_set) of a flash file: its attention, head and embedding weights and
+    the parts of every bundle."""
+    c = cfg or config_from_gguf(f)
+    return Weights(f, c, ffn=False, more_types=bundle_types(info or read_flash(f, c))).ts
 
 
-def compile_out_of_process(path) -> None:
-    """On a fresh clone, compile the runtime's kernels in a child process (kernels.compile_in_child)
+def compile_out_of_process(f, kv_type: str = "f16", logit_rows: int = 0, progress: bool = False) -> None:
+    """On a first run, compile the runtime's kernels in a child process (firstrun.ensure_compiled)
     before the plan measures this process's RSS: in-process, LLVM's compiling memory made the runtime
-    look 734 MiB instead of ~210 and the first `run --max-ram 360M` was refused. Once the marker exists
+    look 734 MiB instead of ~210 and the first `run --max-ram 360M` was refused. Once they are cached
     this costs nothing."""
-    if os.path.exists(_warm_marker()):
-        return
-    log.info("compiling the flash kernels once (about a minute)")
-    compile_in_child("import sys; from gguf_flash.flash.runtime import warm_kernels; warm_kernels(sys.argv[1])",
-                     os.fspath(path))
+    firstrun.ensure_compiled(f.path, "flash", flash_type_set(f), kv_type, logit_rows, progress)
 
 
 def peak_rss() -> int:
@@ -90,7 +82,7 @@ def peak_rss() -> int:
     return budget.rss()
 
 
-def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: int = 0) -> None:
+def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: int = 0) -> tuple:
     """Load every compiled function the token loop uses (from numba's cache) on tiny inputs, then hand
     LLVM's pages back (kernels.release_compiler_pages). Called before the tokenizer and the model's own
     buffers exist, LLVM's ~70 MiB peak comes while the process is small; FlashModel calls it again (then it
@@ -163,6 +155,7 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
         st.select(l0.bundle_offset, l0.part_bytes[0], 2, stride=l0.bundle_bytes)
         st.read_rows(two, np.zeros((2, l0.part_bytes[0]), np.uint8), two)
     release_compiler_pages()
+    return w.ts
 
 
 class FlashModel:
@@ -204,9 +197,8 @@ class FlashModel:
             io_threads = min(io_threads, 8)
             small, large = _throughput(probed, 16 << 10), _throughput(probed, 1 << 20)
 
-        # ---- kernels loaded, LLVM released, the runtime measured ----
-        if self.cap is not None:
-            compile_out_of_process(f.path)
+        # ---- kernels loaded (compiled in a child on a first run), LLVM released, the runtime measured ----
+        compile_out_of_process(f, kv_type, logit_rows)
         preload_kernels(f, c, info, kv_type, logit_rows)
         baseline = budget.rss()
 
