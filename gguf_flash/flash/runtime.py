@@ -301,7 +301,7 @@ class FlashModel:
         for il in range(c.n_layer):
             fw.attention_layer(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin,
                                s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa,
-                               w.ip, w.fp, il, pos)
+                               w.ip, w.fp, il, pos, w.ts)
             nn.rmsnorm(s.xb, s.x, w.norms[il, fw.NORM_FFN], eps)
             dispatch.quantize_x(s.xq_embd, s.xb)
             n, have_gate = sel(il, s.hg, s.xb, s.xq_embd)
