@@ -30,7 +30,7 @@ ROUND1_ROWS = 8        # decoding reads the rows of the 8 best previews first: t
                        # is the bar every other row's bound must clear (flash/head_index.py)
 Z_STEP = 0.125
 Z_MAX = 16.0         # a z this large reads (nearly) the whole head: the index is not worth keeping
-ROW_CHUNK = 16384      # head rows dequantized at a time (Gemma 3: 40 MiB of f32)
+ROW_CHUNK = 8192       # head rows dequantized at a time (Gemma 3: 20 MiB of f32)
 GAP_BYTES = 64 << 10   # the store reads through gaps smaller than this (flash/store.py's default)
 
 
@@ -118,7 +118,8 @@ def build_head_index(raw, qtype, train, held, rank, decode=None) -> HeadIndex:
     for r0 in range(0, V, ROW_CHUNK):
         r1 = min(V, r0 + ROW_CHUNK)
         E = (train @ _rows(raw, qtype, r0, r1).T - (Yt @ preview[r0:r1].T.astype(np.float32)) * Aq_scale[r0:r1])
-        ss[r0:r1] = ((E / st[:, None]).astype(np.float64) ** 2).mean(0)
+        E /= st[:, None]
+        ss[r0:r1] = np.square(E, out=E).mean(0, dtype=np.float64)
     sigma = np.sqrt(ss).astype(np.float16)
     # ---- z: no top-1 miss on the held-out states under the runtime's rule ----
     z_need, _ = _z_needed(raw, qtype, held, basis, preview, Aq_scale, sigma.astype(np.float32), s_of(held))
@@ -138,8 +139,9 @@ def _bytes_read(raw, qtype, states, basis, preview, scale, sigma, s, z) -> float
     V, rb = raw.shape
     gap = max(1, GAP_BYTES // rb)
     out = []
+    pt = preview.T.astype(np.float32)                                      # (r, n_vocab)
     for i, h in enumerate(states):
-        P = (basis @ h) @ preview.T.astype(np.float32) * scale
+        P = (basis @ h) @ pt * scale
         first = np.argpartition(-P, ROUND1_ROWS)[:ROUND1_ROWS]
         best = float((_rows_at(raw, qtype, first) @ h).max())
         rows = np.union1d(np.nonzero(P + z * sigma * s[i] > best)[0], first)
@@ -159,12 +161,13 @@ def _z_needed(raw, qtype, held, basis, preview, scale, sigma, s):
     V = raw.shape[0]
     grid = np.arange(0.0, Z_MAX, Z_STEP)
     out, fracs = [], []
-    for b0 in range(0, len(held), 64):
-        h = held[b0:b0 + 64]
+    pt = preview.T.astype(np.float32)                                      # (r, n_vocab)
+    for b0 in range(0, len(held), 32):
+        h = held[b0:b0 + 32]
         L = np.zeros((len(h), V), np.float32)                              # exact logits
         for r0 in range(0, V, ROW_CHUNK):
             L[:, r0:r0 + ROW_CHUNK] = h @ _rows(raw, qtype, r0, min(V, r0 + ROW_CHUNK)).T
-        P = (h @ basis.T) @ preview.T.astype(np.float32) * scale           # previews
+        P = (h @ basis.T) @ pt * scale                                     # previews
         first = np.argpartition(-P, ROUND1_ROWS, axis=1)[:, :ROUND1_ROWS]
         best = np.take_along_axis(L, first, 1).max(1)                      # the bar after round 1
         top = L.argmax(1)
@@ -198,8 +201,10 @@ def generated_states(model, tokenizer, seeds, n_new: int = N_NEW) -> np.ndarray:
             continue
         logits = model.prefill(ids, 0)
         for i in range(n_new):
-            logits = model.forward(int(np.argmax(logits)), len(ids) + i)
-            out.append(model.st.xb.copy())       # forward's output head left RMSNorm(x) here
+            # a one-token prompt batch, not forward(): the converter then loads no decode kernels
+            # (LLVM's pages would count in its peak RSS)
+            logits = model.prefill([int(np.argmax(logits))], len(ids) + i)
+            out.append(model.st.H[0].copy())     # the batch's normed final hidden state
     return np.array(out, np.float32).reshape(-1, model.cfg.n_embd)
 
 

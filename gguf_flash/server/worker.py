@@ -147,16 +147,16 @@ class Worker:
         are the whole distribution's) nor a grammar (it may mask the rows read), which read the whole head."""
         set_need = getattr(self.llm.model, "set_head_need", None)
         if set_need is None:
-            return self._generate(job, generated)
+            return self._sample_into(job, generated)
         from ..flash.head_index import EXACT, need_for
         exact = job.req.logprobs or job.constraint is not None
         set_need(EXACT if exact else need_for(job.req.params))
         try:
-            return self._generate(job, generated)
+            return self._sample_into(job, generated)
         finally:
             set_need(EXACT)
 
-    def _generate(self, job: Job, generated: list):
+    def _sample_into(self, job: Job, generated: list):
         req, model, tok = job.req, self.llm.model, self.llm.tokenizer
         ids = list(req.prompt_ids)
         t0 = time.perf_counter()
