@@ -105,7 +105,7 @@ def _load(a, n_ctx_for=None, on_tokenizer=None, logit_rows: int = 0):
                 max_ram=getattr(a, "max_ram", None), mode=getattr(a, "mode", None),
                 selector=getattr(a, "selector", "auto"), cold=getattr(a, "cold", False), n_ctx_for=n_ctx_for,
                 kv_type=a.cache_type_k, on_tokenizer=on_tokenizer, logit_rows=logit_rows,
-                head=getattr(a, "head", "auto"), progress=True)
+                head=getattr(a, "head", "auto"))
 
 
 def _n_predict(a, llm, n_prompt):

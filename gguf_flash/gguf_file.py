@@ -19,22 +19,9 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import GGUFFormatError, UnsupportedModelError
-
-# ggml type id -> (name, elements per block, bytes per block): gguf-py's GGML_QUANT_SIZES, copied so that
-# opening a model does not import gguf (and its yaml metadata reader: 50 ms of the time to first token);
-# tests/test_gguf_file.py checks the copy against gguf's
-QUANT_SIZES = {
-    0: ('F32', 1, 4), 1: ('F16', 1, 2), 2: ('Q4_0', 32, 18), 3: ('Q4_1', 32, 20), 6: ('Q5_0', 32, 22),
-    7: ('Q5_1', 32, 24), 8: ('Q8_0', 32, 34), 9: ('Q8_1', 32, 40), 10: ('Q2_K', 256, 84),
-    11: ('Q3_K', 256, 110), 12: ('Q4_K', 256, 144), 13: ('Q5_K', 256, 176), 14: ('Q6_K', 256, 210),
-    15: ('Q8_K', 256, 292), 16: ('IQ2_XXS', 256, 66), 17: ('IQ2_XS', 256, 74), 18: ('IQ3_XXS', 256, 98),
-    19: ('IQ1_S', 256, 50), 20: ('IQ4_NL', 32, 18), 21: ('IQ3_S', 256, 110), 22: ('IQ2_S', 256, 82),
-    23: ('IQ4_XS', 256, 136), 24: ('I8', 1, 1), 25: ('I16', 1, 2), 26: ('I32', 1, 4), 27: ('I64', 1, 8),
-    28: ('F64', 1, 8), 29: ('IQ1_M', 256, 56), 30: ('BF16', 1, 2), 34: ('TQ1_0', 256, 54),
-    35: ('TQ2_0', 256, 66), 39: ('MXFP4', 32, 17), 40: ('NVFP4', 64, 36), 41: ('Q1_0', 128, 18),
-}
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -56,7 +43,7 @@ class TensorInfo:
 
     @property
     def type_name(self) -> str:
-        return QUANT_SIZES[self.qtype][0]
+        return GGMLQuantizationType(self.qtype).name
 
     @property
     def n_rows(self) -> int:
@@ -64,7 +51,7 @@ class TensorInfo:
 
     @property
     def row_bytes(self) -> int:
-        _, block, size = QUANT_SIZES[self.qtype]
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(self.qtype)]
         return self.ne[0] // block * size
 
 
@@ -217,8 +204,8 @@ class GGUFFile:
         self.tensors: dict[str, TensorInfo] = {}
         for name, ne, qtype, offset in infos:
             try:
-                _, block, size = QUANT_SIZES[qtype]
-            except KeyError:
+                block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+            except (ValueError, KeyError):
                 raise UnsupportedModelError(f"{self.path}: tensor {name} has unknown ggml type {qtype}") from None
             if name in self.tensors:
                 raise GGUFFormatError(f"{self.path}: tensor {name} appears twice")
@@ -261,9 +248,10 @@ class GGUFFile:
     def array(self, name: str) -> np.ndarray:
         """F32/F16/I32... tensor as a typed array in numpy order (ne reversed); no copy."""
         info = self.tensor(name)
-        dtypes = {"F32": np.float32, "F16": np.float16, "I32": np.int32, "I8": np.int8, "I16": np.int16,
-                  "F64": np.float64}
-        dtype = dtypes.get(QUANT_SIZES[info.qtype][0])
+        dtypes = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
+                  GGMLQuantizationType.I32: np.int32, GGMLQuantizationType.I8: np.int8,
+                  GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.F64: np.float64}
+        dtype = dtypes.get(GGMLQuantizationType(info.qtype))
         if dtype is None:
             raise UnsupportedModelError(f"{self.path}: tensor {name} is {info.type_name}, not a plain array")
         flat = self._mm[info.offset:info.offset + info.n_bytes].view(dtype)

@@ -35,8 +35,7 @@ def weight_desc(f: GGUFFile, name: str, n_cols: int | None = None) -> np.ndarray
 class Weights:
     """Read-only views into the GGUF file plus small float32 copies of norms and biases."""
 
-    def __init__(self, f: GGUFFile, cfg: ModelConfig, ffn: bool = True, more_types=()):
-        """more_types: ggml types the kernels must handle besides these weights' (a flash file's bundles)."""
+    def __init__(self, f: GGUFFile, cfg: ModelConfig, ffn: bool = True):
         c = cfg
         self.blob = f._mm                                           # (file_size,) uint8, read-only map
         self.mats = np.full((c.n_layer, 7, 4), -1, dtype=np.int64)  # (n_layer, 7, 4) see forward.py
@@ -84,9 +83,6 @@ class Weights:
         self.fp = np.array([c.rms_eps, c.attn_scale, c.embd_scale], np.float32)
         self.thresholds = np.zeros(c.n_layer, np.float32)   # (n_layer,) FFN thresholds; zeros = dense
         self.no_capture = np.zeros((0, 1, c.n_embd), np.float32)
-        # the type set every kernel call gets: only these types' kernels are compiled
-        self.ts = dispatch.type_set([int(t) for t in self.mats[:, :, 3].ravel() if t >= 0]
-                                    + [int(self.embd[3]), int(self.output[3])] + [int(t) for t in more_types])
 
 
 def kv_dtype(kv_type: str):
@@ -170,12 +166,11 @@ class Model:
         set_threads(n_threads)
         self._loaded: set = set()   # compiled entry points called so far
 
-    def _first_call(self, *kinds: str) -> None:
+    def _first_call(self, kind: str) -> None:
         """After the first call of each compiled entry point its kernels are loaded: LLVM's code pages
-        go back to the OS (kernels.release_compiler_pages, ~70 MiB of RSS; ~25 ms to read smaps, so a
-        prompt releases once for its batch and head calls)."""
-        if not self._loaded.issuperset(kinds):
-            self._loaded.update(kinds)
+        go back to the OS (kernels.release_compiler_pages, ~70 MiB of RSS)."""
+        if kind not in self._loaded:
+            self._loaded.add(kind)
             release_compiler_pages()
 
     def _check_pos(self, pos: int, n: int = 1):
@@ -190,7 +185,7 @@ class Model:
         fw.forward_token(s.logits, s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.hg, s.hu,
                          s.k_cache, s.v_cache, s.cos, s.sin, s.xq_embd, s.xq_q, s.xq_ff,
                          w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.inv_freq, w.embd, w.output, w.output_norm, w.thresholds,
-                         w.ip, w.fp, int(token), int(pos), w.ts)
+                         w.ip, w.fp, int(token), int(pos))
         self._first_call("token")
         return s.logits
 
@@ -205,10 +200,9 @@ class Model:
         if logits_rows == "all":
             return self._prefill_all(tokens, pos0)
         for start in range(0, len(tokens), self.st.n_ubatch):
-            self._batch(tokens[start:start + self.st.n_ubatch], pos0 + start, release=False)
+            self._batch(tokens[start:start + self.st.n_ubatch], pos0 + start)
         n = len(tokens) - 1 - (len(tokens) - 1) // self.st.n_ubatch * self.st.n_ubatch
-        self.head(self.st.H[n:n + 1], self.st.logits[None, :], release=False)
-        self._first_call("batch", "head")
+        self.head(self.st.H[n:n + 1], self.st.logits[None, :])
         return self.st.logits
 
     def _prefill_all(self, tokens, pos0, rows: int = 32):
@@ -223,17 +217,15 @@ class Model:
                 self.head(self.st.H[r:r + m], out[:m])
                 yield start + r, out[:m]
 
-    def _batch(self, tokens, pos0, ffn_in=None, release=True):
+    def _batch(self, tokens, pos0, ffn_in=None):
         w, s = self.w, self.st
         fw.forward_batch(s.H, s.X, s.XB, s.Q, s.K, s.V, s.ATT, s.scores_b, s.HG, s.HU,
                          s.k_cache, s.v_cache, s.cos_b, s.sin_b, w.blob, w.mats, w.norms, w.qk_norms,
                          w.biases, w.swa, w.inv_freq, w.embd, w.output_norm, w.thresholds,
-                         w.no_capture if ffn_in is None else ffn_in, w.ip, w.fp, tokens, int(pos0), w.ts)
-        if release:
-            self._first_call("batch")
+                         w.no_capture if ffn_in is None else ffn_in, w.ip, w.fp, tokens, int(pos0))
+        self._first_call("batch")
 
-    def head(self, hidden, out, release=True):
+    def head(self, hidden, out):
         """out (m, n_vocab) = output head applied to normed hidden rows (m, n_embd)."""
-        dispatch.matmat(out, self.w.blob, self.w.output, hidden, self.w.ts)
-        if release:
-            self._first_call("head")
+        dispatch.matmat(out, self.w.blob, self.w.output, hidden)
+        self._first_call("head")

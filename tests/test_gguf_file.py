@@ -113,10 +113,3 @@ def test_large_string_array_truncated(tmp_path):
     p.write_bytes(p.read_bytes()[:-5])
     with pytest.raises(GGUFFormatError, match="truncated"):
         GGUFFile(p)
-
-
-def test_quant_sizes_are_gguf_py_s():
-    """The parser's copy of the block layouts (so that opening a model does not import gguf) is gguf-py's."""
-    from gguf_flash.gguf_file import QUANT_SIZES
-    want = {int(t): (t.name, b, n) for t, (b, n) in gguf.GGML_QUANT_SIZES.items()}
-    assert {k: v for k, v in QUANT_SIZES.items() if k in want} == want

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from ..atomic import atomic_output
 from ..config import ACT_GELU_TANH, ACT_RELU, ACT_SILU, config_from_gguf
 from ..errors import InvalidArgumentError
 from ..gguf_file import GGUFFile
-from .. import firstrun
+from ..kernels import compile_in_child
 from ..model import Model
 from ..perplexity import chunk_nll
 from ..tokenizer import tokenizer_from_gguf
@@ -96,6 +97,28 @@ def _heldout_nll(model, cal, thresholds) -> float:
     return total / max(n, 1)
 
 
+def _exercise_kernels():
+    """Every compiled call of a conversion, once, on a tiny synthetic model: numba compiles (or loads from
+    its cache) exactly the specializations convert() uses, whatever the real model's types."""
+    from ..synthetic import write_synthetic
+    with tempfile.TemporaryDirectory() as d:
+        f = GGUFFile(write_synthetic(Path(d) / "k.gguf", n_layer=1, n_vocab=4200))   # >= 4096 strings
+        model = Model(f, n_ctx=64)
+        buf = np.zeros((1, model.st.n_ubatch, model.cfg.n_embd), np.float32)
+        model._batch(np.arange(8, dtype=np.int64), 0, ffn_in=buf)
+        chunk_nll(model, np.arange(16, dtype=np.int64))
+        model.prefill(np.arange(4, dtype=np.int64), 0)    # the head index's greedy continuations
+        model.forward(1, 4)
+        f.close()
+
+
+def _compile_out_of_process():
+    """Compile the kernels in a child process first (kernels.compile_in_child): on a fresh clone LLVM's
+    compiling memory would add to the converter's own peak RSS (802 vs 579 MiB on SmolLM2). When they
+    are cached the child only loads them (~2 s)."""
+    compile_in_child("from gguf_flash.flash.convert import _exercise_kernels; _exercise_kernels()")
+
+
 def _release_freed_memory():
     """Hand freed heap memory back to the OS (glibc malloc_trim). Freed numpy temporaries of a few MB
     stay in glibc's per-thread arenas otherwise (its mmap threshold grows after the first large free),
@@ -143,10 +166,8 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
         raise InvalidArgumentError(f"{src_path}: already a flash GGUF")
     chunk = 512
     config_from_gguf(f)            # refuses an unknown architecture before the compile child runs
+    _compile_out_of_process()
     model = Model(f, n_ctx=chunk)
-    # a first run compiles the dense kernels (a superset of the converter's) in a child process: on a
-    # fresh clone LLVM's compiling memory would add to the converter's own peak RSS (802 vs 579 MiB)
-    firstrun.ensure_compiled(src_path, "dense", model.w.ts, progress=progress)
     cfg = model.cfg
     for il in range(cfg.n_layer):
         for part in ("ffn_gate", "ffn_up", "ffn_down"):

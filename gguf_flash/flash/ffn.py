@@ -57,9 +57,8 @@ def _zeros_u8(n_rows, n_cols):
 class FFNLoader:
     """Window slots and overflow staging for every layer; `run` computes one layer's sparse FFN."""
 
-    def __init__(self, store, layers, plan, n_ff: int, n_embd: int, n_part: int, window_k: int, tset):
+    def __init__(self, store, layers, plan, n_ff: int, n_embd: int, n_part: int, window_k: int):
         self.store, self.layers, self.n_ff = store, layers, n_ff
-        self.tset = tset                                          # the model's type set (dispatch.type_set)
         self.gate_resident = plan.selector == "gate"
         self.slot_bytes = plan.slot_bytes                         # per layer
         L = len(layers)
@@ -136,11 +135,11 @@ class FFNLoader:
             add_read(ts, self.store.read_rows(chunk, staging, self.stage_idx[:m]), m)
             j1 = int(self.ovf_pos[k0 + m - 1]) + 1 if k0 + m < no else n
             sparse.sparse_ffn_range(self.partial, wslots, wmap, staging, self.stage_map, active, j0, j1, gvals,
-                                    have_gate, x, xq, types, offs, act, threshold, self.tset)
+                                    have_gate, x, xq, types, offs, act, threshold)
             j0 = j1
         if j0 < n:
             sparse.sparse_ffn_range(self.partial, wslots, wmap, staging, self.stage_map, active, j0, n, gvals,
-                                    have_gate, x, xq, types, offs, act, threshold, self.tset)
+                                    have_gate, x, xq, types, offs, act, threshold)
         sparse.sum_partials(out, self.partial)
         ts.overflow += no
 
@@ -170,7 +169,7 @@ class FFNLoader:
             p1 = int(self.ovf_pos[k0 + m]) if k0 + m < no else n
             if p1 > p0:
                 sparse.sparse_ffn_chunk(PART, buf.DEC, buf.H, wslots, wmap, staging, self.stage_map, union, p0,
-                                        p1, MK, HG, have_gate, XB, XR, types, offs, act, threshold, self.tset)
+                                        p1, MK, HG, have_gate, XB, XR, types, offs, act, threshold)
             p0 = p1
         sparse.sum_parts_chunk(OUT, PART)
         ts.overflow += no

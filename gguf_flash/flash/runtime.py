@@ -23,8 +23,7 @@ import numba
 from ..config import config_from_gguf
 from ..errors import (ContextOverflowError, GGUFFormatError, InvalidArgumentError, RamCapError,
                       UnsupportedModelError)
-from .. import firstrun
-from ..kernels import dispatch, forward as fw, nn, release_compiler_pages, sparse
+from ..kernels import compile_in_child, dispatch, forward as fw, nn, release_compiler_pages, sparse
 from ..kernels.quant_basic import MM_ROWS
 from ..model import RunState, Weights, set_threads
 from . import budget, diskprobe
@@ -50,25 +49,34 @@ HEADS = ("auto", "index", "exact")   # auto: the plan may use the file's head in
 STAGING_BYTES = 4 << 20   # FFN overflow staging: rows per chunk (a whole SmolLM2 layer; 4 parallel 1 MiB reads)
 
 
-def warm_kernels(f, kv_type: str = "f16", logit_rows: int = 0) -> tuple:
-    """Load (compiling if needed) every kernel FlashModel uses on the flash file `f`: the first-run
-    child (firstrun.ensure_compiled) calls this. Returns the type set they were compiled for."""
-    return preload_kernels(f, kv_type=kv_type, logit_rows=logit_rows)
+def warm_kernels(path) -> None:
+    """Load (compiling if needed) every kernel FlashModel uses, by opening `path` in naive mode (which
+    reads nothing large), and leave a marker in numba's cache folder (named after the kernel sources)."""
+    from ..gguf_file import GGUFFile
+    FlashModel(GGUFFile(path), mode="naive", n_ctx=16, logit_rows=2)
+    with open(_warm_marker(), "w") as fh:
+        fh.write("kernels of gguf_flash.flash.runtime compiled\n")
 
 
-def flash_type_set(f, cfg=None, info=None) -> tuple:
-    """The type set (dispatch.type_set) of a flash file: its attention, head and embedding weights and
-    the parts of every bundle."""
-    c = cfg or config_from_gguf(f)
-    return Weights(f, c, ffn=False, more_types=bundle_types(info or read_flash(f, c))).ts
+def _warm_marker() -> str:
+    """The marker of compiled flash kernels. numba files its cache by each module's source path, so a
+    checkout in another folder (CI's fresh clone) compiles again: the marker names the package's folder
+    too, or that clone would compile in-process, under the cap, and its start-up peak would be LLVM's."""
+    import hashlib
+    here = hashlib.sha256(os.path.dirname(os.path.abspath(__file__)).encode()).hexdigest()[:12]
+    return os.path.join(numba.config.CACHE_DIR, f"flash-runtime-{here}.warm")
 
 
-def compile_out_of_process(f, kv_type: str = "f16", logit_rows: int = 0, progress: bool = False) -> None:
-    """On a first run, compile the runtime's kernels in a child process (firstrun.ensure_compiled)
+def compile_out_of_process(path) -> None:
+    """On a fresh clone, compile the runtime's kernels in a child process (kernels.compile_in_child)
     before the plan measures this process's RSS: in-process, LLVM's compiling memory made the runtime
-    look 734 MiB instead of ~210 and the first `run --max-ram 360M` was refused. Once they are cached
+    look 734 MiB instead of ~210 and the first `run --max-ram 360M` was refused. Once the marker exists
     this costs nothing."""
-    firstrun.ensure_compiled(f.path, "flash", flash_type_set(f), kv_type, logit_rows, progress)
+    if os.path.exists(_warm_marker()):
+        return
+    log.info("compiling the flash kernels once (about a minute)")
+    compile_in_child("import sys; from gguf_flash.flash.runtime import warm_kernels; warm_kernels(sys.argv[1])",
+                     os.fspath(path))
 
 
 def peak_rss() -> int:
@@ -85,7 +93,7 @@ def peak_rss() -> int:
     return budget.rss()
 
 
-def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: int = 0) -> tuple:
+def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: int = 0) -> None:
     """Load every compiled function the token loop uses (from numba's cache) on tiny inputs, then hand
     LLVM's pages back (kernels.release_compiler_pages). Called before the tokenizer and the model's own
     buffers exist, LLVM's ~70 MiB peak comes while the process is small; FlashModel calls it again (then it
@@ -93,30 +101,30 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     load would touch LLVM again: ~50 MiB)."""
     c = cfg or config_from_gguf(f)
     info = info or read_flash(f, c)
-    w, s = Weights(f, c, ffn=False, more_types=bundle_types(info)), RunState(c, 16, n_ubatch=1, kv_type=kv_type)
+    w, s = Weights(f, c, ffn=False), RunState(c, 16, n_ubatch=1, kv_type=kv_type)
     l0 = info.layers[0]
     ffn_out = np.zeros(c.n_embd, np.float32)
-    fw.embed(s.x, w.blob, w.embd, 0, w.fp[fw.FP_EMBD_SCALE], w.ts)
+    fw.embed(s.x, w.blob, w.embd, 0, w.fp[fw.FP_EMBD_SCALE])
     nn.rope_cos_sin(s.cos[0], s.sin[0], 0, w.inv_freq[0])
     nn.rmsnorm(s.xb, s.x, w.norms[0, fw.NORM_FFN], 1e-5)
     dispatch.quantize_x(s.xq_embd, s.xb)
     fw.residual_add(s.x, s.xb, w.norms[0, fw.NORM_POST_FFW], 1e-5, False)
     fw.attention_layer(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin,
                        s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa,
-                       w.ip, w.fp, 0, 0, w.ts)
+                       w.ip, w.fp, 0, 0)
     one = np.zeros((1, l0.bundle_bytes), np.uint8)
     idx = np.zeros(c.n_ff, np.int32)
     g = np.zeros(c.n_ff, np.float32)
     partial = np.zeros((2, c.n_embd), np.float32)
     sparse.sparse_ffn_range(partial, one, idx, one, idx, idx, 0, 0, g, False, s.xb, s.xq_embd,
                             np.array(l0.types, np.int64), np.array(np.cumsum((0,) + l0.part_bytes), np.int64),
-                            c.activation, np.float32(0), w.ts)
+                            c.activation, np.float32(0))
     sparse.sum_partials(ffn_out, partial)
     # the prompt chunk's kernels (flash/prefill.py), on one token
     pre = ChunkBuffers(c, s.k_cache.shape[1], 2, True, chunk=1)
     fw.attention_batch_layer(pre.X, pre.XB, pre.XR, pre.Q, pre.K, pre.V, pre.ATT, pre.ATR, pre.scores,
                              s.k_cache, s.v_cache, pre.cos, pre.sin, w.blob, w.mats, w.norms, w.qk_norms,
-                             w.biases, w.swa, w.ip, w.fp, 0, 0, w.ts)
+                             w.biases, w.swa, w.ip, w.fp, 0, 0)
     fw.rows_rmsnorm(pre.XB, pre.X, w.norms[0, fw.NORM_FFN], 1e-5)
     fw.rows_round_q8(pre.XR, pre.XB)
     fw.rows_residual(pre.X, pre.XB, w.norms[0, fw.NORM_POST_FFW], 1e-5, False)
@@ -124,10 +132,10 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     sparse.mask_by_logit(pre.MK[0], pre.HG[0], 0.0, True)
     sparse.union_rows(idx, pre.MK)
     sparse.gate_chunk(np.zeros((1, MM_ROWS), np.float32), np.zeros((MM_ROWS, l0.part_bytes[0]), np.uint8), int(l0.types[0]),
-                      pre.XB, w.ts)
+                      pre.XB)
     sparse.sparse_ffn_chunk(pre.PART, pre.DEC, pre.H, one, idx, one, idx, idx, 0, 0, pre.MK, pre.HG, False,
                             pre.XB, pre.XR, np.array(l0.types, np.int64),
-                            np.array(np.cumsum((0,) + l0.part_bytes), np.int64), c.activation, np.float32(0), w.ts)
+                            np.array(np.cumsum((0,) + l0.part_bytes), np.int64), c.activation, np.float32(0))
     sparse.sum_parts_chunk(pre.X, pre.PART)
     _split(idx, idx, idx, 0, idx, 1)
     sparse.select_by_gate(np.zeros(1, np.int32), np.zeros(1, np.float32), s.hg[:1], c.activation, 0.0)
@@ -137,17 +145,18 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     sparse.predictor_logits(s.hg[:1], np.zeros(1, np.float32), s.xb, np.zeros((c.n_embd, 1), np.uint16),
                             np.zeros((1, 1), np.uint16), bias)
     sparse.matvec_rows(s.hg[:1], np.zeros((1, l0.part_bytes[0]), np.uint8), int(l0.types[0]), s.xb,
-                       s.xq_embd, w.ts)
+                       s.xq_embd)
     head = w.output.copy()
     head[1] = 1
-    dispatch.matvec(s.logits[:1], w.blob, head, s.xb, s.xq_embd, w.ts)
+    dispatch.matvec(s.logits[:1], w.blob, head, s.xb, s.xq_embd)
     if logit_rows > 1:   # prompt logits r rows at a time (perplexity): a matrix product over the head
-        dispatch.matmat(np.zeros((1, 1), np.float32), w.blob, head, pre.XB, w.ts)
+        dispatch.matmat(np.zeros((1, 1), np.float32), w.blob, head, pre.XB)
         fw.rows_rmsnorm(pre.XB, pre.X, w.output_norm, 1e-5)
-    fw.output_head(s.logits[:1], s.x, s.xb, s.xq_embd, w.blob, head, w.output_norm, 1e-5, w.ts)
+    fw.output_head(s.logits[:1], s.x, s.xb, s.xq_embd, w.blob, head, w.output_norm, 1e-5)
     nn.rmsnorm(s.xb, s.x, w.output_norm, 1e-5)
     f.release(int(head[0]), int(head[2]))
-    _preload_head_index(s, w, int(head[3]))   # with or without an index: one first-run marker covers both
+    if info.head_index is not None:
+        _preload_head_index(s, w, int(head[3]))
     win = Window(4, 8, 4, 1)
     win.update(np.arange(2, dtype=np.int32), 0)
     win.update(np.arange(2, 4, dtype=np.int32), 5)
@@ -159,7 +168,6 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
         st.select(l0.bundle_offset, l0.part_bytes[0], 2, stride=l0.bundle_bytes)
         st.read_rows(two, np.zeros((2, l0.part_bytes[0]), np.uint8), two)
     release_compiler_pages()
-    return w.ts
 
 
 def _preload_head_index(s, w, qt) -> None:
@@ -177,7 +185,7 @@ def _preload_head_index(s, w, qt) -> None:
     headidx.rows_above(ids, bnd, np.float32(0), mark)
     headidx.kth_largest(v, ids[:n], 1)
     rows = np.zeros((1, int(w.output[2])), np.uint8)
-    headidx.exact_rows(v, mark, ids[:1], rows, qt, s.xb, s.xq_embd, w.ts)
+    headidx.exact_rows(v, mark, ids[:1], rows, qt, s.xb, s.xq_embd)
     headidx.clear_marks(mark, ids[:1])
 
 
@@ -207,7 +215,7 @@ class FlashModel:
                     raise UnsupportedModelError(f"{f.path}: layer {il} {part} rows have ggml type {qt}, "
                                                 f"which this engine does not implement")
         self.n_ctx = int(n_ctx) if n_ctx else min(1024 if max_ram else 4096, c.n_ctx_train)
-        self.w = Weights(f, c, ffn=False, more_types=bundle_types(info))
+        self.w = Weights(f, c, ffn=False)
         self.st = RunState(c, self.n_ctx, n_ubatch=1, kv_type=kv_type)   # tokens one at a time: no prompt batch buffers
         self.ffn_out = np.zeros(c.n_embd, np.float32)   # (n_embd,)
         self.cap = budget.parse_size(max_ram) if max_ram is not None else None
@@ -222,8 +230,9 @@ class FlashModel:
             io_threads = min(io_threads, 8)
             small, large = _throughput(probed, 16 << 10), _throughput(probed, 1 << 20)
 
-        # ---- kernels loaded (compiled in a child on a first run), LLVM released, the runtime measured ----
-        compile_out_of_process(f, kv_type, logit_rows)
+        # ---- kernels loaded, LLVM released, the runtime measured ----
+        if self.cap is not None:
+            compile_out_of_process(f.path)
         preload_kernels(f, c, info, kv_type, logit_rows)
         baseline = budget.rss()
 
@@ -279,7 +288,7 @@ class FlashModel:
         # ---- the pieces ----
         self.store = BundleStore(f.path, info.layers[0].bundle_offset, bb[0], c.n_ff, cold=cold,
                                  n_threads=io_threads, gap_bytes=gap, stat=f.stat, max_range=max_range)
-        self.select = Selector(self.selector, info.layers, self.store, c.n_ff, c.activation, self.w.ts)
+        self.select = Selector(self.selector, info.layers, self.store, c.n_ff, c.activation)
         if self.selector == "predictor":   # the selector copied the factors: drop the map's pages of them
             for il in range(L):
                 for name in (ff.t_pred_a(il), ff.t_pred_b(il)):
@@ -287,7 +296,7 @@ class FlashModel:
         self.thresholds = np.array([l.threshold for l in info.layers], np.float32) if mode == "flash" \
             else np.zeros(L, np.float32)
         self.ffn = FFNLoader(self.store, info.layers, self.plan, c.n_ff, c.n_embd, numba.get_num_threads(),
-                             window_k, self.w.ts)
+                             window_k)
         # what stays resident is copied out of the file map (flash/pinned.py: a file truncated under the
         # model is then a read error naming it, not SIGBUS); streamed parts keep their file offsets
         embd_resident = self.plan.embedding != "on demand (a row per token)"
@@ -339,7 +348,7 @@ class FlashModel:
         for il in range(c.n_layer):
             fw.attention_layer(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin,
                                s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa,
-                               w.ip, w.fp, il, pos, w.ts)
+                               w.ip, w.fp, il, pos)
             nn.rmsnorm(s.xb, s.x, w.norms[il, fw.NORM_FFN], eps)
             dispatch.quantize_x(s.xq_embd, s.xb)
             n, have_gate = sel(il, s.hg, s.xb, s.xq_embd)
@@ -415,11 +424,6 @@ class FlashModel:
 
     def close(self):
         self.store.close()
-
-
-def bundle_types(info) -> list:
-    """The ggml types of every layer's bundle parts (gate, up, down)."""
-    return sorted({int(t) for l in info.layers for t in l.types})
 
 
 def _throughput(rows, size) -> float:

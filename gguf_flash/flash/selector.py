@@ -12,9 +12,8 @@ from ..kernels import dispatch, sparse
 
 
 class Selector:
-    def __init__(self, kind: str, layers, store, n_ff: int, activation: int, tset):
+    def __init__(self, kind: str, layers, store, n_ff: int, activation: int):
         self.kind, self.layers, self.n_ff, self.act = kind, layers, n_ff, activation
-        self.tset = tset                                # the model's type set (dispatch.type_set)
         self.active = np.arange(n_ff, dtype=np.int32)   # (n_ff,) int32 chosen rows (all unless selecting)
         self.gvals = np.zeros(n_ff, np.float32)         # (n_ff,) f32 their gate values (gate rows)
         self.z = np.zeros(n_ff, np.float32)             # (n_ff,) f32 predictor logits
@@ -43,7 +42,7 @@ class Selector:
             return self.n_ff, False
         l = self.layers[il]
         if self.kind == "gate":
-            sparse.matvec_rows(hg, self.gates[il], int(l.types[0]), xb, xq, self.tset)
+            sparse.matvec_rows(hg, self.gates[il], int(l.types[0]), xb, xq)
             return sparse.select_by_gate(self.active, self.gvals, hg, self.act, l.threshold), True
         a, b = self.pred[il]
         sparse.predictor_logits(self.z, self.tmp[:a.shape[1]], xb, a, b, self.pred_bias[il])
@@ -58,8 +57,8 @@ class Selector:
             return False
         l = self.layers[il]
         if self.kind == "gate":
-            q8x = int(l.types[0]) in dispatch.Q8X
-            sparse.gate_chunk(HG, self.gates[il], int(l.types[0]), XR if q8x else XB, self.tset)
+            q8x = int(l.types[0]) in (dispatch.Q4_0, dispatch.Q4_1, dispatch.Q5_0, dispatch.Q5_1, dispatch.Q8_0)
+            sparse.gate_chunk(HG, self.gates[il], int(l.types[0]), XR if q8x else XB)
             sparse.mask_by_gate(MK, HG, self.act, l.threshold)
             return True
         a, b = self.pred[il]

@@ -1,7 +1,7 @@
 """numba kernels. Importing this package points numba's on-disk cache at a folder named after a hash
 of the kernel sources, because numba's cache only notices edits to a function's own module: a kernel
 that calls a kernel from another module would otherwise keep stale machine code after an edit.
-A first run compiles the model's kernels in a child process (firstrun.py); cold start: README "Performance"."""
+Cold start (first process compiles everything): see README "Performance"."""
 
 import hashlib
 import os
@@ -39,6 +39,22 @@ def _import_numba_np_without_scipy():
 
 
 _import_numba_np_without_scipy()
+
+
+def compile_in_child(code: str, *argv: str) -> None:
+    """Run `python -c code argv...` to compile (or load) kernels in a child process, so that LLVM's
+    ~220 MB of compiling never adds to the caller's RSS (the converter's peak, the flash runtime's measured
+    baseline). A failing child is not an error: the caller then compiles in-process, as it would anyway."""
+    import logging
+    import subprocess
+    import sys
+    log = logging.getLogger(__name__)
+    try:
+        out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=1800)
+        if out.returncode:
+            log.info("kernel compile child failed: %s", out.stderr.strip().splitlines()[-1:])
+    except (OSError, subprocess.SubprocessError) as e:
+        log.info("kernel compile child failed: %s", e)
 
 
 def release_compiler_pages() -> int:

@@ -13,7 +13,6 @@ Every architecture runs through the same code; the per-architecture differences 
     k_cache, v_cache (n_layer, n_ctx, kv_dim) f32, or uint16 holding IEEE halves (kernels/kvcache.py)
     xq_embd, xq_q, xq_ff      uint8 scratch: an input vector of n_embd, q_dim, n_ff quantized once
                               (dispatch.quantize_x) and shared by every matvec that reads it
-    tset      the model's type set (dispatch.type_set): only its types' kernels are compiled
 """
 
 from numba import njit, prange
@@ -32,9 +31,9 @@ FP_EPS, FP_ATTN_SCALE, FP_EMBD_SCALE = range(3)
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def embed(x, blob, embd_m, token, scale, tset):
+def embed(x, blob, embd_m, token, scale):
     """x (n_embd,) = token_embd[token] * scale (one row read from the quantized table)."""
-    dequant_row(x, blob, embd_m, token, tset)
+    dequant_row(x, blob, embd_m, token)
     if scale != 1.0:
         for i in range(x.shape[0]):
             x[i] *= scale
@@ -57,15 +56,15 @@ def residual_add(x, y, post_w, eps, post_norm):
 
 @njit(cache=True, fastmath=FASTMATH)
 def attention_layer(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
-                    blob, mats, norms, qk_norms, biases, swa, ip, fp, il, pos, tset):
+                    blob, mats, norms, qk_norms, biases, swa, ip, fp, il, pos):
     """x (n_embd,) += attention block of layer il for the token at pos (its K/V stored in the cache)."""
     n_head, n_head_kv, hd = ip[IP_N_HEAD], ip[IP_N_HEAD_KV], ip[IP_HEAD_DIM]
     eps = fp[FP_EPS]
     rmsnorm(xb, x, norms[il, NORM_ATTN], eps)
     quantize_x(xq_embd, xb)
-    matvec(q, blob, mats[il, MAT_Q], xb, xq_embd, tset)
-    matvec(k, blob, mats[il, MAT_K], xb, xq_embd, tset)
-    matvec(v, blob, mats[il, MAT_V], xb, xq_embd, tset)
+    matvec(q, blob, mats[il, MAT_Q], xb, xq_embd)
+    matvec(k, blob, mats[il, MAT_K], xb, xq_embd)
+    matvec(v, blob, mats[il, MAT_V], xb, xq_embd)
     if ip[IP_QKV_BIAS]:
         add_bias(q, biases[il, 0])
         add_bias(k, biases[il, 1])
@@ -81,47 +80,47 @@ def attention_layer(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_
     window = ip[IP_WINDOW] if local else 0
     attention(att, q, k_cache[il], v_cache[il], scores, pos, window, n_head, n_head_kv, hd, fp[FP_ATTN_SCALE])
     quantize_x(xq_q, att)
-    matvec(xb, blob, mats[il, MAT_O], att, xq_q, tset)
+    matvec(xb, blob, mats[il, MAT_O], att, xq_q)
     residual_add(x, xb, norms[il, NORM_POST_ATTN], eps, ip[IP_POST_NORMS])
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def ffn_layer_dense(x, xb, hg, hu, xq_embd, xq_ff, blob, mats, norms, ip, fp, il, threshold, tset):
+def ffn_layer_dense(x, xb, hg, hu, xq_embd, xq_ff, blob, mats, norms, ip, fp, il, threshold):
     """x (n_embd,) += down(act(gate . h) * (up . h)), h = RMSNorm(x) * ffn_norm, over every neuron
     (neurons with |act(gate . h)| <= threshold contribute 0: the exact-gate sparse model)."""
     eps = fp[FP_EPS]
     rmsnorm(xb, x, norms[il, NORM_FFN], eps)
     quantize_x(xq_embd, xb)
-    matvec(hg, blob, mats[il, MAT_GATE], xb, xq_embd, tset)
-    matvec(hu, blob, mats[il, MAT_UP], xb, xq_embd, tset)
+    matvec(hg, blob, mats[il, MAT_GATE], xb, xq_embd)
+    matvec(hu, blob, mats[il, MAT_UP], xb, xq_embd)
     glu(hg, hg, hu, ip[IP_ACT], threshold)
     quantize_x(xq_ff, hg)
-    matvec(xb, blob, mats[il, MAT_DOWN], hg, xq_ff, tset)
+    matvec(xb, blob, mats[il, MAT_DOWN], hg, xq_ff)
     residual_add(x, xb, norms[il, NORM_POST_FFW], eps, ip[IP_POST_NORMS])
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def output_head(logits, x, xb, xq_embd, blob, out_m, out_norm, eps, tset):
+def output_head(logits, x, xb, xq_embd, blob, out_m, out_norm, eps):
     """logits (n_vocab,) = W_out @ (RMSNorm(x) * output_norm)."""
     rmsnorm(xb, x, out_norm, eps)
     quantize_x(xq_embd, xb)
-    matvec(logits, blob, out_m, xb, xq_embd, tset)
+    matvec(logits, blob, out_m, xb, xq_embd)
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def forward_token(logits, x, xb, q, k, v, att, scores, hg, hu, k_cache, v_cache, cos, sin,
                   xq_embd, xq_q, xq_ff, blob, mats, norms, qk_norms, biases, swa, inv_freq, embd_m, out_m, out_norm,
-                  thresholds, ip, fp, token, pos, tset):
+                  thresholds, ip, fp, token, pos):
     """Dense decode step: logits (n_vocab,) for `token` at `pos`. Allocates nothing.
     thresholds (n_layer,) f32: per-layer FFN activation thresholds (zeros: dense)."""
-    embed(x, blob, embd_m, token, fp[FP_EMBD_SCALE], tset)
+    embed(x, blob, embd_m, token, fp[FP_EMBD_SCALE])
     rope_cos_sin(cos[0], sin[0], pos, inv_freq[0])
     rope_cos_sin(cos[1], sin[1], pos, inv_freq[1])
     for il in range(ip[IP_N_LAYER]):
         attention_layer(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
-                        blob, mats, norms, qk_norms, biases, swa, ip, fp, il, pos, tset)
-        ffn_layer_dense(x, xb, hg, hu, xq_embd, xq_ff, blob, mats, norms, ip, fp, il, thresholds[il], tset)
-    output_head(logits, x, xb, xq_embd, blob, out_m, out_norm, fp[FP_EPS], tset)
+                        blob, mats, norms, qk_norms, biases, swa, ip, fp, il, pos)
+        ffn_layer_dense(x, xb, hg, hu, xq_embd, xq_ff, blob, mats, norms, ip, fp, il, thresholds[il])
+    output_head(logits, x, xb, xq_embd, blob, out_m, out_norm, fp[FP_EPS])
 
 
 # ---- prompt batch -------------------------------------------------------------------------------
@@ -147,7 +146,7 @@ def rows_residual(x, y, post_w, eps, post_norm):
 
 @njit(cache=True, fastmath=FASTMATH)
 def attention_batch_layer(X, XB, XR, Q, K, V, ATT, ATR, scores, k_cache, v_cache, cos, sin, blob, mats,
-                          norms, qk_norms, biases, swa, ip, fp, il, pos0, tset):
+                          norms, qk_norms, biases, swa, ip, fp, il, pos0):
     """X (n, n_embd) += attention block of layer il for n tokens at positions pos0.. (the prompt batch;
     their K/V go to the caches). Buffers have exactly n rows; cos, sin (n, 2, rope_dim / 2).
     XR (n, n_embd), ATR (n, q_dim): with n rows, the matrices whose decode kernels read 8-bit input
@@ -160,9 +159,9 @@ def attention_batch_layer(X, XB, XR, Q, K, V, ATT, ATR, scores, k_cache, v_cache
     rows_rmsnorm(XB, X, norms[il, NORM_ATTN], eps)
     if rq:
         rows_round_q8(XR, XB)
-    matmat(Q, blob, mats[il, MAT_Q], XR if rq and uses_q8x(mats[il, MAT_Q, 3]) else XB, tset)
-    matmat(K, blob, mats[il, MAT_K], XR if rq and uses_q8x(mats[il, MAT_K, 3]) else XB, tset)
-    matmat(V, blob, mats[il, MAT_V], XR if rq and uses_q8x(mats[il, MAT_V, 3]) else XB, tset)
+    matmat(Q, blob, mats[il, MAT_Q], XR if rq and uses_q8x(mats[il, MAT_Q, 3]) else XB)
+    matmat(K, blob, mats[il, MAT_K], XR if rq and uses_q8x(mats[il, MAT_K, 3]) else XB)
+    matmat(V, blob, mats[il, MAT_V], XR if rq and uses_q8x(mats[il, MAT_V, 3]) else XB)
     local = swa[il]
     for j in range(n):
         if ip[IP_QKV_BIAS]:
@@ -181,14 +180,14 @@ def attention_batch_layer(X, XB, XR, Q, K, V, ATT, ATR, scores, k_cache, v_cache
                     fp[FP_ATTN_SCALE])
     if rq:
         rows_round_q8(ATR, ATT)
-    matmat(XB, blob, mats[il, MAT_O], ATR if rq and uses_q8x(mats[il, MAT_O, 3]) else ATT, tset)
+    matmat(XB, blob, mats[il, MAT_O], ATR if rq and uses_q8x(mats[il, MAT_O, 3]) else ATT)
     rows_residual(X, XB, norms[il, NORM_POST_ATTN], eps, ip[IP_POST_NORMS])
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def forward_batch(hidden, X, XB, Q, K, V, ATT, scores, HG, HU, k_cache, v_cache, cos, sin,
                   blob, mats, norms, qk_norms, biases, swa, inv_freq, embd_m, out_norm,
-                  thresholds, ffn_in, ip, fp, tokens, pos0, tset):
+                  thresholds, ffn_in, ip, fp, tokens, pos0):
     """Prompt batch: tokens (n_tok,) at positions pos0.. through every layer; K/V go to the caches.
     hidden (n_tok, n_embd) = final RMSNorm(x) * output_norm (the head is applied by the caller, to the
     rows it needs). Batch buffers have >= n_tok rows; cos, sin (n_tok, 2, rope_dim / 2).
@@ -199,19 +198,19 @@ def forward_batch(hidden, X, XB, Q, K, V, ATT, scores, HG, HU, k_cache, v_cache,
     eps = fp[FP_EPS]
     X, XB, Q, K, V, ATT, HG, HU = X[:n], XB[:n], Q[:n], K[:n], V[:n], ATT[:n], HG[:n], HU[:n]
     for j in range(n):
-        embed(X[j], blob, embd_m, tokens[j], fp[FP_EMBD_SCALE], tset)
+        embed(X[j], blob, embd_m, tokens[j], fp[FP_EMBD_SCALE])
         rope_cos_sin(cos[j, 0], sin[j, 0], pos0 + j, inv_freq[0])
         rope_cos_sin(cos[j, 1], sin[j, 1], pos0 + j, inv_freq[1])
     for il in range(ip[IP_N_LAYER]):
         attention_batch_layer(X, XB, XB[:0], Q, K, V, ATT, ATT[:0], scores, k_cache, v_cache, cos, sin, blob,
-                              mats, norms, qk_norms, biases, swa, ip, fp, il, pos0, tset)
+                              mats, norms, qk_norms, biases, swa, ip, fp, il, pos0)
         rows_rmsnorm(XB, X, norms[il, NORM_FFN], eps)
         if ffn_in.shape[0] > 0:
             ffn_in[il, :n] = XB
-        matmat(HG, blob, mats[il, MAT_GATE], XB, tset)
-        matmat(HU, blob, mats[il, MAT_UP], XB, tset)
+        matmat(HG, blob, mats[il, MAT_GATE], XB)
+        matmat(HU, blob, mats[il, MAT_UP], XB)
         for j in range(n):
             glu(HG[j], HG[j], HU[j], ip[IP_ACT], thresholds[il])
-        matmat(XB, blob, mats[il, MAT_DOWN], HG, tset)
+        matmat(XB, blob, mats[il, MAT_DOWN], HG)
         rows_residual(X, XB, norms[il, NORM_POST_FFW], eps, ip[IP_POST_NORMS])
     rows_rmsnorm(hidden[:n], X, out_norm, eps)

@@ -3,7 +3,6 @@
 A bundle row is gate_i | up_i | down_i (down_i: column i of W_down, re-quantized as a row of n_embd).
 The window keeps bundles in slots (capacity, bundle_bytes) uint8; `neuron_slot` maps a stored row to
 its slot. Identity (tests/test_flash_runtime.py): every neuron selected = the dense FFN.
-`tset` is the model's type set (dispatch.type_set): only its types' kernels are compiled.
 """
 
 import numpy as np
@@ -15,10 +14,10 @@ from .quant_basic import MM_ROWS, _gemm_rows, _u16_as_f16_to_f32
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def matvec_rows(out, w, qt, x, xq, tset):
+def matvec_rows(out, w, qt, x, xq):
     """out (n_rows,) = W @ x for a weight held outside the file map (e.g. resident gate rows)."""
     for r in prange(w.shape[0]):
-        out[r] = dot_row(qt, w[r], x, xq, tset)
+        out[r] = dot_row(qt, w[r], x, xq)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -68,7 +67,7 @@ def predictor_logits(z, tmp, x, a, b, bias):
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, j0, j1, gvals, have_gate,
-                     x, xq, types, offs, act, threshold, tset):
+                     x, xq, types, offs, act, threshold):
     """partial[c] += the FFN contributions of positions j0 <= j < j1 of `active` with j % n_part == c.
 
     A row lives in a window slot (neuron_slot[row] >= 0: slots[neuron_slot[row]]) or in the staging
@@ -87,11 +86,11 @@ def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, j0, 
             a = active[j]
             s = neuron_slot[a]
             row = slots[s] if s >= 0 else stage[stage_map[a]]
-            g = gvals[j] if have_gate else dot_row(types[0], row[offs[0]:offs[1]], x, xq, tset)
+            g = gvals[j] if have_gate else dot_row(types[0], row[offs[0]:offs[1]], x, xq)
             v = activate(g, act)
             if abs(v) > threshold:
-                u = dot_row(types[1], row[offs[1]:offs[2]], x, xq, tset)
-                axpy_row(types[2], acc, v * u, row[offs[2]:offs[3]], tset)
+                u = dot_row(types[1], row[offs[1]:offs[2]], x, xq)
+                axpy_row(types[2], acc, v * u, row[offs[2]:offs[3]])
             j += n_part
 
 
@@ -108,7 +107,7 @@ def sum_partials(out, partial):
 # ---- a prompt chunk: each bundle decoded once, its dot products over the chunk as a matrix product ----
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def gate_chunk(HG, gates, qt, X, tset):
+def gate_chunk(HG, gates, qt, X):
     """HG (T, n_ff) = X (T, n_embd) @ gates.T for resident gate rows gates (n_ff, row_bytes) uint8 of
     type qt: rows decoded MM_ROWS at a time, then the register-blocked product (what dispatch.matmat
     does, without loading a second copy of every type's matmat under the cap)."""
@@ -119,7 +118,7 @@ def gate_chunk(HG, gates, qt, X, tset):
         nr = min(MM_ROWS, n_ff - r0)
         buf = np.empty((MM_ROWS, X.shape[1]), np.float32)   # decoded rows of this group
         for r in range(nr):
-            dequant_into(qt, buf[r], gates[r0 + r], tset)
+            dequant_into(qt, buf[r], gates[r0 + r])
         _gemm_rows(HG, buf, X, r0, nr)
 
 
@@ -155,7 +154,7 @@ def union_rows(union, MK):
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, u0, u1, MK, HG, have_gate,
-                     XB, XR, types, offs, act, threshold, tset):
+                     XB, XR, types, offs, act, threshold):
     """PART[c, j] += the FFN contributions, for token j, of the rows a = union[p], u0 <= p < u1,
     a % n_part == c, that token j chose (MK[j, a]) and whose |act(gate)| > threshold.
 
@@ -195,9 +194,9 @@ def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, 
                 s = neuron_slot[a]
                 row = slots[s] if s >= 0 else stage[stage_map[a]]
                 if not have_gate:
-                    dequant_into(types[0], gb[r], row[offs[0]:offs[1]], tset)
-                dequant_into(types[1], ub[r], row[offs[1]:offs[2]], tset)
-                dequant_into(types[2], db[r], row[offs[2]:offs[3]], tset)
+                    dequant_into(types[0], gb[r], row[offs[0]:offs[1]])
+                dequant_into(types[1], ub[r], row[offs[1]:offs[2]])
+                dequant_into(types[2], db[r], row[offs[2]:offs[3]])
             # whole blocks of 4 rows (zero rows pad the last): _gemm_rows computes each row of a block
             # by the same code, so a row's dot products do not depend on its neighbours
             nr4 = (nr + 3) // 4 * 4
