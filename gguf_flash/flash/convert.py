@@ -237,11 +237,11 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
         if head_index_rank is None else min(int(head_index_rank), cfg.n_embd - 1)
     if r:
         bar = _progress(progress, 2, "head index")
-        train_h, held_h, decode_h = calibration_states(model, tok, cal)
+        train_h, held_h, n_decode = calibration_states(model, tok, cal)
         if bar:
             bar.update(1)
-        hindex = build_head_index(head_raw, f.tensor(head_name).qtype, train_h, held_h, r, decode_h)
-        del train_h, held_h, decode_h
+        hindex = build_head_index(head_raw, f.tensor(head_name).qtype, train_h, held_h, r, n_decode)
+        del train_h, held_h
         if bar:
             bar.update(1)
             bar.close()

@@ -48,6 +48,8 @@ T_HI_SCALE = "head_index.scale"                # f16 (n_vocab,): preview row sca
 T_HI_SIGMA = "head_index.sigma"                # f16 (n_vocab,): residual std per unit of s(h)
 T_HI_WHITEN = "head_index.whiten"              # f16 (n_embd, n_embd): Sigma^-1/2
 T_HI_COLSCALE = "head_index.colscale"          # f32 (r,)
+HI_TENSORS = {"basis": T_HI_BASIS, "preview": T_HI_PREVIEW, "scale": T_HI_SCALE, "sigma": T_HI_SIGMA,
+              "whiten": T_HI_WHITEN, "colscale": T_HI_COLSCALE}
 
 PARTS = ("gate", "up", "down")
 
@@ -250,13 +252,16 @@ def _read_head_index(f, cfg, scalar, tensor) -> dict:
     tensor(T_HI_WHITEN, (n_embd, n_embd), (F16,), "F16")
     tensor(T_HI_COLSCALE, (r,), (F32,), "F32")
     out = dict(z=z, heldout=held, read_frac=frac, bytes_frac=bfrac, rank=r)
-    for key, name in (("basis", T_HI_BASIS), ("preview", T_HI_PREVIEW), ("scale", T_HI_SCALE),
-                      ("sigma", T_HI_SIGMA), ("whiten", T_HI_WHITEN), ("colscale", T_HI_COLSCALE)):
+    for key, name in HI_TENSORS.items():
         out[key] = f.array(name)
     for key in ("basis", "scale", "sigma", "whiten", "colscale"):
         if not np.isfinite(out[key]).all():
             raise FlashFormatError(f"{f.path}: head_index.{key} has a value that is not finite")
-    for key, name in (("basis", T_HI_BASIS), ("preview", T_HI_PREVIEW), ("scale", T_HI_SCALE),
-                      ("sigma", T_HI_SIGMA), ("whiten", T_HI_WHITEN)):   # the check read them
-        f.release(f.tensors[name].offset, f.tensors[name].n_bytes)
+    release_head_index(f)   # the check read them
     return out
+
+
+def release_head_index(f) -> None:
+    """Drop the map's pages of the head index from this process's RSS (they stay in the page cache)."""
+    for name in HI_TENSORS.values():
+        f.release(f.tensors[name].offset, f.tensors[name].n_bytes)

@@ -72,10 +72,10 @@ def _rows(raw, qtype, r0, r1) -> np.ndarray:
     return quants.dequantize(raw[r0:r1], GGMLQuantizationType(qtype)).astype(np.float32, copy=False)
 
 
-def build_head_index(raw, qtype, train, held, rank, decode=None) -> HeadIndex:
+def build_head_index(raw, qtype, train, held, rank, n_decode: int = 0) -> HeadIndex:
     """raw (n_vocab, row_bytes) uint8: the head as stored; train (n, n_embd), held (m, n_embd) f32:
-    normed final hidden states; decode: the held-out states of greedy decoding (a subset of held, or
-    None: held), on which the rows and bytes read are measured (decoding is what the index serves, and
+    normed final hidden states; the last n_decode of held are states of greedy decoding (0: take all
+    of held for them), on which the rows and bytes read are measured (decoding is what the index serves, and
     its states are harder than teacher-forced text's: 3-8x more rows read at the same z, measured).
     Works through the head ROW_CHUNK rows at a time."""
     V = raw.shape[0]
@@ -122,12 +122,12 @@ def build_head_index(raw, qtype, train, held, rank, decode=None) -> HeadIndex:
         ss[r0:r1] = np.square(E, out=E).mean(0, dtype=np.float64)
     sigma = np.sqrt(ss).astype(np.float16)
     # ---- z: no top-1 miss on the held-out states under the runtime's rule ----
-    z_need, _ = _z_needed(raw, qtype, held, basis, preview, Aq_scale, sigma.astype(np.float32), s_of(held))
+    z_need, frac = _z_needed(raw, qtype, held, basis, preview, Aq_scale, sigma.astype(np.float32), s_of(held))
     k = int(np.ceil(max(z_need.max(), 0.0) / Z_STEP))
     z = k * Z_STEP
-    dec = held if decode is None or not len(decode) else decode
-    _, frac = _z_needed(raw, qtype, dec, basis, preview, Aq_scale, sigma.astype(np.float32), s_of(dec))
-    read = float(frac[:, k].mean()) if k < frac.shape[1] else 1.0
+    n_dec = n_decode if 0 < n_decode <= len(held) else len(held)
+    dec = held[len(held) - n_dec:]
+    read = float(frac[len(held) - n_dec:, k].mean()) if k < frac.shape[1] else 1.0
     sub = dec[np.linspace(0, len(dec) - 1, min(128, len(dec))).astype(int)]
     nbytes = _bytes_read(raw, qtype, sub, basis, preview, Aq_scale, sigma.astype(np.float32), s_of(sub), z)
     return HeadIndex(basis, preview, scale, sigma, whiten, colscale, z, len(held), read, nbytes)
@@ -209,9 +209,9 @@ def generated_states(model, tokenizer, seeds, n_new: int = N_NEW) -> np.ndarray:
 
 
 def calibration_states(model, tokenizer, cal, max_text: int = 1024):
-    """(train, held, held_decode) f32 states: teacher-forced calibration text (its train / held-out
+    """(train, held, n_decode): f32 states of teacher-forced calibration text (its train / held-out
     split, at most max_text each) and greedy continuations of seeds (half generic, half from the
-    held-out text), alternate seeds to each side; held_decode: the held-out continuations alone."""
+    held-out text), alternate seeds to each side; held ends with its n_decode continuation states."""
     text_tr = cal.H[:cal.n_train].astype(np.float32)
     text_ho = cal.H[cal.n_train:].astype(np.float32)
     pick = lambda a: a[np.linspace(0, len(a) - 1, min(max_text, len(a))).astype(int)]  # noqa: E731
@@ -220,4 +220,4 @@ def calibration_states(model, tokenizer, cal, max_text: int = 1024):
     gen = [generated_states(model, tokenizer, [s]) for s in seeds]
     train = np.concatenate([pick(text_tr)] + gen[0::2])
     held_decode = np.concatenate(gen[1::2])
-    return train, np.concatenate([pick(text_ho), held_decode]), held_decode
+    return train, np.concatenate([pick(text_ho), held_decode]), len(held_decode)

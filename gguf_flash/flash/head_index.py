@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..kernels import dispatch, headidx, nn
-from .head_build import ROUND1_ROWS
+from .head_build import ROUND1_ROWS, index_bytes
 from .stats import add_read
 
 MASS = 1e-3     # sampling without top-k / min-p: the unread rows' share of the probability, at most
@@ -50,7 +50,6 @@ def need_for(params) -> HeadNeed:
 def index_ram(n_vocab: int, n_embd: int, rank: int) -> int:
     """RAM of the index as held (head_build.index_bytes) plus its per-token scratch: bounds (f32), the
     rows to read (int32), read marks (uint8)."""
-    from .head_build import index_bytes
     return index_bytes(n_vocab, n_embd, rank) + 9 * n_vocab + 4 * (rank + n_embd)
 
 
@@ -61,14 +60,14 @@ def _copy(a, dtype=None):
 
 
 class IndexedHead:
-    """Decoding logits from the index; the streamed head (OutputHead) reads what it does not know."""
+    """Decoding logits from the index (a HeadNeed other than EXACT); the streamed head (OutputHead)
+    reads the rows it asks for."""
 
     def __init__(self, w, st, hi: dict, streamed):
         self.w, self.st, self.head = w, st, streamed
         self.store = streamed.store
         V = int(w.output[1])
         self.z = float(hi["z"])
-        self.read_frac = float(hi["read_frac"])
         # copies, not views of the file map (flash/pinned.py: a truncated file is then a read error)
         self.basis = _copy(hi["basis"], np.float32)                        # (r, n_embd)
         self.preview = _copy(hi["preview"], np.int8)                       # (n_vocab, r)
@@ -84,14 +83,10 @@ class IndexedHead:
         self.u = np.zeros(d, np.float32)
         self.first = np.zeros(max(ROUND1_ROWS, 1), np.int32)
         self.best = np.zeros(max(ROUND1_ROWS, 1), np.int32)
-        self.qt = int(w.output[3]) if w.output.shape[0] > 3 else 0
+        self.qt = int(w.output[3])                     # the head's ggml type
         self.n_vocab = V
 
     def __call__(self, eps, ts, need: HeadNeed):
-        if need.kind == "exact":
-            self.head(eps, ts)
-            ts.head_rows = self.n_vocab
-            return
         w, s = self.w, self.st
         nn.rmsnorm(s.xb, s.x, w.output_norm, eps)
         dispatch.quantize_x(s.xq_embd, s.xb)

@@ -308,8 +308,7 @@ class FlashModel:
         self.out_head = OutputHead(self.w, self.st, self.store, self.plan.head_streamed)
         self.indexed = IndexedHead(self.w, self.st, hi, self.out_head) if self.plan.head_indexed else None
         if hi is not None:   # copied (or unused): the map's pages of it leave this process's RSS
-            for name in (ff.T_HI_BASIS, ff.T_HI_PREVIEW, ff.T_HI_SCALE, ff.T_HI_SIGMA, ff.T_HI_WHITEN):
-                f.release(f.tensors[name].offset, f.tensors[name].n_bytes)
+            ff.release_head_index(f)
         self.head_need = EXACT   # what the next token's sampler needs (set_head_need); exact by default
         self.embed = TokenEmbedding(self.w, self.store, embd_resident)
         if mode == "dense":
@@ -374,8 +373,9 @@ class FlashModel:
         self.head_need = need
 
     def decode_head(self, eps, stats) -> None:
-        """The logits of the state in st.x: from the index when there is one, else the head."""
-        if self.indexed is not None:
+        """The logits of the state in st.x: from the index when there is one and the sampler allows
+        it, else the whole head."""
+        if self.indexed is not None and self.head_need.kind != "exact":
             self.indexed(eps, stats, self.head_need)
         else:
             self.out_head(eps, stats)
