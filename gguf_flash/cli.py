@@ -56,11 +56,12 @@ def _add_flash(p):
                         "name is converted into the cache first)")
     p.add_argument("--mode", choices=("flash", "naive", "dense"), default=None,
                    help="flash GGUF only: flash (default), naive (every FFN weight read every token), dense")
-    p.add_argument("--selector", choices=("auto", "predictor", "gate", "bundle"), default="auto",
-                   help="how flash mode chooses neurons: resident gate rows (exact), the low-rank predictor, "
-                        "or bundle (nothing resident: every bundle read or held, its own gate decides); "
-                        "auto: the plan's cheapest in reading per token at the cap, predictor only when "
-                        "neither fits")
+    p.add_argument("--selector", choices=("auto", "predictor", "gate", "product", "bundle"), default="auto",
+                   help="how flash mode chooses neurons: resident gate rows (exact), product (resident gate "
+                        "and up rows, the neuron's own contribution |act(gate) up| ||down|| decides, only down "
+                        "parts read; its own, higher sparsity), the low-rank predictor, or bundle (nothing "
+                        "resident: every bundle read or held, its own gate decides); auto: the plan's "
+                        "cheapest in reading per token at the cap, predictor only when none fits")
     p.add_argument("--head", choices=("auto", "index", "exact"), default="auto",
                    help="flash GGUF with a head index: auto (default) lets the RAM plan use it when the head is "
                         "not resident, so decoding reads only the head rows that can be sampled; the index's "
@@ -137,7 +138,7 @@ def cmd_convert(a):
     r = convert(a.input, a.output, calib=a.calib, calib_tokens=a.calib_tokens, sparsity=a.sparsity,
                 rank=a.rank, down_type=a.down_type, force=a.force, full_curve=a.curve,
                 predictor=a.predictor, head_index=not a.no_head_index,
-                head_index_rank=a.head_index_rank, progress=True)
+                head_index_rank=a.head_index_rank, product=not a.no_product, progress=True)
     stored = [i for i, k in enumerate(r.ranks) if k]
     preds = (f"rank {min(r.ranks[i] for i in stored)}-{max(r.ranks[i] for i in stored)}, "
              f"recall {min(r.recall[i] for i in stored):.3f}-{max(r.recall[i] for i in stored):.3f}, "
@@ -147,7 +148,10 @@ def cmd_convert(a):
           f"(FFN in the source {r.ffn_bytes / 2**20:.1f} MiB), predictors {r.predictor_bytes / 2**20:.1f} MiB "
           f"({100 * r.predictor_bytes / r.ffn_bytes:.0f}% of the FFN) in {len(stored)} of {len(r.ranks)} "
           f"layers, {preds}")
-    print("held-out perplexity by sparsity: " + ", ".join(f"{s:.1f}: {p:.2f}" for s, p in r.curve))
+    print("held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in r.curve))
+    if r.prod_curve:
+        print(f"product criterion (--selector product): sparsity {r.prod_sparsity:.2f}; held-out perplexity by "
+              "sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in r.prod_curve))
     if r.head_index is not None:
         hi = r.head_index
         print(f"head index: rank {hi.rank}, {hi.n_bytes / 2**20:.1f} MiB ({100 * hi.n_bytes / r.head_bytes:.0f}% of "
@@ -304,7 +308,8 @@ def cmd_inspect(a):
 
 def _print_flash_summary(f):
     from .config import config_from_gguf
-    from .flash.format import K_CURVE_PPL, K_CURVE_S, K_LAYER_SPARSITY, read_flash
+    from .flash.format import (K_CURVE_PPL, K_CURVE_S, K_LAYER_SPARSITY, K_PROD_CURVE_PPL, K_PROD_CURVE_S,
+                               K_PROD_LAYER_SPARSITY, read_flash)
     cfg = config_from_gguf(f)
     info = read_flash(f, cfg)
     lsp = f.get(K_LAYER_SPARSITY, [float("nan")] * cfg.n_layer)
@@ -313,7 +318,16 @@ def _print_flash_summary(f):
           f"source sha256 {info.source_sha256[:16]}...")
     curve = list(zip(f.get(K_CURVE_S, []), f.get(K_CURVE_PPL, [])))
     if curve:
-        print("held-out perplexity by sparsity: " + ", ".join(f"{s:.1f}: {p:.2f}" for s, p in curve))
+        print("held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in curve))
+    if info.has_product:
+        pcurve = list(zip(f.get(K_PROD_CURVE_S, []), f.get(K_PROD_CURVE_PPL, [])))
+        psp = f.get(K_PROD_LAYER_SPARSITY, [])
+        print(f"product criterion (--selector product): target sparsity {info.prod_sparsity:.2f}"
+              + (f", held-out per layer {min(psp):.3f}-{max(psp):.3f}" if len(psp) else "")
+              + ("; held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in pcurve)
+                 if pcurve else ""))
+    else:
+        print("product criterion: none (--selector product needs a file converted with it)")
     print("layer threshold sparsity predictor rank recall precision bundle-B  freq@1 @10% @50% @90%")
     for il, l in enumerate(info.layers):
         fr = l.freq
@@ -458,6 +472,10 @@ def build_parser():
     p.add_argument("--head-index-rank", type=int, default=None,
                    help="rank of the head index's preview (default: the largest whose index is at most 10%% "
                         "of the head's bytes; 0: none)")
+    p.add_argument("--no-product", action="store_true",
+                   help="do not store the product criterion (|act(gate) up| ||down||, for --selector product: "
+                        "gate and up rows resident, only the down part read; its own sparsity within the same "
+                        "2%% held-out perplexity budget)")
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT")
     p.add_argument("--curve", action="store_true", help="held-out perplexity at every grid sparsity "
                                                          "(default: bisect the grid for the chosen one)")

@@ -82,6 +82,9 @@ class Weights:
             c.sliding_window, c.qk_norm, c.qkv_bias, c.post_norms, c.n_vocab)
         self.fp = np.array([c.rms_eps, c.attn_scale, c.embd_scale], np.float32)
         self.thresholds = np.zeros(c.n_layer, np.float32)   # (n_layer,) FFN thresholds; zeros = dense
+        # (n_layer, n_ff) f32 per-neuron scales of the product criterion (the converter's search for
+        # the product selector's thresholds); 0 layers: the gate criterion
+        self.ffn_scale = np.zeros((0, c.n_ff), np.float32)
         self.no_capture = np.zeros((0, 1, c.n_embd), np.float32)
 
 
@@ -222,7 +225,7 @@ class Model:
         fw.forward_batch(s.H, s.X, s.XB, s.Q, s.K, s.V, s.ATT, s.scores_b, s.HG, s.HU,
                          s.k_cache, s.v_cache, s.cos_b, s.sin_b, w.blob, w.mats, w.norms, w.qk_norms,
                          w.biases, w.swa, w.inv_freq, w.embd, w.output_norm, w.thresholds,
-                         w.no_capture if ffn_in is None else ffn_in, w.ip, w.fp, tokens, int(pos0))
+                         w.ffn_scale, w.no_capture if ffn_in is None else ffn_in, w.ip, w.fp, tokens, int(pos0))
         self._first_call("batch")
 
     def head(self, hidden, out):

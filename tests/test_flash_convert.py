@@ -196,7 +196,7 @@ def test_predictor_never_stores_none_and_runs_with_gate_and_bundle(tmp_path, tin
     logits = {}
     for sel in ("gate", "bundle", "auto"):
         llm = gguf_flash.load(out, n_ctx=64, selector=sel)
-        assert llm.model.plan.selector in ("gate", "bundle") and "predictors" not in llm.model.plan.resident
+        assert llm.model.plan.selector in ("gate", "bundle", "product") and "predictors" not in llm.model.plan.resident
         logits[sel] = np.stack([llm.model.forward(t, p).copy() for p, t in enumerate(toks)])
     # the same neurons from resident gate rows as from the bundles' own gate parts
     np.testing.assert_allclose(logits["gate"], logits["bundle"], rtol=1e-4, atol=1e-3)
@@ -212,6 +212,39 @@ def test_predictor_never_stores_none_and_runs_with_gate_and_bundle(tmp_path, tin
     assert p.returncode == 0 and "in 0 of 2 layers" in p.stdout
     rows = [l.split() for l in p.stdout.splitlines() if l.split()[:1] in (["0"], ["1"])]
     assert [row[3] for row in rows[-2:]] == ["no", "no"]
+
+
+def test_product_criterion_stored_unless_asked_not_to(tmp_path, tiny_src):
+    """The converter stores the product criterion (thresholds, per-row down norms in stored order and
+    frequencies, its curve) and inspect shows it; with --no-product the file has none and --selector
+    product is refused with one line naming the file (exit 2)."""
+    import subprocess
+    import sys
+    src, calib = tiny_src
+    out = tmp_path / "prod.flash.gguf"
+    r = gguf_flash.convert(src, out, calib=calib, calib_tokens=512, sparsity=0.4, predictor="never")
+    assert r.prod_sparsity == 0.4 and [s for s, _ in r.prod_curve] == [0.0, 0.4]
+    assert len(r.prod_layer_sparsity) == 2 and all(0.2 < x < 0.6 for x in r.prod_layer_sparsity)
+    f = GGUFFile(out)
+    cfg = gguf_flash.load(out, mode="dense", n_ctx=16).cfg
+    info = ff.read_flash(f, cfg)
+    assert info.has_product and info.prod_sparsity == pytest.approx(0.4)
+    src_f = GGUFFile(src)
+    from gguf_flash.flash.convert import dequant
+    for il, l in enumerate(info.layers):
+        dn = np.linalg.norm(dequant(src_f, f"blk.{il}.ffn_down.weight"), axis=0)
+        np.testing.assert_allclose(l.down_norm, dn[l.neuron_id], rtol=1e-5)
+        assert l.prod_threshold > 0 and 0.3 < float(np.mean(l.prod_freq)) < 0.8
+    p = subprocess.run([sys.executable, "-m", "gguf_flash.cli", "inspect", str(out)], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and "product criterion (--selector product): target sparsity 0.40" in p.stdout
+    none = tmp_path / "noprod.flash.gguf"
+    gguf_flash.convert(src, none, calib=calib, calib_tokens=512, sparsity=0.4, predictor="never", product=False)
+    assert ff.K_PROD_THRESHOLD not in GGUFFile(none).meta and not ff.read_flash(GGUFFile(none), cfg).has_product
+    p = subprocess.run([sys.executable, "-m", "gguf_flash.cli", "run", "-m", str(none), "--selector", "product",
+                        "-p", "hi", "-n", "2"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and str(none) in p.stderr and "no product criterion" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_predictor_always_keeps_every_layer(tmp_path, tiny_src):

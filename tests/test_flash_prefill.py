@@ -22,6 +22,7 @@ def _token_by_token(model, ids):
 
 @pytest.mark.parametrize("mode,selector,window", [("flash", "gate", 0), ("flash", "gate", 1),
                                                   ("flash", "predictor", 0), ("flash", "bundle", 1),
+                                                  ("flash", "product", 0), ("flash", "product", 1),
                                                   ("naive", "auto", 0)])
 def test_one_layer_of_a_chunk_equals_the_decode_kernels(smollm2_flash, mode, selector, window):
     """A chunk's attention and FFN for one layer against the token-by-token kernels on the same inputs:
@@ -58,7 +59,7 @@ def test_one_layer_of_a_chunk_equals_the_decode_kernels(smollm2_flash, mode, sel
         np.testing.assert_allclose(X[j], s.x, atol=1e-5 * np.abs(s.x).max())
     fw.rows_rmsnorm(XB, X, w.norms[il, fw.NORM_FFN], eps)
     fw.rows_round_q8(XR, XB)
-    have_gate = m.select.chunk(il, pre.HG[:T], pre.MK[:T], XB, XR)
+    have_gate = m.select.chunk(il, pre.HG[:T], pre.HU[:T], pre.MK[:T], XB, XR)
     n = sparse.union_rows(pre.union, pre.MK[:T])
     got = np.zeros((T, c.n_embd), np.float32)
     cs = ChunkStats(tokens=T)
@@ -76,8 +77,8 @@ def test_one_layer_of_a_chunk_equals_the_decode_kernels(smollm2_flash, mode, sel
         np.testing.assert_allclose(got[j], want, atol=2e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("mode,selector", [("flash", "gate"), ("flash", "predictor"), ("naive", "auto"),
-                                           ("dense", "auto")])
+@pytest.mark.parametrize("mode,selector", [("flash", "gate"), ("flash", "predictor"), ("flash", "product"),
+                                           ("naive", "auto"), ("dense", "auto")])
 def test_chunked_prefill_agrees_with_token_by_token(smollm2_flash, mode, selector):
     path, _ = smollm2_flash
     a = gguf_flash.load(path, n_ctx=256, mode=mode, selector=selector)

@@ -62,6 +62,73 @@ def test_flash_mode_quality_and_stats(smollm2_flash, smollm2_ref):
     assert 0.0 <= s.hit_rate <= 1.0 and s.io_ms >= 0 and s.compute_ms > 0 and s.rss > 0
 
 
+def test_product_selector_at_threshold_zero_is_the_dense_ffn(smollm2_flash):
+    """The product selector with every threshold at 0 chooses every neuron whose value is not zero and
+    adds value x down for them: each layer's FFN equals dense mode's up to float rounding (2e-7 of its
+    largest output). Whole tokens are compared by KL only: each layer's input is rounded to 8-bit blocks,
+    so across 30 layers such differences flip a few codes (logits within ~3% of their largest)."""
+    from gguf_flash.flash.stats import TokenStats
+    from gguf_flash.kernels import dispatch
+    path, _ = smollm2_flash
+    dense = gguf_flash.load(path, n_ctx=64, mode="dense")
+    prod = gguf_flash.load(path, n_ctx=64, selector="product")
+    assert prod.model.selector == "product" and "gate and up rows" in prod.model.plan.resident
+    for l in prod.model.info.layers:
+        l.prod_threshold = 0.0
+    x = np.random.default_rng(0).standard_normal(dense.cfg.n_embd).astype(np.float32)
+    for il in (0, 7, 29):
+        outs = []
+        for m in (dense.model, prod.model):
+            m.st.xb[:] = x
+            dispatch.quantize_x(m.st.xq_embd, m.st.xb)
+            n, known = m.select(il, m.st.hg, m.st.xb, m.st.xq_embd)
+            out = np.zeros(m.cfg.n_embd, np.float32)
+            m.ffn.run(out, il, m.select.active, m.select.gvals, n, known, m.st.xb, m.st.xq_embd, m.cfg.activation,
+                      np.float32(0), 0, TokenStats())
+            outs.append(out)
+        assert n == prod.cfg.n_ff
+        np.testing.assert_allclose(outs[1], outs[0], atol=1e-6 * np.abs(outs[0]).max())
+    for p, t in enumerate([1, 504, 3458, 30, 1000]):
+        a, b = dense.model.forward(t, p).astype(np.float64), prod.model.forward(t, p).astype(np.float64)
+        assert _kl(a, b) < 0.02
+    assert prod.model.stats[-1].active > 0.99 * prod.cfg.n_ff * prod.cfg.n_layer
+
+
+def test_product_selector_computes_what_the_converter_measured(smollm2_flash, smollm2_path):
+    """The converter chose the product thresholds by the dense engine's held-out perplexity with the
+    same criterion (model.Weights.ffn_scale, nn.glu_product); flash mode with --selector product must
+    compute that model: the source model under those thresholds and the flash file's prompt logits agree
+    (the flash path rounds its input to 8-bit blocks, so a few neurons near the threshold may flip)."""
+    from gguf_flash.gguf_file import GGUFFile
+    from gguf_flash.model import Model
+    path, report = smollm2_flash
+    assert report.prod_sparsity == 0.3 and len(report.prod_curve) == 2    # dense and the fixed sparsity
+    flash = gguf_flash.load(path, n_ctx=128, selector="product")
+    info = flash.model.info
+    src = Model(GGUFFile(smollm2_path), n_ctx=128)
+    scale = np.zeros((flash.cfg.n_layer, flash.cfg.n_ff), np.float32)
+    for il, l in enumerate(info.layers):
+        scale[il, l.neuron_id] = l.down_norm       # stored row order -> the source's neuron order
+        src.w.thresholds[il] = l.prod_threshold
+    src.w.ffn_scale = scale
+    ids = flash.tokenize("The capital of France is Paris, and the capital of Germany is")
+    want = src.prefill(ids, 0).astype(np.float64)
+    got = flash.model.prefill(ids, 0).astype(np.float64)
+    assert int(np.argmax(got)) == int(np.argmax(want))
+    assert _kl(want, got) < 0.05
+    # and the criterion is not a no-op: about the file's sparsity of the neurons stays off
+    flash.model.forward(17, len(ids))
+    frac = flash.model.stats[-1].active / (flash.cfg.n_ff * flash.cfg.n_layer)
+    assert 0.5 < frac < 0.9
+
+
+def _kl(want, got) -> float:
+    """KL(softmax(want) || softmax(got)) of two logit vectors."""
+    p, q = np.exp(want - want.max()), np.exp(got - got.max())
+    p, q = p / p.sum(), q / q.sum()
+    return float(np.sum(p * (np.log(p + 1e-30) - np.log(q + 1e-30))))
+
+
 def test_impossible_cap_is_refused_before_loading(smollm2_flash):
     path, _ = smollm2_flash
     with pytest.raises(RamCapError, match=r"needs at least \d+ MiB \(\d+ MiB runtime \+ \d+ MiB resident.*cap is 100 MiB") as e:
@@ -169,7 +236,7 @@ def test_logits_at_the_smallest_cap_equal_those_with_everything_resident(smollm2
     np.testing.assert_array_equal(np.load(tmp_path / "c1.npy"), np.load(tmp_path / "c0.npy"))
 
 
-@pytest.mark.parametrize("selector", ["gate", "predictor"])
+@pytest.mark.parametrize("selector", ["gate", "predictor", "product"])
 def test_overflow_streaming_with_a_window_of_one_slot(smollm2_flash, selector):
     """Every layer's window shrunk to a single slot: all but one chosen neuron per layer go through the
     staging buffer in chunks, and the logits equal those of the full window."""
@@ -254,6 +321,7 @@ print(json.dumps(dict(new=sorted(map(list, signatures() - before)), streamed=llm
 
 
 @pytest.mark.parametrize("cap_extra,mode,selector,rows", [(200, "flash", "gate", 0), (8, "flash", "predictor", 0),
+                                                          (200, "flash", "product", 0),
                                                           (8, "naive", "auto", 0), (200, "flash", "gate", 16),
                                                           (8, "naive", "auto", 16)])
 def test_nothing_compiles_after_the_plan(smollm2_flash, cap_extra, mode, selector, rows):

@@ -72,6 +72,23 @@ def test_auto_selector_by_expected_reading():
     assert roomy.selector == "gate" and roomy.read_ms == 0.0
 
 
+def test_product_selector_holds_gate_and_up_rows_and_reads_only_down():
+    """With the file's product criterion (up_bytes, prod_freq): slots hold the down part only, gate and
+    up rows are resident, and auto picks it where its fewer, smaller reads save the most: when the
+    product criterion leaves far fewer rows active than the gate criterion and there is room for both
+    parts' rows. Without the criterion (up_bytes 0) it is never a candidate."""
+    gate_freq = [np.full(1024, 0.5, np.float32) for _ in range(4)]
+    prod_freq = [np.full(1024, 0.2, np.float32) for _ in range(4)]
+    kw = dict(freq=gate_freq, prod_freq=prod_freq, up_bytes=4 * MiB, up_part=[1000] * 4, gap_bytes=0,
+              head_bytes=0)
+    p = make_plan(_inp(140 * MiB, selector="product", **kw))
+    assert p.selector == "product" and p.slot_bytes == [1000] * 4
+    assert p.resident["gate and up rows"] == 8 * MiB and "gate rows" not in p.resident
+    auto = make_plan(_inp(125 * MiB, **kw))
+    assert auto.selector == "product" and "expected" in auto.describe()
+    assert make_plan(_inp(125 * MiB, freq=gate_freq, gap_bytes=0, head_bytes=0)).selector != "product"
+
+
 def test_naive_and_dense_modes():
     naive = make_plan(_inp(400 * MiB, mode="naive", selector="none", staging_rows=1024))
     assert naive.capacities == [0] * 4 and naive.resident["FFN staging"] == 1024 * 3000

@@ -37,14 +37,16 @@ def _case(qt, seed):
     return rows, deq, offs, XB, MK, HG
 
 
-def _reference(deq, XB, MK, HG, have_gate, act, thr):
-    g = HG if have_gate else XB @ deq[0].T
+def _reference(deq, XB, MK, HG, known, act, thr):
+    if known == sparse.KNOWN_H:                               # HG holds the neurons' values themselves
+        return (np.where(MK > 0, HG, 0.0) @ deq[2]).astype(np.float32)
+    g = HG if known == sparse.KNOWN_GATE else XB @ deq[0].T
     v = _np_act(g, act)
     h = np.where((MK > 0) & (np.abs(v) > thr), v * (XB @ deq[1].T), 0.0)
     return (h @ deq[2]).astype(np.float32)                    # (T, N_EMBD)
 
 
-def _run(rows, offs, XB, MK, HG, have_gate, act, thr, qt, cuts, in_window, T_=T):
+def _run(rows, offs, XB, MK, HG, known, act, thr, qt, cuts, in_window, T_=T):
     """The kernel over the union, cut at `cuts`; rows in_window sit in 'slots', the rest in 'staging'."""
     union = np.zeros(N_FF, np.int32)
     n = sparse.union_rows(union, MK)
@@ -67,20 +69,21 @@ def _run(rows, offs, XB, MK, HG, have_gate, act, thr, qt, cuts, in_window, T_=T)
     bounds = [0] + [c for c in cuts if 0 < c < n] + [n]
     for p0, p1 in zip(bounds[:-1], bounds[1:]):
         sparse.sparse_ffn_chunk(PART, DEC, H, slots, slot_map, stage, stage_map, union, p0, p1, MK, HG,
-                                have_gate, XB, XB, types, offs, act, np.float32(thr))
+                                known, XB, XB, types, offs, act, np.float32(thr))
     out = np.zeros((T_, N_EMBD), np.float32)
     sparse.sum_parts_chunk(out, PART)
     return out, union[:n]
 
 
 @pytest.mark.parametrize("qt", [Q.Q8_0, Q.Q4_0, Q.F16])
-@pytest.mark.parametrize("have_gate,act,thr", [(False, ACT_SILU, 0.0), (True, ACT_SILU, 0.05),
-                                               (False, ACT_RELU, 0.1), (True, ACT_GELU, 0.0)])
-def test_chunk_kernel_equals_numpy(qt, have_gate, act, thr):
+@pytest.mark.parametrize("known,act,thr", [(sparse.KNOWN_NONE, ACT_SILU, 0.0), (sparse.KNOWN_GATE, ACT_SILU, 0.05),
+                                           (sparse.KNOWN_NONE, ACT_RELU, 0.1), (sparse.KNOWN_GATE, ACT_GELU, 0.0),
+                                           (sparse.KNOWN_H, ACT_SILU, 0.0)])
+def test_chunk_kernel_equals_numpy(qt, known, act, thr):
     rows, deq, offs, XB, MK, HG = _case(qt, seed=int(qt) * 7 + act)
-    got, union = _run(rows, offs, XB, MK, HG, have_gate, act, thr, int(qt), [], lambda a: True)
+    got, union = _run(rows, offs, XB, MK, HG, known, act, thr, int(qt), [], lambda a: True)
     assert 5 not in union and len(union) == int((MK.max(0) > 0).sum())
-    want = _reference(deq, XB, MK, HG, have_gate, act, thr)
+    want = _reference(deq, XB, MK, HG, known, act, thr)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
@@ -88,12 +91,12 @@ def test_chunk_kernel_sum_is_the_same_however_the_union_is_cut():
     """The cap decides which rows sit in the window and where the staging parts end, never the sum; nor
     do the other tokens of the chunk (a token's rows are summed alike in a chunk of 2 or of 9)."""
     rows, deq, offs, XB, MK, HG = _case(Q.Q8_0, seed=11)
-    whole, _ = _run(rows, offs, XB, MK, HG, False, ACT_SILU, 0.02, int(Q.Q8_0), [], lambda a: True)
+    whole, _ = _run(rows, offs, XB, MK, HG, sparse.KNOWN_NONE, ACT_SILU, 0.02, int(Q.Q8_0), [], lambda a: True)
     for cuts, in_window in [([7, 30, 31, 60], lambda a: a % 3 == 0), ([1, 2, 3], lambda a: False),
                             ([40], lambda a: a < 20)]:
-        got, _ = _run(rows, offs, XB, MK, HG, False, ACT_SILU, 0.02, int(Q.Q8_0), cuts, in_window)
+        got, _ = _run(rows, offs, XB, MK, HG, sparse.KNOWN_NONE, ACT_SILU, 0.02, int(Q.Q8_0), cuts, in_window)
         np.testing.assert_array_equal(got, whole)
-    pair, _ = _run(rows, offs, XB[:2].copy(), MK[:2].copy(), HG[:2].copy(), False, ACT_SILU, 0.02, int(Q.Q8_0),
+    pair, _ = _run(rows, offs, XB[:2].copy(), MK[:2].copy(), HG[:2].copy(), sparse.KNOWN_NONE, ACT_SILU, 0.02, int(Q.Q8_0),
                    [5], lambda a: a % 2 == 0, T_=2)
     np.testing.assert_array_equal(pair, whole[:2])
 
@@ -128,3 +131,23 @@ def test_round_q8_is_what_the_integer_dot_products_see(qt):
     want = np.array([dispatch.dot_row(int(qt), np.ascontiguousarray(r), x, xq) for r in rows])
     np.testing.assert_allclose(deq @ xr.astype(np.float64), want, rtol=1e-5, atol=1e-4)
     assert np.abs(deq @ x.astype(np.float64) - want).max() > 1e-3   # float x would not be
+
+
+def test_product_selection_decode_and_chunk_agree_with_numpy():
+    """|act(g) u| * ||down|| > t chooses the rows, and the chosen rows carry h = act(g) u, one token at a
+    time (select_by_product) and for a chunk (mask_by_product, which leaves h in HG)."""
+    rng = np.random.default_rng(3)
+    G = rng.standard_normal((3, 40)).astype(np.float32)
+    U = rng.standard_normal((3, 40)).astype(np.float32)
+    dn = rng.uniform(0.5, 2.0, 40).astype(np.float32)
+    h = _np_act(G.astype(np.float64), ACT_SILU) * U
+    want = np.abs(h) * dn > 0.3
+    HG, MK = G.copy(), np.zeros(G.shape, np.uint8)
+    sparse.mask_by_product(MK, HG, U, dn, ACT_SILU, 0.3)
+    np.testing.assert_array_equal(MK, want)
+    np.testing.assert_allclose(HG, h, rtol=1e-5, atol=1e-6)
+    for j in range(3):
+        active, hv = np.zeros(40, np.int32), np.zeros(40, np.float32)
+        n = sparse.select_by_product(active, hv, G[j], U[j], dn, ACT_SILU, 0.3)
+        np.testing.assert_array_equal(active[:n], np.flatnonzero(want[j]))
+        np.testing.assert_allclose(hv[:n], h[j, want[j]], rtol=1e-5, atol=1e-6)

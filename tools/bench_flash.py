@@ -136,7 +136,9 @@ def main():
     ap.add_argument("--caps", default="min,d-0.5,d-0.4,d0.9,d1.0")
     ap.add_argument("--modes", default="dense,naive,flash")
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--selector", default="auto")
+    ap.add_argument("--selector", default="auto", help="flash mode's selector: auto (the plan's choice), gate, "
+                                                       "product, bundle, predictor; a comma list runs flash "
+                                                       "mode once with each")
     ap.add_argument("--head", default="auto", help="flash mode's head: auto (the plan's choice), index, exact; "
                                                    "a comma list runs flash mode once with each")
     ap.add_argument("--plot", default=None, help="write a PNG of latency against cap (needs matplotlib)")
@@ -148,15 +150,18 @@ def main():
     dense_mib = dense_peak / 2**20
     tput = disk_throughput()
     rows = []
-    runs = [(m, h) for m in a.modes.split(",") for h in (a.head.split(",") if m == "flash" else ["auto"])]
+    runs = [(m, h, s) for m in a.modes.split(",")
+            for h in (a.head.split(",") if m == "flash" else ["auto"])
+            for s in (a.selector.split(",") if m == "flash" else ["auto"])]
     for spec in a.caps.split(","):
-        for mode, head in runs:
+        for mode, head, sel in runs:
             cap = resolve_cap(spec, path, mode, dense_peak, src_size)
             if cap is None:
                 continue
-            out, peak = run_child(CHILD, [path, f"{cap}M", mode, a.tokens, a.selector, PROMPT_TEXT, head])
+            out, peak = run_child(CHILD, [path, f"{cap}M", mode, a.tokens, sel, PROMPT_TEXT, head])
             r = json.loads(out)
-            r.update(spec=spec, cap=cap, mode=mode if head == "auto" else f"{mode}, head {head}", peak=peak / 2**20)
+            label = mode + ("" if head == "auto" else f", head {head}") + ("" if sel == "auto" else f", --selector {sel}")
+            r.update(spec=spec, cap=cap, mode=label, peak=peak / 2**20)
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
     print(f"\n{os.path.basename(path)} ({size / 2**20:.0f} MiB; source {src_size / 2**20:.0f} MiB), cold reads, "

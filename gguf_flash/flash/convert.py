@@ -4,7 +4,9 @@ bundle gate|up|down rows, train predictors, write atomically.
 Phases (each with a progress bar when `progress` is true):
   1. calibrate   dense model over calibration text -> per-layer FFN inputs (calibrate.py)
   2. sparsity    per-layer |act(gate . x)| quantiles; held-out perplexity at each grid point; the default
-                 sparsity is the largest whose held-out perplexity stays within 2% of dense (CATS)
+                 sparsity is the largest whose held-out perplexity stays within 2% of dense (CATS); the
+                 same for the product criterion |act(gate . x) (up . x)| ||down_i|| (the product
+                 selector's), which keeps more of the model at the same sparsity
   2b. head index  the output head's calibrated preview (head_build.py), on the model's final hidden
                  states of the calibration text and of its own greedy continuations
   3. predictors  per layer, the smallest rank whose predictor reaches the target recall (predictor.py);
@@ -47,7 +49,7 @@ from .predictor import (DEFAULT_RANKS, single_threaded_blas, active_mask, fit_sm
 log = logging.getLogger(__name__)
 
 ACT_NAMES = {ACT_SILU: "silu", ACT_GELU_TANH: "gelu", ACT_RELU: "relu"}
-SPARSITY_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+SPARSITY_GRID = tuple(round(0.05 * k, 2) for k in range(1, 19))   # 0.05 .. 0.9
 PPL_BUDGET = 1.02          # default sparsity: held-out perplexity within 2% of dense
 DOWN_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "F32")
 PREDICTOR_CHOICES = ("auto", "always", "never")
@@ -71,6 +73,9 @@ class ConvertReport:
     phases: dict = field(default_factory=dict)
     head_index: object = None       # head_build.HeadIndex or None
     head_bytes: int = 0
+    prod_sparsity: float = 0.0      # the product criterion's (0: not stored)
+    prod_curve: list = field(default_factory=list)
+    prod_layer_sparsity: list = field(default_factory=list)
 
 
 def _progress(enabled, total, desc):
@@ -86,15 +91,53 @@ def dequant(f, name) -> np.ndarray:
     return quants.dequantize(f.raw(name), GGMLQuantizationType(info.qtype)).astype(np.float32, copy=False)
 
 
-def _heldout_nll(model, cal, thresholds) -> float:
-    """Mean NLL over the held-out calibration chunks with these FFN thresholds (zeros: dense)."""
+def _heldout_nll(model, cal, thresholds, scale=None) -> float:
+    """Mean NLL over the held-out calibration chunks with these FFN thresholds (zeros: dense), on
+    |act(gate)|, or with scale (n_layer, n_ff) on the product |act(gate) up| * scale."""
     model.w.thresholds[:] = thresholds
+    if scale is not None:
+        model.w.ffn_scale = scale
     total, n = 0.0, 0
-    for s in range(cal.n_train, len(cal.tokens), cal.chunk):
-        nll, k = chunk_nll(model, cal.tokens[s:s + cal.chunk])
-        total, n = total + nll, n + k
-    model.w.thresholds[:] = 0
+    try:
+        for s in range(cal.n_train, len(cal.tokens), cal.chunk):
+            nll, k = chunk_nll(model, cal.tokens[s:s + cal.chunk])
+            total, n = total + nll, n + k
+    finally:
+        model.w.thresholds[:] = 0
+        model.w.ffn_scale = model.w.ffn_scale[:0]
     return total / max(n, 1)
+
+
+def _search(ppl_at, grid, dense_ppl, fixed: bool, full_curve: bool):
+    """The largest grid index whose held-out perplexity stays within PPL_BUDGET of dense (-1: none),
+    by bisection (perplexity grows with sparsity), or 0 for a fixed --sparsity (evaluated for the curve)."""
+    if fixed:
+        ppl_at(0)
+        return 0
+    if full_curve:
+        for j in range(len(grid)):
+            ppl_at(j)
+    lo, hi = -1, len(grid)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ppl_at(mid) <= dense_ppl * PPL_BUDGET else (lo, mid)
+    return lo
+
+
+def _down_norms(f, cfg) -> np.ndarray:
+    """(n_layer, n_ff) f32: the norm of each neuron's down column (the product criterion's scale)."""
+    return np.stack([np.linalg.norm(dequant(f, f"blk.{il}.ffn_down.weight"), axis=0)
+                     for il in range(cfg.n_layer)]).astype(np.float32)
+
+
+def _product_counts(X, Wg, Wu, dn, t, act, rows=512) -> np.ndarray:
+    """(n_ff,) how many of the rows of X (n, n_embd) choose each neuron by the product criterion
+    |act(g) u| dn > t (computed `rows` at a time: bounded temporaries)."""
+    count = np.zeros(Wg.shape[0], np.int64)
+    for r in range(0, X.shape[0], rows):
+        x = X[r:r + rows]
+        count += ((_act_abs(x @ Wg.T, act) * np.abs(x @ Wu.T) * dn) > t).sum(axis=0)
+    return count
 
 
 def _exercise_kernels():
@@ -140,11 +183,13 @@ def _act_abs(G, act):
 def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float | None = None,
             rank: int | None = None, down_type: str = "Q8_0", force: bool = False,
             target_recall: float = 0.95, full_curve: bool = False, predictor: str = "auto",
-            head_index: bool = True, head_index_rank: int | None = None, progress: bool = False) -> ConvertReport:
+            head_index: bool = True, head_index_rank: int | None = None, product: bool = True,
+            progress: bool = False) -> ConvertReport:
     """Write the flash GGUF of `src` to `dst` (see the module docstring). full_curve evaluates the
-    held-out perplexity at every grid sparsity (the default bisects the grid: 3 evaluations, not 7).
+    held-out perplexity at every grid sparsity (the default bisects the grid: 5 evaluations, not 18).
     predictor: "auto" (a layer's predictor only where it is smaller than its gate rows), "always",
-    "never"."""
+    "never". product: also store the product criterion (gated activations; the product selector).
+    A given `sparsity` applies to both criteria."""
     t_start = time.perf_counter()
     src_path = models.resolve(src)
     dst = Path(dst)
@@ -184,48 +229,59 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
         bar.close()
     phases["calibrate"] = time.perf_counter() - t
 
-    # ---- 2. thresholds and the sparsity curve ----
+    # ---- 2. thresholds and the sparsity curves (gate criterion; product criterion) ----
     t = time.perf_counter()
     act = cfg.activation
+    product = bool(product) and act != ACT_RELU
     grid = np.array(SPARSITY_GRID if sparsity is None else sorted({sparsity}), np.float64)
     q_train = np.zeros((cfg.n_layer, len(grid)), np.float32)   # per-layer |act| quantiles
+    qp_train = np.zeros((cfg.n_layer, len(grid)), np.float32)  # per-layer product quantiles
+    dn = _down_norms(f, cfg) if product else None             # (n_layer, n_ff) original neuron order
     freq = []
     for il in range(cfg.n_layer):
         if act != ACT_RELU:
             Wg = dequant(f, f"blk.{il}.ffn_gate.weight")       # (n_ff, n_embd); not kept: 106 MB on SmolLM2
-            q_train[il] = np.quantile(_act_abs(cal.train(il) @ Wg.T, act), grid)   # over (n_train, n_ff)
-    bar = _progress(progress, len(grid) + 1 if full_curve else 5, "sparsity")
+            Xt = cal.train(il)
+            A = _act_abs(Xt @ Wg.T, act)                       # (n_train, n_ff)
+            q_train[il] = np.quantile(A, grid)
+            if product:
+                A *= np.abs(Xt @ dequant(f, f"blk.{il}.ffn_up.weight").T)
+                A *= dn[il]
+                qp_train[il] = np.quantile(A, grid)
+            del Wg, Xt, A
+    n_search = 1 if sparsity is not None else (len(grid) if full_curve else 5)
+    bar = _progress(progress, 1 + n_search * (1 + product), "sparsity")
     dense_ppl = float(np.exp(_heldout_nll(model, cal, np.zeros(cfg.n_layer, np.float32))))
     if bar:
         bar.update(1)
-    evaluated = {}
 
-    def ppl_at(j):
-        if j not in evaluated:
-            evaluated[j] = float(np.exp(_heldout_nll(model, cal, q_train[:, j])))
-            if bar:
-                bar.update(1)
-        return evaluated[j]
+    def evaluator(Q, scale):
+        evaluated = {}
+
+        def ppl_at(j):
+            if j not in evaluated:
+                evaluated[j] = float(np.exp(_heldout_nll(model, cal, Q[:, j], scale)))
+                if bar:
+                    bar.update(1)
+            return evaluated[j]
+        return ppl_at, evaluated
+
+    def choose(Q, scale):
+        """(sparsity, thresholds, curve) of one criterion."""
+        ppl_at, evaluated = evaluator(Q, scale)
+        j = _search(ppl_at, grid, dense_ppl, sparsity is not None, full_curve)
+        curve = [(0.0, dense_ppl)] + [(float(grid[k]), evaluated[k]) for k in sorted(evaluated)]
+        if j < 0:
+            return 0.0, np.zeros(cfg.n_layer, np.float32), curve
+        return float(grid[j]), Q[:, j].copy(), curve
 
     if act == ACT_RELU:
-        chosen, thresholds = 0.0, np.zeros(cfg.n_layer, np.float32)
-    elif sparsity is not None:
-        ppl_at(0)
-        chosen, thresholds = float(sparsity), q_train[:, 0].copy()
+        chosen, thresholds, curve = 0.0, np.zeros(cfg.n_layer, np.float32), [(0.0, dense_ppl)]
     else:
-        if full_curve:
-            for j in range(len(grid)):
-                ppl_at(j)
-        # perplexity grows with sparsity: bisect for the largest grid point within the budget
-        lo, hi = -1, len(grid)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if ppl_at(mid) <= dense_ppl * PPL_BUDGET else (lo, mid)
-        chosen = float(grid[lo]) if lo >= 0 else 0.0
-        thresholds = q_train[:, lo].copy() if lo >= 0 else np.zeros(cfg.n_layer, np.float32)
+        chosen, thresholds, curve = choose(q_train, None)
+    p_chosen, p_thresholds, p_curve = choose(qp_train, dn) if product else (0.0, None, [])
     if bar:
         bar.close()
-    curve = [(0.0, dense_ppl)] + [(float(grid[j]), evaluated[j]) for j in sorted(evaluated)]
     phases["sparsity"] = time.perf_counter() - t
 
     # ---- 2b. the output head's index ----
@@ -270,6 +326,13 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
         Yv = active_mask(Xv, Wg, float(thresholds[il]), ACT_NAMES[act])
         fr = Yt.mean(axis=0).astype(np.float32)                  # (n_ff,) activation frequency
         order = np.argsort(-fr, kind="stable")                   # hot-first
+        pfr, psp = None, 0.0
+        if product:
+            Wu = dequant(f, f"blk.{il}.ffn_up.weight")
+            t_p = float(p_thresholds[il])
+            pfr = (_product_counts(Xt, Wg, Wu, dn[il], t_p, act) / len(Xt)).astype(np.float32)[order]
+            psp = float(1.0 - _product_counts(Xv, Wg, Wu, dn[il], t_p, act).sum() / (len(Xv) * cfg.n_ff))
+            del Wu
         if not trained[il]:
             p = None
         elif rank is not None:
@@ -278,18 +341,20 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
             p = fit_smallest_rank(Xt, Yt, Xv, Yv, Wg, ranks=ranks, target_recall=target_recall)
         del Wg, Xt, Xv, Yt
         _release_freed_memory()
-        return fr[order], order, float(1.0 - Yv.mean()), p
+        return fr[order], order, float(1.0 - Yv.mean()), p, pfr, psp
 
-    preds, orders, layer_sparsity = [], [], []
+    preds, orders, layer_sparsity, prod_freq, prod_layer_sparsity = [], [], [], [], []
     bar = _progress(progress, cfg.n_layer, "predictors")
     # Layers train in parallel threads, one BLAS thread each: numpy releases the GIL in the matmuls and
     # the elementwise steps, so 2 cores train ~2x faster; each layer's result does not depend on this.
     with single_threaded_blas(), ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 4))) as pool:
-        for fr, order, sp, p in pool.map(fit_layer, range(cfg.n_layer)):
+        for fr, order, sp, p, pfr, psp in pool.map(fit_layer, range(cfg.n_layer)):
             freq.append(fr)
             orders.append(order)
             layer_sparsity.append(sp)
             preds.append(p)
+            prod_freq.append(pfr)
+            prod_layer_sparsity.append(psp)
             if bar:
                 bar.update(1)
     if bar:
@@ -312,7 +377,9 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
     meta = dict(
         version=ff.FLASH_VERSION, sha=sha, types=part_types, bytes=part_bytes, act=ACT_NAMES[act],
         thresholds=thresholds, sparsity=chosen, layer_sparsity=layer_sparsity, preds=preds,
-        cal_tokens=n_cal_tokens, source=source, curve=curve, head_index=hindex)
+        cal_tokens=n_cal_tokens, source=source, curve=curve, head_index=hindex,
+        product=dict(thresholds=p_thresholds, sparsity=p_chosen, layer_sparsity=prod_layer_sparsity,
+                     curve=p_curve, down_norm=dn, freq=prod_freq) if product else None)
     # a locked temp file renamed on success: Ctrl-C or a full disk leave nothing at dst, and a converter
     # killed outright leaves a temp file that the next conversion to dst removes (atomic.py)
     with atomic_output(dst) as tmp:
@@ -326,7 +393,7 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
         [p.precision if p else 0.0 for p in preds], sum(p.n_bytes for p in preds if p), ffn_bytes,
         sum(cfg.n_ff * sum(part_bytes[3 * il:3 * il + 3]) for il in range(cfg.n_layer)),
         time.perf_counter() - t_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, phases,
-        hindex, head_raw.nbytes)
+        hindex, head_raw.nbytes, p_chosen, p_curve, prod_layer_sparsity if product else [])
 
 
 def _write(f, cfg, path, meta, orders, freq, down_q, progress):
@@ -367,6 +434,13 @@ def _write(f, cfg, path, meta, orders, freq, down_q, progress):
     w.add_string(ff.K_CAL_SOURCE, meta["source"])
     f32s(ff.K_CURVE_S, [s for s, _ in meta["curve"]])
     f32s(ff.K_CURVE_PPL, [p for _, p in meta["curve"]])
+    pr = meta["product"]
+    if pr is not None:
+        f32s(ff.K_PROD_THRESHOLD, pr["thresholds"])
+        w.add_float32(ff.K_PROD_SPARSITY, pr["sparsity"])
+        f32s(ff.K_PROD_LAYER_SPARSITY, pr["layer_sparsity"])
+        f32s(ff.K_PROD_CURVE_S, [s for s, _ in pr["curve"]])
+        f32s(ff.K_PROD_CURVE_PPL, [p for _, p in pr["curve"]])
     hi = meta["head_index"]
     if hi is not None:
         w.add_float32(ff.K_HI_Z, hi.z)
@@ -396,6 +470,11 @@ def _write(f, cfg, path, meta, orders, freq, down_q, progress):
         plan.append(lambda il=il: orders[il].astype(np.int32))
         w.add_tensor_info(ff.t_freq(il), (cfg.n_ff,), np.dtype(np.float32), cfg.n_ff * 4)
         plan.append(lambda il=il: freq[il])
+        if pr is not None:   # in stored (hot-first) row order
+            w.add_tensor_info(ff.t_down_norm(il), (cfg.n_ff,), np.dtype(np.float32), cfg.n_ff * 4)
+            plan.append(lambda il=il: pr["down_norm"][il][orders[il]].astype(np.float32))
+            w.add_tensor_info(ff.t_prod_freq(il), (cfg.n_ff,), np.dtype(np.float32), cfg.n_ff * 4)
+            plan.append(lambda il=il: pr["freq"][il].astype(np.float32))
         if p is None:
             continue
         # predictor columns follow the stored (hot-first) row order, so predicted rows index bundles

@@ -7,7 +7,8 @@ Per layer and token, the chosen neurons (rows, stored hot-first) are split in tw
   partial FFN sums add up.
 So every chosen neuron is computed at any cap: the cap changes what is read, never the result.
 With gate rows resident a slot holds only up|down of a bundle (one contiguous range per row; the store
-reads with a stride), a third less than the whole bundle.
+reads with a stride), a third less than the whole bundle; with gate and up rows resident (the product
+selector) only down.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class FFNLoader:
 
     def __init__(self, store, layers, plan, n_ff: int, n_embd: int, n_part: int, window_k: int):
         self.store, self.layers, self.n_ff = store, layers, n_ff
-        self.gate_resident = plan.selector == "gate"
+        # the bundle parts a slot leaves out: gate (gate rows resident), gate and up (product selector)
+        self.n_resident_parts = {"gate": 1, "product": 2}.get(plan.selector, 0)
         self.slot_bytes = plan.slot_bytes                         # per layer
         L = len(layers)
         self.windows = [Window(n_ff, plan.slot_bytes[il], plan.capacities[il], window_k)
@@ -78,10 +80,12 @@ class FFNLoader:
         self.read_offset, self.types, self.offs = [], [], []
         for l in layers:
             g, u, d = l.part_bytes
-            skip = g if self.gate_resident else 0
-            self.read_offset.append(l.bundle_offset + skip)
+            held = [g, u, d]
+            for k in range(self.n_resident_parts):   # parts not in a slot are empty ranges at its start
+                held[k] = 0
+            self.read_offset.append(l.bundle_offset + sum(l.part_bytes[:self.n_resident_parts]))
             self.types.append(np.array(l.types, np.int64))
-            self.offs.append(np.array([0, 0, u, u + d] if skip else [0, g, g + u, g + u + d], np.int64))
+            self.offs.append(np.cumsum([0] + held).astype(np.int64))
 
     def _select_layer(self, il, n_rows):
         l = self.layers[il]
@@ -116,9 +120,9 @@ class FFNLoader:
         add_read(ts, self.store.read_rows(missing, win.slots, slots), len(missing))
         return win.slots, win.neuron_slot, no
 
-    def run(self, out, il, active, gvals, n, have_gate, x, xq, act, threshold, t, ts):
-        """out (n_embd,) = the FFN of layer il over rows active[:n] (gate values gvals[:n] when
-        have_gate), reading what the window lacks. Positions are computed in order, cut where the
+    def run(self, out, il, active, gvals, n, known, x, xq, act, threshold, t, ts):
+        """out (n_embd,) = the FFN of layer il over rows active[:n] (gvals[:n]: what the selector
+        computed for them, sparse.KNOWN_*), reading what the window lacks. Positions are computed in order, cut where the
         staging buffer is full, so the sum is the same at every cap. Adds to ts: loaded, overflow,
         bytes, reads, io ms, mm ms."""
         types, offs = self.types[il], self.offs[il]
@@ -135,15 +139,15 @@ class FFNLoader:
             add_read(ts, self.store.read_rows(chunk, staging, self.stage_idx[:m]), m)
             j1 = int(self.ovf_pos[k0 + m - 1]) + 1 if k0 + m < no else n
             sparse.sparse_ffn_range(self.partial, wslots, wmap, staging, self.stage_map, active, j0, j1, gvals,
-                                    have_gate, x, xq, types, offs, act, threshold)
+                                    known, x, xq, types, offs, act, threshold)
             j0 = j1
         if j0 < n:
             sparse.sparse_ffn_range(self.partial, wslots, wmap, staging, self.stage_map, active, j0, n, gvals,
-                                    have_gate, x, xq, types, offs, act, threshold)
+                                    known, x, xq, types, offs, act, threshold)
         sparse.sum_partials(out, self.partial)
         ts.overflow += no
 
-    def run_chunk(self, OUT, il, union, n, MK, HG, have_gate, XB, XR, act, threshold, t, ts, buf):
+    def run_chunk(self, OUT, il, union, n, MK, HG, known, XB, XR, act, threshold, t, ts, buf):
         """OUT[j] (T, n_embd) = the FFN of layer il for prompt token j over the rows it chose (MK[j]),
         reading the chunk's union of rows (union[:n], increasing) once: the window takes what it can,
         the rest goes through the staging buffer in parts of ascending rows, and each part is computed
@@ -169,7 +173,7 @@ class FFNLoader:
             p1 = int(self.ovf_pos[k0 + m]) if k0 + m < no else n
             if p1 > p0:
                 sparse.sparse_ffn_chunk(PART, buf.DEC, buf.H, wslots, wmap, staging, self.stage_map, union, p0,
-                                        p1, MK, HG, have_gate, XB, XR, types, offs, act, threshold)
+                                        p1, MK, HG, known, XB, XR, types, offs, act, threshold)
             p0 = p1
         sparse.sum_parts_chunk(OUT, PART)
         ts.overflow += no

@@ -37,6 +37,14 @@ K_CAL_SOURCE = "flash.calibration.source"  # str
 K_CURVE_S = "flash.curve.sparsity"        # f32: sparsity grid evaluated at conversion
 K_CURVE_PPL = "flash.curve.perplexity"    # f32: held-out perplexity at each grid point (0: dense)
 
+# the product selector's criterion (optional: gated activations only; a file without it has no product
+# selector): active means |act(gate . x) * (up . x)| * ||down_i|| > t_l
+K_PROD_THRESHOLD = "flash.product.threshold"       # f32 (n_layer,)
+K_PROD_SPARSITY = "flash.product.sparsity"         # f32: its target fraction of inactive neurons
+K_PROD_LAYER_SPARSITY = "flash.product.sparsity.layer"  # f32 (n_layer,): measured on held-out tokens
+K_PROD_CURVE_S = "flash.product.curve.sparsity"    # f32: the grid points evaluated (0: dense)
+K_PROD_CURVE_PPL = "flash.product.curve.perplexity"  # f32: held-out perplexity at each
+
 # the output head's index (flash/head_build.py; optional: a file without it streams or holds the head)
 K_HI_Z = "flash.head_index.z"                  # f32: safety factor of the bound (no held-out miss)
 K_HI_HELDOUT = "flash.head_index.heldout"      # u32: held-out states z was calibrated on
@@ -60,6 +68,8 @@ def t_freq(il): return f"blk.{il}.ffn_freq"
 def t_pred_a(il): return f"blk.{il}.ffn_pred_a"
 def t_pred_b(il): return f"blk.{il}.ffn_pred_b"
 def t_pred_bias(il): return f"blk.{il}.ffn_pred_bias"
+def t_down_norm(il): return f"blk.{il}.ffn_down_norm"      # f32 (n_ff,) ||down_i||, stored row order
+def t_prod_freq(il): return f"blk.{il}.ffn_prod_freq"      # f32 (n_ff,) product-criterion frequency
 
 
 def part_bytes(qtype: int, n: int) -> int:
@@ -83,6 +93,9 @@ class FlashLayer:
     precision: float
     pred_abs: bool           # logit = |z| - offset (gated SiLU/GELU) instead of z (ReLU)
     pred_offset: float
+    prod_threshold: float = 0.0             # the product criterion's t_l (with down_norm)
+    down_norm: np.ndarray | None = None     # (n_ff,) f32 view: ||down_i|| of each stored row; None: no product
+    prod_freq: np.ndarray | None = None     # (n_ff,) f32 view: how often each stored row is chosen by it
 
     @property
     def rank(self) -> int:
@@ -104,6 +117,7 @@ class FlashInfo:
     calibration_tokens: int
     calibration_source: str
     head_index: dict | None = None   # arrays (views into the map) + z, heldout, read_frac; None: no index
+    prod_sparsity: float = 0.0       # the product selector's target sparsity (0 without one)
 
     @property
     def bundle_bytes_total(self) -> int:
@@ -113,6 +127,11 @@ class FlashInfo:
     def has_predictors(self) -> bool:
         """Every layer has a predictor (the runtime's "predictor" selector needs one per layer)."""
         return all(l.pred_a is not None for l in self.layers)
+
+    @property
+    def has_product(self) -> bool:
+        """The file stores the product criterion (the runtime's "product" selector)."""
+        return all(l.down_norm is not None for l in self.layers)
 
 
 def is_flash(f) -> bool:
@@ -180,6 +199,9 @@ def read_flash(f, cfg) -> FlashInfo:
     sparsity = scalar(K_SPARSITY, float, 0.0, 1.0)
     if K_LAYER_SPARSITY in f.meta:
         numbers(K_LAYER_SPARSITY, L, lo=0.0, hi=1.0)
+    product = K_PROD_THRESHOLD in f.meta
+    prod_thr = numbers(K_PROD_THRESHOLD, L, lo=0.0) if product else np.zeros(L, np.float32)
+    prod_sparsity = scalar(K_PROD_SPARSITY, float, 0.0, 1.0) if product else 0.0
     layers = []
     for il in range(L):
         t = tuple(int(x) for x in types[3 * il:3 * il + 3])
@@ -224,15 +246,23 @@ def read_flash(f, cfg) -> FlashInfo:
                 raise FlashFormatError(f"{f.path}: layer {il} predictor has a value that is not finite")
             for name in (t_pred_a(il), t_pred_b(il)):   # the check read them: not resident until used
                 f.release(f.tensors[name].offset, f.tensors[name].n_bytes)
+        dn = pf = None
+        if product:
+            for name in (t_down_norm(il), t_prod_freq(il)):
+                tensor(name, (n_ff,), (F32,), "F32")
+                if not np.isfinite(f.array(name)).all():
+                    raise FlashFormatError(f"{f.path}: {name} has a value that is not finite")
+            dn, pf = f.array(t_down_norm(il)), f.array(t_prod_freq(il))
         layers.append(FlashLayer(info.offset, sum(pb), t, pb, nid, freq, float(thresholds[il]), a, b, bias,
-                                 float(recall[il]), float(precision[il]), bool(kinds[il]), float(offsets[il])))
+                                 float(recall[il]), float(precision[il]), bool(kinds[il]), float(offsets[il]),
+                                 float(prod_thr[il]), dn, pf))
     head_index = _read_head_index(f, cfg, scalar, tensor) if K_HI_Z in f.meta else None
     sha = f.get(K_SOURCE_SHA, "")
     source = f.get(K_CAL_SOURCE, "")
     cal_tokens = f.get(K_CAL_TOKENS, 0)
     return FlashInfo(version, activation, sparsity, layers, sha if isinstance(sha, str) else "",
                      int(cal_tokens) if isinstance(cal_tokens, int) else 0, source if isinstance(source, str) else "",
-                     head_index)
+                     head_index, prod_sparsity)
 
 
 def _read_head_index(f, cfg, scalar, tensor) -> dict:

@@ -5,7 +5,8 @@ the cost of a byte is the time to read it at the size it is read). Nothing here 
 
 Must stay resident (else refuse the cap, with the numbers): the runtime (measured), attention weights,
 norms, KV cache, scratch, I/O staging, one selector (exact gate rows, or the predictor where the gate
-rows do not fit and it is smaller), the FFN overflow staging (active neurons that are not in the window
+rows do not fit and it is smaller; or gate and up rows, the product selector, where the file has its
+criterion), the FFN overflow staging (active neurons that are not in the window
 are read there in chunks and computed: the window is a cache, never a requirement) and one window slot
 per layer. Everything else competes for the rest of the cap by milliseconds of reading saved per token
 per byte of RAM:
@@ -68,6 +69,9 @@ class PlanInput:
     index_frac: float = 1.0        # the share of head bytes it reads per token (held-out, at conversion)
     head_choice: str = "auto"      # auto: the plan places head / index; index: the index always, the head
                                    # streamed (needs index_bytes); exact: never the index
+    up_bytes: int = 0              # all layers' up rows (+ a prompt chunk's up values); 0: no product selector
+    up_part: list | None = None    # per layer: bytes of its up part
+    prod_freq: list | None = None  # per layer: (n_ff,) f32 how often the product criterion chooses each row
 
 
 @dataclass
@@ -76,7 +80,7 @@ class Plan:
     baseline: int
     resident: dict                 # part -> bytes
     capacities: list               # window slots per layer
-    selector: str                  # gate | predictor | bundle (gate values from the bundles read) | none
+    selector: str                  # gate | product | predictor | bundle (gate values from the bundles read) | none
     head: str                      # resident | indexed (streamed rows the index asks for) | streamed
     embedding: str                 # resident | on demand (a row per token) | with the head
     staging_rows: int
@@ -122,7 +126,9 @@ def _value_per_byte_slots(freq, bundle_bytes, slot_bytes, p):
 
 def make_plan(p: PlanInput) -> Plan:
     """The plan for p.selector; with "auto" (flash mode), the candidate that reads the fewest expected
-    milliseconds per token among those the cap accepts: exact gate rows, or no resident selector at all
+    milliseconds per token among those the cap accepts: exact gate rows; gate and up rows with the
+    product criterion (its own sparsity, within the same held-out perplexity budget: it reads only the
+    down part of the rows it chooses) where the file has it; or no resident selector at all
     ("bundle": gate values computed from the bundles read, same neurons, same thresholds) where the
     layers' active rows are so dense that their reads coalesce into whole layers anyway and the gate
     rows' RAM buys more as window or head; the predictor (it misses neurons) only where the gate rows
@@ -130,7 +136,7 @@ def make_plan(p: PlanInput) -> Plan:
     if p.mode != "flash" or p.selector != "auto":
         return _plan(p, p.selector if p.mode == "flash" else "none")
     plans, refused = [], None
-    for sel in ("gate", "bundle"):
+    for sel in ("gate", "bundle") + (("product",) if p.up_bytes and p.prod_freq is not None else ()):
         try:
             plans.append(_plan(p, sel))
         except RamCapError as e:
@@ -158,6 +164,9 @@ def _plan(p: PlanInput, selector: str) -> Plan:
     freq = p.freq
     if selector == "gate":
         resident["gate rows"] = p.gate_bytes
+    elif selector == "product":
+        resident["gate and up rows"] = p.gate_bytes + p.up_bytes
+        freq = p.prod_freq
     elif selector == "predictor":
         resident["predictors"] = p.pred_bytes
         if p.precision is not None:   # it chooses freq / precision of the rows, not freq
@@ -168,9 +177,14 @@ def _plan(p: PlanInput, selector: str) -> Plan:
     forced_index = bool(p.head_choice == "index" and p.index_bytes and p.head_bytes)
     if forced_index:
         resident["head index"] = p.index_bytes
-    # a slot holds up|down when the gate rows are resident (a third less), else the whole bundle
-    slot_bytes = [b - g for b, g in zip(p.bundle_bytes, p.gate_part)] if selector == "gate" \
-        else list(p.bundle_bytes)
+    # a slot holds up|down when the gate rows are resident (a third less), down with the product
+    # selector, else the whole bundle
+    if selector == "gate":
+        slot_bytes = [b - g for b, g in zip(p.bundle_bytes, p.gate_part)]
+    elif selector == "product":
+        slot_bytes = [b - g - u for b, g, u in zip(p.bundle_bytes, p.gate_part, p.up_part)]
+    else:
+        slot_bytes = list(p.bundle_bytes)
     # ---- what every plan holds ----
     if p.mode == "dense":
         min_caps = list(n_ff)

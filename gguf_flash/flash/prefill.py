@@ -3,7 +3,7 @@ computed for the whole chunk as a matrix product.
 
 Per layer, a chunk of T prompt tokens runs attention as a batch (the dense engine's batched kernels,
 fw.attention_batch_layer), then each token chooses its own neurons (the selector over the chunk: the
-resident gate rows as one matrix product), and the FFN loader reads the union of the chunk's neurons
+resident gate (and up) rows as one matrix product), and the FFN loader reads the union of the chunk's neurons
 once (window + staging, in parts of ascending rows when it does not fit) and computes it with
 sparse.sparse_ffn_chunk: each bundle decoded once, its dot products with every token's input as a
 register-blocked matrix product, each token adding only the neurons it chose. So a token still uses
@@ -45,7 +45,8 @@ def buffer_bytes(cfg, n_ctx: int, chunk: int = CHUNK) -> int:
 
 
 def gate_bytes(cfg, chunk: int) -> int:
-    """The chunk's gate values (T, n_ff) f32, allocated when the gate rows are resident."""
+    """The chunk's gate values (T, n_ff) f32, allocated when the gate rows are resident (the product
+    selector's up values are as many more)."""
     return chunk * cfg.n_ff * 4
 
 
@@ -54,7 +55,7 @@ class ChunkBuffers:
     kernel preload (runtime.preload_kernels) builds them for one token, so the kernels are loaded for
     exactly these array types."""
 
-    def __init__(self, c, n_ctx: int, n_part: int, gate: bool, chunk: int = CHUNK):
+    def __init__(self, c, n_ctx: int, n_part: int, gate: bool, chunk: int = CHUNK, up: bool = False):
         f32, T = np.float32, chunk
         self.chunk = chunk
         self.X = np.zeros((T, c.n_embd), f32)          # (T, n_embd) residual stream per token
@@ -71,6 +72,8 @@ class ChunkBuffers:
         self.sin = np.zeros((T, 2, c.rope_dim // 2), f32)
         # (T, n_ff) gate values: only with resident gate rows (else one unused row)
         self.HG = np.zeros((T if gate else 1, c.n_ff), f32)
+        # (T, n_ff) up values: only with resident up rows (the product selector)
+        self.HU = np.zeros((T if up else 1, c.n_ff), f32)
         self.MK = np.zeros((T, c.n_ff), np.uint8)      # (T, n_ff) 1 where token j chose row i
         self.union = np.zeros(c.n_ff, np.int32)        # (n_ff,) rows some token chose, increasing
         self.PART = np.zeros((n_part, T, c.n_embd), f32)             # (n_part, T, n_embd) accumulators
@@ -80,7 +83,8 @@ class ChunkBuffers:
 
 class ChunkPrefill(ChunkBuffers):
     def __init__(self, model, chunk: int = CHUNK):
-        super().__init__(model.cfg, model.n_ctx, model.ffn.partial.shape[0], model.selector == "gate", chunk)
+        super().__init__(model.cfg, model.n_ctx, model.ffn.partial.shape[0], model.selector in ("gate", "product"),
+                         chunk, model.selector == "product")
         self.m = model
 
     def run(self, tokens, pos0: int) -> None:
@@ -136,10 +140,10 @@ class ChunkPrefill(ChunkBuffers):
                                      w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp, il, pos0)
             fw.rows_rmsnorm(XB, X, w.norms[il, fw.NORM_FFN], eps)
             fw.rows_round_q8(XR, XB)
-            have_gate = m.select.chunk(il, HG, MK, XB, XR)
+            known = m.select.chunk(il, HG, self.HU[:T], MK, XB, XR)
             n = sparse.union_rows(self.union, MK)
             # the FFN's output goes to XB: its sums are written once every part has used XB
-            m.ffn.run_chunk(XB, il, self.union, n, MK, HG, have_gate, XB, XR, c.activation, m.thresholds[il],
+            m.ffn.run_chunk(XB, il, self.union, n, MK, HG, known, XB, XR, c.activation, m.thresholds[il],
                             m.t + T - 1, cs, self)
             fw.rows_residual(X, XB, w.norms[il, fw.NORM_POST_FFW], eps, c.post_norms)
         s.x[:] = X[T - 1]

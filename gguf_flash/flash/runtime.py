@@ -43,7 +43,7 @@ from .window import Window
 
 log = logging.getLogger(__name__)
 MODES = ("flash", "naive", "dense")
-SELECTORS = ("auto", "predictor", "gate", "bundle")
+SELECTORS = ("auto", "predictor", "gate", "product", "bundle")
 HEADS = ("auto", "index", "exact")   # auto: the plan may use the file's head index; index: always (the
                                      # head streamed); exact: never
 STAGING_BYTES = 4 << 20   # FFN overflow staging: rows per chunk (a whole SmolLM2 layer; 4 parallel 1 MiB reads)
@@ -116,7 +116,7 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     idx = np.zeros(c.n_ff, np.int32)
     g = np.zeros(c.n_ff, np.float32)
     partial = np.zeros((2, c.n_embd), np.float32)
-    sparse.sparse_ffn_range(partial, one, idx, one, idx, idx, 0, 0, g, False, s.xb, s.xq_embd,
+    sparse.sparse_ffn_range(partial, one, idx, one, idx, idx, 0, 0, g, sparse.KNOWN_NONE, s.xb, s.xq_embd,
                             np.array(l0.types, np.int64), np.array(np.cumsum((0,) + l0.part_bytes), np.int64),
                             c.activation, np.float32(0))
     sparse.sum_partials(ffn_out, partial)
@@ -129,16 +129,19 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     fw.rows_round_q8(pre.XR, pre.XB)
     fw.rows_residual(pre.X, pre.XB, w.norms[0, fw.NORM_POST_FFW], 1e-5, False)
     sparse.mask_by_gate(pre.MK, pre.HG, c.activation, 0.0)
+    sparse.mask_by_product(pre.MK, pre.HG, pre.HU, g, c.activation, 0.0)
     sparse.mask_by_logit(pre.MK[0], pre.HG[0], 0.0, True)
     sparse.union_rows(idx, pre.MK)
     sparse.gate_chunk(np.zeros((1, MM_ROWS), np.float32), np.zeros((MM_ROWS, l0.part_bytes[0]), np.uint8), int(l0.types[0]),
                       pre.XB)
-    sparse.sparse_ffn_chunk(pre.PART, pre.DEC, pre.H, one, idx, one, idx, idx, 0, 0, pre.MK, pre.HG, False,
+    sparse.sparse_ffn_chunk(pre.PART, pre.DEC, pre.H, one, idx, one, idx, idx, 0, 0, pre.MK, pre.HG, sparse.KNOWN_NONE,
                             pre.XB, pre.XR, np.array(l0.types, np.int64),
                             np.array(np.cumsum((0,) + l0.part_bytes), np.int64), c.activation, np.float32(0))
     sparse.sum_parts_chunk(pre.X, pre.PART)
     _split(idx, idx, idx, 0, idx, 1)
     sparse.select_by_gate(np.zeros(1, np.int32), np.zeros(1, np.float32), s.hg[:1], c.activation, 0.0)
+    sparse.select_by_product(np.zeros(1, np.int32), np.zeros(1, np.float32), s.hg[:1], s.hg[:1], g[:1],
+                             c.activation, 0.0)
     sparse.select_by_logit(np.zeros(1, np.int32), s.hg[:1], 0.0, True)
     # the factors as Selector holds them (uint16 copies), the bias a read-only view of the map
     bias = l0.pred_bias[:1] if l0.pred_bias is not None else np.zeros(1, np.float32)
@@ -209,6 +212,9 @@ class FlashModel:
             raise InvalidArgumentError(f"{f.path}: this file has no predictors"
                                        f"{f' (only {have} of {c.n_layer} layers have one)' if have else ''}: "
                                        f"convert with --predictor always")
+        if mode == "flash" and selector == "product" and not info.has_product:
+            raise InvalidArgumentError(f"{f.path}: this file has no product criterion (convert it again with "
+                                       f"this version; models with ReLU have none)")
         for il, l in enumerate(info.layers):
             for part, qt in zip(("gate", "up", "down"), l.types):
                 if qt not in dispatch.SUPPORTED:
@@ -253,9 +259,13 @@ class FlashModel:
             cap=self.cap, baseline=baseline, fixed=fixed, mode=mode,
             selector=selector if mode == "flash" else "none",
             gate_bytes=sum(c.n_ff * l.part_bytes[0] for l in info.layers) + prefill_gate_bytes(c, 2 * CHUNK),
+            up_bytes=sum(c.n_ff * l.part_bytes[1] for l in info.layers) + prefill_gate_bytes(c, 2 * CHUNK)
+            if info.has_product else 0,
+            prod_freq=[l.prod_freq for l in info.layers] if info.has_product else None,
             pred_bytes=sum(l.pred_bytes for l in info.layers) if info.has_predictors else 0,
             head_bytes=head_bytes, embd_bytes=embd_bytes,
             bundle_bytes=bb, gate_part=[l.part_bytes[0] for l in info.layers],
+            up_part=[l.part_bytes[1] for l in info.layers],
             freq=[l.freq for l in info.layers], precision=[l.precision for l in info.layers],
             staging_rows=c.n_ff if mode == "naive" else max(1, min(c.n_ff, STAGING_BYTES // slot_max)),
             gap_bytes=gap, startup_peak=peak_rss() if self.cap is not None else 0, path=str(f.path))
@@ -350,10 +360,10 @@ class FlashModel:
                                w.ip, w.fp, il, pos)
             nn.rmsnorm(s.xb, s.x, w.norms[il, fw.NORM_FFN], eps)
             dispatch.quantize_x(s.xq_embd, s.xb)
-            n, have_gate = sel(il, s.hg, s.xb, s.xq_embd)
+            n, known = sel(il, s.hg, s.xb, s.xq_embd)
             ts.predicted += n
             ts.active += n
-            self.ffn.run(self.ffn_out, il, sel.active, sel.gvals, n, have_gate, s.xb, s.xq_embd,
+            self.ffn.run(self.ffn_out, il, sel.active, sel.gvals, n, known, s.xb, s.xq_embd,
                          c.activation, self.thresholds[il], self.t, ts)
             fw.residual_add(s.x, self.ffn_out, w.norms[il, fw.NORM_POST_FFW], eps, c.post_norms)
         if logits:

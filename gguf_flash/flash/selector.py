@@ -1,8 +1,11 @@
 """Which FFN neurons a token needs: exact gate values from resident gate rows (CATS/TEAL-style
-|act(gate . x)| > t_l), or the low-rank predictor (DESIGN.md 1) where the gate rows do not fit, or
+|act(gate . x)| > t_l), or the product of resident gate and up rows (|act(gate . x) (up . x)| ||down_i||
+> t'_l: the neuron's own contribution, a better criterion at the same sparsity; only the down part of a
+chosen row is then read), or the low-rank predictor (DESIGN.md 1) where the gate rows do not fit, or
 nothing resident ("bundle", and "none" in naive/dense mode): every row, its gate computed from the
 bundle by the sparse FFN, which still skips |act(g)| <= t_l.
-Fills `active[:n]` (increasing stored row ids) and, with gate rows, `gvals[:n]` (their gate values)."""
+Fills `active[:n]` (increasing stored row ids) and `gvals[:n]`: their gate values (gate rows) or their
+values act(g) u (product); the call returns what gvals holds (sparse.KNOWN_*)."""
 
 from __future__ import annotations
 
@@ -17,8 +20,12 @@ class Selector:
         self.active = np.arange(n_ff, dtype=np.int32)   # (n_ff,) int32 chosen rows (all unless selecting)
         self.gvals = np.zeros(n_ff, np.float32)         # (n_ff,) f32 their gate values (gate rows)
         self.z = np.zeros(n_ff, np.float32)             # (n_ff,) f32 predictor logits
-        if kind == "gate":
-            self.gates = [self._read_gate_rows(store, l) for l in layers]   # (n_ff, gate_bytes) uint8 each
+        if kind in ("gate", "product"):
+            self.gates = [self._read_part_rows(store, l, 0) for l in layers]   # (n_ff, gate_bytes) uint8 each
+        if kind == "product":
+            self.ups = [self._read_part_rows(store, l, 1) for l in layers]     # (n_ff, up_bytes) uint8 each
+            self.down_norm = [np.array(l.down_norm, np.float32) for l in layers]   # (n_ff,) f32 copies
+            self.hu = np.zeros(n_ff, np.float32)                               # (n_ff,) f32 up values
         elif kind == "predictor":
             self.tmp = np.zeros(max(l.rank for l in layers), np.float32)   # (r,) f32
             # (n_embd, r), (r, n_ff) uint16: the stored float16 bits, copied out of the map (resident,
@@ -27,45 +34,59 @@ class Selector:
                          for l in layers]
             self.pred_bias = [_readonly_copy(l.pred_bias) for l in layers]   # copies, not map views
 
-    def _read_gate_rows(self, store, l):
-        """The gate part of every bundle row of one layer, read once (a strided read of the bundles)."""
-        g = l.part_bytes[0]
+    def _read_part_rows(self, store, l, part):
+        """One part (0 gate, 1 up) of every bundle row of one layer, read once (a strided read)."""
+        g = l.part_bytes[part]
         buf = np.zeros((self.n_ff, g), np.uint8)
-        store.select(l.bundle_offset, g, self.n_ff, stride=l.bundle_bytes)
+        store.select(l.bundle_offset + sum(l.part_bytes[:part]), g, self.n_ff, stride=l.bundle_bytes)
         rows = np.arange(self.n_ff, dtype=np.int32)
         store.read_rows(rows, buf, rows)
         return buf
 
     def __call__(self, il, hg, xb, xq):
-        """Returns (n, gate values known). hg (n_ff,) f32 scratch."""
+        """Returns (n, what gvals holds: sparse.KNOWN_*). hg (n_ff,) f32 scratch."""
         if self.kind in ("none", "bundle"):
-            return self.n_ff, False
+            return self.n_ff, sparse.KNOWN_NONE
         l = self.layers[il]
         if self.kind == "gate":
             sparse.matvec_rows(hg, self.gates[il], int(l.types[0]), xb, xq)
-            return sparse.select_by_gate(self.active, self.gvals, hg, self.act, l.threshold), True
+            return sparse.select_by_gate(self.active, self.gvals, hg, self.act, l.threshold), sparse.KNOWN_GATE
+        if self.kind == "product":
+            sparse.matvec_rows(hg, self.gates[il], int(l.types[0]), xb, xq)
+            sparse.matvec_rows(self.hu, self.ups[il], int(l.types[1]), xb, xq)
+            return sparse.select_by_product(self.active, self.gvals, hg, self.hu, self.down_norm[il], self.act,
+                                            l.prod_threshold), sparse.KNOWN_H
         a, b = self.pred[il]
         sparse.predictor_logits(self.z, self.tmp[:a.shape[1]], xb, a, b, self.pred_bias[il])
-        return sparse.select_by_logit(self.active, self.z, l.pred_offset, l.pred_abs), False
+        return sparse.select_by_logit(self.active, self.z, l.pred_offset, l.pred_abs), sparse.KNOWN_NONE
 
-    def chunk(self, il, HG, MK, XB, XR):
+    def chunk(self, il, HG, HU, MK, XB, XR):
         """A prompt chunk's choices: MK (T, n_ff) uint8 = 1 where token j chooses row i; with gate rows
         resident HG (T, n_ff) f32 receives the gate values (one matrix product over XB, or over XR, the
-        inputs as 8-bit blocks, for the types whose decode dot reads those) and True is returned."""
+        inputs as 8-bit blocks, for the types whose decode dot reads those), with the product the values
+        act(g) u (HU (T, n_ff) f32 scratch for u). Returns what HG holds (sparse.KNOWN_*)."""
         if self.kind in ("none", "bundle"):
             MK[:] = 1
-            return False
+            return sparse.KNOWN_NONE
         l = self.layers[il]
-        if self.kind == "gate":
-            q8x = int(l.types[0]) in (dispatch.Q4_0, dispatch.Q4_1, dispatch.Q5_0, dispatch.Q5_1, dispatch.Q8_0)
-            sparse.gate_chunk(HG, self.gates[il], int(l.types[0]), XR if q8x else XB)
-            sparse.mask_by_gate(MK, HG, self.act, l.threshold)
-            return True
+        if self.kind in ("gate", "product"):
+            sparse.gate_chunk(HG, self.gates[il], int(l.types[0]), XR if _q8x(l.types[0]) else XB)
+            if self.kind == "gate":
+                sparse.mask_by_gate(MK, HG, self.act, l.threshold)
+                return sparse.KNOWN_GATE
+            sparse.gate_chunk(HU, self.ups[il], int(l.types[1]), XR if _q8x(l.types[1]) else XB)
+            sparse.mask_by_product(MK, HG, HU, self.down_norm[il], self.act, l.prod_threshold)
+            return sparse.KNOWN_H
         a, b = self.pred[il]
         for j in range(XB.shape[0]):
             sparse.predictor_logits(self.z, self.tmp[:a.shape[1]], XB[j], a, b, self.pred_bias[il])
             sparse.mask_by_logit(MK[j], self.z, l.pred_offset, l.pred_abs)
-        return False
+        return sparse.KNOWN_NONE
+
+
+def _q8x(qt) -> bool:
+    """The types whose decode dot reads the input as 8-bit blocks (so a chunk's product uses XR)."""
+    return int(qt) in (dispatch.Q4_0, dispatch.Q4_1, dispatch.Q5_0, dispatch.Q5_1, dispatch.Q8_0)
 
 
 

@@ -21,7 +21,7 @@ from .quant_basic import round_q8
 
 from .dispatch import dequant_row, matmat, matvec, quantize_x, uses_q8x
 from .kvcache import kv_put
-from .nn import FASTMATH, attention, attention_batch, glu, rmsnorm, rmsnorm_heads, rope, rope_cos_sin
+from .nn import FASTMATH, attention, attention_batch, glu, glu_product, rmsnorm, rmsnorm_heads, rope, rope_cos_sin
 
 MAT_Q, MAT_K, MAT_V, MAT_O, MAT_GATE, MAT_UP, MAT_DOWN = range(7)
 NORM_ATTN, NORM_FFN, NORM_POST_ATTN, NORM_POST_FFW = range(4)
@@ -187,11 +187,12 @@ def attention_batch_layer(X, XB, XR, Q, K, V, ATT, ATR, scores, k_cache, v_cache
 @njit(cache=True, fastmath=FASTMATH)
 def forward_batch(hidden, X, XB, Q, K, V, ATT, scores, HG, HU, k_cache, v_cache, cos, sin,
                   blob, mats, norms, qk_norms, biases, swa, inv_freq, embd_m, out_norm,
-                  thresholds, ffn_in, ip, fp, tokens, pos0):
+                  thresholds, ffn_scale, ffn_in, ip, fp, tokens, pos0):
     """Prompt batch: tokens (n_tok,) at positions pos0.. through every layer; K/V go to the caches.
     hidden (n_tok, n_embd) = final RMSNorm(x) * output_norm (the head is applied by the caller, to the
     rows it needs). Batch buffers have >= n_tok rows; cos, sin (n_tok, 2, rope_dim / 2).
-    thresholds (n_layer,) f32 as in forward_token; ffn_in (n_layer, >= n_tok, n_embd) f32 receives
+    thresholds (n_layer,) f32 as in forward_token, or with ffn_scale (n_layer, n_ff) f32 (0 layers: not
+    used) the product criterion |act(g_i) u_i| * ffn_scale[il, i] > thresholds[il] (nn.glu_product); ffn_in (n_layer, >= n_tok, n_embd) f32 receives
     each layer's FFN input (calibration), or has 0 layers to skip that copy."""
     n = tokens.shape[0]
     n_head, n_head_kv, hd = ip[IP_N_HEAD], ip[IP_N_HEAD_KV], ip[IP_HEAD_DIM]
@@ -210,7 +211,10 @@ def forward_batch(hidden, X, XB, Q, K, V, ATT, scores, HG, HU, k_cache, v_cache,
         matmat(HG, blob, mats[il, MAT_GATE], XB)
         matmat(HU, blob, mats[il, MAT_UP], XB)
         for j in range(n):
-            glu(HG[j], HG[j], HU[j], ip[IP_ACT], thresholds[il])
+            if ffn_scale.shape[0] > 0:
+                glu_product(HG[j], HG[j], HU[j], ip[IP_ACT], thresholds[il], ffn_scale[il])
+            else:
+                glu(HG[j], HG[j], HU[j], ip[IP_ACT], thresholds[il])
         matmat(XB, blob, mats[il, MAT_DOWN], HG)
         rows_residual(X, XB, norms[il, NORM_POST_FFW], eps, ip[IP_POST_NORMS])
     rows_rmsnorm(hidden[:n], X, out_norm, eps)

@@ -87,6 +87,15 @@ def glu(out, gate, up, act, threshold):
 
 
 @njit(cache=True, fastmath=FASTMATH)
+def glu_product(out, gate, up, act, threshold, scale):
+    """out (n_ff,) = h = act(gate) * up where |h| * scale[i] > threshold, else 0 (the product criterion:
+    scale (n_ff,) f32 = the norms of W_down's columns, so |h_i| scale_i bounds neuron i's contribution)."""
+    for i in range(out.shape[0]):
+        h = activate(gate[i], act) * up[i]
+        out[i] = h if abs(h) * scale[i] > threshold else np.float32(0.0)
+
+
+@njit(cache=True, fastmath=FASTMATH)
 def _attend_head(out, q, k_cache, v_cache, scores, t0, t1, kv_off, head_dim, scale):
     """out (head_dim,) = softmax(q . K[t0:t1]^T * scale) V[t0:t1] for one head; scores (>= t1,) scratch.
     K and V rows are taken as contiguous 1-d slices: LLVM vectorizes those loops (2.7x measured at

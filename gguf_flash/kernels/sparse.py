@@ -12,6 +12,11 @@ from .dispatch import axpy_row, dequant_into, dot_row, uses_q8x
 from .nn import FASTMATH, activate
 from .quant_basic import MM_ROWS, _gemm_rows, _u16_as_f16_to_f32
 
+# what the selector computed for each chosen row (sparse_ffn_range, sparse_ffn_chunk)
+KNOWN_NONE = 0   # nothing: gate and up come from the bundle
+KNOWN_GATE = 1   # its gate value (resident gate rows)
+KNOWN_H = 2      # its value act(gate) * up (resident gate and up rows: the product selector)
+
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def matvec_rows(out, w, qt, x, xq):
@@ -30,6 +35,21 @@ def select_by_gate(active, gvals, hg, act, threshold):
         if abs(activate(hg[i], act)) > threshold:
             active[n] = i
             gvals[n] = hg[i]
+            n += 1
+    return n
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def select_by_product(active, hvals, hg, hu, scale, act, threshold):
+    """Product selection (gate and up rows resident): rows with |h_i| * scale[i] > threshold, where
+    h_i = act(hg[i]) * hu[i] and scale (n_ff,) f32 = the norms of the rows' down parts. active (n_ff,)
+    int32 and hvals (n_ff,) f32 receive the rows (increasing) and their h. Returns how many."""
+    n = 0
+    for i in range(hg.shape[0]):
+        h = activate(hg[i], act) * hu[i]
+        if abs(h) * scale[i] > threshold:
+            active[n] = i
+            hvals[n] = h
             n += 1
     return n
 
@@ -66,7 +86,7 @@ def predictor_logits(z, tmp, x, a, b, bias):
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, j0, j1, gvals, have_gate,
+def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, j0, j1, gvals, known,
                      x, xq, types, offs, act, threshold):
     """partial[c] += the FFN contributions of positions j0 <= j < j1 of `active` with j % n_part == c.
 
@@ -74,10 +94,13 @@ def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, j0, 
     buffer (stage[stage_map[row]]). Part c always adds its rows in increasing j, however the positions
     are cut into calls, so the sum (sum_partials) is bitwise the same whether every row sat in the window
     or most were streamed through staging in chunks: the cap never changes the logits.
-    partial (n_part, n_embd) f32, zeroed by the caller before the first range; slots/stage
-    (rows, slot_bytes) uint8; neuron_slot/stage_map (n_ff,) int32; active (>= j1,) int32; gvals
-    (>= j1,) f32 gate values by position when have_gate; types (3,) int64; offs (4,) int64 byte offsets
-    of gate, up, down inside a slot (gate empty when the slot holds only up|down)."""
+    known (int): what gvals[j] (>= j1,) f32 holds by position: KNOWN_NONE nothing (gate and up come
+    from the row, |act(gate)| > threshold decides), KNOWN_GATE the gate values (up from the row, same
+    rule), KNOWN_H the neuron's value act(gate) * up itself (the product selector chose the rows: only
+    the down part is used). partial (n_part, n_embd) f32, zeroed by the caller before the first range;
+    slots/stage (rows, slot_bytes) uint8; neuron_slot/stage_map (n_ff,) int32; active (>= j1,) int32;
+    types (3,) int64; offs (4,) int64 byte offsets of gate, up, down inside a slot (empty parts when the
+    slot holds only up|down, or only down)."""
     n_part = partial.shape[0]
     for c in prange(n_part):
         acc = partial[c]
@@ -86,11 +109,14 @@ def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, j0, 
             a = active[j]
             s = neuron_slot[a]
             row = slots[s] if s >= 0 else stage[stage_map[a]]
-            g = gvals[j] if have_gate else dot_row(types[0], row[offs[0]:offs[1]], x, xq)
-            v = activate(g, act)
-            if abs(v) > threshold:
-                u = dot_row(types[1], row[offs[1]:offs[2]], x, xq)
-                axpy_row(types[2], acc, v * u, row[offs[2]:offs[3]])
+            if known == KNOWN_H:
+                axpy_row(types[2], acc, gvals[j], row[offs[2]:offs[3]])
+            else:
+                g = gvals[j] if known == KNOWN_GATE else dot_row(types[0], row[offs[0]:offs[1]], x, xq)
+                v = activate(g, act)
+                if abs(v) > threshold:
+                    u = dot_row(types[1], row[offs[1]:offs[2]], x, xq)
+                    axpy_row(types[2], acc, v * u, row[offs[2]:offs[3]])
             j += n_part
 
 
@@ -131,6 +157,17 @@ def mask_by_gate(MK, HG, act, threshold):
             MK[j, i] = 1 if abs(activate(HG[j, i], act)) > threshold else 0
 
 
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def mask_by_product(MK, HG, HU, scale, act, threshold):
+    """A chunk's product selection (select_by_product's rule): HG[j, i] becomes h = act(HG[j, i]) *
+    HU[j, i], and MK[j, i] = 1 where |h| * scale[i] > threshold. MK (T, n_ff) uint8; HG, HU (T, n_ff) f32."""
+    for j in prange(HG.shape[0]):
+        for i in range(HG.shape[1]):
+            h = activate(HG[j, i], act) * HU[j, i]
+            HG[j, i] = h
+            MK[j, i] = 1 if abs(h) * scale[i] > threshold else 0
+
+
 @njit(cache=True, fastmath=FASTMATH)
 def mask_by_logit(mk, z, offset, absolute):
     """mk (n_ff,) uint8 = 1 where the predictor's logit (|z| - offset, or z) is > 0 (select_by_logit's rule)."""
@@ -153,7 +190,7 @@ def union_rows(union, MK):
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, u0, u1, MK, HG, have_gate,
+def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, u0, u1, MK, HG, known,
                      XB, XR, types, offs, act, threshold):
     """PART[c, j] += the FFN contributions, for token j, of the rows a = union[p], u0 <= p < u1,
     a % n_part == c, that token j chose (MK[j, a]) and whose |act(gate)| > threshold.
@@ -162,8 +199,9 @@ def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, 
     products with every token's input come from a register-blocked matrix product (the dense engine's
     _gemm_rows); token j then adds h_j * down_row for the rows it chose, in increasing row id per part
     (parts by row id, not by position in the union), however the union is cut into calls and whatever
-    else the chunk's tokens chose: the sum is the same at every cap and chunk size. With have_gate the
-    gate values are HG[j, row] (the chunk's resident gate rows), else they come from the bundle.
+    else the chunk's tokens chose: the sum is the same at every cap and chunk size. known (as in
+    sparse_ffn_range): KNOWN_GATE, the gate values are HG[j, row] (the chunk's resident gate rows);
+    KNOWN_H, HG[j, row] is the neuron's value itself (only down is decoded); KNOWN_NONE, from the bundle.
     PART (n_part, T, n_embd) f32, zeroed by the caller; DEC (n_part, 3, MM_ROWS, n_embd) f32 and
     H (n_part, 2, T, MM_ROWS) f32 scratch; slots/stage (rows, slot_bytes) uint8; neuron_slot/stage_map
     (n_ff,) int32; union (>= u1,) int32; MK (T, n_ff) uint8; HG (T, n_ff) f32; XB (T, n_embd) f32 the
@@ -193,9 +231,10 @@ def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, 
                 a = rows[r]
                 s = neuron_slot[a]
                 row = slots[s] if s >= 0 else stage[stage_map[a]]
-                if not have_gate:
+                if known == KNOWN_NONE:
                     dequant_into(types[0], gb[r], row[offs[0]:offs[1]])
-                dequant_into(types[1], ub[r], row[offs[1]:offs[2]])
+                if known != KNOWN_H:
+                    dequant_into(types[1], ub[r], row[offs[1]:offs[2]])
                 dequant_into(types[2], db[r], row[offs[2]:offs[3]])
             # whole blocks of 4 rows (zero rows pad the last): _gemm_rows computes each row of a block
             # by the same code, so a row's dot products do not depend on its neighbours
@@ -203,20 +242,25 @@ def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, 
             for r in range(nr, nr4):
                 gb[r, :] = 0.0
                 ub[r, :] = 0.0
-            if not have_gate:
+            if known == KNOWN_NONE:
                 _gemm_rows(hgl, gb, xg, 0, nr4)
-            _gemm_rows(hul, ub, xu, 0, nr4)
+            if known != KNOWN_H:
+                _gemm_rows(hul, ub, xu, 0, nr4)
             for j in range(T):
                 out = acc[j]
                 for r in range(nr):
                     a = rows[r]
                     if MK[j, a]:
-                        v = activate(HG[j, a] if have_gate else hgl[j, r], act)
-                        if abs(v) > threshold:
+                        if known == KNOWN_H:
+                            h = HG[j, a]
+                        else:
+                            v = activate(HG[j, a] if known == KNOWN_GATE else hgl[j, r], act)
+                            if abs(v) <= threshold:
+                                continue
                             h = v * hul[j, r]
-                            d = db[r]
-                            for i in range(n_embd):
-                                out[i] += h * d[i]
+                        d = db[r]
+                        for i in range(n_embd):
+                            out[i] += h * d[i]
 
 
 @njit(cache=True, parallel=True)
