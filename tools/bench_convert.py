@@ -20,8 +20,10 @@ import json, sys, time
 t0 = time.perf_counter()
 import gguf_flash
 rep = gguf_flash.convert(sys.argv[1], sys.argv[2], force=True, calib_tokens=int(sys.argv[3]))
+import os
 print(json.dumps(dict(seconds=time.perf_counter() - t0, phases=rep.phases, peak_rss_mb=rep.peak_rss_mb,
-                      sparsity=rep.sparsity, ranks=[min(rep.ranks), max(rep.ranks)])))
+                      sparsity=rep.sparsity, prod_sparsity=rep.prod_sparsity, ranks=[min(rep.ranks), max(rep.ranks)],
+                      out_bytes=os.path.getsize(sys.argv[2]))))
 """
 
 
@@ -32,8 +34,9 @@ def main():
     ap.add_argument("--calib-tokens", type=int, default=4096)
     a = ap.parse_args()
     from gguf_flash.models import resolve
-    print("| model | source | total s | calibrate | sparsity | predictors | write | peak RSS | RSS target |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | source | flash file | total s | calibrate | sparsity curves | head index | predictors | write | "
+          "sparsity gate / product | peak RSS | peak / source |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in a.models:
         src = resolve(name)
         size = os.path.getsize(src)
@@ -46,10 +49,11 @@ def main():
             sys.exit(f"{name}: conversion failed: {out.stderr.strip().splitlines()[-1:]}")
         r = json.loads(out.stdout.strip().splitlines()[-1])
         ph = r["phases"]
-        target = (size + 600e6) / 2**20
-        print(f"| {os.path.basename(name)} | {size / 2**20:.0f} MiB | {r['seconds']:.0f} | {ph['calibrate']:.0f} | "
-              f"{ph['sparsity']:.0f} | {ph['predictors']:.0f} | {ph['write']:.0f} | {r['peak_rss_mb']:.0f} MiB | "
-              f"{target:.0f} MiB |", flush=True)
+        print(f"| {os.path.basename(name)} | {size / 2**20:.0f} MiB | {r['out_bytes'] / 2**20:.0f} MiB "
+              f"({r['out_bytes'] / size:.2f}x) | {r['seconds']:.0f} | {ph['calibrate']:.0f} | {ph['sparsity']:.0f} | "
+              f"{ph.get('head index', 0):.0f} | {ph['predictors']:.0f} | {ph['write']:.0f} | "
+              f"{r['sparsity']:.2f} / {r['prod_sparsity']:.2f} | {r['peak_rss_mb']:.0f} MiB | "
+              f"{r['peak_rss_mb'] * 2**20 / size:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":
