@@ -89,6 +89,23 @@ def test_product_selector_holds_gate_and_up_rows_and_reads_only_down():
     assert make_plan(_inp(125 * MiB, freq=gate_freq, gap_bytes=0, head_bytes=0)).selector != "product"
 
 
+def test_staging_grows_only_where_the_cap_has_room_for_it():
+    """The FFN staging is staging_rows at the floor (so the smallest cap is unchanged) and grows to
+    staging_rows_max where the extra bytes are at most 1/8 of the room over the floor; without a cap,
+    always. Naive mode keeps its own (a whole layer)."""
+    floor = 100 * MiB + 10 * MiB + 4 * MiB + 256 * 2000 + 4 * 2000 + HEAD_CHUNK + HEADROOM
+    kw = dict(selector="gate", staging_rows_max=1024)
+    extra = (1024 - 256) * 2000
+    tight = make_plan(_inp(floor, **kw))
+    assert tight.staging_rows == 256 and tight.resident["FFN staging"] == 256 * 2000
+    short = make_plan(_inp(floor + 8 * extra - 1, **kw))
+    assert short.staging_rows == 256
+    roomy = make_plan(_inp(floor + 8 * extra, **kw))
+    assert roomy.staging_rows == 1024 and roomy.resident["FFN staging"] == 1024 * 2000
+    assert roomy.window_bytes <= floor + 8 * extra - roomy.must_have - HEADROOM
+    assert make_plan(_inp(None, **kw)).staging_rows == 1024
+
+
 def test_naive_and_dense_modes():
     naive = make_plan(_inp(400 * MiB, mode="naive", selector="none", staging_rows=1024))
     assert naive.capacities == [0] * 4 and naive.resident["FFN staging"] == 1024 * 3000

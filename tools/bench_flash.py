@@ -11,6 +11,7 @@ every 5 ms). Caps:
   min      the smallest cap the flash plan accepts (asked of a fresh process)
   d0.8     0.8 x the dense engine's peak RSS
   d-0.4    the dense engine's peak RSS - 0.4 x the source file
+  2G       an absolute cap (also 1500M)
 Every run is a fresh child process: bundles are read with O_DIRECT (the page cache cannot act as hidden
 DRAM), its RSS is sampled from outside every 5 ms, and a cap the plan refuses is reported as such. The
 floor of a run is (bytes it must read per token) / (this disk's throughput at its mean read size, from
@@ -122,11 +123,13 @@ def resolve_cap(spec, path, mode, dense_peak, src_size):
     if spec == "min":
         need = run_child(MIN_CAP, [path, mode], sample=False)[0]
         return int(need) // 2**20 + 1 if need.strip().isdigit() else None
+    if spec[-1:] in ("M", "G") and spec[:-1].replace(".", "", 1).isdigit():   # an absolute cap: 2048M, 2G
+        return int(float(spec[:-1]) * (1024 if spec[-1] == "G" else 1))
     if spec.startswith("d-"):
         return int((dense_peak - float(spec[2:]) * src_size) / 2**20)
     if spec.startswith("d"):
         return int(float(spec[1:]) * dense_peak / 2**20)
-    sys.exit(f"bad cap {spec!r}: min, dN (x dense peak) or d-N (dense peak - N x source file)")
+    sys.exit(f"bad cap {spec!r}: min, dN (x dense peak), d-N (dense peak - N x source file) or a size (2G, 1500M)")
 
 
 def main():

@@ -6,7 +6,8 @@ the cost of a byte is the time to read it at the size it is read). Nothing here 
 Must stay resident (else refuse the cap, with the numbers): the runtime (measured), attention weights,
 norms, KV cache, scratch, I/O staging, one selector (exact gate rows, or the predictor where the gate
 rows do not fit and it is smaller; or gate and up rows, the product selector, where the file has its
-criterion), the FFN overflow staging (active neurons that are not in the window
+criterion), the FFN overflow staging (grown from its floor size to staging_rows_max where that takes
+at most 1/8 of the room over the floor: long read rounds; active neurons that are not in the window
 are read there in chunks and computed: the window is a cache, never a requirement) and one window slot
 per layer. Everything else competes for the rest of the cap by milliseconds of reading saved per token
 per byte of RAM:
@@ -58,7 +59,9 @@ class PlanInput:
     bundle_bytes: list             # per layer: bytes of a bundle row (gate | up | down)
     gate_part: list                # per layer: bytes of its gate part (not read when gate rows are resident)
     freq: list                     # per layer: (n_ff,) f32 activation frequency of each stored row
-    staging_rows: int              # rows of the FFN overflow staging buffer
+    staging_rows: int              # rows of the FFN overflow staging buffer (at the floor)
+    staging_rows_max: int = 0      # rows it grows to where that costs at most 1/8 of the room over the
+                                   # floor (fewer, longer read rounds: a 7B layer is ~100 MiB of bundles)
     small_mib_s: float = DEFAULT_SMALL_MIB_S
     large_mib_s: float = DEFAULT_LARGE_MIB_S
     precision: list | None = None  # per layer: the predictor's held-out precision (it reads freq/precision)
@@ -209,6 +212,13 @@ def _plan(p: PlanInput, selector: str) -> Plan:
         room = None
     else:
         room = p.cap - floor
+    staging_rows = p.staging_rows
+    if p.mode == "flash" and p.staging_rows_max > p.staging_rows:
+        extra = (p.staging_rows_max - p.staging_rows) * max(slot_bytes)
+        if room is None or 8 * extra <= room:
+            staging_rows = p.staging_rows_max
+            resident["FFN staging"] = staging_rows * max(slot_bytes)
+            room = None if room is None else room - extra
     items = []   # (ms saved per token per byte, kind, layer or -1, bytes)
     if forced_index:
         head = "indexed"
@@ -273,5 +283,5 @@ def _plan(p: PlanInput, selector: str) -> Plan:
     if p.mode == "flash":
         held = sum(caps) / max(sum(n_ff), 1)
         notes.append(f"window {100 * held:.0f}% of the bundles")
-    return Plan(p.cap, p.baseline, resident, caps, selector, head, embedding, p.staging_rows, window, saved,
+    return Plan(p.cap, p.baseline, resident, caps, selector, head, embedding, staging_rows, window, saved,
                 notes, slot_bytes, total_ms - saved)
