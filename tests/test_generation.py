@@ -74,3 +74,46 @@ def test_smollm2_chat_template_and_stop_strings(smollm2_llm, smollm2_ref):
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
     res = smollm2_llm.generate("The capital of France is", n_predict=30, stop=["\n"], ignore_eos=True)
     assert res.stop_reason == "stop" and "\n" not in res.text and res.text.startswith(" Paris")
+
+
+FIRST_RUN = r"""
+import io, json
+from gguf_flash import cli
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
+tty, pipe = Tty(), io.StringIO()
+print(json.dumps(dict(tty=cli._first_run_notice(tty), pipe=cli._first_run_notice(pipe), text=tty.getvalue())))
+"""
+
+
+def test_first_run_notice_on_a_terminal_only(tmp_path):
+    """A process whose kernels are not cached yet (an empty GGUF_FLASH_CACHE) says on a terminal that it
+    compiles them once and where they are kept; to a pipe it prints nothing (scripts, tests), and with
+    the kernels cached (an index file in the folder of these kernel sources) nothing either."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from gguf_flash.kernels import _cache_dir
+    empty, cached = tmp_path / "empty", tmp_path / "cached"
+    old = os.environ.get("GGUF_FLASH_CACHE")
+    os.environ["GGUF_FLASH_CACHE"] = str(cached)
+    try:
+        folder = _cache_dir()
+    finally:
+        if old is None:
+            del os.environ["GGUF_FLASH_CACHE"]
+        else:
+            os.environ["GGUF_FLASH_CACHE"] = old
+    os.makedirs(os.path.join(folder, "gguf_flash"))
+    open(os.path.join(folder, "gguf_flash", "nn.rmsnorm-1.py311.nbi"), "wb").close()
+    runs = {}
+    for name, base in (("empty", empty), ("cached", cached)):
+        env = dict(os.environ, GGUF_FLASH_CACHE=str(base))
+        out = subprocess.run([sys.executable, "-c", FIRST_RUN], capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert runs["empty"]["tty"] and not runs["empty"]["pipe"]
+    assert "compiling its kernels once" in runs["empty"]["text"] and str(empty) in runs["empty"]["text"]
+    assert not runs["cached"]["tty"] and runs["cached"]["text"] == ""

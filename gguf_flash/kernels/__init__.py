@@ -41,6 +41,15 @@ def _import_numba_np_without_scipy():
 _import_numba_np_without_scipy()
 
 
+def first_run() -> bool:
+    """True when no kernel of these sources is cached yet (numba's index files in the cache folder):
+    this process will compile them (about 1-2 minutes on 2 cores) before its first token."""
+    try:
+        return not any(n.endswith(".nbi") for _, _, names in os.walk(numba.config.CACHE_DIR) for n in names)
+    except OSError:
+        return True
+
+
 def compile_in_child(code: str, *argv: str) -> None:
     """Run `python -c code argv...` to compile (or load) kernels in a child process, so that LLVM's
     ~220 MB of compiling never adds to the caller's RSS (the converter's peak, the flash runtime's measured
