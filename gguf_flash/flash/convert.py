@@ -130,16 +130,6 @@ def _down_norms(f, cfg) -> np.ndarray:
                      for il in range(cfg.n_layer)]).astype(np.float32)
 
 
-def _product_counts(X, Wg, Wu, dn, t, act, rows=512) -> np.ndarray:
-    """(n_ff,) how many of the rows of X (n, n_embd) choose each neuron by the product criterion
-    |act(g) u| dn > t (computed `rows` at a time: bounded temporaries)."""
-    count = np.zeros(Wg.shape[0], np.int64)
-    for r in range(0, X.shape[0], rows):
-        x = X[r:r + rows]
-        count += ((_act_abs(x @ Wg.T, act) * np.abs(x @ Wu.T) * dn) > t).sum(axis=0)
-    return count
-
-
 def _exercise_kernels():
     """Every compiled call of a conversion, once, on a tiny synthetic model: numba compiles (or loads from
     its cache) exactly the specializations convert() uses, whatever the real model's types."""
@@ -237,6 +227,10 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
     q_train = np.zeros((cfg.n_layer, len(grid)), np.float32)   # per-layer |act| quantiles
     qp_train = np.zeros((cfg.n_layer, len(grid)), np.float32)  # per-layer product quantiles
     dn = _down_norms(f, cfg) if product else None             # (n_layer, n_ff) original neuron order
+    # the product criterion at threshold 0 and at each grid quantile: how many training tokens choose
+    # each neuron, and the held-out fraction chosen (frequencies and layer sparsity once one is chosen)
+    p_count = np.zeros((cfg.n_layer, len(grid) + 1, cfg.n_ff), np.int32) if product else None
+    p_held = np.zeros((cfg.n_layer, len(grid) + 1)) if product else None
     freq = []
     for il in range(cfg.n_layer):
         if act != ACT_RELU:
@@ -245,9 +239,18 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
             A = _act_abs(Xt @ Wg.T, act)                       # (n_train, n_ff)
             q_train[il] = np.quantile(A, grid)
             if product:
-                A *= np.abs(Xt @ dequant(f, f"blk.{il}.ffn_up.weight").T)
-                A *= dn[il]
+                Wu = dequant(f, f"blk.{il}.ffn_up.weight")
+                A *= np.abs(Xt @ Wu.T)
+                A *= dn[il]                                    # |act(g) u| ||down_i||, (n_train, n_ff)
                 qp_train[il] = np.quantile(A, grid)
+                Xv = cal.held_out(il)
+                P = _act_abs(Xv @ Wg.T, act)
+                P *= np.abs(Xv @ Wu.T)
+                P *= dn[il]                                    # the same on held-out tokens
+                for k, tp in enumerate((0.0, *qp_train[il])):
+                    p_count[il, k] = (A > tp).sum(axis=0)
+                    p_held[il, k] = (P > tp).mean()
+                del Wu, Xv, P
             del Wg, Xt, A
     n_search = 1 if sparsity is not None else (len(grid) if full_curve else 5)
     bar = _progress(progress, 1 + n_search * (1 + product), "sparsity")
@@ -267,19 +270,19 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
         return ppl_at, evaluated
 
     def choose(Q, scale):
-        """(sparsity, thresholds, curve) of one criterion."""
+        """(grid index or -1: none within the budget, sparsity, thresholds, curve) of one criterion."""
         ppl_at, evaluated = evaluator(Q, scale)
         j = _search(ppl_at, grid, dense_ppl, sparsity is not None, full_curve)
         curve = [(0.0, dense_ppl)] + [(float(grid[k]), evaluated[k]) for k in sorted(evaluated)]
         if j < 0:
-            return 0.0, np.zeros(cfg.n_layer, np.float32), curve
-        return float(grid[j]), Q[:, j].copy(), curve
+            return j, 0.0, np.zeros(cfg.n_layer, np.float32), curve
+        return j, float(grid[j]), Q[:, j].copy(), curve
 
     if act == ACT_RELU:
         chosen, thresholds, curve = 0.0, np.zeros(cfg.n_layer, np.float32), [(0.0, dense_ppl)]
     else:
-        chosen, thresholds, curve = choose(q_train, None)
-    p_chosen, p_thresholds, p_curve = choose(qp_train, dn) if product else (0.0, None, [])
+        _, chosen, thresholds, curve = choose(q_train, None)
+    jp, p_chosen, p_thresholds, p_curve = choose(qp_train, dn) if product else (-1, 0.0, None, [])
     if bar:
         bar.close()
     phases["sparsity"] = time.perf_counter() - t
@@ -327,12 +330,9 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
         fr = Yt.mean(axis=0).astype(np.float32)                  # (n_ff,) activation frequency
         order = np.argsort(-fr, kind="stable")                   # hot-first
         pfr, psp = None, 0.0
-        if product:
-            Wu = dequant(f, f"blk.{il}.ffn_up.weight")
-            t_p = float(p_thresholds[il])
-            pfr = (_product_counts(Xt, Wg, Wu, dn[il], t_p, act) / len(Xt)).astype(np.float32)[order]
-            psp = float(1.0 - _product_counts(Xv, Wg, Wu, dn[il], t_p, act).sum() / (len(Xv) * cfg.n_ff))
-            del Wu
+        if product:   # counted in phase 2 at the chosen threshold (index 0: threshold 0)
+            pfr = (p_count[il, jp + 1] / len(Xt)).astype(np.float32)[order]
+            psp = float(1.0 - p_held[il, jp + 1])
         if not trained[il]:
             p = None
         elif rank is not None:

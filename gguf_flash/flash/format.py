@@ -250,9 +250,10 @@ def read_flash(f, cfg) -> FlashInfo:
         if product:
             for name in (t_down_norm(il), t_prod_freq(il)):
                 tensor(name, (n_ff,), (F32,), "F32")
-                if not np.isfinite(f.array(name)).all():
-                    raise FlashFormatError(f"{f.path}: {name} has a value that is not finite")
             dn, pf = f.array(t_down_norm(il)), f.array(t_prod_freq(il))
+            for name, v in ((t_down_norm(il), dn), (t_prod_freq(il), pf)):
+                if not np.isfinite(v).all():
+                    raise FlashFormatError(f"{f.path}: {name} has a value that is not finite")
         layers.append(FlashLayer(info.offset, sum(pb), t, pb, nid, freq, float(thresholds[il]), a, b, bias,
                                  float(recall[il]), float(precision[il]), bool(kinds[il]), float(offsets[il]),
                                  float(prod_thr[il]), dn, pf))
