@@ -154,7 +154,7 @@ def cmd_convert(a):
     r = convert(a.input, a.output, calib=a.calib, calib_tokens=a.calib_tokens, sparsity=a.sparsity,
                 rank=a.rank, down_type=a.down_type, force=a.force, full_curve=a.curve,
                 predictor=a.predictor, head_index=not a.no_head_index,
-                head_index_rank=a.head_index_rank, product=not a.no_product, progress=True)
+                head_index_rank=a.head_index_rank, product=not a.no_product, max_ram=a.max_ram, progress=True)
     stored = [i for i, k in enumerate(r.ranks) if k]
     preds = (f"rank {min(r.ranks[i] for i in stored)}-{max(r.ranks[i] for i in stored)}, "
              f"recall {min(r.recall[i] for i in stored):.3f}-{max(r.recall[i] for i in stored):.3f}, "
@@ -174,7 +174,8 @@ def cmd_convert(a):
               f"the head), z {hi.z:.3f} (no top-1 miss on {hi.n_heldout} held-out states; on held-out greedy decoding "
               f"it read {100 * hi.read_frac:.1f}% of the head's rows, {100 * hi.bytes_frac:.1f}% of its bytes)")
     print(f"total {r.seconds:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in r.phases.items())
-          + f"), peak RSS {r.peak_rss_mb:.0f} MiB")
+          + f"), peak RSS {r.sampled_peak_mb:.0f} MiB (by phase: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in r.phase_peak_mb.items()) + ")")
 
 
 def _print_timings(res, llm, t_load):
@@ -492,6 +493,10 @@ def build_parser():
                    help="do not store the product criterion (|act(gate) up| ||down||, for --selector product: "
                         "gate and up rows resident, only the down part read; its own sparsity within the same "
                         "2%% held-out perplexity budget)")
+    p.add_argument("--max-ram", default=None,
+                   help="RAM cap for the conversion (e.g. 1.5G): refused up front, with the numbers, when below "
+                        "what the conversion needs (its floor grows with the model's widths and --calib-tokens, "
+                        "not its size: the model is run a layer at a time); the cap picks the training threads")
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT")
     p.add_argument("--curve", action="store_true", help="held-out perplexity at every grid sparsity "
                                                          "(default: bisect the grid for the chosen one)")

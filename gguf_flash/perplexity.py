@@ -23,6 +23,13 @@ class PerplexityResult:
     chunk_ppl: list
 
 
+def rows_nll(z, targets) -> float:
+    """Sum over rows of -log softmax(z[k])[targets[k]]: z (m, n_vocab) f32 logits, targets (m,) int."""
+    zmax = z.max(axis=1, keepdims=True)
+    lse = zmax[:, 0].astype(np.float64) + np.log(np.exp(z - zmax).sum(axis=1, dtype=np.float64))
+    return -float((z[np.arange(len(z)), targets] - lse).sum())
+
+
 def chunk_nll(model, inp) -> tuple[float, int]:
     """Sum of -log p(inp[p+1] | inp[:p+1]) over a fresh context fed `inp`, and the count scored."""
     inp = np.asarray(inp, np.int64)
@@ -30,15 +37,12 @@ def chunk_nll(model, inp) -> tuple[float, int]:
     for start, logits in model.prefill(inp, 0, logits_rows="all"):
         targets = np.arange(start, start + len(logits)) + 1   # position p predicts input p + 1
         keep = np.flatnonzero(targets < len(inp))
-        # log p(target) = z[target] - logsumexp(z), a few rows at a time: temporaries of ~1 MiB
-        # (a flash model under a cap has no room planned for (m, n_vocab) of them)
+        # a few rows at a time: temporaries of ~1 MiB (a flash model under a cap has no room planned
+        # for (m, n_vocab) of them)
         step = max(1, (1 << 18) // logits.shape[1])
         for k in range(0, len(keep), step):
             rows = keep[k:k + step]
-            z = logits[rows]                                # (m, n_vocab) f32
-            zmax = z.max(axis=1, keepdims=True)
-            lse = zmax[:, 0].astype(np.float64) + np.log(np.exp(z - zmax).sum(axis=1, dtype=np.float64))
-            nll -= float((z[np.arange(len(rows)), inp[targets[rows]]] - lse).sum())
+            nll += rows_nll(logits[rows], inp[targets[rows]])
             n += len(rows)
     return nll, n
 

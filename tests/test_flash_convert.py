@@ -108,9 +108,14 @@ def test_refuses_bad_input(tmp_path, smollm2_flash, tiny_llama_path):
     assert out.read_bytes() == b"keep me"
 
 
-def test_interrupted_conversion_leaves_nothing(tmp_path, tiny_llama_path, monkeypatch):
+@pytest.mark.parametrize("where", ["calibration", "write"])
+def test_interrupted_conversion_leaves_nothing(tmp_path, tiny_llama_path, monkeypatch, where):
+    """Ctrl-C while calibrating (the FFN inputs spilled to a file in OUT's directory) or while writing:
+    nothing at OUT, nothing left beside it."""
     from gguf_flash.flash import convert as conv
     calls = []
+    target, name = (conv._SparsityStats, "add") if where == "calibration" else (conv, "_bundle")
+    real = getattr(target, name)
 
     def boom(*a, **k):
         calls.append(1)
@@ -118,13 +123,64 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, tiny_llama_path, monkey
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    real = conv._bundle
-    monkeypatch.setattr(conv, "_bundle", boom)
+    monkeypatch.setattr(target, name, boom)
     out = tmp_path / "x.flash.gguf"
     with pytest.raises(KeyboardInterrupt):
         conv.convert(tiny_llama_path, out, calib_tokens=1024, sparsity=0.5, rank=8,
                      calib=_calib_file(tmp_path))
-    assert not out.exists() and os.listdir(tmp_path) == ["calib.txt"]
+    assert not out.exists() and os.listdir(tmp_path) == ["calib.txt"] and len(calls) == 2
+
+
+def test_max_ram_below_the_floor_is_refused_before_reading_the_model(tmp_path, tiny_llama_path, monkeypatch):
+    import subprocess
+    import sys
+    from gguf_flash.flash import convert as conv
+
+    def no(*a, **k):
+        raise AssertionError("the model was read")
+
+    monkeypatch.setattr(conv, "Model", no)
+    monkeypatch.setattr(conv, "_compile_out_of_process", no)
+    out = tmp_path / "x.flash.gguf"
+    with pytest.raises(InvalidArgumentError, match=r"--max-ram 100 MiB is below this conversion's floor of \d+ MiB"):
+        conv.convert(tiny_llama_path, out, max_ram="100M")
+    with pytest.raises(InvalidArgumentError, match="bad size"):
+        conv.convert(tiny_llama_path, out, max_ram="lots")
+    assert not out.exists()
+    p = subprocess.run([sys.executable, "-m", "gguf_flash.cli", "convert", str(tiny_llama_path), str(out),
+                        "--max-ram", "64M"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+    assert "floor" in p.stderr and "calibrate" in p.stderr and not out.exists()
+
+
+def test_conversion_under_its_floor_keeps_the_cap(tmp_path):
+    """Converted under --max-ram at its own floor (one training thread, predictors trained), the
+    converter's RSS sampled from outside never passes the cap, and the file is the same as without."""
+    import subprocess
+    import sys
+    from gguf_flash.config import config_from_gguf
+    from gguf_flash.flash.convert_ram import convert_ram
+    from gguf_flash.flash.head_build import index_rank
+    from gguf_flash.flash.budget import sample_peak_rss
+    from gguf_flash.synthetic import write_synthetic
+    src = write_synthetic(tmp_path / "w.gguf", arch="llama", n_layer=4, n_embd=256, n_ff=768, n_head=4,
+                          n_head_kv=2, n_vocab=4200, qtype="Q4_0", seed=5)
+    f = GGUFFile(src)
+    cfg = config_from_gguf(f)
+    hb = f.tensor("token_embd.weight").n_bytes
+    floor = convert_ram(f, cfg, 1024, 512, 0.25, True, index_rank(cfg.n_vocab, cfg.n_embd, hb), hb).floor
+    outs = []
+    for cap in (None, floor):
+        out = tmp_path / f"{cap}.flash.gguf"
+        cmd = [sys.executable, "-m", "gguf_flash.cli", "convert", str(src), str(out), "--calib",
+               str(_calib_file(tmp_path)), "--calib-tokens", "1024", "--predictor", "always"]
+        proc = subprocess.Popen(cmd + ([] if cap is None else ["--max-ram", str(cap)]), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        peak = sample_peak_rss(proc, every=0.005)
+        assert proc.returncode == 0, proc.stderr.read()
+        outs.append(out.read_bytes())
+    assert peak <= floor, (peak / 2**20, floor / 2**20)
+    assert outs[0] == outs[1]
 
 
 def _calib_file(tmp_path):

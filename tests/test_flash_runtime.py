@@ -52,9 +52,11 @@ def test_flash_mode_quality_and_stats(smollm2_flash, smollm2_ref):
         logits = llm.model.prefill(p["tokens_add_special"], 0)
         if p["greedy_top1_top2_margin"][0] >= 1.0:
             assert p["greedy_ids"][0] in np.argsort(logits)[-2:], p["id"]
-    c = llm.model.prompt_stats[-1]                 # the prompt ran as one chunk
+    first, c = llm.model.prompt_stats[0], llm.model.prompt_stats[-1]   # each prompt ran as one chunk
     n_ff, L = llm.cfg.n_ff, llm.cfg.n_layer
-    assert c.tokens == len(smollm2_ref["prompts"][2]["tokens_add_special"]) and c.loaded > 0
+    # the cold window loads; by the third prompt the window (all bundles fit) may already hold every one
+    assert first.loaded > 0 and first.bytes_read > 0
+    assert c.tokens == len(smollm2_ref["prompts"][2]["tokens_add_special"])
     assert c.io_ms >= 0 and c.compute_ms > 0
     llm.model.forward(17, c.tokens)                # a decode step: per-token statistics
     s = llm.model.stats[-1]

@@ -42,3 +42,40 @@ def sample_peak_rss(proc, every: float = 0.005) -> int:
     return peak
 
 
+
+
+class PeakSampler:
+    """This process's peak RSS, sampled every `every` seconds by a daemon thread, per stretch of work:
+    `mark()` returns the peak (bytes) since the previous mark (the converter's peak by phase)."""
+
+    def __init__(self, every: float = 0.01):
+        import threading
+        self._proc, self._every = psutil.Process(), every
+        self._peak, self._total = 0, 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(self._every):
+            self._sample()
+
+    def _sample(self):
+        r = self._proc.memory_info().rss
+        with self._lock:
+            self._peak, self._total = max(self._peak, r), max(self._total, r)
+
+    def mark(self) -> int:
+        self._sample()
+        with self._lock:
+            peak, self._peak = self._peak, 0
+        return peak
+
+    @property
+    def total(self) -> int:
+        return self._total
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()

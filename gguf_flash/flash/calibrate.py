@@ -1,17 +1,23 @@
-"""Calibration: run the dense model over text and keep each layer's FFN inputs (after ffn_norm).
+"""Calibration: run the dense model over text, layer-major (layerwise.py), and keep each layer's FFN
+inputs (after ffn_norm).
 
-Memory is bounded: the prompt runs in batches of N_UBATCH tokens, and the inputs are kept as float16
-(n_layer, n_tokens, n_embd): SmolLM2 at 4096 tokens is 141 MB. Thresholds, frequencies and predictor
-training all derive from these samples (convert.py).
+Memory does not grow with the model: the weights are read a layer at a time, and the FFN inputs of all
+layers, float16 (n_layer, n_tokens, n_embd) (SmolLM2 at 4096 tokens: 141 MB, a 7B model: 1 GiB), go to
+an anonymous temporary file, read back a layer at a time (`Calibration.train`, `.held_out`).
+Thresholds, frequencies and predictor training all derive from these samples (convert.py); a caller's
+`on_layer(il, X)` sees each layer's inputs while the layer's weights are still resident.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import InvalidArgumentError
+from .layerwise import LayerPass, Sequence
 
 
 def default_calibration_text() -> tuple[str, str]:
@@ -30,25 +36,63 @@ def read_calibration_text(path) -> tuple[str, str]:
         raise InvalidArgumentError(f"{path}: cannot read calibration text ({e})") from None
 
 
+class LayerFile:
+    """(n_layer, n_tokens, n_embd) float16 in an anonymous temporary file (gone when closed or when the
+    process dies): a layer is written once and read back as float32 rows."""
+
+    def __init__(self, n_layer, n_tokens, n_embd, dir=None):
+        self.shape = (n_layer, n_tokens, n_embd)
+        self._fh = tempfile.TemporaryFile(dir=dir)
+
+    def write(self, il, X) -> None:
+        data = np.ascontiguousarray(X, np.float16)
+        n = os.pwrite(self._fh.fileno(), memoryview(data).cast("B"), il * data.nbytes)
+        if n != data.nbytes:
+            raise OSError(f"calibration spill file: short write ({n} of {data.nbytes} bytes)")
+
+    def read(self, il, r0, r1) -> np.ndarray:
+        """(r1 - r0, n_embd) f32 rows r0..r1 of layer il."""
+        _, T, E = self.shape
+        out = np.empty((r1 - r0, E), np.float16)
+        n = os.preadv(self._fh.fileno(), [memoryview(out).cast("B")], (il * T + r0) * E * 2)
+        if n != out.nbytes:
+            raise OSError(f"calibration spill file: short read ({n} of {out.nbytes} bytes)")
+        return out.astype(np.float32)
+
+    def close(self):
+        self._fh.close()
+
+
 @dataclass
 class Calibration:
-    X: np.ndarray          # (n_layer, n_tokens, n_embd) float16 FFN inputs
+    X: LayerFile           # (n_layer, n_tokens, n_embd) float16 FFN inputs
     tokens: np.ndarray     # (n_tokens,) int64 (chunks of `chunk`, each from a fresh context)
     n_train: int           # the first n_train tokens train; the rest are held out
     chunk: int
     H: np.ndarray | None = None   # (n_tokens, n_embd) float16 final hidden states (after output_norm)
 
     def train(self, il) -> np.ndarray:
-        return self.X[il, :self.n_train].astype(np.float32)
+        return self.X.read(il, 0, self.n_train)
 
     def held_out(self, il) -> np.ndarray:
-        return self.X[il, self.n_train:].astype(np.float32)
+        return self.X.read(il, self.n_train, len(self.tokens))
+
+    def sequences(self, held_out: bool = True) -> list:
+        """The held-out (or training) chunks as one-step sequences of layerwise.LayerPass."""
+        r = range(self.n_train, len(self.tokens), self.chunk) if held_out else range(0, self.n_train, self.chunk)
+        return [Sequence(self.tokens[s:s + self.chunk]) for s in r]
+
+    def close(self):
+        self.X.close()
 
 
 def calibrate(model, tokenizer, text: str, n_tokens: int = 4096, chunk: int = 512,
-              held_out: float = 0.25, progress=None) -> Calibration:
+              held_out: float = 0.25, on_layer=None, progress=None, release: bool = True,
+              spill_dir=None) -> Calibration:
     """Collect FFN inputs for n_tokens of text (chunks of `chunk` tokens, BOS per chunk if the model
-    adds it, as in perplexity). The last `held_out` fraction of chunks is kept for evaluation."""
+    adds it, as in perplexity), layer-major. The last `held_out` fraction of chunks is kept for
+    evaluation. on_layer(il, X (n_tokens, n_embd) f32, n_train) after each layer, while its weights
+    are resident; progress(il + 1, n_layer)."""
     ids = tokenizer.encode(text, add_special=False, parse_special=False)
     bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
     per = chunk - len(bos)
@@ -57,20 +101,22 @@ def calibrate(model, tokenizer, text: str, n_tokens: int = 4096, chunk: int = 51
         raise InvalidArgumentError(f"calibration text too short: {len(ids)} tokens, need at least {2 * per}")
     cfg = model.cfg
     total = n_chunks * chunk
-    X = np.zeros((cfg.n_layer, total, cfg.n_embd), np.float16)
-    H = np.zeros((total, cfg.n_embd), np.float16)
-    toks = np.zeros(total, np.int64)
-    ub = model.st.n_ubatch
-    buf = np.zeros((cfg.n_layer, ub, cfg.n_embd), np.float32)   # one batch of FFN inputs
-    for c in range(n_chunks):
-        inp = np.asarray(bos + ids[c * per:(c + 1) * per], np.int64)
-        for s in range(0, chunk, ub):
-            part = inp[s:s + ub]
-            model._batch(part, s, ffn_in=buf)
-            X[:, c * chunk + s:c * chunk + s + len(part)] = buf[:, :len(part)]
-            H[c * chunk + s:c * chunk + s + len(part)] = model.st.H[:len(part)]
-        toks[c * chunk:(c + 1) * chunk] = inp
-        if progress:
-            progress(c + 1, n_chunks)
+    toks = np.concatenate([np.asarray(bos + ids[c * per:(c + 1) * per], np.int64) for c in range(n_chunks)])
+    X = LayerFile(cfg.n_layer, total, cfg.n_embd, spill_dir)
     n_held = max(1, int(round(n_chunks * held_out)))
-    return Calibration(X, toks, (n_chunks - n_held) * chunk, chunk, H)
+    n_train = (n_chunks - n_held) * chunk
+
+    def layer_done(il, Xl):
+        X.write(il, Xl)
+        if on_layer:
+            on_layer(il, Xl, n_train)
+        if progress:
+            progress(il + 1, cfg.n_layer)
+
+    try:
+        H = LayerPass(model, release).run([Sequence(toks[c * chunk:(c + 1) * chunk]) for c in range(n_chunks)],
+                                          on_layer=layer_done, capture=True)
+    except BaseException:
+        X.close()
+        raise
+    return Calibration(X, toks, n_train, chunk, H.astype(np.float16))

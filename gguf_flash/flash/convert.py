@@ -1,9 +1,11 @@
 """GGUF -> flash GGUF (docs/flash-gguf.md): calibrate, choose thresholds, order neurons hot-first,
 bundle gate|up|down rows, train predictors, write atomically.
 
-Phases (each with a progress bar when `progress` is true):
-  1. calibrate   dense model over calibration text -> per-layer FFN inputs (calibrate.py)
-  2. sparsity    per-layer |act(gate . x)| quantiles; held-out perplexity at each grid point; the default
+Phases (each with a progress bar when `progress` is true); the model runs layer-major (layerwise.py), so
+RSS follows the model's widths, not its size (convert_ram.py):
+  1. calibrate   dense model over calibration text, a layer at a time -> per-layer FFN inputs (to a temp
+                 file, calibrate.py) and, right there, the layer's |act(gate . x)| and product quantiles
+  2. sparsity    held-out perplexity at each grid point (one layer-major pass each); the default
                  sparsity is the largest whose held-out perplexity stays within 2% of dense (CATS); the
                  same for the product criterion |act(gate . x) (up . x)| ||down_i|| (the product
                  selector's), which keeps more of the model at the same sparsity
@@ -38,11 +40,14 @@ from ..errors import InvalidArgumentError
 from ..gguf_file import GGUFFile
 from ..kernels import compile_in_child
 from ..model import Model
-from ..perplexity import chunk_nll
 from ..tokenizer import tokenizer_from_gguf
 from . import format as ff
+from .budget import PeakSampler, parse_size
 from .calibrate import calibrate, read_calibration_text
 from .head_build import build_head_index, calibration_states, index_rank
+from .convert_ram import NEURON_BLOCK, convert_ram
+from .layerwise import LayerPass
+from .plan import MiB
 from .predictor import (DEFAULT_RANKS, single_threaded_blas, active_mask, fit_smallest_rank,
                         predictor_bytes, train_predictor)
 
@@ -50,6 +55,7 @@ log = logging.getLogger(__name__)
 
 ACT_NAMES = {ACT_SILU: "silu", ACT_GELU_TANH: "gelu", ACT_RELU: "relu"}
 SPARSITY_GRID = tuple(round(0.05 * k, 2) for k in range(1, 19))   # 0.05 .. 0.9
+HELD_OUT = 0.25            # the last quarter of the calibration chunks is held out
 PPL_BUDGET = 1.02          # default sparsity: held-out perplexity within 2% of dense
 DOWN_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "F32")
 PREDICTOR_CHOICES = ("auto", "always", "never")
@@ -76,6 +82,8 @@ class ConvertReport:
     prod_sparsity: float = 0.0      # the product criterion's (0: not stored)
     prod_curve: list = field(default_factory=list)
     prod_layer_sparsity: list = field(default_factory=list)
+    phase_peak_mb: dict = field(default_factory=dict)   # peak RSS by phase, sampled in-process every 10 ms
+    sampled_peak_mb: float = 0.0    # the same over the whole conversion
 
 
 def _progress(enabled, total, desc):
@@ -86,25 +94,21 @@ def _progress(enabled, total, desc):
 
 
 def dequant(f, name) -> np.ndarray:
-    """(n_rows, n_cols) float32 of a 2-D weight."""
+    """(n_rows, n_cols) float32 of a 2-D weight, dequantized NEURON_BLOCK rows at a time (gguf.quants'
+    temporaries for a whole 7B matrix were twice its float32 size, per training thread)."""
     info = f.tensor(name)
-    return quants.dequantize(f.raw(name), GGMLQuantizationType(info.qtype)).astype(np.float32, copy=False)
+    out = np.empty((info.n_rows, info.ne[0]), np.float32)
+    for r0 in range(0, info.n_rows, NEURON_BLOCK):
+        D = dequant_rows(f, name, r0, r0 + NEURON_BLOCK)
+        out[r0:r0 + len(D)] = D
+    return out
 
 
-def _heldout_nll(model, cal, thresholds, scale=None) -> float:
+def _heldout_nll(lp, cal, thresholds, scale=None) -> float:
     """Mean NLL over the held-out calibration chunks with these FFN thresholds (zeros: dense), on
-    |act(gate)|, or with scale (n_layer, n_ff) on the product |act(gate) up| * scale."""
-    model.w.thresholds[:] = thresholds
-    if scale is not None:
-        model.w.ffn_scale = scale
-    total, n = 0.0, 0
-    try:
-        for s in range(cal.n_train, len(cal.tokens), cal.chunk):
-            nll, k = chunk_nll(model, cal.tokens[s:s + cal.chunk])
-            total, n = total + nll, n + k
-    finally:
-        model.w.thresholds[:] = 0
-        model.w.ffn_scale = model.w.ffn_scale[:0]
+    |act(gate)|, or with scale (n_layer, n_ff) on the product |act(gate) up| * scale; one layer-major
+    pass (layerwise.LayerPass)."""
+    total, n = lp.nll(cal.sequences(held_out=True), thresholds, scale)
     return total / max(n, 1)
 
 
@@ -124,23 +128,96 @@ def _search(ppl_at, grid, dense_ppl, fixed: bool, full_curve: bool):
     return lo
 
 
-def _down_norms(f, cfg) -> np.ndarray:
-    """(n_layer, n_ff) f32: the norm of each neuron's down column (the product criterion's scale)."""
-    return np.stack([np.linalg.norm(dequant(f, f"blk.{il}.ffn_down.weight"), axis=0)
-                     for il in range(cfg.n_layer)]).astype(np.float32)
+def dequant_rows(f, name, r0, r1) -> np.ndarray:
+    """(r1 - r0, n_cols) float32 of rows r0..r1 of a 2-D weight."""
+    info = f.tensor(name)
+    return quants.dequantize(f.raw(name)[r0:r1], GGMLQuantizationType(info.qtype)).astype(np.float32, copy=False)
+
+
+def _down_norms(f, il, n_ff) -> np.ndarray:
+    """(n_ff,) f32: the norm of each neuron's down column (the product criterion's scale)."""
+    name = f"blk.{il}.ffn_down.weight"
+    ss = np.zeros(n_ff, np.float64)
+    for r0 in range(0, f.tensor(name).n_rows, NEURON_BLOCK):
+        D = dequant_rows(f, name, r0, r0 + NEURON_BLOCK)                    # (<= block, n_ff)
+        ss += np.einsum("ij,ij->j", D, D, dtype=np.float64)
+    return np.sqrt(ss).astype(np.float32)
+
+
+def _gate_scores(f, il, X, act, n_ff, up_scale=None) -> np.ndarray:
+    """(n, n_ff) f32 |act(gate_i . x)| for the rows of X (n, n_embd), or with up_scale (n_ff,) the product
+    |act(gate_i . x) (up_i . x)| * up_scale_i (_times_up); weights dequantized NEURON_BLOCK rows at a time."""
+    out = np.empty((len(X), n_ff), np.float32)
+    for r0 in range(0, n_ff, NEURON_BLOCK):
+        r1 = min(n_ff, r0 + NEURON_BLOCK)
+        out[:, r0:r1] = _act_abs(X @ dequant_rows(f, f"blk.{il}.ffn_gate.weight", r0, r1).T, act)
+    if up_scale is not None:
+        _times_up(f, il, X, out, up_scale)
+    return out
+
+
+def _times_up(f, il, X, A, up_scale) -> None:
+    """A (n, n_ff) *= |up_i . x| * up_scale_i, in place."""
+    for r0 in range(0, A.shape[1], NEURON_BLOCK):
+        r1 = min(A.shape[1], r0 + NEURON_BLOCK)
+        A[:, r0:r1] *= np.abs(X @ dequant_rows(f, f"blk.{il}.ffn_up.weight", r0, r1).T)
+        A[:, r0:r1] *= up_scale[r0:r1]
+
+
+@dataclass
+class _SparsityStats:
+    """Per-layer statistics of both criteria, filled by the calibration pass a layer at a time (`add`):
+    q (n_layer, grid) the |act(g)| quantiles of the training tokens; qp the product's; dn (n_layer, n_ff)
+    the down columns' norms; p_count (n_layer, grid + 1, n_ff) how many training tokens choose each
+    neuron by the product at threshold 0 and at each grid quantile; p_held (n_layer, grid + 1) the
+    held-out share chosen (frequencies and layer sparsity once a sparsity is chosen)."""
+    f: object
+    cfg: object
+    grid: np.ndarray
+    product: bool
+
+    def __post_init__(self):
+        L, G, n_ff = self.cfg.n_layer, len(self.grid), self.cfg.n_ff
+        self.q = np.zeros((L, G), np.float32)
+        self.qp = np.zeros((L, G), np.float32)
+        self.dn = np.zeros((L, n_ff), np.float32) if self.product else None
+        self.p_count = np.zeros((L, G + 1, n_ff), np.int32) if self.product else None
+        self.p_held = np.zeros((L, G + 1)) if self.product else None
+
+    def add(self, il, X, n_train):
+        act, f, n_ff = self.cfg.activation, self.f, self.cfg.n_ff
+        if act == ACT_RELU:
+            return
+        Xt, Xv = X[:n_train], X[n_train:]
+        A = _gate_scores(f, il, Xt, act, n_ff)                             # (n_train, n_ff)
+        self.q[il] = np.quantile(A, self.grid)
+        if self.product:
+            self.dn[il] = _down_norms(f, il, n_ff)
+            _times_up(f, il, Xt, A, self.dn[il])                               # |act(g) u| ||down_i||
+            self.qp[il] = np.quantile(A, self.grid)
+            P = _gate_scores(f, il, Xv, act, n_ff, self.dn[il])               # the same on held-out tokens
+            for k, tp in enumerate((0.0, *self.qp[il])):
+                self.p_count[il, k] = np.count_nonzero(A > tp, axis=0)
+                self.p_held[il, k] = np.count_nonzero(P > tp) / P.size
+        del A
+        _release_freed_memory()
 
 
 def _exercise_kernels():
     """Every compiled call of a conversion, once, on a tiny synthetic model: numba compiles (or loads from
     its cache) exactly the specializations convert() uses, whatever the real model's types."""
     from ..synthetic import write_synthetic
+    from .layerwise import Sequence
     with tempfile.TemporaryDirectory() as d:
         f = GGUFFile(write_synthetic(Path(d) / "k.gguf", n_layer=1, n_vocab=4200))   # >= 4096 strings
         model = Model(f, n_ctx=64)
-        buf = np.zeros((1, model.st.n_ubatch, model.cfg.n_embd), np.float32)
-        model._batch(np.arange(8, dtype=np.int64), 0, ffn_in=buf)
-        chunk_nll(model, np.arange(16, dtype=np.int64))
-        model.prefill(np.arange(4, dtype=np.int64), 0)    # the head index's greedy continuations
+        lp = LayerPass(model)
+        seqs = [Sequence(np.arange(8, dtype=np.int64)), Sequence(np.arange(3, dtype=np.int64))]
+        lp.run(seqs, on_layer=lambda il, X: None, capture=True)
+        lp.nll(seqs)
+        lp.nll(seqs, np.ones(1, np.float32), np.ones((1, model.cfg.n_ff), np.float32))
+        lp.greedy_states([[1, 2, 3]], 2)                 # the head index's greedy continuations
+        del lp, model
         f.close()
 
 
@@ -174,12 +251,23 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
             rank: int | None = None, down_type: str = "Q8_0", force: bool = False,
             target_recall: float = 0.95, full_curve: bool = False, predictor: str = "auto",
             head_index: bool = True, head_index_rank: int | None = None, product: bool = True,
-            progress: bool = False) -> ConvertReport:
+            max_ram=None, progress: bool = False) -> ConvertReport:
     """Write the flash GGUF of `src` to `dst` (see the module docstring). full_curve evaluates the
     held-out perplexity at every grid sparsity (the default bisects the grid: 5 evaluations, not 18).
     predictor: "auto" (a layer's predictor only where it is smaller than its gate rows), "always",
     "never". product: also store the product criterion (gated activations; the product selector).
-    A given `sparsity` applies to both criteria."""
+    A given `sparsity` applies to both criteria. max_ram ("1.5G", bytes): refused before the model is read
+    when below the floor convert_ram.py estimates from the model's shape; it sets the training threads."""
+    args = dict(locals())
+    sampler = PeakSampler()
+    try:
+        return _convert(sampler, **args)
+    finally:
+        sampler.close()
+
+
+def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_type, force, target_recall, full_curve,
+             predictor, head_index, head_index_rank, product, max_ram, progress) -> ConvertReport:
     t_start = time.perf_counter()
     src_path = models.resolve(src)
     dst = Path(dst)
@@ -195,66 +283,63 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
         raise InvalidArgumentError(f"--head-index-rank must be >= 0, got {head_index_rank}")
     if predictor not in PREDICTOR_CHOICES:
         raise InvalidArgumentError(f"--predictor {predictor}: choose one of {', '.join(PREDICTOR_CHOICES)}")
+    if not dst.parent.is_dir():
+        raise InvalidArgumentError(f"{dst}: its directory does not exist")
     f = GGUFFile(src_path)
     if ff.is_flash(f):
         raise InvalidArgumentError(f"{src_path}: already a flash GGUF")
     chunk = 512
-    config_from_gguf(f)            # refuses an unknown architecture before the compile child runs
-    _compile_out_of_process()
-    model = Model(f, n_ctx=chunk)
-    cfg = model.cfg
+    cfg = config_from_gguf(f)      # refuses an unknown architecture before the compile child runs
     for il in range(cfg.n_layer):
         for part in ("ffn_gate", "ffn_up", "ffn_down"):
             f.tensor(f"blk.{il}.{part}.weight")  # refuses a file without a gated FFN
+    # the ranks a layer's predictor may have: --rank, or the search's candidates that fit the matrix
+    max_rank = min(cfg.n_embd, cfg.n_ff)
+    ranks = (min(rank, max_rank),) if rank is not None else \
+        tuple(r for r in DEFAULT_RANKS if r <= max_rank) or (max_rank,)
+    trained = [_wants_predictor(predictor, max(ranks), cfg, f.tensor(f"blk.{il}.ffn_gate.weight").qtype)
+               for il in range(cfg.n_layer)]
+    head_name = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+    head_bytes = f.tensor(head_name).n_bytes
+    r = 0 if not head_index else index_rank(cfg.n_vocab, cfg.n_embd, head_bytes) \
+        if head_index_rank is None else min(int(head_index_rank), cfg.n_embd - 1)
+    # the RAM each phase needs, from the shape (nothing of the model is read yet)
+    cap = parse_size(max_ram) if max_ram is not None else None
+    ram = convert_ram(f, cfg, calib_tokens, chunk, HELD_OUT, any(trained), r, head_bytes)
+    if cap is not None and cap < ram.floor:
+        parts = ", ".join(f"{k} {v / MiB:.0f}" for k, v in ram.phases.items())
+        raise InvalidArgumentError(
+            f"{src_path}: --max-ram {cap / MiB:.0f} MiB is below this conversion's floor of {ram.floor / MiB:.0f} "
+            f"MiB (the process {ram.base / MiB:.0f} MiB + its largest phase; MiB by phase: {parts}); "
+            f"raise the cap, or lower --calib-tokens ({calib_tokens})")
+    n_threads = ram.threads(cap, os.cpu_count() or 1)
+    _compile_out_of_process()
+    model = Model(f, n_ctx=chunk)
     tok = tokenizer_from_gguf(f)
     text, source = read_calibration_text(calib)
-    phases = {}
+    phases, phase_peak = {}, {}
 
-    # ---- 1. calibration ----
-    t = time.perf_counter()
-    bar = _progress(progress, max(calib_tokens // chunk, 2), "calibrate")
-    cal = calibrate(model, tok, text, calib_tokens, chunk,
-                    progress=(lambda i, n: bar.update(1)) if bar else None)
-    if bar:
-        bar.close()
-    phases["calibrate"] = time.perf_counter() - t
-
-    # ---- 2. thresholds and the sparsity curves (gate criterion; product criterion) ----
+    # ---- 1. calibration, layer-major, with each layer's sparsity statistics ----
     t = time.perf_counter()
     act = cfg.activation
     product = bool(product) and act != ACT_RELU
     grid = np.array(SPARSITY_GRID if sparsity is None else sorted({sparsity}), np.float64)
-    q_train = np.zeros((cfg.n_layer, len(grid)), np.float32)   # per-layer |act| quantiles
-    qp_train = np.zeros((cfg.n_layer, len(grid)), np.float32)  # per-layer product quantiles
-    dn = _down_norms(f, cfg) if product else None             # (n_layer, n_ff) original neuron order
-    # the product criterion at threshold 0 and at each grid quantile: how many training tokens choose
-    # each neuron, and the held-out fraction chosen (frequencies and layer sparsity once one is chosen)
-    p_count = np.zeros((cfg.n_layer, len(grid) + 1, cfg.n_ff), np.int32) if product else None
-    p_held = np.zeros((cfg.n_layer, len(grid) + 1)) if product else None
-    freq = []
-    for il in range(cfg.n_layer):
-        if act != ACT_RELU:
-            Wg = dequant(f, f"blk.{il}.ffn_gate.weight")       # (n_ff, n_embd); not kept: 106 MB on SmolLM2
-            Xt = cal.train(il)
-            A = _act_abs(Xt @ Wg.T, act)                       # (n_train, n_ff)
-            q_train[il] = np.quantile(A, grid)
-            if product:
-                Wu = dequant(f, f"blk.{il}.ffn_up.weight")
-                A *= np.abs(Xt @ Wu.T)
-                A *= dn[il]                                    # |act(g) u| ||down_i||, (n_train, n_ff)
-                qp_train[il] = np.quantile(A, grid)
-                Xv = cal.held_out(il)
-                P = _act_abs(Xv @ Wg.T, act)
-                P *= np.abs(Xv @ Wu.T)
-                P *= dn[il]                                    # the same on held-out tokens
-                for k, tp in enumerate((0.0, *qp_train[il])):
-                    p_count[il, k] = (A > tp).sum(axis=0)
-                    p_held[il, k] = (P > tp).mean()
-                del Wu, Xv, P
-            del Wg, Xt, A
+    stats = _SparsityStats(f, cfg, grid, product)
+    lp = LayerPass(model)
+    bar = _progress(progress, cfg.n_layer, "calibrate")
+    cal = calibrate(model, tok, text, calib_tokens, chunk, HELD_OUT, on_layer=stats.add, spill_dir=dst.parent,
+                    progress=(lambda i, n: bar.update(1)) if bar else None)
+    if bar:
+        bar.close()
+    phases["calibrate"] = time.perf_counter() - t
+    phase_peak["calibrate"] = sampler.mark() / MiB
+
+    # ---- 2. the sparsity curves (gate criterion; product criterion), on held-out text ----
+    t = time.perf_counter()
+    q_train, qp_train, dn, p_count, p_held = stats.q, stats.qp, stats.dn, stats.p_count, stats.p_held
     n_search = 1 if sparsity is not None else (len(grid) if full_curve else 5)
     bar = _progress(progress, 1 + n_search * (1 + product), "sparsity")
-    dense_ppl = float(np.exp(_heldout_nll(model, cal, np.zeros(cfg.n_layer, np.float32))))
+    dense_ppl = float(np.exp(_heldout_nll(lp, cal, np.zeros(cfg.n_layer, np.float32))))
     if bar:
         bar.update(1)
 
@@ -263,7 +348,7 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
 
         def ppl_at(j):
             if j not in evaluated:
-                evaluated[j] = float(np.exp(_heldout_nll(model, cal, Q[:, j], scale)))
+                evaluated[j] = float(np.exp(_heldout_nll(lp, cal, Q[:, j], scale)))
                 if bar:
                     bar.update(1)
             return evaluated[j]
@@ -286,17 +371,15 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
     if bar:
         bar.close()
     phases["sparsity"] = time.perf_counter() - t
+    phase_peak["sparsity"] = sampler.mark() / MiB
 
     # ---- 2b. the output head's index ----
     t = time.perf_counter()
     hindex = None
-    head_name = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
     head_raw = f.raw(head_name)
-    r = 0 if not head_index else index_rank(cfg.n_vocab, cfg.n_embd, head_raw.nbytes) \
-        if head_index_rank is None else min(int(head_index_rank), cfg.n_embd - 1)
     if r:
         bar = _progress(progress, 2, "head index")
-        train_h, held_h, n_decode = calibration_states(model, tok, cal)
+        train_h, held_h, n_decode = calibration_states(lp, tok, cal)
         if bar:
             bar.update(1)
         hindex = build_head_index(head_raw, f.tensor(head_name).qtype, train_h, held_h, r, n_decode)
@@ -306,24 +389,20 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
             bar.close()
         f.release(f.tensor(head_name).offset, head_raw.nbytes)
     phases["head index"] = time.perf_counter() - t
+    phase_peak["head index"] = sampler.mark() / MiB
 
     # ---- 3. predictors, frequencies, hot-first order ----
     t = time.perf_counter()
     # the dense model is done: drop its KV cache and scratch, and the source pages it read (they stay
     # in the page cache for the write), so the training threads have the room (peak RSS target)
-    del model
+    del model, lp
     f.release(0, f.file_size)
     _release_freed_memory()
 
-    # the ranks a layer's predictor may have: --rank, or the search's candidates that fit the matrix
-    max_rank = min(cfg.n_embd, cfg.n_ff)
-    ranks = (min(rank, max_rank),) if rank is not None else \
-        tuple(r for r in DEFAULT_RANKS if r <= max_rank) or (max_rank,)
-    trained = [_wants_predictor(predictor, max(ranks), cfg, f.tensor(f"blk.{il}.ffn_gate.weight").qtype)
-               for il in range(cfg.n_layer)]
-
     def fit_layer(il):
         Wg = dequant(f, f"blk.{il}.ffn_gate.weight")               # (n_ff, n_embd) f32
+        gi = f.tensor(f"blk.{il}.ffn_gate.weight")
+        f.release(gi.offset, gi.n_bytes)
         Xt, Xv = cal.train(il), cal.held_out(il)
         Yt = active_mask(Xt, Wg, float(thresholds[il]), ACT_NAMES[act])
         Yv = active_mask(Xv, Wg, float(thresholds[il]), ACT_NAMES[act])
@@ -343,11 +422,11 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
         _release_freed_memory()
         return fr[order], order, float(1.0 - Yv.mean()), p, pfr, psp
 
-    preds, orders, layer_sparsity, prod_freq, prod_layer_sparsity = [], [], [], [], []
+    preds, orders, freq, layer_sparsity, prod_freq, prod_layer_sparsity = [], [], [], [], [], []
     bar = _progress(progress, cfg.n_layer, "predictors")
     # Layers train in parallel threads, one BLAS thread each: numpy releases the GIL in the matmuls and
     # the elementwise steps, so 2 cores train ~2x faster; each layer's result does not depend on this.
-    with single_threaded_blas(), ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 4))) as pool:
+    with single_threaded_blas(), ThreadPoolExecutor(n_threads) as pool:
         for fr, order, sp, p, pfr, psp in pool.map(fit_layer, range(cfg.n_layer)):
             freq.append(fr)
             orders.append(order)
@@ -360,10 +439,12 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
     if bar:
         bar.close()
     phases["predictors"] = time.perf_counter() - t
+    phase_peak["predictors"] = sampler.mark() / MiB
 
     # ---- 4. write ----
     t = time.perf_counter()
     n_cal_tokens = len(cal.tokens)
+    cal.close()     # the spill file is anonymous: an exception before this leaves nothing on disk either
     del cal
     _release_freed_memory()
     down_q = GGMLQuantizationType[down_type]
@@ -385,6 +466,7 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
     with atomic_output(dst) as tmp:
         _write(f, cfg, tmp, meta, orders, freq, down_q, progress)
     phases["write"] = time.perf_counter() - t
+    phase_peak["write"] = sampler.mark() / MiB
     ffn_bytes = sum(f.tensor(f"blk.{il}.{p}.weight").n_bytes for il in range(cfg.n_layer)
                     for p in ("ffn_gate", "ffn_up", "ffn_down"))
     return ConvertReport(
@@ -393,7 +475,8 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
         [p.precision if p else 0.0 for p in preds], sum(p.n_bytes for p in preds if p), ffn_bytes,
         sum(cfg.n_ff * sum(part_bytes[3 * il:3 * il + 3]) for il in range(cfg.n_layer)),
         time.perf_counter() - t_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, phases,
-        hindex, head_raw.nbytes, p_chosen, p_curve, prod_layer_sparsity if product else [])
+        hindex, head_raw.nbytes, p_chosen, p_curve, prod_layer_sparsity if product else [], phase_peak,
+        sampler.total / MiB)
 
 
 def _write(f, cfg, path, meta, orders, freq, down_q, progress):
@@ -449,53 +532,56 @@ def _write(f, cfg, path, meta, orders, freq, down_q, progress):
         w.add_float32(ff.K_HI_BYTES, hi.bytes_frac)
 
     ffn = {f"blk.{il}.{p}.weight" for il in range(L) for p in ("ffn_gate", "ffn_up", "ffn_down")}
-    plan = []   # (name, producer) in file order
+    plan = []   # (producer, source tensors it reads) in file order: their pages are released once written
     for name, info in f.tensors.items():
         if name in ffn:
             continue
         if info.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.I32):
             arr = f.array(name)
             w.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes)
-            plan.append(lambda a=arr: a)
+            plan.append((lambda a=arr: a, [name]))
         else:
             raw = f.raw(name)
             w.add_tensor_info(name, raw.shape, np.uint8, raw.nbytes, raw_dtype=GGMLQuantizationType(info.qtype))
-            plan.append(lambda r=raw: r)
+            plan.append((lambda r=raw: r, [name]))
     for il in range(L):
         bb = sum(meta["bytes"][3 * il:3 * il + 3])
         p = preds[il]
         w.add_tensor_info(ff.t_bundle(il), (cfg.n_ff, bb), np.dtype(np.int8), cfg.n_ff * bb)
-        plan.append(lambda il=il: _bundle(f, cfg, il, orders[il], down_q).view(np.int8))
+        plan.append((lambda il=il: _bundle(f, cfg, il, orders[il], down_q).view(np.int8),
+                     [f"blk.{il}.{p}.weight" for p in ("ffn_gate", "ffn_up", "ffn_down")]))
         w.add_tensor_info(ff.t_neuron_id(il), (cfg.n_ff,), np.dtype(np.int32), cfg.n_ff * 4)
-        plan.append(lambda il=il: orders[il].astype(np.int32))
+        plan.append((lambda il=il: orders[il].astype(np.int32), []))
         w.add_tensor_info(ff.t_freq(il), (cfg.n_ff,), np.dtype(np.float32), cfg.n_ff * 4)
-        plan.append(lambda il=il: freq[il])
+        plan.append((lambda il=il: freq[il], []))
         if pr is not None:   # in stored (hot-first) row order
             w.add_tensor_info(ff.t_down_norm(il), (cfg.n_ff,), np.dtype(np.float32), cfg.n_ff * 4)
-            plan.append(lambda il=il: pr["down_norm"][il][orders[il]].astype(np.float32))
+            plan.append((lambda il=il: pr["down_norm"][il][orders[il]].astype(np.float32), []))
             w.add_tensor_info(ff.t_prod_freq(il), (cfg.n_ff,), np.dtype(np.float32), cfg.n_ff * 4)
-            plan.append(lambda il=il: pr["freq"][il].astype(np.float32))
+            plan.append((lambda il=il: pr["freq"][il].astype(np.float32), []))
         if p is None:
             continue
         # predictor columns follow the stored (hot-first) row order, so predicted rows index bundles
         A, B = _balanced(p.A, p.B[:, orders[il]])
         w.add_tensor_info(ff.t_pred_a(il), A.shape, np.dtype(np.float16), A.size * 2)
-        plan.append(lambda A=A: A.astype(np.float16))
+        plan.append((lambda A=A: A.astype(np.float16), []))
         w.add_tensor_info(ff.t_pred_b(il), B.shape, np.dtype(np.float16), B.size * 2)
-        plan.append(lambda B=B: B.astype(np.float16))
+        plan.append((lambda B=B: B.astype(np.float16), []))
         w.add_tensor_info(ff.t_pred_bias(il), p.bias.shape, np.dtype(np.float32), p.bias.size * 4)
-        plan.append(lambda p=p, il=il: p.bias[orders[il]].astype(np.float32))
+        plan.append((lambda p=p, il=il: p.bias[orders[il]].astype(np.float32), []))
     if hi is not None:
         for name, arr in ((ff.T_HI_BASIS, hi.basis), (ff.T_HI_PREVIEW, hi.preview), (ff.T_HI_SCALE, hi.scale),
                           (ff.T_HI_SIGMA, hi.sigma), (ff.T_HI_WHITEN, hi.whiten), (ff.T_HI_COLSCALE, hi.colscale)):
             w.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes)
-            plan.append(lambda a=arr: a)
+            plan.append((lambda a=arr: a, []))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     bar = _progress(progress, len(plan), "write")
-    for produce in plan:
+    for produce, reads in plan:
         w.write_tensor_data(np.ascontiguousarray(produce()))
+        for name in reads:
+            f.release(f.tensor(name).offset, f.tensor(name).n_bytes)
         if bar:
             bar.update(1)
     if bar:
@@ -530,8 +616,10 @@ def _bundle(f, cfg, il, order, down_q) -> np.ndarray:
     """(n_ff, bundle_bytes) uint8: row i = gate[order[i]] | up[order[i]] | requantized down[:, order[i]]."""
     gate = f.raw(f"blk.{il}.ffn_gate.weight")                     # (n_ff, gate_bytes)
     up = f.raw(f"blk.{il}.ffn_up.weight")                         # (n_ff, up_bytes)
-    down = dequant(f, f"blk.{il}.ffn_down.weight")                # (n_embd, n_ff)
-    down_cols = np.ascontiguousarray(down.T[order])               # (n_ff, n_embd)
+    down_cols = np.empty((cfg.n_ff, cfg.n_embd), np.float32)      # (n_ff, n_embd): down's columns, stored order
+    for r0 in range(0, cfg.n_embd, NEURON_BLOCK):
+        D = dequant_rows(f, f"blk.{il}.ffn_down.weight", r0, r0 + NEURON_BLOCK)   # (<= block, n_ff)
+        down_cols[:, r0:r0 + len(D)] = D.T[order]
     if down_q == GGMLQuantizationType.F32:
         dq = down_cols.view(np.uint8)
     elif down_q == GGMLQuantizationType.F16:

@@ -190,34 +190,28 @@ GENERIC_SEEDS = ("Hello! How can I help you today?", "Here is a short story abou
 N_NEW = 40             # greedy tokens generated from each seed
 
 
-def generated_states(model, tokenizer, seeds, n_new: int = N_NEW) -> np.ndarray:
-    """(len(seeds) * n_new, n_embd) f32: the normed final hidden state of every greedy step from each
-    seed (the states the head sees while decoding; text read teacher-forced has other statistics)."""
-    out = []
-    for seed in seeds:
-        ids = seed if isinstance(seed, (list, np.ndarray)) else tokenizer.encode(seed)
-        ids = list(ids)[:model.n_ctx - n_new - 1]
-        if not ids:     # a vocabulary that cannot spell the seed
-            continue
-        logits = model.prefill(ids, 0)
-        for i in range(n_new):
-            # a one-token prompt batch, not forward(): the converter then loads no decode kernels
-            # (LLVM's pages would count in its peak RSS)
-            logits = model.prefill([int(np.argmax(logits))], len(ids) + i)
-            out.append(model.st.H[0].copy())     # the batch's normed final hidden state
-    return np.array(out, np.float32).reshape(-1, model.cfg.n_embd)
+def seed_ids(tokenizer, seed, n_ctx: int, n_new: int = N_NEW) -> list:
+    """The token ids a seed (text, or ids) starts its continuation from, within the context."""
+    ids = seed if isinstance(seed, (list, np.ndarray)) else tokenizer.encode(seed)
+    return [int(t) for t in list(ids)[:n_ctx - n_new - 1]]
 
 
-def calibration_states(model, tokenizer, cal, max_text: int = 1024):
+def calibration_states(layer_pass, tokenizer, cal, max_text: int = 1024):
     """(train, held, n_decode): f32 states of teacher-forced calibration text (its train / held-out
     split, at most max_text each) and greedy continuations of seeds (half generic, half from the
-    held-out text), alternate seeds to each side; held ends with its n_decode continuation states."""
+    held-out text), alternate seeds to each side; held ends with its n_decode continuation states.
+    The continuations run layer-major (layer_pass: layerwise.LayerPass), all seeds in lockstep."""
     text_tr = cal.H[:cal.n_train].astype(np.float32)
     text_ho = cal.H[cal.n_train:].astype(np.float32)
     pick = lambda a: a[np.linspace(0, len(a) - 1, min(max_text, len(a))).astype(int)]  # noqa: E731
     starts = range(cal.n_train, len(cal.tokens), cal.chunk)
     seeds = list(GENERIC_SEEDS) + [cal.tokens[s:s + 24] for s in list(starts)[:len(GENERIC_SEEDS)]]
-    gen = [generated_states(model, tokenizer, [s]) for s in seeds]
+    prompts = [seed_ids(tokenizer, s, layer_pass.model.n_ctx) for s in seeds]
+    keep = [i for i, p in enumerate(prompts) if p]          # a vocabulary that cannot spell a seed
+    states = layer_pass.greedy_states([prompts[i] for i in keep], N_NEW)
+    gen = [np.zeros((0, cal.H.shape[1]), np.float32) for _ in seeds]
+    for i, st in zip(keep, states):
+        gen[i] = st
     train = np.concatenate([pick(text_tr)] + gen[0::2])
     held_decode = np.concatenate(gen[1::2])
     return train, np.concatenate([pick(text_ho), held_decode]), len(held_decode)

@@ -245,26 +245,39 @@ def _gate_basis(X: np.ndarray, W_gate: np.ndarray, k_max: int):
     k = min(int(k_max), n_embd, n_ff)
     C = (X.T @ X).astype(np.float64) / X.shape[0]                     # (n_embd, n_embd)
     evals, evecs = np.linalg.eigh(C)
-    evals = np.maximum(evals, 1e-6 * max(evals.max(), 1e-30))           # regularise rank-deficient X
+    del C                                                              # (each n_embd^2 float64 freed early:
+    evals = np.maximum(evals, 1e-6 * max(evals.max(), 1e-30))          #  7B's are 128 MiB each)
     c_half = (evecs * np.sqrt(evals)) @ evecs.T                        # (n_embd, n_embd)
     c_ihalf = (evecs / np.sqrt(evals)) @ evecs.T
+    del evecs
     G = np.zeros((n_embd, n_embd), np.float64)                         # W^T W, in row blocks
     for r0 in range(0, n_ff, 1024):
         Wb = W_gate[r0:r0 + 1024].astype(np.float64)
         G += Wb.T @ Wb
-    s2, U = np.linalg.eigh(c_half @ G @ c_half)                        # ascending eigenvalues = S^2
+    del Wb
+    G = c_half @ G
+    G = G @ c_half
+    s2, U = np.linalg.eigh(G)                                          # ascending eigenvalues = S^2
+    del G
     U = U[:, ::-1][:, :k]                                              # (n_embd, k), largest first
     P = (c_ihalf @ U).astype(np.float32)                               # (n_embd, k)
     Q = (U.T @ c_half).astype(np.float32) @ W_gate.T                   # (k, n_ff) = S_k V_k^T
     return P, np.ascontiguousarray(Q, dtype=np.float32)
 
 
-def _masked_mean_std(G, M):
-    """Per-column mean and std of G (n, n_ff) over rows where M (n, n_ff) is True (0, 1 if none)."""
+def _masked_mean_std(G, M, rows: int = 256):
+    """Per-column mean and std of G (n, n_ff) over rows where M (n, n_ff) is True (0, 1 if none); the
+    sums run over `rows` rows at a time (the temporaries of a whole (n, n_ff) were the converter's peak)."""
     cnt = np.maximum(M.sum(0), 1).astype(np.float32)
-    Gm = np.where(M, G, 0.0)
-    mean = Gm.sum(0) / cnt
-    var = np.maximum((Gm * G).sum(0) / cnt - mean * mean, 0.0)
+    s1 = np.zeros(G.shape[1], np.float32)
+    s2 = np.zeros(G.shape[1], np.float32)
+    for r in range(0, len(G), rows):
+        Gm = np.where(M[r:r + rows], G[r:r + rows], np.float32(0.0))
+        s1 += Gm.sum(0)
+        Gm *= G[r:r + rows]
+        s2 += Gm.sum(0)
+    mean = s1 / cnt
+    var = np.maximum(s2 / cnt - mean * mean, 0.0)
     return mean.astype(np.float32), np.sqrt(var).astype(np.float32) + np.float32(1e-6)
 
 

@@ -185,36 +185,52 @@ def attention_batch_layer(X, XB, XR, Q, K, V, ATT, ATR, scores, k_cache, v_cache
 
 
 @njit(cache=True, fastmath=FASTMATH)
+def batch_embed(X, cos, sin, blob, embd_m, inv_freq, fp, tokens, pos0):
+    """X (n, n_embd) = the embeddings of tokens (n,); cos, sin (n, 2, rope_dim / 2) their RoPE tables
+    at positions pos0.. ([global, local])."""
+    for j in range(tokens.shape[0]):
+        embed(X[j], blob, embd_m, tokens[j], fp[FP_EMBD_SCALE])
+        rope_cos_sin(cos[j, 0], sin[j, 0], pos0 + j, inv_freq[0])
+        rope_cos_sin(cos[j, 1], sin[j, 1], pos0 + j, inv_freq[1])
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def ffn_batch_layer(X, XB, HG, HU, blob, mats, norms, ip, fp, il, thresholds, ffn_scale, ffn_in, ci):
+    """X (n, n_embd) += FFN block of layer il for n tokens (the prompt batch). Buffers have exactly n rows.
+    thresholds (n_layer,) f32 as in forward_token, or with ffn_scale (n_layer, n_ff) f32 (0 layers: not
+    used) the product criterion |act(g_i) u_i| * ffn_scale[il, i] > thresholds[il] (nn.glu_product).
+    ffn_in (k, >= n, n_embd) f32: ffn_in[ci] receives the FFN inputs (calibration); 0 layers: no copy."""
+    n = X.shape[0]
+    eps = fp[FP_EPS]
+    rows_rmsnorm(XB, X, norms[il, NORM_FFN], eps)
+    if ffn_in.shape[0] > 0:
+        ffn_in[ci, :n] = XB
+    matmat(HG, blob, mats[il, MAT_GATE], XB)
+    matmat(HU, blob, mats[il, MAT_UP], XB)
+    for j in range(n):
+        if ffn_scale.shape[0] > 0:
+            glu_product(HG[j], HG[j], HU[j], ip[IP_ACT], thresholds[il], ffn_scale[il])
+        else:
+            glu(HG[j], HG[j], HU[j], ip[IP_ACT], thresholds[il])
+    matmat(XB, blob, mats[il, MAT_DOWN], HG)
+    rows_residual(X, XB, norms[il, NORM_POST_FFW], eps, ip[IP_POST_NORMS])
+
+
+@njit(cache=True, fastmath=FASTMATH)
 def forward_batch(hidden, X, XB, Q, K, V, ATT, scores, HG, HU, k_cache, v_cache, cos, sin,
                   blob, mats, norms, qk_norms, biases, swa, inv_freq, embd_m, out_norm,
                   thresholds, ffn_scale, ffn_in, ip, fp, tokens, pos0):
     """Prompt batch: tokens (n_tok,) at positions pos0.. through every layer; K/V go to the caches.
     hidden (n_tok, n_embd) = final RMSNorm(x) * output_norm (the head is applied by the caller, to the
     rows it needs). Batch buffers have >= n_tok rows; cos, sin (n_tok, 2, rope_dim / 2).
-    thresholds (n_layer,) f32 as in forward_token, or with ffn_scale (n_layer, n_ff) f32 (0 layers: not
-    used) the product criterion |act(g_i) u_i| * ffn_scale[il, i] > thresholds[il] (nn.glu_product); ffn_in (n_layer, >= n_tok, n_embd) f32 receives
-    each layer's FFN input (calibration), or has 0 layers to skip that copy."""
+    thresholds, ffn_scale as in ffn_batch_layer; ffn_in (n_layer, >= n_tok, n_embd) f32 receives each
+    layer's FFN input, or has 0 layers to skip that copy. The layer-major pass of the converter
+    (flash/layerwise.py) calls the same three steps from Python, a layer at a time."""
     n = tokens.shape[0]
-    n_head, n_head_kv, hd = ip[IP_N_HEAD], ip[IP_N_HEAD_KV], ip[IP_HEAD_DIM]
-    eps = fp[FP_EPS]
     X, XB, Q, K, V, ATT, HG, HU = X[:n], XB[:n], Q[:n], K[:n], V[:n], ATT[:n], HG[:n], HU[:n]
-    for j in range(n):
-        embed(X[j], blob, embd_m, tokens[j], fp[FP_EMBD_SCALE])
-        rope_cos_sin(cos[j, 0], sin[j, 0], pos0 + j, inv_freq[0])
-        rope_cos_sin(cos[j, 1], sin[j, 1], pos0 + j, inv_freq[1])
+    batch_embed(X, cos[:n], sin[:n], blob, embd_m, inv_freq, fp, tokens, pos0)
     for il in range(ip[IP_N_LAYER]):
         attention_batch_layer(X, XB, XB[:0], Q, K, V, ATT, ATT[:0], scores, k_cache, v_cache, cos, sin, blob,
                               mats, norms, qk_norms, biases, swa, ip, fp, il, pos0)
-        rows_rmsnorm(XB, X, norms[il, NORM_FFN], eps)
-        if ffn_in.shape[0] > 0:
-            ffn_in[il, :n] = XB
-        matmat(HG, blob, mats[il, MAT_GATE], XB)
-        matmat(HU, blob, mats[il, MAT_UP], XB)
-        for j in range(n):
-            if ffn_scale.shape[0] > 0:
-                glu_product(HG[j], HG[j], HU[j], ip[IP_ACT], thresholds[il], ffn_scale[il])
-            else:
-                glu(HG[j], HG[j], HU[j], ip[IP_ACT], thresholds[il])
-        matmat(XB, blob, mats[il, MAT_DOWN], HG)
-        rows_residual(X, XB, norms[il, NORM_POST_FFW], eps, ip[IP_POST_NORMS])
-    rows_rmsnorm(hidden[:n], X, out_norm, eps)
+        ffn_batch_layer(X, XB, HG, HU, blob, mats, norms, ip, fp, il, thresholds, ffn_scale, ffn_in, il)
+    rows_rmsnorm(hidden[:n], X, out_norm, fp[FP_EPS])
