@@ -309,7 +309,7 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
     if cap is not None and cap < ram.floor:
         parts = ", ".join(f"{k} {v / MiB:.0f}" for k, v in ram.phases.items())
         raise InvalidArgumentError(
-            f"{src_path}: --max-ram {cap / MiB:.0f} MiB is below this conversion's floor of {ram.floor / MiB:.0f} "
+            f"{src_path}: --max-ram {cap // MiB} MiB is below this conversion's floor of {-(-ram.floor // MiB)} "
             f"MiB (the process {ram.base / MiB:.0f} MiB + its largest phase; MiB by phase: {parts}); "
             f"raise the cap, or lower --calib-tokens ({calib_tokens})")
     n_threads = ram.threads(cap, os.cpu_count() or 1)
