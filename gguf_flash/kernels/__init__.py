@@ -4,6 +4,7 @@ that calls a kernel from another module would otherwise keep stale machine code 
 Cold start (first process compiles everything): see README "Performance"."""
 
 import hashlib
+import secrets
 import os
 from pathlib import Path
 
@@ -21,6 +22,33 @@ def _cache_dir() -> str:
 
 
 numba.config.CACHE_DIR = _cache_dir()
+
+
+class _RandomIds:
+    """numba's FunctionIdentity ids, drawn at random instead of counted from 1 in each process.
+
+    Why: a compiled function's symbol is its module.qualname, argument types and this id
+    (itanium_mangler: the "v<id>" ABI tag). Counted ids repeat across processes, and so do the names
+    numba gives the loop bodies of parallel kernels ("__numba_parfor_gufunc_<hash of an object>"): two
+    different functions compiled by two processes into one on-disk cache could get the same symbol with
+    different code, and a later process that loaded both jumped into the wrong one. That happened here:
+    after runs with f16 and f32 KV caches filled one cache, `Model(f).forward(1, 0)` segfaulted in
+    forward_token (numba issue #10486). Random 63-bit ids make such a collision as unlikely as a random
+    63-bit clash."""
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        return secrets.randbits(63)
+
+
+def _unique_symbols() -> None:
+    from numba.core.bytecode import FunctionIdentity
+    FunctionIdentity._unique_ids = _RandomIds()
+
+
+_unique_symbols()
 
 
 def _import_numba_np_without_scipy():
