@@ -51,6 +51,21 @@ def _unique_symbols() -> None:
 _unique_symbols()
 
 
+def _start_parallel_runtime() -> None:
+    """Start numba's thread pool now, before any cached kernel is loaded.
+
+    Why: a cached function that is not parallel itself but calls parallel ones (forward_batch ->
+    matmat_*, forward_token -> matvec_*, flashstep.layer_select -> matvec_rows) refers to the parallel
+    runtime's symbols, which numba registers with LLVM only when it starts its threads. If that function
+    was compiled in a process that loaded its parallel callees from the cache, loading it in a fresh
+    process before any parallel kernel ran jumped to an unresolved address: a segfault (numba issue
+    #8578). Seen here: `Model(f).prefill([1, 2, 3])` on SmolLM2 crashed in forward_batch after other
+    processes had filled the cache, and ran once the threads were started first (a 20-line reproduction
+    with one parallel callee behaves the same). numba.get_num_threads() starts them."""
+    numba.get_num_threads()
+
+
+
 def _import_numba_np_without_scipy():
     """numba's first compile or cache load imports numba.np.arraymath, which imports scipy.linalg
     (0.27 s of a 1.5 s time to first token here) only to choose how np.correlate/np.convolve take inner
@@ -67,6 +82,7 @@ def _import_numba_np_without_scipy():
 
 
 _import_numba_np_without_scipy()
+_start_parallel_runtime()
 
 
 def first_run() -> bool:
