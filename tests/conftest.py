@@ -11,6 +11,25 @@ REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "reference"
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 
 
+def decode_ffn(model, il, t, stats, threshold=None):
+    """Layer il's FFN output (n_embd,) f32 for the input in model.st.xb (a FlashModel), through the decode
+    step's own path: the selector, the split between window and staging, FFNLoader.run_layer (its
+    residual added to zeros with no post-norm: the FFN output itself). t: the window's token index."""
+    import numpy as np
+    from gguf_flash.kernels import dispatch, flashstep
+    s, sel, ffn = model.st, model.select, model.ffn
+    dispatch.quantize_x(s.xq_embd, s.xb)
+    n, known = sel(il, s.hg, s.xb, s.xq_embd)
+    win = ffn.windows[il]
+    nw, no = flashstep.split_rows(ffn.win_rows, ffn.ovf_pos, sel.active, n,
+                                  win.neuron_slot if win else ffn.no_slot, win.capacity if win else 0)
+    out = np.zeros(model.cfg.n_embd, np.float32)
+    ffn.run_layer(out, il, sel.active, sel.gvals, n, known, nw, no, s.xb, s.xq_embd, model.cfg.activation,
+                  model.thresholds[il] if threshold is None else threshold,
+                  (np.ones(model.cfg.n_embd, np.float32), 1e-6, False), t, stats)
+    return out, n, known
+
+
 def reference(name: str) -> dict:
     return json.loads((REFERENCE_DIR / f"{name}.json").read_text())
 

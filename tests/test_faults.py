@@ -544,13 +544,18 @@ from gguf_flash.errors import FlashFormatError
 path, mode = sys.argv[1], sys.argv[2]
 llm = gguf_flash.load(path, mode=mode, n_ctx=64, n_threads=1)
 n, store = [0], llm.model.store
-real_read_rows = store.read_rows
-def read_rows(*a):        # inside a token, right after a read: the next layer's attention comes next
-    r = real_read_rows(*a)
+real_read_rows, real_check = store.read_rows, store.check_unchanged
+def truncate():
     if n[0] == 3 and os.path.getsize(path):
         os.truncate(path, 0)      # below every tensor: the resident ones too
+def read_rows(*a):        # inside a token, right after a read: the next layer's attention comes next
+    r = real_read_rows(*a)
+    truncate()
     return r
-store.read_rows = read_rows
+def check_unchanged():    # a token's first check passed: every layer is to come (a window holding all
+    real_check()          # its rows reads nothing)
+    truncate()
+store.read_rows, store.check_unchanged = read_rows, check_unchanged
 def count(piece):
     n[0] += 1
 try:

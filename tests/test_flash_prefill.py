@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import gguf_flash
+from conftest import decode_ffn
 
 PROMPT = ("The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz "
           "combined movable metal type, oil-based ink and a wooden press adapted from wine making. " * 2)
@@ -31,7 +32,7 @@ def test_one_layer_of_a_chunk_equals_the_decode_kernels(smollm2_flash, mode, sel
     prompts are compared by their top tokens below, and layers here. window=1: every layer's window
     shrunk to one slot, the union streamed through the staging buffer in parts."""
     from gguf_flash.flash.stats import ChunkStats, TokenStats
-    from gguf_flash.kernels import dispatch, forward as fw, nn, sparse
+    from gguf_flash.kernels import forward as fw, nn, sparse
     path, _ = smollm2_flash
     m = gguf_flash.load(path, n_ctx=64, mode=mode, selector=selector).model
     if window:
@@ -69,11 +70,8 @@ def test_one_layer_of_a_chunk_equals_the_decode_kernels(smollm2_flash, mode, sel
     want = np.zeros(c.n_embd, np.float32)
     for j in range(T):
         s.xb[:] = XB[j]
-        dispatch.quantize_x(s.xq_embd, s.xb)
-        k, hg = m.select(il, s.hg, s.xb, s.xq_embd)
+        want, k, hg = decode_ffn(m, il, 20 + j, TokenStats())
         assert hg == have_gate and k == int(pre.MK[j].sum())
-        m.ffn.run(want, il, m.select.active, m.select.gvals, k, hg, s.xb, s.xq_embd, c.activation,
-                  m.thresholds[il], 20 + j, TokenStats())
         np.testing.assert_allclose(got[j], want, atol=2e-5 * np.abs(want).max())
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import gguf_flash
+from conftest import decode_ffn
 from gguf_flash.errors import FlashFormatError, InvalidArgumentError, RamCapError
 from gguf_flash.flash.budget import parse_size, sample_peak_rss
 
@@ -70,23 +71,19 @@ def test_product_selector_at_threshold_zero_is_the_dense_ffn(smollm2_flash):
     largest output). Whole tokens are compared by KL only: each layer's input is rounded to 8-bit blocks,
     so across 30 layers such differences flip a few codes (logits within ~3% of their largest)."""
     from gguf_flash.flash.stats import TokenStats
-    from gguf_flash.kernels import dispatch
     path, _ = smollm2_flash
     dense = gguf_flash.load(path, n_ctx=64, mode="dense")
     prod = gguf_flash.load(path, n_ctx=64, selector="product")
     assert prod.model.selector == "product" and "gate and up rows" in prod.model.plan.resident
     for l in prod.model.info.layers:
         l.prod_threshold = 0.0
+    prod.model._step, prod.model._post = prod.model._step_arguments()   # the decode step reads them at load
     x = np.random.default_rng(0).standard_normal(dense.cfg.n_embd).astype(np.float32)
     for il in (0, 7, 29):
         outs = []
         for m in (dense.model, prod.model):
             m.st.xb[:] = x
-            dispatch.quantize_x(m.st.xq_embd, m.st.xb)
-            n, known = m.select(il, m.st.hg, m.st.xb, m.st.xq_embd)
-            out = np.zeros(m.cfg.n_embd, np.float32)
-            m.ffn.run(out, il, m.select.active, m.select.gvals, n, known, m.st.xb, m.st.xq_embd, m.cfg.activation,
-                      np.float32(0), 0, TokenStats())
+            out, n, _ = decode_ffn(m, il, 0, TokenStats(), threshold=np.float32(0))
             outs.append(out)
         assert n == prod.cfg.n_ff
         np.testing.assert_allclose(outs[1], outs[0], atol=1e-6 * np.abs(outs[0]).max())

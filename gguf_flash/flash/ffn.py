@@ -17,36 +17,10 @@ import mmap
 import time
 
 import numpy as np
-from numba import njit
-
-from ..kernels import sparse
+from ..kernels import flashstep, sparse
+from ..kernels.flashstep import split_rows as _split   # (run_chunk; decoding splits in layer_select)
 from .stats import add_read
 from .window import Window
-
-
-@njit(cache=True)
-def _split(win_rows, ovf_pos, active, n, neuron_slot, capacity):
-    """Rows the window keeps (hits, then misses while there is room, lowest row = hottest first) into
-    win_rows, and the positions in `active` of the rest (the overflow) into ovf_pos; returns
-    (n_win, n_ovf). win_rows, ovf_pos (n_ff,) int32."""
-    hits = 0
-    for j in range(n):
-        if neuron_slot[active[j]] >= 0:
-            hits += 1
-    free = capacity - hits
-    nw = 0
-    no = 0
-    for j in range(n):
-        a = active[j]
-        if neuron_slot[a] >= 0 or free > 0:
-            if neuron_slot[a] < 0:
-                free -= 1
-            win_rows[nw] = a
-            nw += 1
-        else:
-            ovf_pos[no] = j
-            no += 1
-    return nw, no
 
 
 def _zeros_u8(n_rows, n_cols):
@@ -74,8 +48,8 @@ class FFNLoader:
         self.ovf_pos = np.zeros(n_ff, np.int32)                   # (n_ff,) int32 positions of the rest
         self.ovf_rows = np.zeros(n_ff, np.int32)                  # (n_ff,) int32 their rows, one chunk
         self.no_slot = np.full(n_ff, -1, np.int32)                # (n_ff,) int32 "not in a window"
-        self.positions = np.arange(n_ff, dtype=np.int32)          # (n_ff,) int32
         self.partial = np.zeros((max(2, n_part), n_embd), np.float32)  # (n_part, n_embd)
+        self.out = np.zeros(n_embd, np.float32)                   # (n_embd,) the FFN's output (run_layer)
         # per layer: where a slot's bytes start in the bundle, the part types and slot-relative offsets
         self.read_offset, self.types, self.offs = [], [], []
         for l in layers:
@@ -104,48 +78,47 @@ class FFNLoader:
         self._select_layer(il, self.n_ff)
         self.store.read_rows(missing, self.windows[il].slots, slots)
 
-    def _admit(self, il, rows, n, t, ts, staging):
-        """Window update for rows[:n] (hits, then misses while there is room, read now); the positions
-        of the rest (the overflow) go to self.ovf_pos[:no]. Returns (slots, neuron_slot map, no); with
-        no window (naive) every row overflows and the map says "not in a window"."""
+    def _hold(self, il, nw, t, ts, staging):
+        """The window of layer il takes win_rows[:nw] (reading the ones it lacks). Returns (slots,
+        neuron_slot map); with no window (naive): the staging buffer and the map "not in a window"."""
         win = self.windows[il]
-        self._select_layer(il, self.n_ff)
         if win is None:
-            self.ovf_pos[:n] = self.positions[:n]
-            return staging, self.no_slot, n
+            return staging, self.no_slot
         t0 = time.perf_counter()
-        nw, no = _split(self.win_rows, self.ovf_pos, rows, n, win.neuron_slot, win.capacity)
-        missing, slots = win.update(self.win_rows[:nw], t)
+        missing, slots = win.update(self.win_rows[:nw], t, check=False)
         ts.mm_ms += (time.perf_counter() - t0) * 1e3
-        add_read(ts, self.store.read_rows(missing, win.slots, slots), len(missing))
-        return win.slots, win.neuron_slot, no
+        if len(missing):
+            self._select_layer(il, self.n_ff)
+            add_read(ts, self.store.read_rows(missing, win.slots, slots), len(missing))
+        return win.slots, win.neuron_slot
 
-    def run(self, out, il, active, gvals, n, known, x, xq, act, threshold, t, ts):
-        """out (n_embd,) = the FFN of layer il over rows active[:n] (gvals[:n]: what the selector
-        computed for them, sparse.KNOWN_*), reading what the window lacks. Positions are computed in order, cut where the
-        staging buffer is full, so the sum is the same at every cap. Adds to ts: loaded, overflow,
-        bytes, reads, io ms, mm ms."""
+    def run_layer(self, x, il, active, gvals, n, known, nw, no, xb, xq, act, threshold, post, t, ts):
+        """The FFN of layer il and its residual (x += ...) over rows active[:n], after
+        flashstep.layer_select chose them and split them: win_rows[:nw] for the window, the positions
+        ovf_pos[:no] for the staging buffer. Reads what the window lacks, then the overflow in chunks of
+        the staging buffer (positions in order, so the sum is the same at every cap). post: (post_w,
+        eps, post_norm) of the residual. Adds to ts: loaded, overflow, bytes, reads, io ms, mm ms."""
         types, offs = self.types[il], self.offs[il]
         staging = self._staging_for(il)
-        self.partial[:] = 0.0
-        wslots, wmap, no = self._admit(il, active, n, t, ts, staging)
-        step = staging.shape[0]
+        wslots, wmap = self._hold(il, nw, t, ts, staging)
         j0 = 0
-        for k0 in range(0, no, step):
-            m = min(step, no - k0)
-            chunk = self.ovf_rows[:m]
-            np.take(active, self.ovf_pos[k0:k0 + m], out=chunk)
-            self.stage_map[chunk] = self.stage_idx[:m]
-            add_read(ts, self.store.read_rows(chunk, staging, self.stage_idx[:m]), m)
-            j1 = int(self.ovf_pos[k0 + m - 1]) + 1 if k0 + m < no else n
-            sparse.sparse_ffn_range(self.partial, wslots, wmap, staging, self.stage_map, active, j0, j1, gvals,
-                                    known, x, xq, types, offs, act, threshold)
-            j0 = j1
-        if j0 < n:
-            sparse.sparse_ffn_range(self.partial, wslots, wmap, staging, self.stage_map, active, j0, n, gvals,
-                                    known, x, xq, types, offs, act, threshold)
-        sparse.sum_partials(out, self.partial)
-        ts.overflow += no
+        if no:
+            self._select_layer(il, self.n_ff)
+            self.partial[:] = 0.0
+            step = staging.shape[0]
+            for k0 in range(0, no, step):
+                m = min(step, no - k0)
+                chunk = self.ovf_rows[:m]
+                np.take(active, self.ovf_pos[k0:k0 + m], out=chunk)
+                self.stage_map[chunk] = self.stage_idx[:m]
+                add_read(ts, self.store.read_rows(chunk, staging, self.stage_idx[:m]), m)
+                j1 = int(self.ovf_pos[k0 + m - 1]) + 1 if k0 + m < no else n
+                sparse.sparse_ffn_range(self.partial, wslots, wmap, staging, self.stage_map, active, n, j0, j1,
+                                        gvals, known, xb, xq, types, offs, act, threshold)
+                j0 = j1
+            ts.overflow += no
+        flashstep.layer_ffn(x, self.out, self.partial, no == 0, wslots, wmap, staging, self.stage_map, active, n,
+                            j0, gvals, known, xb, xq, types, offs, act, threshold, *post)
 
     def run_chunk(self, OUT, il, union, n, MK, HG, known, XB, XR, act, threshold, t, ts, buf):
         """OUT[j] (T, n_embd) = the FFN of layer il for prompt token j over the rows it chose (MK[j]),
@@ -156,7 +129,11 @@ class FFNLoader:
         T = XB.shape[0]
         types, offs = self.types[il], self.offs[il]
         staging = self._staging_for(il)
-        wslots, wmap, no = self._admit(il, union, n, t, ts, staging)
+        win = self.windows[il]
+        nw, no = _split(self.win_rows, self.ovf_pos, union, n, win.neuron_slot if win else self.no_slot,
+                        win.capacity if win else 0)
+        wslots, wmap = self._hold(il, nw, t, ts, staging)
+        self._select_layer(il, self.n_ff)
         rows = self.ovf_rows[:no]
         np.take(union, self.ovf_pos[:no], out=rows)
         PART = buf.PART                                   # (n_part, chunk, n_embd): rows [:T] in use

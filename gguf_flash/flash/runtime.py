@@ -23,11 +23,12 @@ import numba
 from ..config import config_from_gguf
 from ..errors import (ContextOverflowError, GGUFFormatError, InvalidArgumentError, RamCapError,
                       UnsupportedModelError)
-from ..kernels import compile_in_child, dispatch, forward as fw, nn, release_compiler_pages, sparse
+from ..kernels import compile_in_child, dispatch, flashstep, forward as fw, nn, release_compiler_pages, sparse
 from ..kernels.quant_basic import MM_ROWS
 from ..model import RunState, Weights, set_threads
 from . import budget, diskprobe
 from .ffn import FFNLoader, _split
+from .selector import selector_args
 from . import format as ff
 from .format import read_flash
 from .head import OutputHead, TokenEmbedding
@@ -110,18 +111,22 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     nn.rope_cos_sin(s.cos[0], s.sin[0], 0, w.inv_freq[0])
     nn.rmsnorm(s.xb, s.x, w.norms[0, fw.NORM_FFN], 1e-5)
     dispatch.quantize_x(s.xq_embd, s.xb)
-    fw.residual_add(s.x, s.xb, w.norms[0, fw.NORM_POST_FFW], 1e-5, False)
-    fw.attention_layer(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin,
-                       s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa,
-                       w.ip, w.fp, 0, 0)
     one = np.zeros((1, l0.bundle_bytes), np.uint8)
     idx = np.zeros(c.n_ff, np.int32)
     g = np.zeros(c.n_ff, np.float32)
     partial = np.zeros((2, c.n_embd), np.float32)
-    sparse.sparse_ffn_range(partial, one, idx, one, idx, idx, 0, 0, g, sparse.KNOWN_NONE, s.xb, s.xq_embd,
+    sparse.sparse_ffn_range(partial, one, idx, one, idx, idx, 0, 0, 0, g, sparse.KNOWN_NONE, s.xb, s.xq_embd,
                             np.array(l0.types, np.int64), np.array(np.cumsum((0,) + l0.part_bytes), np.int64),
                             c.activation, np.float32(0))
-    sparse.sum_partials(ffn_out, partial)
+    # a decode step's two calls (kernels/flashstep.py), with the selector's stand-ins (every kind has
+    # their types) and no row chosen
+    none = np.zeros(0, np.int32)
+    flashstep.layer_select(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin,
+                           s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp, 0,
+                           *selector_args(None, 0), s.hg, s.hu, none, g, idx, idx, idx, 0, 0)
+    flashstep.layer_ffn(s.x, ffn_out, partial, True, one, idx, one, idx, none, 0, 0, g, sparse.KNOWN_NONE, s.xb,
+                        s.xq_embd, np.array(l0.types, np.int64), np.array(np.cumsum((0,) + l0.part_bytes), np.int64),
+                        c.activation, np.float32(0), w.norms[0, fw.NORM_POST_FFW], 1e-5, c.post_norms)
     # the prompt chunk's kernels (flash/prefill.py), on one token
     pre = ChunkBuffers(c, s.k_cache.shape[1], 2, True, chunk=1)
     fw.attention_batch_layer(pre.X, pre.XB, pre.XR, pre.Q, pre.K, pre.V, pre.ATT, pre.ATR, pre.scores,
@@ -141,16 +146,10 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
                             np.array(np.cumsum((0,) + l0.part_bytes), np.int64), c.activation, np.float32(0))
     sparse.sum_parts_chunk(pre.X, pre.PART)
     _split(idx, idx, idx, 0, idx, 1)
-    sparse.select_by_gate(np.zeros(1, np.int32), np.zeros(1, np.float32), s.hg[:1], c.activation, 0.0)
-    sparse.select_by_product(np.zeros(1, np.int32), np.zeros(1, np.float32), s.hg[:1], s.hg[:1], g[:1],
-                             c.activation, 0.0)
-    sparse.select_by_logit(np.zeros(1, np.int32), s.hg[:1], 0.0, True)
     # the factors as Selector holds them (uint16 copies), the bias a read-only view of the map
     bias = l0.pred_bias[:1] if l0.pred_bias is not None else np.zeros(1, np.float32)
     sparse.predictor_logits(s.hg[:1], np.zeros(1, np.float32), s.xb, np.zeros((c.n_embd, 1), np.uint16),
                             np.zeros((1, 1), np.uint16), bias)
-    sparse.matvec_rows(s.hg[:1], np.zeros((1, l0.part_bytes[0]), np.uint8), int(l0.types[0]), s.xb,
-                       s.xq_embd)
     head = w.output.copy()
     head[1] = 1
     dispatch.matvec(s.logits[:1], w.blob, head, s.xb, s.xq_embd)
@@ -327,10 +326,25 @@ class FlashModel:
         if mode == "dense":
             for il in range(L):
                 self.ffn.load_all(il)
+        self._step, self._post = self._step_arguments()
         self.stats: list = []         # TokenStats of every forward() call (decode tokens)
         self.prompt_stats: list = []  # ChunkStats of every prompt chunk
         self.t = 0   # token counter for the window
         self.chunked = ChunkPrefill(self, self.prefill_chunk)
+
+    def _step_arguments(self):
+        """Each layer's arguments of the decode step's two compiled calls (kernels/flashstep.py):
+        layer_select's (all but pos and the window's capacity, which the watchdog may lower) and the
+        residual's (post-norm weight, eps, post_norm). The selector's thresholds are read here, once."""
+        c, s, w, sel, ffn = self.cfg, self.st, self.w, self.select, self.ffn
+        step = [(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin, s.xq_embd, s.xq_q,
+                 w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp, il) + sel.step_args(il)
+                + (s.hg, sel.hu if self.selector == "product" else s.hu, sel.active, sel.gvals,
+                   ffn.windows[il].neuron_slot if ffn.windows[il] else ffn.no_slot, ffn.win_rows, ffn.ovf_pos)
+                for il in range(c.n_layer)]
+        eps = float(w.fp[fw.FP_EPS])
+        post = [(w.norms[il, fw.NORM_POST_FFW], eps, c.post_norms) for il in range(c.n_layer)]
+        return step, post
 
     @property
     def windows(self):
@@ -356,19 +370,14 @@ class FlashModel:
         nn.rope_cos_sin(s.cos[0], s.sin[0], pos, w.inv_freq[0])
         nn.rope_cos_sin(s.cos[1], s.sin[1], pos, w.inv_freq[1])
         eps = float(w.fp[fw.FP_EPS])
-        sel = self.select
+        sel, ffn, wins = self.select, self.ffn, self.ffn.windows
         for il in range(c.n_layer):
-            fw.attention_layer(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin,
-                               s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa,
-                               w.ip, w.fp, il, pos)
-            nn.rmsnorm(s.xb, s.x, w.norms[il, fw.NORM_FFN], eps)
-            dispatch.quantize_x(s.xq_embd, s.xb)
-            n, known = sel(il, s.hg, s.xb, s.xq_embd)
+            win = wins[il]
+            n, known, nw, no = flashstep.layer_select(*self._step[il], pos, win.capacity if win else 0)
             ts.predicted += n
             ts.active += n
-            self.ffn.run(self.ffn_out, il, sel.active, sel.gvals, n, known, s.xb, s.xq_embd,
-                         c.activation, self.thresholds[il], self.t, ts)
-            fw.residual_add(s.x, self.ffn_out, w.norms[il, fw.NORM_POST_FFW], eps, c.post_norms)
+            ffn.run_layer(s.x, il, sel.active, sel.gvals, n, known, nw, no, s.xb, s.xq_embd, c.activation,
+                          self.thresholds[il], self._post[il], self.t, ts)
         if logits:
             self.decode_head(eps, ts)
         # compute = everything that is not reading or window bookkeeping

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import dispatch, sparse
+from ..kernels import dispatch, flashstep, sparse
 
 
 class Selector:
@@ -60,6 +60,12 @@ class Selector:
         sparse.predictor_logits(self.z, self.tmp[:a.shape[1]], xb, a, b, self.pred_bias[il])
         return sparse.select_by_logit(self.active, self.z, l.pred_offset, l.pred_abs), sparse.KNOWN_NONE
 
+    def step_args(self, il) -> tuple:
+        """Layer il's selector as kernels/flashstep.layer_select takes it: (kind, gates, gate type, ups,
+        up type, down norms, A, B, bias, logits, scratch, offset, absolute, threshold); what the kind
+        does not use is a 1-element stand-in of the same type (one compiled specialization for all)."""
+        return selector_args(self, il)
+
     def chunk(self, il, HG, HU, MK, XB, XR):
         """A prompt chunk's choices: MK (T, n_ff) uint8 = 1 where token j chooses row i; with gate rows
         resident HG (T, n_ff) f32 receives the gate values (one matrix product over XB, or over XR, the
@@ -95,3 +101,32 @@ def _readonly_copy(a) -> np.ndarray:
     c = np.array(a, np.float32)
     c.flags.writeable = False
     return c
+
+
+_KINDS = {"none": flashstep.SEL_NONE, "bundle": flashstep.SEL_NONE, "gate": flashstep.SEL_GATE,
+          "product": flashstep.SEL_PRODUCT, "predictor": flashstep.SEL_PREDICTOR}
+
+
+def selector_args(sel, il) -> tuple:
+    """Selector.step_args; sel None: the stand-ins alone (kernel preloading)."""
+    u8, f32 = np.zeros((1, 1), np.uint8), np.zeros(1, np.float32)
+    gates = ups = u8
+    gt = ut = 0
+    dn, pa, pb, pbias, ptmp, off, absolute, t = f32, np.zeros((1, 1), np.uint16), np.zeros((1, 1), np.uint16), \
+        _readonly_copy(f32), f32, 0.0, True, 0.0
+    kind = flashstep.SEL_NONE
+    if sel is not None:
+        kind = _KINDS[sel.kind]
+        if sel.kind != "none":
+            l = sel.layers[il]
+            t = float(l.prod_threshold if sel.kind == "product" else l.threshold)
+            if sel.kind in ("gate", "product"):
+                gates, gt = sel.gates[il], int(l.types[0])
+            if sel.kind == "product":
+                ups, ut, dn = sel.ups[il], int(l.types[1]), sel.down_norm[il]
+            if sel.kind == "predictor":
+                pa, pb = sel.pred[il]
+                pbias, ptmp = sel.pred_bias[il], sel.tmp[:pa.shape[1]]
+                off, absolute = float(l.pred_offset), bool(l.pred_abs)
+    z = sel.z if sel is not None else f32
+    return (kind, gates, gt, ups, ut, dn, pa, pb, pbias, z, ptmp, off, absolute, t)

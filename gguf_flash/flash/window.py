@@ -227,15 +227,21 @@ class Window:
 
     # -- per token ----------------------------------------------------------------------------------
 
-    def update(self, active: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+    def update(self, active: np.ndarray, t: int, check: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Make room for the neurons active at token t; return (missing rows, their slots).
 
         active: (n_active,) int32, strictly increasing row ids needed at token t. Marks them active at
         t, evicts the neurons not active in the last k tokens (t-k+1 .. t), and if still short of room
         the oldest-active kept ones (never one needed at t). The missing rows get consecutive slots at
         the end of the used range; the caller must fill slots[slot] from disk before using them.
-        Returns views into preallocated scratch, valid until the next call.
+        Returns views into preallocated scratch, valid until the next call. check=False: the caller
+        (flash/ffn.py) passes rows it chose itself, int32, increasing, at most capacity of them.
         """
+        if not check:
+            self.n_used, n_missing = _update(
+                self._missing, self._missing_slot, self.slots, self.slot_neuron, self.neuron_slot,
+                self.last_active, self._scratch, active, t, self.k, self.capacity, self.n_used)
+            return self._missing[:n_missing], self._missing_slot[:n_missing]
         active = np.ascontiguousarray(active, dtype=np.int32)
         if active.ndim != 1:
             raise InvalidArgumentError("active must be a 1-d array of row ids")

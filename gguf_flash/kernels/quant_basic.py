@@ -89,9 +89,31 @@ def _u32_as_f32(typingctx, u):
     return sig, codegen
 
 
+@intrinsic
+def prefetch(typingctx, row, off):
+    """Ask the CPU to bring the cache line of row[off] (row (n,) uint8 C-contiguous) into cache, without
+    waiting (llvm.prefetch: read, high locality). Used where rows are visited in an order the hardware
+    prefetcher cannot guess (window slots)."""
+    sig = types.void(row, off)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 if numba.config.DISABLE_JIT:  # plain-Python twins so the suite can run with NUMBA_DISABLE_JIT=1
     def _u16_as_f16_to_f32(h):  # noqa: F811
         return np.float32(np.uint16(h).view(np.float16))
+
+    def prefetch(row, off):  # noqa: F811
+        pass
 
     def _u32_as_f32(u):  # noqa: F811
         return np.uint32(u).view(np.float32)

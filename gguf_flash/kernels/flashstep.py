@@ -1,0 +1,98 @@
+"""The flash runtime's decode step for one layer as two compiled calls (issue 15), with the reads between:
+
+  layer_select  attention, the FFN norm, the input as 8-bit blocks, the selector (resident gate rows,
+                gate and up rows, the predictor, or every row), and the split of the chosen rows between
+                the window and the staging buffer;
+  (Python)      the window's update and the reads of what it lacks (flash/ffn.py);
+  layer_ffn     the sparse FFN over the rows held, the parts' sum, the residual add.
+
+Before, the runtime made ten compiled calls per layer with Python between each (SmolLM2: ~2 ms of a
+~9 ms token with every row resident). The arguments are the runtime's own buffers (runtime.py builds
+each layer's tuple once); the selector's arrays that a kind does not use are 1-element stand-ins of the
+same types, so one specialization serves every selector.
+"""
+
+from numba import njit
+
+from .dispatch import quantize_x
+from .forward import FP_EPS, IP_ACT, NORM_FFN, attention_layer, residual_add
+from .nn import FASTMATH, rmsnorm
+from .sparse import (KNOWN_GATE, KNOWN_H, KNOWN_NONE, matvec_rows, predictor_logits, select_by_gate,
+                     select_by_logit, select_by_product, sparse_ffn_range, sum_partials)
+
+# the selector (flash/selector.py) as layer_select sees it
+SEL_NONE, SEL_GATE, SEL_PRODUCT, SEL_PREDICTOR = range(4)
+
+
+@njit(cache=True)
+def split_rows(win_rows, ovf_pos, active, n, neuron_slot, capacity):
+    """Rows the window keeps (hits, then misses while there is room, lowest row = hottest first) into
+    win_rows, and the positions in `active` of the rest (the overflow) into ovf_pos; returns
+    (n_win, n_ovf). win_rows, ovf_pos (n_ff,) int32; capacity 0 (no window): everything overflows."""
+    hits = 0
+    for j in range(n):
+        if neuron_slot[active[j]] >= 0:
+            hits += 1
+    free = capacity - hits
+    nw = 0
+    no = 0
+    for j in range(n):
+        a = active[j]
+        if neuron_slot[a] >= 0 or free > 0:
+            if neuron_slot[a] < 0:
+                free -= 1
+            win_rows[nw] = a
+            nw += 1
+        else:
+            ovf_pos[no] = j
+            no += 1
+    return nw, no
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def layer_select(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
+                 blob, mats, norms, qk_norms, biases, swa, ip, fp, il,
+                 kind, gates, gate_type, ups, up_type, down_norm, pa, pb, pbias, pz, ptmp, pred_offset, pred_abs,
+                 sel_threshold, hg, hu, active, gvals, neuron_slot, win_rows, ovf_pos, pos, capacity):
+    """Layer il up to its chosen rows: x += attention; xb = RMSNorm(x) * ffn_norm and xq_embd its 8-bit
+    blocks; active[:n] (increasing rows) and gvals[:n] (what the selector computed for them, known)
+    as flash/selector.py describes; win_rows[:nw] the rows the window is to hold (capacity slots,
+    neuron_slot its map) and ovf_pos[:no] the positions of the rest. Returns (n, known, nw, no).
+    kind SEL_NONE leaves active as it is (every row: 0..n_ff-1) and n = len(active)."""
+    attention_layer(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
+                    blob, mats, norms, qk_norms, biases, swa, ip, fp, il, pos)
+    rmsnorm(xb, x, norms[il, NORM_FFN], fp[FP_EPS])
+    quantize_x(xq_embd, xb)
+    act = ip[IP_ACT]
+    known = KNOWN_NONE
+    if kind == SEL_GATE:
+        matvec_rows(hg, gates, gate_type, xb, xq_embd)
+        n = select_by_gate(active, gvals, hg, act, sel_threshold)
+        known = KNOWN_GATE
+    elif kind == SEL_PRODUCT:
+        matvec_rows(hg, gates, gate_type, xb, xq_embd)
+        matvec_rows(hu, ups, up_type, xb, xq_embd)
+        n = select_by_product(active, gvals, hg, hu, down_norm, act, sel_threshold)
+        known = KNOWN_H
+    elif kind == SEL_PREDICTOR:
+        predictor_logits(pz, ptmp, xb, pa, pb, pbias)
+        n = select_by_logit(active, pz, pred_offset, pred_abs)
+    else:
+        n = active.shape[0]
+    nw, no = split_rows(win_rows, ovf_pos, active, n, neuron_slot, capacity)
+    return n, known, nw, no
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def layer_ffn(x, out, partial, fresh, slots, neuron_slot, stage, stage_map, active, n, j0, gvals, known,
+              xb, xq, types, offs, act, threshold, post_w, eps, post_norm):
+    """The rest of layer il's FFN and its residual: partial (zeroed first when fresh) += positions
+    j0..n-1 of active (sparse.sparse_ffn_range: window slots and staging), out = the parts' sum,
+    x += out (post-normed where the model does)."""
+    if fresh:
+        partial[:] = 0.0
+    if j0 < n:
+        sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j0, n, gvals, known,
+                         xb, xq, types, offs, act, threshold)
+    sum_partials(out, partial)
+    residual_add(x, out, post_w, eps, post_norm)
