@@ -38,7 +38,7 @@ from ..atomic import atomic_output
 from ..config import ACT_GELU_TANH, ACT_RELU, ACT_SILU, config_from_gguf
 from ..errors import InvalidArgumentError
 from ..gguf_file import GGUFFile
-from ..kernels import compile_in_child
+from ..kernels import compile_in_child, release_compiler_pages
 from ..model import Model
 from ..tokenizer import tokenizer_from_gguf
 from . import format as ff
@@ -50,6 +50,7 @@ from .layerwise import LayerPass
 from .plan import MiB
 from .predictor import (DEFAULT_RANKS, single_threaded_blas, active_mask, fit_smallest_rank,
                         predictor_bytes, train_predictor)
+from .quantile import quantiles
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +145,13 @@ def _down_norms(f, il, n_ff) -> np.ndarray:
     return np.sqrt(ss).astype(np.float32)
 
 
-def _gate_scores(f, il, X, act, n_ff, up_scale=None) -> np.ndarray:
-    """(n, n_ff) f32 |act(gate_i . x)| for the rows of X (n, n_embd), or with up_scale (n_ff,) the product
-    |act(gate_i . x) (up_i . x)| * up_scale_i (_times_up); weights dequantized NEURON_BLOCK rows at a time."""
+def _gate_scores(f, il, X, act, n_ff) -> np.ndarray:
+    """(n, n_ff) f32 |act(gate_i . x)| for the rows of X (n, n_embd); the gate dequantized NEURON_BLOCK
+    rows at a time (the product criterion's scores: _times_up of these)."""
     out = np.empty((len(X), n_ff), np.float32)
     for r0 in range(0, n_ff, NEURON_BLOCK):
         r1 = min(n_ff, r0 + NEURON_BLOCK)
         out[:, r0:r1] = _act_abs(X @ dequant_rows(f, f"blk.{il}.ffn_gate.weight", r0, r1).T, act)
-    if up_scale is not None:
-        _times_up(f, il, X, out, up_scale)
     return out
 
 
@@ -162,6 +161,32 @@ def _times_up(f, il, X, A, up_scale) -> None:
         r1 = min(A.shape[1], r0 + NEURON_BLOCK)
         A[:, r0:r1] *= np.abs(X @ dequant_rows(f, f"blk.{il}.ffn_up.weight", r0, r1).T)
         A[:, r0:r1] *= up_scale[r0:r1]
+
+
+def _column_counts(A, thresholds, rows: int = 512) -> np.ndarray:
+    """(len(thresholds), n_ff) int64: per column of A (n, n_ff), how many rows exceed each threshold;
+    `rows` rows at a time (a whole (n, n_ff) bool per threshold was 17 MiB on TinyLlama)."""
+    out = np.zeros((len(thresholds), A.shape[1]), np.int64)
+    for r in range(0, len(A), rows):
+        for k, t in enumerate(thresholds):
+            out[k] += np.count_nonzero(A[r:r + rows] > t, axis=0)
+    return out
+
+
+def _product_share(f, il, X, act, up_scale, thresholds) -> np.ndarray:
+    """(len(thresholds),) float: the share of (token, neuron) pairs of X (n, n_embd) whose product score
+    |act(gate_i . x) (up_i . x)| * up_scale_i exceeds each threshold, NEURON_BLOCK neurons at a time
+    (the same products as _times_up's, never all at once)."""
+    n_ff = len(up_scale)
+    count = np.zeros(len(thresholds), np.int64)
+    for r0 in range(0, n_ff, NEURON_BLOCK):
+        r1 = min(n_ff, r0 + NEURON_BLOCK)
+        P = _act_abs(X @ dequant_rows(f, f"blk.{il}.ffn_gate.weight", r0, r1).T, act)    # (n, <= block)
+        P *= np.abs(X @ dequant_rows(f, f"blk.{il}.ffn_up.weight", r0, r1).T)
+        P *= up_scale[r0:r1]
+        for k, t in enumerate(thresholds):
+            count[k] += np.count_nonzero(P > t)
+    return count / (len(X) * n_ff)
 
 
 @dataclass
@@ -185,20 +210,20 @@ class _SparsityStats:
         self.p_held = np.zeros((L, G + 1)) if self.product else None
 
     def add(self, il, X, n_train):
+        release_compiler_pages()   # the pass's kernels are loaded by now: LLVM's ~70 MiB need not stay
         act, f, n_ff = self.cfg.activation, self.f, self.cfg.n_ff
         if act == ACT_RELU:
             return
         Xt, Xv = X[:n_train], X[n_train:]
         A = _gate_scores(f, il, Xt, act, n_ff)                             # (n_train, n_ff)
-        self.q[il] = np.quantile(A, self.grid)
+        self.q[il] = quantiles(A, self.grid)       # np.quantile's, without its copy of A (this phase's peak)
         if self.product:
             self.dn[il] = _down_norms(f, il, n_ff)
             _times_up(f, il, Xt, A, self.dn[il])                               # |act(g) u| ||down_i||
-            self.qp[il] = np.quantile(A, self.grid)
-            P = _gate_scores(f, il, Xv, act, n_ff, self.dn[il])               # the same on held-out tokens
-            for k, tp in enumerate((0.0, *self.qp[il])):
-                self.p_count[il, k] = np.count_nonzero(A > tp, axis=0)
-                self.p_held[il, k] = np.count_nonzero(P > tp) / P.size
+            self.qp[il] = quantiles(A, self.grid)
+            thresholds = (0.0, *self.qp[il])
+            self.p_count[il] = _column_counts(A, thresholds)
+            self.p_held[il] = _product_share(f, il, Xv, act, self.dn[il], thresholds)   # held-out tokens
         del A
         _release_freed_memory()
 
@@ -229,9 +254,12 @@ def _compile_out_of_process():
 
 
 def _release_freed_memory():
-    """Hand freed heap memory back to the OS (glibc malloc_trim). Freed numpy temporaries of a few MB
-    stay in glibc's per-thread arenas otherwise (its mmap threshold grows after the first large free),
-    and RSS, which the converter's memory target counts, keeps them."""
+    """Hand freed heap memory back to the OS (glibc malloc_trim), and LLVM's code pages (kernels.
+    release_compiler_pages: ~70 MiB, which loading a cached kernel faults back in; the model releases
+    them only after its first whole pass, so they sat in the calibration's RSS). Freed numpy temporaries
+    of a few MB stay in glibc's per-thread arenas otherwise (its mmap threshold grows after the first
+    large free), and RSS, which the converter's memory target counts, keeps them."""
+    release_compiler_pages()
     try:
         import ctypes
         ctypes.CDLL(None).malloc_trim(0)
@@ -340,6 +368,7 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
     n_search = 1 if sparsity is not None else (len(grid) if full_curve else 5)
     bar = _progress(progress, 1 + n_search * (1 + product), "sparsity")
     dense_ppl = float(np.exp(_heldout_nll(lp, cal, np.zeros(cfg.n_layer, np.float32))))
+    _release_freed_memory()      # (the head's kernels are loaded now)
     if bar:
         bar.update(1)
 
