@@ -237,3 +237,55 @@ def test_f16_resident_predictor_equals_float32_evaluation(r):
     n = sparse.select_by_logit(np.zeros(n_ff, np.int32), z, offset, True)
     near = np.abs(np.abs(want64) - offset) < 1e-4
     assert abs(n - int((np.abs(want64) - offset > 0).sum())) <= int(near.sum())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The basis and a gate read a block of rows at a time
+# ---------------------------------------------------------------------------------------------------
+
+def basis_twin(X, W, k):
+    """The data-weighted basis as first written: C^(1/2) and C^(-1/2) whole, eigh of C^(1/2) W^T W C^(1/2)."""
+    C = X.astype(np.float64).T @ X.astype(np.float64) / len(X)
+    lam, E = np.linalg.eigh(C)
+    lam = np.maximum(lam, 1e-6 * lam.max())
+    c_half, c_ihalf = (E * np.sqrt(lam)) @ E.T, (E / np.sqrt(lam)) @ E.T
+    W = W.astype(np.float64)
+    _, U = np.linalg.eigh(c_half @ (W.T @ W) @ c_half)
+    U = U[:, ::-1][:, :k]
+    return c_ihalf @ U, U.T @ c_half @ W.T
+
+
+def test_gate_basis_equals_its_direct_twin():
+    """Every rank-r truncation x P_r Q_r is the twin's (products: an eigenvector's sign is free)."""
+    from gguf_flash.flash.predictor import GateRows, gate_basis
+    X, W = planted(7, 24, n=900)
+    X = X * np.linspace(0.05, 3.0, X.shape[1], dtype=np.float32)   # an uneven second moment
+    P0, Q0 = basis_twin(X, W, 32)
+    P, Q = gate_basis(X, W, 32)
+    assert P.shape == (64, 32) and Q.shape == (32, 128) and P.dtype == Q.dtype == np.float32
+    for r in (1, 4, 24, 32):
+        ref = P0[:, :r] @ Q0[:r]
+        assert np.abs(P[:, :r] @ Q[:r] - ref).max() <= 1e-5 * np.abs(ref).max()
+    rows = GateRows(W.shape, lambda r0, r1: W[r0:r1].copy())
+    P1, Q1 = gate_basis(X.astype(np.float16).astype(np.float32), rows, 32)
+    P2, Q2 = gate_basis(X.astype(np.float16), W, 32)               # float16 tokens, as the converter spills them
+    assert np.array_equal(P1, P2) and np.array_equal(Q1, Q2)
+
+
+def test_gate_rows_give_the_arrays_results():
+    """active_mask and train_predictor read a GateRows as they read the array it stands for."""
+    from gguf_flash.flash.predictor import GateRows, gate_basis
+    X, W = planted(8, 8, n=1000)
+    rows = GateRows(W.shape, lambda r0, r1: W[r0:r1])
+    t = threshold_for(X, W, 0.5)
+    Y = active_mask(X, W, t, "silu")
+    assert np.array_equal(active_mask(X, rows, t, "silu"), Y)
+    (Xt, Yt), (Xv, Yv), _ = splits(X, Y)
+    a = train_predictor(Xt, Yt, Xv, Yv, W, rank=8, epochs=2, seed=0)
+    with single_threaded_blas():    # as train_predictor makes its own basis (BLAS threads round differently)
+        basis = gate_basis(Xt, rows, 8)
+    b = train_predictor(Xt, Yt, Xv, Yv, rows, rank=8, epochs=2, seed=0, basis=basis)
+    assert np.array_equal(a.A, b.A) and np.array_equal(a.B, b.B) and a.recall == b.recall
+    bad = GateRows(W.shape, lambda r0, r1: np.full((r1 - r0, W.shape[1]), np.nan, np.float32))
+    with pytest.raises(InvalidArgumentError, match="finite"):
+        gate_basis(Xt, bad, 8)

@@ -50,14 +50,14 @@ class LayerFile:
         if n != data.nbytes:
             raise OSError(f"calibration spill file: short write ({n} of {data.nbytes} bytes)")
 
-    def read(self, il, r0, r1) -> np.ndarray:
-        """(r1 - r0, n_embd) f32 rows r0..r1 of layer il."""
+    def read(self, il, r0, r1, dtype=np.float32) -> np.ndarray:
+        """(r1 - r0, n_embd) rows r0..r1 of layer il, float32 (or float16 as stored)."""
         _, T, E = self.shape
         out = np.empty((r1 - r0, E), np.float16)
         n = os.preadv(self._fh.fileno(), [memoryview(out).cast("B")], (il * T + r0) * E * 2)
         if n != out.nbytes:
             raise OSError(f"calibration spill file: short read ({n} of {out.nbytes} bytes)")
-        return out.astype(np.float32)
+        return out.astype(dtype, copy=False)
 
     def close(self):
         self._fh.close()
@@ -71,8 +71,8 @@ class Calibration:
     chunk: int
     H: np.ndarray | None = None   # (n_tokens, n_embd) float16 final hidden states (after output_norm)
 
-    def train(self, il) -> np.ndarray:
-        return self.X.read(il, 0, self.n_train)
+    def train(self, il, dtype=np.float32) -> np.ndarray:
+        return self.X.read(il, 0, self.n_train, dtype)
 
     def held_out(self, il) -> np.ndarray:
         return self.X.read(il, self.n_train, len(self.tokens))

@@ -38,7 +38,7 @@ from ..atomic import atomic_output
 from ..config import ACT_GELU_TANH, ACT_RELU, ACT_SILU, config_from_gguf
 from ..errors import InvalidArgumentError
 from ..gguf_file import GGUFFile
-from ..kernels import compile_in_child
+from ..kernels import compile_in_child, release_compiler_pages
 from ..model import Model
 from ..tokenizer import tokenizer_from_gguf
 from . import format as ff
@@ -48,8 +48,10 @@ from .head_build import build_head_index, calibration_states, index_rank
 from .convert_ram import NEURON_BLOCK, convert_ram
 from .layerwise import LayerPass
 from .plan import MiB
-from .predictor import (DEFAULT_RANKS, single_threaded_blas, active_mask, fit_smallest_rank,
-                        predictor_bytes, train_predictor)
+from .predictor import (DEFAULT_RANKS, GateRows, single_threaded_blas, active_mask, fit_smallest_rank,
+                        gate_basis, predictor_bytes, train_predictor)
+from .quantile import quantiles
+from .spill import Parked, Spill
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +96,21 @@ def _progress(enabled, total, desc):
 
 
 def dequant(f, name) -> np.ndarray:
-    """(n_rows, n_cols) float32 of a 2-D weight, dequantized NEURON_BLOCK rows at a time (gguf.quants'
-    temporaries for a whole 7B matrix were twice its float32 size, per training thread)."""
+    """(n_rows, n_cols) float32 of a whole 2-D weight, NEURON_BLOCK rows at a time (tests; the converter
+    itself reads the gate through gate_rows)."""
     info = f.tensor(name)
     out = np.empty((info.n_rows, info.ne[0]), np.float32)
     for r0 in range(0, info.n_rows, NEURON_BLOCK):
         D = dequant_rows(f, name, r0, r0 + NEURON_BLOCK)
         out[r0:r0 + len(D)] = D
     return out
+
+
+def gate_rows(f, name) -> GateRows:
+    """A 2-D weight as (n_rows, n_cols) float32 rows dequantized block by block when read (predictor.py),
+    never whole: a TinyLlama gate in float32 is 44 MiB, per training thread."""
+    info = f.tensor(name)
+    return GateRows((info.n_rows, info.ne[0]), lambda r0, r1: dequant_rows(f, name, r0, r1))
 
 
 def _heldout_nll(lp, cal, thresholds, scale=None) -> float:
@@ -144,15 +153,13 @@ def _down_norms(f, il, n_ff) -> np.ndarray:
     return np.sqrt(ss).astype(np.float32)
 
 
-def _gate_scores(f, il, X, act, n_ff, up_scale=None) -> np.ndarray:
-    """(n, n_ff) f32 |act(gate_i . x)| for the rows of X (n, n_embd), or with up_scale (n_ff,) the product
-    |act(gate_i . x) (up_i . x)| * up_scale_i (_times_up); weights dequantized NEURON_BLOCK rows at a time."""
+def _gate_scores(f, il, X, act, n_ff) -> np.ndarray:
+    """(n, n_ff) f32 |act(gate_i . x)| for the rows of X (n, n_embd); the gate dequantized NEURON_BLOCK
+    rows at a time (the product criterion's scores: _times_up of these)."""
     out = np.empty((len(X), n_ff), np.float32)
     for r0 in range(0, n_ff, NEURON_BLOCK):
         r1 = min(n_ff, r0 + NEURON_BLOCK)
         out[:, r0:r1] = _act_abs(X @ dequant_rows(f, f"blk.{il}.ffn_gate.weight", r0, r1).T, act)
-    if up_scale is not None:
-        _times_up(f, il, X, out, up_scale)
     return out
 
 
@@ -162,6 +169,32 @@ def _times_up(f, il, X, A, up_scale) -> None:
         r1 = min(A.shape[1], r0 + NEURON_BLOCK)
         A[:, r0:r1] *= np.abs(X @ dequant_rows(f, f"blk.{il}.ffn_up.weight", r0, r1).T)
         A[:, r0:r1] *= up_scale[r0:r1]
+
+
+def _column_counts(A, thresholds, rows: int = 512) -> np.ndarray:
+    """(len(thresholds), n_ff) int64: per column of A (n, n_ff), how many rows exceed each threshold;
+    `rows` rows at a time (a whole (n, n_ff) bool per threshold was 17 MiB on TinyLlama)."""
+    out = np.zeros((len(thresholds), A.shape[1]), np.int64)
+    for r in range(0, len(A), rows):
+        for k, t in enumerate(thresholds):
+            out[k] += np.count_nonzero(A[r:r + rows] > t, axis=0)
+    return out
+
+
+def _product_share(f, il, X, act, up_scale, thresholds) -> np.ndarray:
+    """(len(thresholds),) float: the share of (token, neuron) pairs of X (n, n_embd) whose product score
+    |act(gate_i . x) (up_i . x)| * up_scale_i exceeds each threshold, NEURON_BLOCK neurons at a time
+    (the same products as _times_up's, never all at once)."""
+    n_ff = len(up_scale)
+    count = np.zeros(len(thresholds), np.int64)
+    for r0 in range(0, n_ff, NEURON_BLOCK):
+        r1 = min(n_ff, r0 + NEURON_BLOCK)
+        P = _act_abs(X @ dequant_rows(f, f"blk.{il}.ffn_gate.weight", r0, r1).T, act)    # (n, <= block)
+        P *= np.abs(X @ dequant_rows(f, f"blk.{il}.ffn_up.weight", r0, r1).T)
+        P *= up_scale[r0:r1]
+        for k, t in enumerate(thresholds):
+            count[k] += np.count_nonzero(P > t)
+    return count / (len(X) * n_ff)
 
 
 @dataclass
@@ -185,20 +218,20 @@ class _SparsityStats:
         self.p_held = np.zeros((L, G + 1)) if self.product else None
 
     def add(self, il, X, n_train):
+        release_compiler_pages()   # the pass's kernels are loaded by now: LLVM's ~70 MiB need not stay
         act, f, n_ff = self.cfg.activation, self.f, self.cfg.n_ff
         if act == ACT_RELU:
             return
         Xt, Xv = X[:n_train], X[n_train:]
         A = _gate_scores(f, il, Xt, act, n_ff)                             # (n_train, n_ff)
-        self.q[il] = np.quantile(A, self.grid)
+        self.q[il] = quantiles(A, self.grid)       # np.quantile's, without its copy of A (this phase's peak)
         if self.product:
             self.dn[il] = _down_norms(f, il, n_ff)
             _times_up(f, il, Xt, A, self.dn[il])                               # |act(g) u| ||down_i||
-            self.qp[il] = np.quantile(A, self.grid)
-            P = _gate_scores(f, il, Xv, act, n_ff, self.dn[il])               # the same on held-out tokens
-            for k, tp in enumerate((0.0, *self.qp[il])):
-                self.p_count[il, k] = np.count_nonzero(A > tp, axis=0)
-                self.p_held[il, k] = np.count_nonzero(P > tp) / P.size
+            self.qp[il] = quantiles(A, self.grid)
+            thresholds = (0.0, *self.qp[il])
+            self.p_count[il] = _column_counts(A, thresholds)
+            self.p_held[il] = _product_share(f, il, Xv, act, self.dn[il], thresholds)   # held-out tokens
         del A
         _release_freed_memory()
 
@@ -229,9 +262,12 @@ def _compile_out_of_process():
 
 
 def _release_freed_memory():
-    """Hand freed heap memory back to the OS (glibc malloc_trim). Freed numpy temporaries of a few MB
-    stay in glibc's per-thread arenas otherwise (its mmap threshold grows after the first large free),
-    and RSS, which the converter's memory target counts, keeps them."""
+    """Hand freed heap memory back to the OS (glibc malloc_trim), and LLVM's code pages (kernels.
+    release_compiler_pages: ~70 MiB, which loading a cached kernel faults back in; the model releases
+    them only after its first whole pass, so they sat in the calibration's RSS). Freed numpy temporaries
+    of a few MB stay in glibc's per-thread arenas otherwise (its mmap threshold grows after the first
+    large free), and RSS, which the converter's memory target counts, keeps them."""
+    release_compiler_pages()
     try:
         import ctypes
         ctypes.CDLL(None).malloc_trim(0)
@@ -305,7 +341,8 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
         if head_index_rank is None else min(int(head_index_rank), cfg.n_embd - 1)
     # the RAM each phase needs, from the shape (nothing of the model is read yet)
     cap = parse_size(max_ram) if max_ram is not None else None
-    ram = convert_ram(f, cfg, calib_tokens, chunk, HELD_OUT, any(trained), r, head_bytes)
+    ram = convert_ram(f, cfg, calib_tokens, chunk, HELD_OUT, any(trained), r, head_bytes, max(ranks),
+                      len(SPARSITY_GRID) if sparsity is None else 1)
     if cap is not None and cap < ram.floor:
         parts = ", ".join(f"{k} {v / MiB:.0f}" for k, v in ram.phases.items())
         raise InvalidArgumentError(
@@ -340,6 +377,7 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
     n_search = 1 if sparsity is not None else (len(grid) if full_curve else 5)
     bar = _progress(progress, 1 + n_search * (1 + product), "sparsity")
     dense_ppl = float(np.exp(_heldout_nll(lp, cal, np.zeros(cfg.n_layer, np.float32))))
+    _release_freed_memory()      # (the head's kernels are loaded now)
     if bar:
         bar.update(1)
 
@@ -388,6 +426,7 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
             bar.update(1)
             bar.close()
         f.release(f.tensor(head_name).offset, head_raw.nbytes)
+    cal.H = None            # the final states served the head index only
     phases["head index"] = time.perf_counter() - t
     phase_peak["head index"] = sampler.mark() / MiB
 
@@ -399,13 +438,17 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
     f.release(0, f.file_size)
     _release_freed_memory()
 
+    parked = Spill(dst.parent)      # the trained predictors, until written (spill.py)
+
     def fit_layer(il):
-        Wg = dequant(f, f"blk.{il}.ffn_gate.weight")               # (n_ff, n_embd) f32
-        gi = f.tensor(f"blk.{il}.ffn_gate.weight")
-        f.release(gi.offset, gi.n_bytes)
+        name = f"blk.{il}.ffn_gate.weight"
+        Wg = gate_rows(f, name)                                  # (n_ff, n_embd) f32, a block at a time
+        # the basis first, before the layer's labels exist: it is the phase's peak (predictor.py)
+        basis = gate_basis(cal.train(il, np.float16), Wg, max(ranks)) if trained[il] else None
         Xt, Xv = cal.train(il), cal.held_out(il)
         Yt = active_mask(Xt, Wg, float(thresholds[il]), ACT_NAMES[act])
         Yv = active_mask(Xv, Wg, float(thresholds[il]), ACT_NAMES[act])
+        f.release(f.tensor(name).offset, f.tensor(name).n_bytes)
         fr = Yt.mean(axis=0).astype(np.float32)                  # (n_ff,) activation frequency
         order = np.argsort(-fr, kind="stable")                   # hot-first
         pfr, psp = None, 0.0
@@ -415,12 +458,12 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
         if not trained[il]:
             p = None
         elif rank is not None:
-            p = train_predictor(Xt, Yt, Xv, Yv, Wg, rank=ranks[0], target_recall=target_recall)
+            p = train_predictor(Xt, Yt, Xv, Yv, Wg, rank=ranks[0], target_recall=target_recall, basis=basis)
         else:
-            p = fit_smallest_rank(Xt, Yt, Xv, Yv, Wg, ranks=ranks, target_recall=target_recall)
-        del Wg, Xt, Xv, Yt
+            p = fit_smallest_rank(Xt, Yt, Xv, Yv, Wg, ranks=ranks, target_recall=target_recall, basis=basis)
+        del basis, Xt, Xv, Yt
         _release_freed_memory()
-        return fr[order], order, float(1.0 - Yv.mean()), p, pfr, psp
+        return fr[order], order, float(1.0 - Yv.mean()), p and _as_stored(p, order, parked), pfr, psp
 
     preds, orders, freq, layer_sparsity, prod_freq, prod_layer_sparsity = [], [], [], [], [], []
     bar = _progress(progress, cfg.n_layer, "predictors")
@@ -465,6 +508,7 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
     # killed outright leaves a temp file that the next conversion to dst removes (atomic.py)
     with atomic_output(dst) as tmp:
         _write(f, cfg, tmp, meta, orders, freq, down_q, progress)
+    parked.close()
     phases["write"] = time.perf_counter() - t
     phase_peak["write"] = sampler.mark() / MiB
     ffn_bytes = sum(f.tensor(f"blk.{il}.{p}.weight").n_bytes for il in range(cfg.n_layer)
@@ -561,14 +605,12 @@ def _write(f, cfg, path, meta, orders, freq, down_q, progress):
             plan.append((lambda il=il: pr["freq"][il].astype(np.float32), []))
         if p is None:
             continue
-        # predictor columns follow the stored (hot-first) row order, so predicted rows index bundles
-        A, B = _balanced(p.A, p.B[:, orders[il]])
-        w.add_tensor_info(ff.t_pred_a(il), A.shape, np.dtype(np.float16), A.size * 2)
-        plan.append((lambda A=A: A.astype(np.float16), []))
-        w.add_tensor_info(ff.t_pred_b(il), B.shape, np.dtype(np.float16), B.size * 2)
-        plan.append((lambda B=B: B.astype(np.float16), []))
+        w.add_tensor_info(ff.t_pred_a(il), p.A.shape, np.dtype(np.float16), p.A.size * 2)
+        plan.append((p.A.load, []))
+        w.add_tensor_info(ff.t_pred_b(il), p.B.shape, np.dtype(np.float16), p.B.size * 2)
+        plan.append((p.B.load, []))
         w.add_tensor_info(ff.t_pred_bias(il), p.bias.shape, np.dtype(np.float32), p.bias.size * 4)
-        plan.append((lambda p=p, il=il: p.bias[orders[il]].astype(np.float32), []))
+        plan.append((lambda bias=p.bias: bias, []))
     if hi is not None:
         for name, arr in ((ff.T_HI_BASIS, hi.basis), (ff.T_HI_PREVIEW, hi.preview), (ff.T_HI_SCALE, hi.scale),
                           (ff.T_HI_SIGMA, hi.sigma), (ff.T_HI_WHITEN, hi.whiten), (ff.T_HI_COLSCALE, hi.colscale)):
@@ -600,6 +642,29 @@ def _wants_predictor(choice, max_rank, cfg, gate_type) -> bool:
     return predictor_bytes(cfg.n_embd, max_rank, cfg.n_ff) < gate_rows
 
 
+@dataclass
+class _StoredPredictor:
+    """A trained predictor as the flash file stores it, its factors parked until written (spill.py)."""
+    rank: int
+    recall: float
+    precision: float
+    kind: str
+    offset: float
+    n_bytes: int
+    A: Parked              # (n_embd, r) float16
+    B: Parked              # (r, n_ff) float16, columns in the stored (hot-first) row order
+    bias: np.ndarray       # (n_ff,) float32, in the stored order
+
+
+def _as_stored(p, order, spill) -> _StoredPredictor:
+    """p's columns in the stored (hot-first) row order, so predicted rows index bundles; A, B balanced,
+    float16, parked in `spill`."""
+    A, B = _balanced(p.A, p.B[:, order])
+    return _StoredPredictor(p.rank, p.recall, p.precision, p.kind, p.offset, p.n_bytes,
+                            spill.put(A.astype(np.float16)), spill.put(B.astype(np.float16)),
+                            p.bias[order].astype(np.float32))
+
+
 def _balanced(A, B):
     """(A diag(s), diag(1/s) B) with equal column/row norms: the same product, and both factors
     inside float16's range (a trained factor pair can drift to scales F16 cannot hold)."""
@@ -620,10 +685,17 @@ def _bundle(f, cfg, il, order, down_q) -> np.ndarray:
     for r0 in range(0, cfg.n_embd, NEURON_BLOCK):
         D = dequant_rows(f, f"blk.{il}.ffn_down.weight", r0, r0 + NEURON_BLOCK)   # (<= block, n_ff)
         down_cols[:, r0:r0 + len(D)] = D.T[order]
-    if down_q == GGMLQuantizationType.F32:
-        dq = down_cols.view(np.uint8)
-    elif down_q == GGMLQuantizationType.F16:
-        dq = down_cols.astype(np.float16).view(np.uint8)
-    else:
-        dq = quants.quantize(down_cols, down_q)                   # (n_ff, down_bytes)
-    return np.concatenate([gate[order], up[order], dq.reshape(cfg.n_ff, -1)], axis=1)
+    g, u = gate.shape[1], up.shape[1]
+    out = np.empty((cfg.n_ff, g + u + ff.part_bytes(int(down_q), cfg.n_embd)), np.uint8)
+    out[:, :g] = gate[order]
+    out[:, g:g + u] = up[order]
+    for r0 in range(0, cfg.n_ff, NEURON_BLOCK):   # quantized a block of rows at a time: gguf.quants'
+        rows = down_cols[r0:r0 + NEURON_BLOCK]    # temporaries are a few times what they quantize
+        if down_q == GGMLQuantizationType.F32:
+            dq = rows.view(np.uint8)
+        elif down_q == GGMLQuantizationType.F16:
+            dq = rows.astype(np.float16).view(np.uint8)
+        else:
+            dq = quants.quantize(rows, down_q)                    # (<= block, down_bytes)
+        out[r0:r0 + len(rows), g + u:] = dq.reshape(len(rows), -1)
+    return out

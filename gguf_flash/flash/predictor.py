@@ -114,10 +114,32 @@ def _act(g: np.ndarray, activation: str) -> np.ndarray:
     return np.maximum(g, 0.0)
 
 
-def active_mask(X: np.ndarray, W_gate: np.ndarray, threshold: float, activation: str) -> np.ndarray:
+class GateRows:
+    """W_gate (n_ff, n_embd) float32 read ROWS rows at a time: an array, or rows made on demand
+    (`rows(r0, r1)`: the converter dequantizes a quantized gate block by block rather than hold its
+    float32 whole, 44 MiB on TinyLlama's 5632 x 2048 gate)."""
+    ROWS = 512
+
+    def __init__(self, shape, rows):
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.rows = rows                       # rows(r0, r1) -> (r1 - r0, n_embd) f32
+
+    @classmethod
+    def of(cls, W) -> "GateRows":
+        if isinstance(W, GateRows):
+            return W
+        return cls(W.shape, lambda r0, r1: W[r0:r1])
+
+    def blocks(self):
+        """(r0, (r1 - r0, n_embd) f32 rows) for the whole gate in ROWS-row blocks."""
+        for r0 in range(0, self.shape[0], self.ROWS):
+            yield r0, self.rows(r0, min(self.shape[0], r0 + self.ROWS))
+
+
+def active_mask(X: np.ndarray, W_gate, threshold: float, activation: str) -> np.ndarray:
     """(n, n_ff) bool: neuron i active for token x. X (n, n_embd) f32 FFN inputs (after ffn_norm),
-    W_gate (n_ff, n_embd). silu/gelu: |act(gate_i . x)| > threshold; relu: relu(gate_i . x) > threshold
-    (threshold 0 for the natural ReLU sparsity)."""
+    W_gate (n_ff, n_embd) or a GateRows. silu/gelu: |act(gate_i . x)| > threshold; relu:
+    relu(gate_i . x) > threshold (threshold 0 for the natural ReLU sparsity)."""
     X, W_gate = _check_x_w(X, W_gate)
     if activation not in ACTIVATIONS:
         raise InvalidArgumentError(f"activation must be one of {ACTIVATIONS}, not {activation!r}")
@@ -125,9 +147,11 @@ def active_mask(X: np.ndarray, W_gate: np.ndarray, threshold: float, activation:
     if not np.isfinite(threshold) or threshold < 0:
         raise InvalidArgumentError(f"threshold must be finite and >= 0, not {threshold}")
     out = np.empty((X.shape[0], W_gate.shape[0]), dtype=bool)
-    for s in range(0, X.shape[0], 256):       # row blocks: the f32 temporaries stay a few MB
-        G = X[s:s + 256] @ W_gate.T                                    # (<=256, n_ff) f32
-        out[s:s + 256] = (G > threshold) if activation == "relu" else (np.abs(_act(G, activation)) > threshold)
+    for r0, W in W_gate.blocks():             # neuron blocks: the f32 temporaries stay a few MB
+        for s in range(0, X.shape[0], 1024):
+            G = X[s:s + 1024] @ W.T                                    # (<=1024, <=ROWS) f32
+            out[s:s + 1024, r0:r0 + len(W)] = (G > threshold) if activation == "relu" else \
+                (np.abs(_act(G, activation)) > threshold)
     return out
 
 
@@ -165,7 +189,8 @@ class Predictor:
             X = X[None, :]
         if X.ndim != 2 or X.shape[1] != self.A.shape[0]:
             raise InvalidArgumentError(f"X must be (n, {self.A.shape[0]}), not {X.shape}")
-        Z = (X @ self.A) @ self.B + self.bias                          # (n, n_ff) f32
+        Z = (X @ self.A) @ self.B                                      # (n, n_ff) f32
+        Z += self.bias
         if self.kind == "abs":
             np.abs(Z, out=Z)
             Z -= np.float32(self.offset)
@@ -194,20 +219,31 @@ def _recall_precision(P: np.ndarray, Y: np.ndarray) -> tuple[float, float]:
 # Input checks
 # ---------------------------------------------------------------------------------------------------
 
-def _check_x_w(X, W_gate):
+def _check_shapes(X, W_gate):
+    """(X as an array, W_gate as an array or the GateRows given), with their shapes checked."""
     X = np.asarray(X)
-    W_gate = np.asarray(W_gate)
-    if X.ndim != 2 or W_gate.ndim != 2:
+    W_gate = W_gate if isinstance(W_gate, GateRows) else np.asarray(W_gate)
+    if X.ndim != 2 or len(W_gate.shape) != 2:
         raise InvalidArgumentError(f"X must be (n, n_embd) and W_gate (n_ff, n_embd); got {X.shape}, {W_gate.shape}")
     if X.shape[1] != W_gate.shape[1]:
         raise InvalidArgumentError(f"X has n_embd {X.shape[1]} but W_gate is {W_gate.shape} (n_ff, n_embd)")
     if X.shape[0] == 0:
         raise InvalidArgumentError("X holds no tokens")
-    X = X.astype(np.float32, copy=False)
-    W_gate = W_gate.astype(np.float32, copy=False)
-    if not (np.isfinite(X).all() and np.isfinite(W_gate).all()):
-        raise InvalidArgumentError("X and W_gate must be finite")
     return X, W_gate
+
+
+def _check_x_w(X, W_gate):
+    """(X f32, W_gate as GateRows); an array W_gate is checked finite here, a GateRows's rows where the
+    basis reads them (_gate_basis)."""
+    X, W_gate = _check_shapes(X, W_gate)
+    X = X.astype(np.float32, copy=False)
+    if not np.isfinite(X).all():
+        raise InvalidArgumentError("X and W_gate must be finite")
+    if isinstance(W_gate, np.ndarray):
+        W_gate = W_gate.astype(np.float32, copy=False)
+        if not np.isfinite(W_gate).all():
+            raise InvalidArgumentError("X and W_gate must be finite")
+    return X, GateRows.of(W_gate)
 
 
 def _check_y(Y, n, n_ff):
@@ -226,14 +262,16 @@ def _check_split(X, Y, W_gate, name):
 # Initialisation: data-weighted truncated SVD of W_gate, then per-neuron scale and centre
 # ---------------------------------------------------------------------------------------------------
 
-# The basis is the memory peak of a layer's training (~240 MB on TinyLlama's 2048 x 5632 gates, 5 n_embd^2
-# float64 matrices and LAPACK's workspace): threads that train layers in parallel take turns here.
+# The basis is the memory peak of a layer's training (two n_embd^2 float64 matrices, LAPACK's copy and
+# eigh's workspace of 2 n_embd^2: ~180 MiB on TinyLlama's n_embd 2048): threads that train layers in
+# parallel take turns here.
 _BASIS_TURN = threading.Lock()
 
 
-def _gate_basis(X: np.ndarray, W_gate: np.ndarray, k_max: int):
-    """(P (n_embd, k), Q (k, n_ff)) with x @ P[:, :r] @ Q[:r] the best rank-r approximation of x @ W_gate.T
-    in the mean squared sense over the tokens X, for every r <= k = min(k_max, n_embd, n_ff).
+def gate_basis(X: np.ndarray, W_gate, k_max: int):
+    """(P (n_embd, k), Q (k, n_ff)) f32 with x @ P[:, :r] @ Q[:r] the best rank-r approximation of
+    x @ W_gate.T in the mean squared sense over the tokens X (n, n_embd) float16 or float32, for every
+    r <= k = min(k_max, n_embd, n_ff). W_gate: (n_ff, n_embd) or a GateRows. One thread at a time.
 
     With C = X^T X / n: minimise ||X (W^T - A B)||_F = ||C^(1/2) (W^T - A B)||_F, so take the SVD
     C^(1/2) W^T = U S V^T and A = C^(-1/2) U_r, B = S_r V_r^T (Eckart-Young in the whitened space).
@@ -241,28 +279,66 @@ def _gate_basis(X: np.ndarray, W_gate: np.ndarray, k_max: int):
     and S V^T = U^T C^(1/2) W^T for the k rows needed: the full SVD of the (n_embd x n_ff) matrix cost
     ~10 s and ~0.5 GB per layer on TinyLlama's 2048 x 5632 gates.
     """
-    n_embd, n_ff = X.shape[1], W_gate.shape[0]
+    X, W_gate = _check_shapes(X, W_gate)
+    if isinstance(W_gate, np.ndarray):
+        W_gate = W_gate.astype(np.float32, copy=False)
+    with _BASIS_TURN:
+        return _gate_basis(X, GateRows.of(W_gate), k_max)
+
+
+def basis_bytes(n_embd: int) -> int:
+    """The most _gate_basis holds at once besides its tokens: E float32 and M float64 (n_embd^2 each),
+    and numpy's eigh of M: its copy, dsyevd's workspace (1 + 6n + 2n^2 doubles) and the eigenvectors."""
+    return 4 * n_embd ** 2 + 3 * 8 * n_embd ** 2 + 8 * (1 + 6 * n_embd + 2 * n_embd ** 2)
+
+
+def _second_moment(X, rows: int = 1024) -> np.ndarray:
+    """(n_embd, n_embd) f64 C = X^T X / n, over `rows` tokens at a time (X may be float16: a block at a
+    time in float32)."""
+    C = np.zeros((X.shape[1], X.shape[1]), np.float64)
+    for r in range(0, len(X), rows):
+        Xb = X[r:r + rows].astype(np.float32, copy=False)             # (<= rows, n_embd) f32
+        if not np.isfinite(Xb).all():
+            raise InvalidArgumentError("X and W_gate must be finite")
+        C += Xb.T @ Xb
+    C /= len(X)
+    return C
+
+
+def _gate_basis(X, W: GateRows, k_max: int):
+    """gate_basis in the eigenbasis of C = X^T X / n, so that no more than one n_embd^2 float64 matrix
+    and one float32 live at once besides eigh's own (its copy and workspace): with C = E diag(lam) E^T,
+    C^(1/2) W^T W C^(1/2) = E M E^T where M = D (E^T W^T W E) D, D = diag(sqrt(lam)); M = U' S^2 U'^T
+    gives U = E U', hence A = C^(-1/2) U_k = E D^-1 U'_k and B = U_k^T C^(1/2) W^T = (E D U'_k)^T W^T."""
+    n_embd, n_ff = X.shape[1], W.shape[0]
     k = min(int(k_max), n_embd, n_ff)
-    C = (X.T @ X).astype(np.float64) / X.shape[0]                     # (n_embd, n_embd)
-    evals, evecs = np.linalg.eigh(C)
-    del C                                                              # (each n_embd^2 float64 freed early:
-    evals = np.maximum(evals, 1e-6 * max(evals.max(), 1e-30))          #  7B's are 128 MiB each)
-    c_half = (evecs * np.sqrt(evals)) @ evecs.T                        # (n_embd, n_embd)
-    c_ihalf = (evecs / np.sqrt(evals)) @ evecs.T
-    del evecs
-    G = np.zeros((n_embd, n_embd), np.float64)                         # W^T W, in row blocks
-    for r0 in range(0, n_ff, 1024):
-        Wb = W_gate[r0:r0 + 1024].astype(np.float64)
-        G += Wb.T @ Wb
+    C = _second_moment(X)                                              # (n_embd, n_embd) f64
+    lam, E = np.linalg.eigh(C)                                         # E (n_embd, n_embd) f64
+    del C
+    M = np.zeros((n_embd, n_embd), np.float64)
+    d = np.sqrt(np.maximum(lam, 1e-6 * max(lam.max(), 1e-30)))         # (n_embd,) sqrt(eigenvalues)
+    for _, Wb in W.blocks():                                           # M = W^T W, in row blocks
+        if not np.isfinite(Wb).all():
+            raise InvalidArgumentError("X and W_gate must be finite")
+        Wb = Wb.astype(np.float64)
+        M += Wb.T @ Wb
     del Wb
-    G = c_half @ G
-    G = G @ c_half
-    s2, U = np.linalg.eigh(G)                                          # ascending eigenvalues = S^2
-    del G
-    U = U[:, ::-1][:, :k]                                              # (n_embd, k), largest first
-    P = (c_ihalf @ U).astype(np.float32)                               # (n_embd, k)
-    Q = (U.T @ c_half).astype(np.float32) @ W_gate.T                   # (k, n_ff) = S_k V_k^T
-    return P, np.ascontiguousarray(Q, dtype=np.float32)
+    M = M @ E
+    M = E.T @ M                                                        # E^T W^T W E
+    M *= d[:, None]
+    M *= d[None, :]
+    E = E.astype(np.float32)   # held through the second eigh in float32: the P, Q it makes are float32
+    s2, U = np.linalg.eigh(M)                                          # ascending eigenvalues = S^2
+    del M, s2
+    U = np.ascontiguousarray(U[:, ::-1][:, :k])                        # (n_embd, k) U'_k, largest first
+    E = E.astype(np.float64)
+    P = (E @ (U / d[:, None])).astype(np.float32)                      # (n_embd, k) = C^(-1/2) U_k
+    R = (E @ (U * d[:, None])).astype(np.float32)                      # (n_embd, k) = C^(1/2) U_k
+    del E, U
+    Q = np.empty((k, n_ff), np.float32)                                # (k, n_ff) = S_k V_k^T
+    for r0, Wb in W.blocks():
+        Q[:, r0:r0 + len(Wb)] = R.T @ Wb.T
+    return P, Q
 
 
 def _masked_mean_std(G, M, rows: int = 256):
@@ -326,11 +402,12 @@ class _Adam:
 
 def _calibrate(logits: np.ndarray, Y: np.ndarray, target_recall: float) -> float:
     """A margin m, just below the largest with recall(logits > m) >= target_recall."""
-    pos = np.sort(logits[Y])                                           # (n_pos,) f32
+    pos = logits[Y]                                                    # (n_pos,) f32
     if pos.size == 0:
         return 0.0
     k = int(np.floor((1.0 - target_recall) * pos.size))               # positives allowed below m
     k = min(max(k, 0), pos.size - 1)
+    pos.partition(k)                                                   # pos[k]: the k-th smallest, in place
     # a little below pos[k], not the next float: folding m into bias/offset rounds in float32
     return float(pos[k]) - 1e-4 * (1.0 + abs(float(pos[k])))
 
@@ -388,6 +465,7 @@ def _train(X_train, Y_train, X_val, Y_val, P, Q, *, rank, kind, epochs, lr, batc
             pred.offset += m
         else:
             pred.bias -= np.float32(m)
+        logits = None                     # (n_val, n_ff) f32 each: one at a time
         logits = pred.scores(X_val)
         pred.recall, pred.precision = _recall_precision(logits > 0, Y_val)
         if pred.recall >= target_recall:
@@ -418,8 +496,10 @@ def _check_options(rank, epochs, lr, batch, target_recall, max_rank):
 
 
 def train_predictor(X_train, Y_train, X_val, Y_val, W_gate, *, rank: int, epochs: int = 6, lr: float = 3e-3,
-                    batch: int = 256, target_recall: float = 0.95, kind: str = "auto", seed: int = 0) -> Predictor:
-    """Train a rank-`rank` predictor of Y (n, n_ff) bool from X (n, n_embd); W_gate (n_ff, n_embd).
+                    batch: int = 256, target_recall: float = 0.95, kind: str = "auto", seed: int = 0,
+                    basis=None) -> Predictor:
+    """Train a rank-`rank` predictor of Y (n, n_ff) bool from X (n, n_embd); W_gate (n_ff, n_embd) or a
+    GateRows; basis: gate_basis(X_train, W_gate, k >= rank) when the caller made it already.
 
     kind: "linear" (logit = z; right for ReLU), "abs" (logit = |z| - offset; right for |act| > t
     thresholds of SiLU/GELU, see the module docstring) or "auto" (= "abs", which covers both).
@@ -431,8 +511,7 @@ def train_predictor(X_train, Y_train, X_val, Y_val, W_gate, *, rank: int, epochs
     _check_options(rank, epochs, lr, batch, target_recall, min(W_gate.shape))
     t0 = time.perf_counter()
     with single_threaded_blas():
-        with _BASIS_TURN:
-            P, Q = _gate_basis(X_train, W_gate, int(rank))
+        P, Q = gate_basis(X_train, W_gate, int(rank)) if basis is None else basis
         pred = _train(X_train, Y_train, X_val, Y_val, P, Q, rank=int(rank), kind=_resolve_kind(kind, Y_train),
                       epochs=int(epochs), lr=float(lr), batch=int(batch), target_recall=float(target_recall),
                       seed=seed)
@@ -443,7 +522,7 @@ def train_predictor(X_train, Y_train, X_val, Y_val, W_gate, *, rank: int, epochs
 def fit_smallest_rank(X_train, Y_train, X_val, Y_val, W_gate, *, target_recall: float = 0.95,
                       ranks=DEFAULT_RANKS, min_precision: float | None = None, precision_slack: float = 0.02,
                       max_seconds: float | None = None, epochs: int = 6, lr: float = 3e-3, batch: int = 256,
-                      kind: str = "auto", seed: int = 0) -> Predictor:
+                      kind: str = "auto", seed: int = 0, basis=None) -> Predictor:
     """The smallest rank in `ranks` that is good enough, every candidate calibrated to recall >= target_recall
     on the validation split (so the ranks differ in the precision that recall costs).
 
@@ -451,6 +530,8 @@ def fit_smallest_rank(X_train, Y_train, X_val, Y_val, W_gate, *, target_recall: 
     the largest rank's (trained first as the ceiling); the smaller ranks are bisected (precision is about
     monotone in rank), so 1 + log2(len(ranks)) trainings. If none is good enough, the largest rank is
     returned with a logged warning; if max_seconds runs out, the smallest good rank found so far.
+    basis: gate_basis(X_train, W_gate, max(ranks)) when the caller made it already (the converter makes
+    it before the labels exist, so the two never share the memory).
     """
     X_train, Y_train, W_gate = _check_split(X_train, Y_train, W_gate, "train")
     X_val, Y_val, _ = _check_split(X_val, Y_val, W_gate, "val")
@@ -465,14 +546,13 @@ def fit_smallest_rank(X_train, Y_train, X_val, Y_val, W_gate, *, target_recall: 
     kind = _resolve_kind(kind, Y_train)
     with single_threaded_blas():
         return _search(X_train, Y_train, X_val, Y_val, W_gate, ranks, target_recall, min_precision,
-                       precision_slack, max_seconds, epochs, lr, batch, kind, seed)
+                       precision_slack, max_seconds, epochs, lr, batch, kind, seed, basis)
 
 
 def _search(X_train, Y_train, X_val, Y_val, W_gate, ranks, target_recall, min_precision, precision_slack,
-            max_seconds, epochs, lr, batch, kind, seed):
+            max_seconds, epochs, lr, batch, kind, seed, basis):
     t0 = time.perf_counter()
-    with _BASIS_TURN:
-        P, Q = _gate_basis(X_train, W_gate, max(ranks))                # shared by every rank
+    P, Q = gate_basis(X_train, W_gate, max(ranks)) if basis is None else basis   # shared by every rank
 
     def train(r):
         pred = _train(X_train, Y_train, X_val, Y_val, P, Q, rank=r, kind=kind, epochs=epochs, lr=lr,
@@ -483,24 +563,25 @@ def _search(X_train, Y_train, X_val, Y_val, W_gate, ranks, target_recall, min_pr
 
     # The largest rank first: it is the ceiling (precision rises with rank on real gates), then bisect
     # the sorted ranks for the smallest good one (precision is about monotone in rank): 1 + log2(len) fits.
-    tried = {ranks[-1]: train(ranks[-1])}
-    goal = tried[ranks[-1]].precision - precision_slack if min_precision is None else min_precision
-    if tried[ranks[-1]].precision < goal:
+    best = train(ranks[-1])                                            # ranks[hi]'s predictor
+    goal = best.precision - precision_slack if min_precision is None else min_precision
+    if best.precision < goal:
         log.warning("predictor: no rank in %s reached precision %.3f at recall %.2f; using rank %d "
-                    "(precision %.3f)", ranks, goal, target_recall, ranks[-1], tried[ranks[-1]].precision)
-        return _done(tried[ranks[-1]], t0)
+                    "(precision %.3f)", ranks, goal, target_recall, ranks[-1], best.precision)
+        return _done(best, t0)
     lo, hi = -1, len(ranks) - 1                                        # ranks[hi] is good, ranks[lo] not
     while hi - lo > 1:
         if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
             log.warning("predictor rank search: time budget of %.1f s spent; using rank %d", max_seconds, ranks[hi])
             break
         mid = (lo + hi) // 2
-        tried[ranks[mid]] = train(ranks[mid])
-        if tried[ranks[mid]].precision >= goal:
-            hi = mid
+        pred = train(ranks[mid])            # only the best so far is kept (a rank-256 one: 7.6 MiB)
+        if pred.precision >= goal:
+            hi, best = mid, pred
         else:
             lo = mid
-    return _done(tried[ranks[hi]], t0)
+        del pred
+    return _done(best, t0)
 
 
 def _done(pred, t0):

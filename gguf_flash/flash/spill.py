@@ -1,0 +1,62 @@
+"""Arrays parked in an anonymous temporary file until they are written: the converter's trained
+predictors (A and B float16, 3.8 MiB a layer at rank 256 on TinyLlama's shape, 84 MiB for its 22 layers),
+which RSS would otherwise hold from the layer's training to the end of the write. Like calibrate.LayerFile,
+the file is gone when closed or when the process dies; its pages sit in the page cache, not in RSS.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Parked:
+    """One array in a Spill: what a writer needs before reading it back (`load`)."""
+    spill: "Spill"
+    offset: int
+    shape: tuple
+    dtype: np.dtype
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def load(self) -> np.ndarray:
+        return self.spill.read(self)
+
+
+class Spill:
+    """Append-only: `put` from any thread, `read` back whole."""
+
+    def __init__(self, dir=None):
+        self._fh = tempfile.TemporaryFile(dir=dir)
+        self._end = 0
+        self._lock = threading.Lock()
+
+    def put(self, arr: np.ndarray) -> Parked:
+        data = np.ascontiguousarray(arr)
+        with self._lock:
+            offset, self._end = self._end, self._end + data.nbytes
+        n = os.pwrite(self._fh.fileno(), memoryview(data.reshape(-1)).cast("B"), offset) if data.nbytes else 0
+        if n != data.nbytes:
+            raise OSError(f"spill file: short write ({n} of {data.nbytes} bytes)")
+        return Parked(self, offset, data.shape, data.dtype)
+
+    def read(self, parked: Parked) -> np.ndarray:
+        out = np.empty(parked.shape, parked.dtype)
+        n = os.preadv(self._fh.fileno(), [memoryview(out.reshape(-1)).cast("B")], parked.offset) if out.nbytes else 0
+        if n != out.nbytes:
+            raise OSError(f"spill file: short read ({n} of {out.nbytes} bytes)")
+        return out
+
+    def close(self):
+        self._fh.close()
