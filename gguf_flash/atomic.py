@@ -69,12 +69,20 @@ def atomic_output(dst):
             yield tmp
             os.replace(tmp, dst)
         except OSError as e:
-            raise OutputError(f"{dst}: cannot write ({_why(e, parent)}); nothing was written there") from None
+            raise write_error(dst, e) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     finally:
         os.close(fd)
+
+
+def write_error(dst, e: OSError) -> OutputError:
+    """The one-line error for an OSError while writing dst or a scratch file beside it (the converter's
+    spill files): "DST: cannot write (disk full); nothing was written there"."""
+    dst = Path(dst)
+    return OutputError(f"{dst}: cannot write ({_why(e, dst.parent if str(dst.parent) else Path('.'))}); "
+                       "nothing was written there")
 
 
 def _why(e: OSError, parent: Path) -> str:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..atomic import write_error
+
 from ..errors import InvalidArgumentError
 from .layerwise import LayerPass, Sequence
 
@@ -40,15 +42,21 @@ class LayerFile:
     """(n_layer, n_tokens, n_embd) float16 in an anonymous temporary file (gone when closed or when the
     process dies): a layer is written once and read back as float32 rows."""
 
-    def __init__(self, n_layer, n_tokens, n_embd, dir=None):
+    def __init__(self, n_layer, n_tokens, n_embd, dir=None, owner=None):
         self.shape = (n_layer, n_tokens, n_embd)
         self._fh = tempfile.TemporaryFile(dir=dir)
+        self._owner = owner      # the output it serves: a write error names it (atomic.write_error)
 
     def write(self, il, X) -> None:
         data = np.ascontiguousarray(X, np.float16)
-        n = os.pwrite(self._fh.fileno(), memoryview(data).cast("B"), il * data.nbytes)
-        if n != data.nbytes:
-            raise OSError(f"calibration spill file: short write ({n} of {data.nbytes} bytes)")
+        try:
+            n = os.pwrite(self._fh.fileno(), memoryview(data).cast("B"), il * data.nbytes)
+            if n != data.nbytes:
+                raise OSError(f"calibration spill file: short write ({n} of {data.nbytes} bytes)")
+        except OSError as e:
+            if self._owner is None:
+                raise
+            raise write_error(self._owner, e) from None
 
     def read(self, il, r0, r1, dtype=np.float32) -> np.ndarray:
         """(r1 - r0, n_embd) rows r0..r1 of layer il, float32 (or float16 as stored)."""
@@ -88,7 +96,7 @@ class Calibration:
 
 def calibrate(model, tokenizer, text: str, n_tokens: int = 4096, chunk: int = 512,
               held_out: float = 0.25, on_layer=None, progress=None, release: bool = True,
-              spill_dir=None) -> Calibration:
+              spill_dir=None, spill_owner=None) -> Calibration:
     """Collect FFN inputs for n_tokens of text (chunks of `chunk` tokens, BOS per chunk if the model
     adds it, as in perplexity), layer-major. The last `held_out` fraction of chunks is kept for
     evaluation. on_layer(il, X (n_tokens, n_embd) f32, n_train) after each layer, while its weights
@@ -102,7 +110,7 @@ def calibrate(model, tokenizer, text: str, n_tokens: int = 4096, chunk: int = 51
     cfg = model.cfg
     total = n_chunks * chunk
     toks = np.concatenate([np.asarray(bos + ids[c * per:(c + 1) * per], np.int64) for c in range(n_chunks)])
-    X = LayerFile(cfg.n_layer, total, cfg.n_embd, spill_dir)
+    X = LayerFile(cfg.n_layer, total, cfg.n_embd, spill_dir, spill_owner)
     n_held = max(1, int(round(n_chunks * held_out)))
     n_train = (n_chunks - n_held) * chunk
 

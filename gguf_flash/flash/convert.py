@@ -365,7 +365,7 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
     lp = LayerPass(model)
     bar = _progress(progress, cfg.n_layer, "calibrate")
     cal = calibrate(model, tok, text, calib_tokens, chunk, HELD_OUT, on_layer=stats.add, spill_dir=dst.parent,
-                    progress=(lambda i, n: bar.update(1)) if bar else None)
+                    spill_owner=dst, progress=(lambda i, n: bar.update(1)) if bar else None)
     if bar:
         bar.close()
     phases["calibrate"] = time.perf_counter() - t
@@ -438,7 +438,7 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
     f.release(0, f.file_size)
     _release_freed_memory()
 
-    parked = Spill(dst.parent)      # the trained predictors, until written (spill.py)
+    parked = Spill(dst.parent, owner=dst)      # the trained predictors, until written (spill.py)
 
     def fit_layer(il):
         name = f"blk.{il}.ffn_gate.weight"

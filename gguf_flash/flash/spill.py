@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..atomic import write_error
+
 
 @dataclass(frozen=True)
 class Parked:
@@ -37,8 +39,11 @@ class Parked:
 class Spill:
     """Append-only: `put` from any thread, `read` back whole."""
 
-    def __init__(self, dir=None):
+    def __init__(self, dir=None, owner=None):
+        """dir: where the file goes; owner: the output it serves (named by a write error: a full disk
+        is "OWNER: cannot write (disk full)", atomic.write_error)."""
         self._fh = tempfile.TemporaryFile(dir=dir)
+        self._owner = owner
         self._end = 0
         self._lock = threading.Lock()
 
@@ -46,9 +51,14 @@ class Spill:
         data = np.ascontiguousarray(arr)
         with self._lock:
             offset, self._end = self._end, self._end + data.nbytes
-        n = os.pwrite(self._fh.fileno(), memoryview(data.reshape(-1)).cast("B"), offset) if data.nbytes else 0
-        if n != data.nbytes:
-            raise OSError(f"spill file: short write ({n} of {data.nbytes} bytes)")
+        try:
+            n = os.pwrite(self._fh.fileno(), memoryview(data.reshape(-1)).cast("B"), offset) if data.nbytes else 0
+            if n != data.nbytes:
+                raise OSError(f"spill file: short write ({n} of {data.nbytes} bytes)")
+        except OSError as e:
+            if self._owner is None:
+                raise
+            raise write_error(self._owner, e) from None
         return Parked(self, offset, data.shape, data.dtype)
 
     def read(self, parked: Parked) -> np.ndarray:
