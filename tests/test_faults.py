@@ -31,13 +31,20 @@ CLI = [sys.executable, "-c", "import sys; from gguf_flash.cli import main; sys.e
 ENV = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
+def _default_sigint():
+    """In the child before exec: SIGINT back to its default. A suite started as a background job of a
+    non-interactive shell inherits SIGINT ignored, and Python leaves an ignored SIGINT ignored, so the
+    Ctrl-C tests would see the command run to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Child:
     """A command in its own session (so a signal reaches it and its children, like Ctrl-C in a terminal),
     with stdout and stderr collected as they come."""
 
     def __init__(self, args, env=ENV, **kw):
         self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                  start_new_session=True, **kw)
+                                  start_new_session=True, preexec_fn=_default_sigint, **kw)
         self.out, self.err = bytearray(), bytearray()
         self.threads = [threading.Thread(target=self._pump, args=(s, b), daemon=True)
                         for s, b in ((self.p.stdout, self.out), (self.p.stderr, self.err))]
