@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..atomic import write_error
-
 from ..errors import InvalidArgumentError
 from .layerwise import LayerPass, Sequence
+from .spill import pwrite_exact
 
 
 def default_calibration_text() -> tuple[str, str]:
@@ -49,14 +48,7 @@ class LayerFile:
 
     def write(self, il, X) -> None:
         data = np.ascontiguousarray(X, np.float16)
-        try:
-            n = os.pwrite(self._fh.fileno(), memoryview(data).cast("B"), il * data.nbytes)
-            if n != data.nbytes:
-                raise OSError(f"calibration spill file: short write ({n} of {data.nbytes} bytes)")
-        except OSError as e:
-            if self._owner is None:
-                raise
-            raise write_error(self._owner, e) from None
+        pwrite_exact(self._fh, data, il * data.nbytes, self._owner, "calibration spill file")
 
     def read(self, il, r0, r1, dtype=np.float32) -> np.ndarray:
         """(r1 - r0, n_embd) rows r0..r1 of layer il, float32 (or float16 as stored)."""

@@ -16,6 +16,20 @@ import numpy as np
 from ..atomic import write_error
 
 
+def pwrite_exact(fh, data: np.ndarray, offset: int, owner, what: str) -> None:
+    """Write the C-contiguous array data at offset of the open file fh, whole. A short write or an
+    OSError is atomic.write_error(owner) (the output the scratch file serves: "OWNER: cannot write
+    (disk full)"), or the OSError itself when owner is None."""
+    try:
+        n = os.pwrite(fh.fileno(), memoryview(data.reshape(-1)).cast("B"), offset) if data.nbytes else 0
+        if n != data.nbytes:
+            raise OSError(f"{what}: short write ({n} of {data.nbytes} bytes)")
+    except OSError as e:
+        if owner is None:
+            raise
+        raise write_error(owner, e) from None
+
+
 @dataclass(frozen=True)
 class Parked:
     """One array in a Spill: what a writer needs before reading it back (`load`)."""
@@ -51,14 +65,7 @@ class Spill:
         data = np.ascontiguousarray(arr)
         with self._lock:
             offset, self._end = self._end, self._end + data.nbytes
-        try:
-            n = os.pwrite(self._fh.fileno(), memoryview(data.reshape(-1)).cast("B"), offset) if data.nbytes else 0
-            if n != data.nbytes:
-                raise OSError(f"spill file: short write ({n} of {data.nbytes} bytes)")
-        except OSError as e:
-            if self._owner is None:
-                raise
-            raise write_error(self._owner, e) from None
+        pwrite_exact(self._fh, data, offset, self._owner, "spill file")
         return Parked(self, offset, data.shape, data.dtype)
 
     def read(self, parked: Parked) -> np.ndarray:
