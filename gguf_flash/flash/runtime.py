@@ -224,7 +224,6 @@ class FlashModel:
         self.n_ctx = int(n_ctx) if n_ctx else min(1024 if max_ram else 4096, c.n_ctx_train)
         self.w = Weights(f, c, ffn=False)
         self.st = RunState(c, self.n_ctx, n_ubatch=1, kv_type=kv_type)   # tokens one at a time: no prompt batch buffers
-        self.ffn_out = np.zeros(c.n_embd, np.float32)   # (n_embd,)
         self.cap = budget.parse_size(max_ram) if max_ram is not None else None
 
         # ---- disk: this device's probe sets the coalescing gap and read threads ----

@@ -4,8 +4,9 @@
 chosen row is then read), or the low-rank predictor (DESIGN.md 1) where the gate rows do not fit, or
 nothing resident ("bundle", and "none" in naive/dense mode): every row, its gate computed from the
 bundle by the sparse FFN, which still skips |act(g)| <= t_l.
-Fills `active[:n]` (increasing stored row ids) and `gvals[:n]`: their gate values (gate rows) or their
-values act(g) u (product); the call returns what gvals holds (sparse.KNOWN_*)."""
+The Selector holds each kind's resident arrays; kernels/flashstep.select_rows computes the choice into
+`active[:n]` (increasing stored row ids) and `gvals[:n]`: their gate values (gate rows) or their values
+act(g) u (product), and returns what gvals holds (sparse.KNOWN_*)."""
 
 from __future__ import annotations
 
@@ -42,23 +43,6 @@ class Selector:
         rows = np.arange(self.n_ff, dtype=np.int32)
         store.read_rows(rows, buf, rows)
         return buf
-
-    def __call__(self, il, hg, xb, xq):
-        """Returns (n, what gvals holds: sparse.KNOWN_*). hg (n_ff,) f32 scratch."""
-        if self.kind in ("none", "bundle"):
-            return self.n_ff, sparse.KNOWN_NONE
-        l = self.layers[il]
-        if self.kind == "gate":
-            sparse.matvec_rows(hg, self.gates[il], int(l.types[0]), xb, xq)
-            return sparse.select_by_gate(self.active, self.gvals, hg, self.act, l.threshold), sparse.KNOWN_GATE
-        if self.kind == "product":
-            sparse.matvec_rows(hg, self.gates[il], int(l.types[0]), xb, xq)
-            sparse.matvec_rows(self.hu, self.ups[il], int(l.types[1]), xb, xq)
-            return sparse.select_by_product(self.active, self.gvals, hg, self.hu, self.down_norm[il], self.act,
-                                            l.prod_threshold), sparse.KNOWN_H
-        a, b = self.pred[il]
-        sparse.predictor_logits(self.z, self.tmp[:a.shape[1]], xb, a, b, self.pred_bias[il])
-        return sparse.select_by_logit(self.active, self.z, l.pred_offset, l.pred_abs), sparse.KNOWN_NONE
 
     def step_args(self, il) -> tuple:
         """Layer il's selector as kernels/flashstep.layer_select takes it: (kind, gates, gate type, ups,

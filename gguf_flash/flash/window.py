@@ -237,11 +237,15 @@ class Window:
         Returns views into preallocated scratch, valid until the next call. check=False: the caller
         (flash/ffn.py) passes rows it chose itself, int32, increasing, at most capacity of them.
         """
-        if not check:
-            self.n_used, n_missing = _update(
-                self._missing, self._missing_slot, self.slots, self.slot_neuron, self.neuron_slot,
-                self.last_active, self._scratch, active, t, self.k, self.capacity, self.n_used)
-            return self._missing[:n_missing], self._missing_slot[:n_missing]
+        if check:
+            active = self._checked(active, t)
+        self.n_used, n_missing = _update(
+            self._missing, self._missing_slot, self.slots, self.slot_neuron, self.neuron_slot,
+            self.last_active, self._scratch, active, int(t), int(self.k), self.capacity, self.n_used)
+        return self._missing[:n_missing], self._missing_slot[:n_missing]
+
+    def _checked(self, active, t) -> np.ndarray:
+        """active as int32, after the checks update() promises (one-line errors naming the problem)."""
         active = np.ascontiguousarray(active, dtype=np.int32)
         if active.ndim != 1:
             raise InvalidArgumentError("active must be a 1-d array of row ids")
@@ -252,10 +256,7 @@ class Window:
         if active.shape[0] and (active[0] < 0 or _check_active(active, self.n_ff)):
             raise InvalidArgumentError(
                 f"active rows must be strictly increasing and inside [0, {self.n_ff})")
-        self.n_used, n_missing = _update(
-            self._missing, self._missing_slot, self.slots, self.slot_neuron, self.neuron_slot,
-            self.last_active, self._scratch, active, int(t), int(self.k), self.capacity, self.n_used)
-        return self._missing[:n_missing], self._missing_slot[:n_missing]
+        return active
 
     # -- for the RAM watchdog -----------------------------------------------------------------------
 

@@ -50,20 +50,14 @@ def split_rows(win_rows, ovf_pos, active, n, neuron_slot, capacity):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def layer_select(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
-                 blob, mats, norms, qk_norms, biases, swa, ip, fp, il,
-                 kind, gates, gate_type, ups, up_type, down_norm, pa, pb, pbias, pz, ptmp, pred_offset, pred_abs,
-                 sel_threshold, hg, hu, active, gvals, neuron_slot, win_rows, ovf_pos, pos, capacity):
-    """Layer il up to its chosen rows: x += attention; xb = RMSNorm(x) * ffn_norm and xq_embd its 8-bit
-    blocks; active[:n] (increasing rows) and gvals[:n] (what the selector computed for them, known)
-    as flash/selector.py describes; win_rows[:nw] the rows the window is to hold (capacity slots,
-    neuron_slot its map) and ovf_pos[:no] the positions of the rest. Returns (n, known, nw, no).
-    kind SEL_NONE leaves active as it is (every row: 0..n_ff-1) and n = len(active)."""
-    attention_layer(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
-                    blob, mats, norms, qk_norms, biases, swa, ip, fp, il, pos)
-    rmsnorm(xb, x, norms[il, NORM_FFN], fp[FP_EPS])
-    quantize_x(xq_embd, xb)
-    act = ip[IP_ACT]
+def select_rows(xb, xq_embd, act, kind, gates, gate_type, ups, up_type, down_norm, pa, pb, pbias, pz, ptmp,
+                pred_offset, pred_abs, sel_threshold, hg, hu, active, gvals, neuron_slot, win_rows, ovf_pos,
+                capacity):
+    """The selector on the FFN input xb (xq_embd: its 8-bit blocks): active[:n] (increasing rows) and
+    gvals[:n] (what the selector computed for them, known) as flash/selector.py describes; win_rows[:nw]
+    the rows the window is to hold (capacity slots, neuron_slot its map) and ovf_pos[:no] the positions
+    of the rest. Returns (n, known, nw, no). kind SEL_NONE leaves active as it is (every row:
+    0..n_ff-1) and n = len(active)."""
     known = KNOWN_NONE
     if kind == SEL_GATE:
         matvec_rows(hg, gates, gate_type, xb, xq_embd)
@@ -81,6 +75,22 @@ def layer_select(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_emb
         n = active.shape[0]
     nw, no = split_rows(win_rows, ovf_pos, active, n, neuron_slot, capacity)
     return n, known, nw, no
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def layer_select(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
+                 blob, mats, norms, qk_norms, biases, swa, ip, fp, il,
+                 kind, gates, gate_type, ups, up_type, down_norm, pa, pb, pbias, pz, ptmp, pred_offset, pred_abs,
+                 sel_threshold, hg, hu, active, gvals, neuron_slot, win_rows, ovf_pos, pos, capacity):
+    """Layer il up to its chosen rows: x += attention; xb = RMSNorm(x) * ffn_norm and xq_embd its 8-bit
+    blocks; then select_rows. Returns (n, known, nw, no)."""
+    attention_layer(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
+                    blob, mats, norms, qk_norms, biases, swa, ip, fp, il, pos)
+    rmsnorm(xb, x, norms[il, NORM_FFN], fp[FP_EPS])
+    quantize_x(xq_embd, xb)
+    return select_rows(xb, xq_embd, ip[IP_ACT], kind, gates, gate_type, ups, up_type, down_norm, pa, pb, pbias,
+                       pz, ptmp, pred_offset, pred_abs, sel_threshold, hg, hu, active, gvals, neuron_slot,
+                       win_rows, ovf_pos, capacity)
 
 
 @njit(cache=True, fastmath=FASTMATH)
