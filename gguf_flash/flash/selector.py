@@ -6,8 +6,7 @@ nothing resident ("bundle", and "none" in naive/dense mode): every row, its gate
 bundle by the sparse FFN, which still skips |act(g)| <= t_l.
 The Selector holds each kind's resident arrays; kernels/flashstep.select_rows computes the choice into
 `active[:n]` (increasing stored row ids) and `gvals[:n]`: their activated gate values act(g) (gate rows)
-or their values act(g) u (product), and returns what gvals holds (sparse.KNOWN_*); the sparse FFN then
-overwrites gvals[:n] with each row's act(g) u."""
+or their values act(g) u (product), and returns what gvals holds (sparse.KNOWN_*)."""
 
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ class Selector:
     def __init__(self, kind: str, layers, store, n_ff: int, activation: int):
         self.kind, self.layers, self.n_ff, self.act = kind, layers, n_ff, activation
         self.active = np.arange(n_ff, dtype=np.int32)   # (n_ff,) int32 chosen rows (all unless selecting)
-        self.gvals = np.zeros(n_ff, np.float32)         # (n_ff,) f32 act(gate), act(gate) * up (see above)
+        self.gvals = np.zeros(n_ff, np.float32)         # (n_ff,) f32 act(gate) or act(gate) * up (see above)
         self.z = np.zeros(n_ff, np.float32)             # (n_ff,) f32 predictor logits
         if kind in ("gate", "product"):
             self.gates = [self._read_part_rows(store, l, 0) for l in layers]   # (n_ff, gate_bytes) uint8 each

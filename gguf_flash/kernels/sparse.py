@@ -16,7 +16,6 @@ from .quant_basic import MM_ROWS, _gemm_rows, _u16_as_f16_to_f32, prefetch
 KNOWN_NONE = 0   # nothing: gate and up come from the bundle
 KNOWN_GATE = 1   # its activated gate value act(gate) (resident gate rows)
 KNOWN_H = 2      # its value act(gate) * up (resident gate and up rows: the product selector)
-FFN_TILE = 32        # sparse_ffn_range's two passes run over tiles of this many positions
 PREFETCH_AHEAD = 8   # sparse_ffn_range asks for the bytes of the row this many positions ahead
 
 
@@ -103,13 +102,10 @@ def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j
     blocks, not every n_part-th position: rows are stored hot-first and mostly sit in ascending slots,
     so each thread walks its rows in address order (every other row defeated the hardware prefetcher:
     2.5x slower per row than the dense matvec once the layers no longer fit in cache).
-    Two passes over a block: first each row's value h = act(gate) * up (0 below the threshold) into
-    gvals[j], then the down rows' axpys; each loop runs one kind of kernel (SmolLM2, one thread, rows
-    in cache: 109 ns a row against 131 interleaved).
     known (int): what gvals[j] (>= j1,) f32 holds by position on entry: KNOWN_NONE nothing (gate and up
     come from the row, |act(gate)| > threshold decides), KNOWN_GATE the activated gate values (up from
     the row, same rule), KNOWN_H the neuron's value act(gate) * up itself (the product selector chose
-    the rows: only the down part is used). On return gvals[j0:j1] holds h for every kind.
+    the rows: only the down part is used).
     partial (n_part, n_embd) f32, zeroed by the caller before the first range; slots/stage (rows,
     slot_bytes) uint8; neuron_slot/stage_map (n_ff,) int32; active (>= j1,) int32; types (3,) int64;
     offs (4,) int64 byte offsets of gate, up, down inside a slot (empty parts when the slot holds only
@@ -119,29 +115,20 @@ def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j
     for c in prange(n_part):
         acc = partial[c]
         b1 = min(j1, (c + 1) * n // n_part)
-        for t0 in range(max(j0, c * n // n_part), b1, FFN_TILE):
-            t1 = min(t0 + FFN_TILE, b1)
+        for j in range(max(j0, c * n // n_part), b1):
+            if j + PREFETCH_AHEAD < b1:
+                _prefetch_row(slots, neuron_slot, stage, stage_map, active[j + PREFETCH_AHEAD], lo, offs[3])
+            a = active[j]
+            s = neuron_slot[a]
+            row = slots[s] if s >= 0 else stage[stage_map[a]]
+            h = gvals[j]
             if known != KNOWN_H:
-                for j in range(t0, t1):
-                    if j + PREFETCH_AHEAD < b1:
-                        _prefetch_row(slots, neuron_slot, stage, stage_map, active[j + PREFETCH_AHEAD], lo, offs[3])
-                    a = active[j]
-                    s = neuron_slot[a]
-                    row = slots[s] if s >= 0 else stage[stage_map[a]]
-                    v = gvals[j] if known == KNOWN_GATE else activate(dot_row(types[0], row[offs[0]:offs[1]], x, xq), act)
-                    h = np.float32(0.0)
-                    if abs(v) > threshold:
-                        h = v * dot_row(types[1], row[offs[1]:offs[2]], x, xq)
-                    gvals[j] = h
-            for j in range(t0, t1):
-                if known == KNOWN_H and j + PREFETCH_AHEAD < b1:
-                    _prefetch_row(slots, neuron_slot, stage, stage_map, active[j + PREFETCH_AHEAD], lo, offs[3])
-                h = gvals[j]
-                if h != 0.0:
-                    a = active[j]
-                    s = neuron_slot[a]
-                    row = slots[s] if s >= 0 else stage[stage_map[a]]
-                    axpy_row(types[2], acc, h, row[offs[2]:offs[3]])
+                v = h if known == KNOWN_GATE else activate(dot_row(types[0], row[offs[0]:offs[1]], x, xq), act)
+                h = np.float32(0.0)
+                if abs(v) > threshold:
+                    h = v * dot_row(types[1], row[offs[1]:offs[2]], x, xq)
+            if h != 0.0:
+                axpy_row(types[2], acc, h, row[offs[2]:offs[3]])
 
 
 @njit(cache=True, inline="always")
