@@ -148,13 +148,21 @@ def cmd_bench_io(a):
           f"(saved in {saved})")
 
 
+def _per_layer(what, target, held_out) -> str:
+    """One line: each layer's chosen sparsity (an allocation's; none when one sparsity for all) and the
+    share of neurons inactive on held-out tokens."""
+    chosen = f"chosen {' '.join(f'{x:.2f}' for x in target)}; " if len(target) else ""
+    return f"{what}: {chosen}held-out {' '.join(f'{x:.2f}' for x in held_out)}"
+
+
 def cmd_convert(a):
     from .flash.convert import convert
     _first_run_notice()
     r = convert(a.input, a.output, calib=a.calib, calib_tokens=a.calib_tokens, sparsity=a.sparsity,
                 rank=a.rank, down_type=a.down_type, force=a.force, full_curve=a.curve,
                 predictor=a.predictor, head_index=not a.no_head_index,
-                head_index_rank=a.head_index_rank, product=not a.no_product, max_ram=a.max_ram, progress=True)
+                head_index_rank=a.head_index_rank, product=not a.no_product, allocate=a.allocate,
+                max_ram=a.max_ram, progress=True)
     stored = [i for i, k in enumerate(r.ranks) if k]
     preds = (f"rank {min(r.ranks[i] for i in stored)}-{max(r.ranks[i] for i in stored)}, "
              f"recall {min(r.recall[i] for i in stored):.3f}-{max(r.recall[i] for i in stored):.3f}, "
@@ -165,9 +173,12 @@ def cmd_convert(a):
           f"({100 * r.predictor_bytes / r.ffn_bytes:.0f}% of the FFN) in {len(stored)} of {len(r.ranks)} "
           f"layers, {preds}")
     print("held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in r.curve))
+    print(_per_layer("sparsity per layer", r.layer_target if r.allocated else [], r.layer_sparsity))
     if r.prod_curve:
         print(f"product criterion (--selector product): sparsity {r.prod_sparsity:.2f}; held-out perplexity by "
               "sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in r.prod_curve))
+        print(_per_layer("product sparsity per layer", r.prod_layer_target if r.allocated else [],
+                         r.prod_layer_sparsity))
     if r.head_index is not None:
         hi = r.head_index
         print(f"head index: rank {hi.rank}, {hi.n_bytes / 2**20:.1f} MiB ({100 * hi.n_bytes / r.head_bytes:.0f}% of "
@@ -336,22 +347,24 @@ def _print_flash_summary(f):
     curve = list(zip(f.get(K_CURVE_S, []), f.get(K_CURVE_PPL, [])))
     if curve:
         print("held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in curve))
+    psp = f.get(K_PROD_LAYER_SPARSITY, []) if info.has_product else []
     if info.has_product:
         pcurve = list(zip(f.get(K_PROD_CURVE_S, []), f.get(K_PROD_CURVE_PPL, [])))
-        psp = f.get(K_PROD_LAYER_SPARSITY, [])
         print(f"product criterion (--selector product): target sparsity {info.prod_sparsity:.2f}"
               + (f", held-out per layer {min(psp):.3f}-{max(psp):.3f}" if len(psp) else "")
               + ("; held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in pcurve)
                  if pcurve else ""))
     else:
         print("product criterion: none (--selector product needs a file converted with it)")
-    print("layer threshold sparsity predictor rank recall precision bundle-B  freq@1 @10% @50% @90%")
+    # per layer: the gate criterion's sparsity on held-out tokens; the product criterion's last
+    print("layer threshold sparsity predictor rank recall precision bundle-B  freq@1 @10% @50% @90%"
+          + ("  product-sparsity" if len(psp) else ""))
     for il, l in enumerate(info.layers):
         fr = l.freq
         at = [fr[int(q * (len(fr) - 1))] for q in (0, 0.1, 0.5, 0.9)]
         pred = f"yes {l.rank:8d} {l.recall:6.3f} {l.precision:9.3f}" if l.rank else f"no {'-':>9s} {'-':>6s} {'-':>9s}"
         print(f"{il:5d} {l.threshold:9.4f} {lsp[il]:8.3f} {pred:>34s} {l.bundle_bytes:8d}  "
-              + " ".join(f"{x:5.2f}" for x in at))
+              + " ".join(f"{x:5.2f}" for x in at) + (f" {psp[il]:17.3f}" if len(psp) else ""))
     pred = sum(l.pred_bytes for l in info.layers)
     n_pred = sum(1 for l in info.layers if l.rank)
     print(f"bundles {info.bundle_bytes_total / 2**20:.1f} MiB, predictors {pred / 2**20:.1f} MiB "
@@ -500,6 +513,10 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT")
     p.add_argument("--curve", action="store_true", help="held-out perplexity at every grid sparsity "
                                                          "(default: bisect the grid for the chosen one)")
+    p.add_argument("--allocate", action="store_true",
+                   help="a sparsity per layer (greedy on the loss of a calibration chunk, as TEAL does) instead "
+                        "of one for all layers, the mean within 2%% on that chunk; the held-out perplexity is "
+                        "reported, not enforced. Much slower; it helped Gemma 3's gate, not SmolLM2 (docs/design.md)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("chat", help="interactive chat with the model's chat template")

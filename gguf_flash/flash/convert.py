@@ -8,7 +8,8 @@ RSS follows the model's widths, not its size (convert_ram.py):
   2. sparsity    held-out perplexity at each grid point (one layer-major pass each); the default
                  sparsity is the largest whose held-out perplexity stays within 2% of dense (CATS); the
                  same for the product criterion |act(gate . x) (up . x)| ||down_i|| (the product
-                 selector's), which keeps more of the model at the same sparsity
+                 selector's), which keeps more of the model at the same sparsity; with allocate, a
+                 sparsity per layer instead (allocate.py: greedy on a training chunk's loss)
   2b. head index  the output head's calibrated preview (head_build.py), on the model's final hidden
                  states of the calibration text and of its own greedy continuations
   3. predictors  per layer, the smallest rank whose predictor reaches the target recall (predictor.py);
@@ -42,6 +43,7 @@ from ..kernels import compile_in_child, release_compiler_pages
 from ..model import Model
 from ..tokenizer import tokenizer_from_gguf
 from . import format as ff
+from .allocate import bisect_path, greedy_path, layer_costs
 from .budget import PeakSampler, parse_size
 from .calibrate import calibrate, read_calibration_text
 from .head_build import build_head_index, calibration_states, index_rank
@@ -59,6 +61,11 @@ ACT_NAMES = {ACT_SILU: "silu", ACT_GELU_TANH: "gelu", ACT_RELU: "relu"}
 SPARSITY_GRID = tuple(round(0.05 * k, 2) for k in range(1, 19))   # 0.05 .. 0.9
 HELD_OUT = 0.25            # the last quarter of the calibration chunks is held out
 PPL_BUDGET = 1.02          # default sparsity: held-out perplexity within 2% of dense
+# allocate=True (allocate.py): the grid sparsities each layer may take (besides dense: tools/bench_alloc.py
+# measured these on Gemma 3; each level costs ~n_layer / 2 passes), and the training chunks (the last
+# ones) whose loss drives the choice; the held-out chunks only judge it
+ALLOC_LEVELS = {"gate": (0.2, 0.3), "product": (0.3, 0.5)}
+DRIVE_CHUNKS = 1
 DOWN_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "F32")
 PREDICTOR_CHOICES = ("auto", "always", "never")
 
@@ -86,6 +93,9 @@ class ConvertReport:
     prod_layer_sparsity: list = field(default_factory=list)
     phase_peak_mb: dict = field(default_factory=dict)   # peak RSS by phase, sampled in-process every 10 ms
     sampled_peak_mb: float = 0.0    # the same over the whole conversion
+    layer_target: list = field(default_factory=list)       # per layer, the grid sparsity chosen (0: dense)
+    prod_layer_target: list = field(default_factory=list)  # the same for the product criterion
+    allocated: bool = False         # per-layer allocation (allocate.py), not one sparsity for all layers
 
 
 def _progress(enabled, total, desc):
@@ -287,12 +297,14 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
             rank: int | None = None, down_type: str = "Q8_0", force: bool = False,
             target_recall: float = 0.95, full_curve: bool = False, predictor: str = "auto",
             head_index: bool = True, head_index_rank: int | None = None, product: bool = True,
-            max_ram=None, progress: bool = False) -> ConvertReport:
+            allocate: bool = False, max_ram=None, progress: bool = False) -> ConvertReport:
     """Write the flash GGUF of `src` to `dst` (see the module docstring). full_curve evaluates the
     held-out perplexity at every grid sparsity (the default bisects the grid: 5 evaluations, not 18).
     predictor: "auto" (a layer's predictor only where it is smaller than its gate rows), "always",
     "never". product: also store the product criterion (gated activations; the product selector).
-    A given `sparsity` applies to both criteria. max_ram ("1.5G", bytes): refused before the model is read
+    A given `sparsity` applies to both criteria, in every layer. allocate: a sparsity per layer instead
+    (allocate.py: greedy on the loss of training chunks, judged on the held-out ones; slower, see
+    docs/design.md). max_ram ("1.5G", bytes): refused before the model is read
     when below the floor convert_ram.py estimates from the model's shape; it sets the training threads."""
     args = dict(locals())
     sampler = PeakSampler()
@@ -303,7 +315,7 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
 
 
 def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_type, force, target_recall, full_curve,
-             predictor, head_index, head_index_rank, product, max_ram, progress) -> ConvertReport:
+             predictor, head_index, head_index_rank, product, allocate, max_ram, progress) -> ConvertReport:
     t_start = time.perf_counter()
     src_path = models.resolve(src)
     dst = Path(dst)
@@ -313,6 +325,8 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
         raise InvalidArgumentError(f"--down-type {down_type}: choose one of {', '.join(DOWN_TYPES)}")
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise InvalidArgumentError(f"--sparsity must be in [0, 1), got {sparsity}")
+    if allocate and sparsity is not None:
+        raise InvalidArgumentError("--allocate chooses a sparsity per layer: it cannot be combined with --sparsity")
     if rank is not None and rank < 1:
         raise InvalidArgumentError(f"--rank must be >= 1, got {rank}")
     if head_index_rank is not None and head_index_rank < 0:
@@ -374,9 +388,15 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
     # ---- 2. the sparsity curves (gate criterion; product criterion), on held-out text ----
     t = time.perf_counter()
     q_train, qp_train, dn, p_count, p_held = stats.q, stats.qp, stats.dn, stats.p_count, stats.p_held
+    L = cfg.n_layer
     n_search = 1 if sparsity is not None else (len(grid) if full_curve else 5)
-    bar = _progress(progress, 1 + n_search * (1 + product), "sparsity")
-    dense_ppl = float(np.exp(_heldout_nll(lp, cal, np.zeros(cfg.n_layer, np.float32))))
+    levels = {k: [int(np.argmin(np.abs(grid - x))) for x in v] for k, v in ALLOC_LEVELS.items()}
+    drive = cal.sequences(held_out=False)[-DRIVE_CHUNKS:]
+    n_alloc = {k: 1 + L * len(v) + int(np.ceil(np.log2(L * len(v) + 1))) + 1 for k, v in levels.items()}
+    n_bar = 1 + (n_search * (1 + product) if not allocate else
+                 (n_alloc["gate"] + product * n_alloc["product"] + full_curve * len(grid) * (1 + product)))
+    bar = _progress(progress, n_bar, "sparsity")
+    dense_ppl = float(np.exp(_heldout_nll(lp, cal, np.zeros(L, np.float32))))
     _release_freed_memory()      # (the head's kernels are loaded now)
     if bar:
         bar.update(1)
@@ -393,19 +413,51 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
         return ppl_at, evaluated
 
     def choose(Q, scale):
-        """(grid index or -1: none within the budget, sparsity, thresholds, curve) of one criterion."""
+        """(per layer the grid index, -1: dense; sparsity; thresholds; curve) of one criterion, the same
+        grid point in every layer (-1 everywhere: none within the budget)."""
         ppl_at, evaluated = evaluator(Q, scale)
         j = _search(ppl_at, grid, dense_ppl, sparsity is not None, full_curve)
         curve = [(0.0, dense_ppl)] + [(float(grid[k]), evaluated[k]) for k in sorted(evaluated)]
         if j < 0:
-            return j, 0.0, np.zeros(cfg.n_layer, np.float32), curve
-        return j, float(grid[j]), Q[:, j].copy(), curve
+            return np.full(L, -1), 0.0, np.zeros(L, np.float32), curve
+        return np.full(L, j), float(grid[j]), Q[:, j].copy(), curve
 
+    def allocated(Q, scale, js):
+        """The same, a grid index per layer (allocate.py): costs and the budget on the drive chunks, the
+        curve (dense, the allocation's mean sparsity) on the held-out ones; with full_curve the uniform
+        grid's held-out curve too."""
+        def tick():
+            if bar:
+                bar.update(1)
+        costs, dense_nll = layer_costs(lp, drive, Q, scale, js, tick)
+        path = greedy_path(costs, grid[js])
+        at = lambda i: np.array([js[k] if k >= 0 else -1 for k in path[i][1]])         # noqa: E731
+        thr = lambda jl: np.array([Q[il, j] if j >= 0 else 0.0 for il, j in enumerate(jl)], np.float32)  # noqa: E731
+
+        def within(i):
+            total, n = lp.nll(drive, thr(at(i)), scale)
+            tick()
+            return total / max(n, 1) <= dense_nll + np.log(PPL_BUDGET)
+        jl = at(bisect_path(path, within))
+        thresholds = thr(jl)
+        mean = float(np.mean([grid[j] if j >= 0 else 0.0 for j in jl]))
+        curve = [(0.0, dense_ppl), (mean, float(np.exp(_heldout_nll(lp, cal, thresholds, scale))))]
+        tick()
+        if full_curve:
+            ppl_at, evaluated = evaluator(Q, scale)
+            for j in range(len(grid)):
+                ppl_at(j)
+            curve = sorted(curve + [(float(grid[k]), evaluated[k]) for k in evaluated])
+        return jl, mean, thresholds, curve
+
+    pick = (lambda Q, scale, kind: allocated(Q, scale, levels[kind])) if allocate else \
+        (lambda Q, scale, kind: choose(Q, scale))
     if act == ACT_RELU:
-        chosen, thresholds, curve = 0.0, np.zeros(cfg.n_layer, np.float32), [(0.0, dense_ppl)]
+        jg, chosen, thresholds, curve = np.full(L, -1), 0.0, np.zeros(L, np.float32), [(0.0, dense_ppl)]
     else:
-        _, chosen, thresholds, curve = choose(q_train, None)
-    jp, p_chosen, p_thresholds, p_curve = choose(qp_train, dn) if product else (-1, 0.0, None, [])
+        jg, chosen, thresholds, curve = pick(q_train, None, "gate")
+    jp, p_chosen, p_thresholds, p_curve = pick(qp_train, dn, "product") if product else \
+        (np.full(L, -1), 0.0, None, [])
     if bar:
         bar.close()
     phases["sparsity"] = time.perf_counter() - t
@@ -452,9 +504,9 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
         fr = Yt.mean(axis=0).astype(np.float32)                  # (n_ff,) activation frequency
         order = np.argsort(-fr, kind="stable")                   # hot-first
         pfr, psp = None, 0.0
-        if product:   # counted in phase 2 at the chosen threshold (index 0: threshold 0)
-            pfr = (p_count[il, jp + 1] / len(Xt)).astype(np.float32)[order]
-            psp = float(1.0 - p_held[il, jp + 1])
+        if product:   # counted in phase 2 at the layer's chosen threshold (index 0: threshold 0)
+            pfr = (p_count[il, jp[il] + 1] / len(Xt)).astype(np.float32)[order]
+            psp = float(1.0 - p_held[il, jp[il] + 1])
         if not trained[il]:
             p = None
         elif rank is not None:
@@ -520,7 +572,8 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
         sum(cfg.n_ff * sum(part_bytes[3 * il:3 * il + 3]) for il in range(cfg.n_layer)),
         time.perf_counter() - t_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, phases,
         hindex, head_raw.nbytes, p_chosen, p_curve, prod_layer_sparsity if product else [], phase_peak,
-        sampler.total / MiB)
+        sampler.total / MiB, [float(grid[j]) if j >= 0 else 0.0 for j in jg],
+        [float(grid[j]) if j >= 0 else 0.0 for j in jp] if product else [], bool(allocate))
 
 
 def _write(f, cfg, path, meta, orders, freq, down_q, progress):

@@ -77,13 +77,15 @@ class LayerPass:
         thresholds (n_layer,) / ffn_scale (n_layer, n_ff) as in kernels/forward.ffn_batch_layer (None:
         dense). capture: on_layer(il, Xl) is called after each layer with Xl (T, n_embd) f32, the layer's
         FFN inputs of every token (valid until the call returns), while the layer's pages are resident."""
+        X, rope = self.embed(seqs)
+        self.layers(seqs, X, rope, 0, self.model.cfg.n_layer, thresholds, ffn_scale, on_layer, capture)
+        return self.final(X)
+
+    def embed(self, seqs) -> tuple[np.ndarray, tuple]:
+        """(X (T, n_embd) f32 the sequences' token embeddings, rows one sequence after another; (cos, sin)
+        (T, 2, rope_dim/2) their RoPE tables), what `layers` takes."""
         m, c = self.model, self.model.cfg
-        w, s = m.w, m.st
-        # contiguous float32: the compiled steps' one specialization (a column of a table would be another)
-        thresholds = np.zeros(c.n_layer, np.float32) if thresholds is None else \
-            np.ascontiguousarray(thresholds, np.float32)
-        ffn_scale = np.zeros((0, c.n_ff), np.float32) if ffn_scale is None else \
-            np.ascontiguousarray(ffn_scale, np.float32)
+        w = m.w
         rows = np.cumsum([0] + [len(q.tokens) for q in seqs])
         T = int(rows[-1])
         X = np.zeros((T, c.n_embd), np.float32)
@@ -94,9 +96,25 @@ class LayerPass:
             fw.batch_embed(X[a:a + len(toks)], cos[a:a + len(toks)], sin[a:a + len(toks)], w.blob, w.embd,
                            w.inv_freq, w.fp, toks, int(q.pos0))
         self._drop(self.embd_info.offset, self.embd_info.n_bytes)
-        cap = np.zeros((T if capture else 0, c.n_embd), np.float32)
+        return X, (cos, sin)
+
+    def layers(self, seqs, X, rope, il0: int, il1: int, thresholds=None, ffn_scale=None, on_layer=None,
+               capture: bool = False) -> None:
+        """X (T, n_embd) f32, the residual stream entering layer il0, moved in place through layers
+        il0 .. il1 - 1 (rope: embed's tables; the rest as in `run`). A one-step sequence's KV cache holds
+        only the layer at hand, so a pass may start at any layer from the states entering it."""
+        m, c = self.model, self.model.cfg
+        w, s = m.w, m.st
+        cos, sin = rope
+        # contiguous float32: the compiled steps' one specialization (a column of a table would be another)
+        thresholds = np.zeros(c.n_layer, np.float32) if thresholds is None else \
+            np.ascontiguousarray(thresholds, np.float32)
+        ffn_scale = np.zeros((0, c.n_ff), np.float32) if ffn_scale is None else \
+            np.ascontiguousarray(ffn_scale, np.float32)
+        rows = np.cumsum([0] + [len(q.tokens) for q in seqs])
+        cap = np.zeros((len(X) if capture else 0, c.n_embd), np.float32)
         ub = s.n_ubatch
-        for il in range(c.n_layer):
+        for il in range(il0, il1):
             for q, a in zip(seqs, rows[:-1]):
                 kc, vc = q.cache if q.cache is not None else (s.k_cache, s.v_cache)
                 for j in range(0, len(q.tokens), ub):
@@ -115,7 +133,10 @@ class LayerPass:
                 release_slab(s.k_cache, il)
                 release_slab(s.v_cache, il)
         m._first_call("batch")
-        del cap
+
+    def final(self, X) -> np.ndarray:
+        """H (T, n_embd) f32: the final norm of the residual stream X after the last layer."""
+        w = self.model.w
         H = np.empty_like(X)
         fw.rows_rmsnorm(H, X, w.output_norm, w.fp[fw.FP_EPS])
         return H
@@ -130,7 +151,10 @@ class LayerPass:
     def nll(self, seqs, thresholds=None, ffn_scale=None, rows: int = 32) -> tuple[float, int]:
         """(sum of -log p(next token), count) over one-step sequences from fresh contexts, as
         perplexity.chunk_nll scores each of them."""
-        H = self.run(seqs, thresholds, ffn_scale)
+        return self.states_nll(seqs, self.run(seqs, thresholds, ffn_scale), rows)
+
+    def states_nll(self, seqs, H, rows: int = 32) -> tuple[float, int]:
+        """`nll` of final states H (T, n_embd) f32 of the one-step sequences `seqs` (run's or final's)."""
         out = np.zeros((rows, self.model.cfg.n_vocab), np.float32)
         total, count, a = 0.0, 0, 0
         for q in seqs:
