@@ -90,26 +90,11 @@ def _flash_path_for(model):
 CTX_STEP = 256   # a run's own context is rounded up to this many positions
 
 
-def _first_run_notice(stream=None) -> bool:
-    """On a terminal, say before a first run's silent minute or two of compiling what is happening and
-    where the result is kept (nothing is printed to a pipe or file: scripts and tests see only their
-    output and one-line errors). Returns whether it printed."""
-    from .kernels import first_run
-    import numba
-    stream = stream or sys.stderr
-    if not (getattr(stream, "isatty", lambda: False)() and first_run()):
-        return False
-    print(f"gguf-flash: first run of this version: compiling its kernels once (1-2 minutes on 2 cores; "
-          f"cached in {numba.config.CACHE_DIR})", file=stream, flush=True)
-    return True
-
-
 def _load(a, n_ctx_for=None, on_tokenizer=None, logit_rows: int = 0):
     """n_ctx_for(tokenizer) -> positions this run needs; used under --max-ram when -c is not given.
     on_tokenizer(tokenizer, file) runs before the model loads (the server's grammar vocabulary).
     logit_rows: prompt positions whose logits a flash model computes together (perplexity)."""
     from . import load
-    _first_run_notice()
     if a.ctx_size < 0 or a.threads < 0:
         raise InvalidArgumentError("-c and -t must be >= 0")
     if a.cache_type_k != a.cache_type_v:
@@ -121,7 +106,7 @@ def _load(a, n_ctx_for=None, on_tokenizer=None, logit_rows: int = 0):
                 max_ram=getattr(a, "max_ram", None), mode=getattr(a, "mode", None),
                 selector=getattr(a, "selector", "auto"), cold=getattr(a, "cold", False), n_ctx_for=n_ctx_for,
                 kv_type=a.cache_type_k, on_tokenizer=on_tokenizer, logit_rows=logit_rows,
-                head=getattr(a, "head", "auto"))
+                head=getattr(a, "head", "auto"), progress=True)
 
 
 def _n_predict(a, llm, n_prompt):
@@ -157,7 +142,6 @@ def _per_layer(what, target, held_out) -> str:
 
 def cmd_convert(a):
     from .flash.convert import convert
-    _first_run_notice()
     r = convert(a.input, a.output, calib=a.calib, calib_tokens=a.calib_tokens, sparsity=a.sparsity,
                 rank=a.rank, down_type=a.down_type, force=a.force, full_curve=a.curve,
                 predictor=a.predictor, head_index=not a.no_head_index,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import models
+from . import firstrun, models
 from .errors import GGUFFlashError, GGUFFormatError, InvalidArgumentError, UnsupportedModelError
 from .generate import GenerationResult, carry_partial, generate, render_chat, stream_text
 from .config import config_from_gguf
@@ -22,21 +22,25 @@ class LLM:
     runs before the model loads: memory it keeps is in a flash plan's measured baseline (the server's
     grammar). logit_rows: prompt positions a flash model runs its head on together when every
     position's logits are asked for (perplexity: a streamed head is read once per that many tokens;
-    its (logit_rows, n_vocab) buffer is in the plan)."""
+    its (logit_rows, n_vocab) buffer is in the plan). A first run compiles the model's kernels in a
+    child process (firstrun.py): progress=True shows a line on stderr, else it is logged (INFO)."""
 
     def __init__(self, path, n_ctx: int | None = None, n_threads: int | None = None, max_ram=None,
                  mode: str | None = None, selector: str = "auto", cold: bool = False, n_ctx_for=None,
-                 kv_type: str = "f16", on_tokenizer=None, logit_rows: int = 0, head: str = "auto"):
+                 kv_type: str = "f16", on_tokenizer=None, logit_rows: int = 0, head: str = "auto",
+                 progress: bool = False):
         from .flash.format import is_flash
         self.path = models.resolve(path)
         self.file = GGUFFile(self.path)
         config_from_gguf(self.file)          # an unsupported architecture is refused first
         flash = is_flash(self.file)
+        if flash:
+            # a first run compiles the kernels in a child process (firstrun.py), with progress
+            from .flash.runtime import compile_out_of_process, preload_kernels
+            compile_out_of_process(self.file, kv_type, logit_rows, progress)
         if flash and max_ram is not None:
             # kernels first, while the process is small: LLVM's ~70 MiB peak (released after loading)
             # then sits under the cap with room to spare (flash/runtime.preload_kernels)
-            from .flash.runtime import compile_out_of_process, preload_kernels
-            compile_out_of_process(self.path)
             preload_kernels(self.file, kv_type=kv_type, logit_rows=logit_rows)
         self.tokenizer = tokenizer_from_gguf(self.file)  # before the model: a flash plan measures RSS
         if n_ctx is None and n_ctx_for is not None and max_ram is not None:
@@ -54,6 +58,7 @@ class LLM:
                 f"mode; convert it first: gguf-flash convert {self.path} OUT.flash.gguf")
         else:
             self.model = Model(self.file, n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type)
+            firstrun.ensure_compiled(self.path, "dense", self.model.w.ts, kv_type, 0, progress)
         self.cfg = self.model.cfg
 
     # ---- text <-> tokens ----
@@ -126,7 +131,8 @@ class LLM:
 
 def load(name_or_path, n_ctx: int | None = None, n_threads: int | None = None, max_ram=None,
          mode: str | None = None, selector: str = "auto", cold: bool = False, n_ctx_for=None,
-         kv_type: str = "f16", on_tokenizer=None, logit_rows: int = 0, head: str = "auto") -> LLM:
+         kv_type: str = "f16", on_tokenizer=None, logit_rows: int = 0, head: str = "auto",
+         progress: bool = False) -> LLM:
     return LLM(name_or_path, n_ctx=n_ctx, n_threads=n_threads, max_ram=max_ram, mode=mode,
                selector=selector, cold=cold, n_ctx_for=n_ctx_for, kv_type=kv_type, on_tokenizer=on_tokenizer,
-               logit_rows=logit_rows, head=head)
+               logit_rows=logit_rows, head=head, progress=progress)

@@ -35,7 +35,8 @@ def weight_desc(f: GGUFFile, name: str, n_cols: int | None = None) -> np.ndarray
 class Weights:
     """Read-only views into the GGUF file plus small float32 copies of norms and biases."""
 
-    def __init__(self, f: GGUFFile, cfg: ModelConfig, ffn: bool = True):
+    def __init__(self, f: GGUFFile, cfg: ModelConfig, ffn: bool = True, more_types=()):
+        """more_types: ggml types the kernels must handle besides these weights' (a flash file's bundles)."""
         c = cfg
         self.blob = f._mm                                           # (file_size,) uint8, read-only map
         self.mats = np.full((c.n_layer, 7, 4), -1, dtype=np.int64)  # (n_layer, 7, 4) see forward.py
@@ -86,6 +87,9 @@ class Weights:
         # the product selector's thresholds); 0 layers: the gate criterion
         self.ffn_scale = np.zeros((0, c.n_ff), np.float32)
         self.no_capture = np.zeros((0, 1, c.n_embd), np.float32)
+        # the type set every kernel call gets (kernels/dispatch.py): only these types' kernels are compiled
+        self.ts = dispatch.type_set([int(t) for t in self.mats[:, :, 3].ravel() if t >= 0]
+                                    + [int(self.embd[3]), int(self.output[3])] + [int(t) for t in more_types])
 
 
 def kv_dtype(kv_type: str):
@@ -188,7 +192,7 @@ class Model:
         fw.forward_token(s.logits, s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.hg, s.hu,
                          s.k_cache, s.v_cache, s.cos, s.sin, s.xq_embd, s.xq_q, s.xq_ff,
                          w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.inv_freq, w.embd, w.output, w.output_norm, w.thresholds,
-                         w.ip, w.fp, int(token), int(pos))
+                         w.ip, w.fp, int(token), int(pos), w.ts)
         self._first_call("token")
         return s.logits
 
@@ -225,10 +229,10 @@ class Model:
         fw.forward_batch(s.H, s.X, s.XB, s.Q, s.K, s.V, s.ATT, s.scores_b, s.HG, s.HU,
                          s.k_cache, s.v_cache, s.cos_b, s.sin_b, w.blob, w.mats, w.norms, w.qk_norms,
                          w.biases, w.swa, w.inv_freq, w.embd, w.output_norm, w.thresholds,
-                         w.ffn_scale, w.no_capture if ffn_in is None else ffn_in, w.ip, w.fp, tokens, int(pos0))
+                         w.ffn_scale, w.no_capture if ffn_in is None else ffn_in, w.ip, w.fp, tokens, int(pos0), w.ts)
         self._first_call("batch")
 
     def head(self, hidden, out):
         """out (m, n_vocab) = output head applied to normed hidden rows (m, n_embd)."""
-        dispatch.matmat(out, self.w.blob, self.w.output, hidden)
+        dispatch.matmat(out, self.w.blob, self.w.output, hidden, self.w.ts)
         self._first_call("head")

@@ -43,20 +43,20 @@ def test_one_layer_of_a_chunk_equals_the_decode_kernels(smollm2_flash, mode, sel
     T, il, eps = len(ids), 3, float(w.fp[fw.FP_EPS])
     X, XB, XR = pre.X[:T], pre.XB[:T], pre.XR[:T]
     for j, t in enumerate(ids):
-        fw.embed(X[j], w.blob, w.embd, t, w.fp[fw.FP_EMBD_SCALE])
+        fw.embed(X[j], w.blob, w.embd, t, w.fp[fw.FP_EMBD_SCALE], w.ts)
         nn.rope_cos_sin(pre.cos[j, 0], pre.sin[j, 0], j, w.inv_freq[0])
         nn.rope_cos_sin(pre.cos[j, 1], pre.sin[j, 1], j, w.inv_freq[1])
     x0 = X.copy()
     fw.attention_batch_layer(X, XB, XR, pre.Q[:T], pre.K[:T], pre.V[:T], pre.ATT[:T], pre.ATR[:T], pre.scores,
                              s.k_cache, s.v_cache, pre.cos, pre.sin, w.blob, w.mats, w.norms, w.qk_norms,
-                             w.biases, w.swa, w.ip, w.fp, il, 0)
+                             w.biases, w.swa, w.ip, w.fp, il, 0, w.ts)
     for j in range(T):
         s.x[:] = x0[j]
         nn.rope_cos_sin(s.cos[0], s.sin[0], j, w.inv_freq[0])
         nn.rope_cos_sin(s.cos[1], s.sin[1], j, w.inv_freq[1])
         fw.attention_layer(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin,
                            s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp,
-                           il, j)
+                           il, j, w.ts)
         np.testing.assert_allclose(X[j], s.x, atol=1e-5 * np.abs(s.x).max())
     fw.rows_rmsnorm(XB, X, w.norms[il, fw.NORM_FFN], eps)
     fw.rows_round_q8(XR, XB)

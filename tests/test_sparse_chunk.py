@@ -7,7 +7,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from gguf_flash.kernels import sparse
+from gguf_flash.kernels import dispatch, sparse
 from gguf_flash.config import ACT_GELU_TANH as ACT_GELU, ACT_RELU, ACT_SILU
 from gguf_flash.kernels.quant_basic import MM_ROWS
 
@@ -69,7 +69,7 @@ def _run(rows, offs, XB, MK, HG, known, act, thr, qt, cuts, in_window, T_=T):
     bounds = [0] + [c for c in cuts if 0 < c < n] + [n]
     for p0, p1 in zip(bounds[:-1], bounds[1:]):
         sparse.sparse_ffn_chunk(PART, DEC, H, slots, slot_map, stage, stage_map, union, p0, p1, MK, HG,
-                                known, XB, XB, types, offs, act, np.float32(thr))
+                                known, XB, XB, types, offs, act, np.float32(thr), dispatch.ALL_TYPES)
     out = np.zeros((T_, N_EMBD), np.float32)
     sparse.sum_parts_chunk(out, PART)
     return out, union[:n]
@@ -128,7 +128,7 @@ def test_round_q8_is_what_the_integer_dot_products_see(qt):
     dispatch.quantize_x(xq, x)
     xr = np.zeros(256, np.float32)
     round_q8(xr, x)
-    want = np.array([dispatch.dot_row(int(qt), np.ascontiguousarray(r), x, xq) for r in rows])
+    want = np.array([dispatch.dot_row(int(qt), np.ascontiguousarray(r), x, xq, dispatch.ALL_TYPES) for r in rows])
     np.testing.assert_allclose(deq @ xr.astype(np.float64), want, rtol=1e-5, atol=1e-4)
     assert np.abs(deq @ x.astype(np.float64) - want).max() > 1e-3   # float x would not be
 

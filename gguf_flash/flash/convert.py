@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,7 +38,8 @@ from ..atomic import atomic_output
 from ..config import ACT_GELU_TANH, ACT_RELU, ACT_SILU, config_from_gguf
 from ..errors import InvalidArgumentError
 from ..gguf_file import GGUFFile
-from ..kernels import compile_in_child, release_compiler_pages
+from .. import firstrun
+from ..kernels import release_compiler_pages
 from ..model import Model
 from ..tokenizer import tokenizer_from_gguf
 from . import format as ff
@@ -246,29 +246,27 @@ class _SparsityStats:
         _release_freed_memory()
 
 
-def _exercise_kernels():
-    """Every compiled call of a conversion, once, on a tiny synthetic model: numba compiles (or loads from
-    its cache) exactly the specializations convert() uses, whatever the real model's types."""
-    from ..synthetic import write_synthetic
+def exercise_kernels(f) -> tuple:
+    """Every compiled call of a conversion, once, on a few tokens of the model `f` itself: numba compiles
+    (or loads from its cache) exactly the specializations convert() uses, for the model's type set
+    (kernels/dispatch.py), which it returns. The first-run child (firstrun.py) calls this."""
     from .layerwise import Sequence
-    with tempfile.TemporaryDirectory() as d:
-        f = GGUFFile(write_synthetic(Path(d) / "k.gguf", n_layer=1, n_vocab=4200))   # >= 4096 strings
-        model = Model(f, n_ctx=64)
-        lp = LayerPass(model)
-        seqs = [Sequence(np.arange(8, dtype=np.int64)), Sequence(np.arange(3, dtype=np.int64))]
-        lp.run(seqs, on_layer=lambda il, X: None, capture=True)
-        lp.nll(seqs)
-        lp.nll(seqs, np.ones(1, np.float32), np.ones((1, model.cfg.n_ff), np.float32))
-        lp.greedy_states([[1, 2, 3]], 2)                 # the head index's greedy continuations
-        del lp, model
-        f.close()
+    model = Model(f, n_ctx=64)
+    lp = LayerPass(model)
+    seqs = [Sequence(np.arange(8, dtype=np.int64)), Sequence(np.arange(3, dtype=np.int64))]
+    lp.run(seqs, on_layer=lambda il, X: None, capture=True)
+    lp.nll(seqs)
+    lp.nll(seqs, np.ones(model.cfg.n_layer, np.float32), np.ones((model.cfg.n_layer, model.cfg.n_ff), np.float32))
+    lp.greedy_states([[1, 2, 3]], 2)                 # the head index's greedy continuations
+    return model.w.ts
 
 
-def _compile_out_of_process():
-    """Compile the kernels in a child process first (kernels.compile_in_child): on a fresh clone LLVM's
-    compiling memory would add to the converter's own peak RSS (802 vs 579 MiB on SmolLM2). When they
-    are cached the child only loads them (~2 s)."""
-    compile_in_child("from gguf_flash.flash.convert import _exercise_kernels; _exercise_kernels()")
+def _compile_out_of_process(f, progress: bool) -> None:
+    """Compile the kernels in a child process first (firstrun.ensure_compiled): on a fresh clone LLVM's
+    compiling memory would add to the converter's own peak RSS (802 vs 579 MiB on SmolLM2). Once they
+    are cached this costs a marker's lookup."""
+    from ..model import Weights
+    firstrun.ensure_compiled(f.path, "convert", Weights(f, config_from_gguf(f)).ts, progress=progress)
 
 
 def _release_freed_memory():
@@ -364,7 +362,7 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
             f"MiB (the process {ram.base / MiB:.0f} MiB + its largest phase; MiB by phase: {parts}); "
             f"raise the cap, or lower --calib-tokens ({calib_tokens})")
     n_threads = ram.threads(cap, os.cpu_count() or 1)
-    _compile_out_of_process()
+    _compile_out_of_process(f, progress)
     model = Model(f, n_ctx=chunk)
     tok = tokenizer_from_gguf(f)
     text, source = read_calibration_text(calib)

@@ -32,7 +32,8 @@ def _zeros_u8(n_rows, n_cols):
 class FFNLoader:
     """Window slots and overflow staging for every layer; `run` computes one layer's sparse FFN."""
 
-    def __init__(self, store, layers, plan, n_ff: int, n_embd: int, n_part: int, window_k: int):
+    def __init__(self, store, layers, plan, n_ff: int, n_embd: int, n_part: int, window_k: int, tset):
+        self.tset = tset                                          # the model's type set (dispatch.type_set)
         self.store, self.layers, self.n_ff = store, layers, n_ff
         # the bundle parts a slot leaves out: gate (gate rows resident), gate and up (product selector)
         self.n_resident_parts = {"gate": 1, "product": 2}.get(plan.selector, 0)
@@ -114,11 +115,11 @@ class FFNLoader:
                 add_read(ts, self.store.read_rows(chunk, staging, self.stage_idx[:m]), m)
                 j1 = int(self.ovf_pos[k0 + m - 1]) + 1 if k0 + m < no else n
                 sparse.sparse_ffn_range(self.partial, wslots, wmap, staging, self.stage_map, active, n, j0, j1,
-                                        gvals, known, xb, xq, types, offs, act, threshold)
+                                        gvals, known, xb, xq, types, offs, act, threshold, self.tset)
                 j0 = j1
             ts.overflow += no
         flashstep.layer_ffn(x, self.out, self.partial, no == 0, wslots, wmap, staging, self.stage_map, active, n,
-                            j0, gvals, known, xb, xq, types, offs, act, threshold, *post)
+                            j0, gvals, known, xb, xq, types, offs, act, threshold, *post, self.tset)
 
     def run_chunk(self, OUT, il, union, n, MK, HG, known, XB, XR, act, threshold, t, ts, buf):
         """OUT[j] (T, n_embd) = the FFN of layer il for prompt token j over the rows it chose (MK[j]),
@@ -150,7 +151,7 @@ class FFNLoader:
             p1 = int(self.ovf_pos[k0 + m]) if k0 + m < no else n
             if p1 > p0:
                 sparse.sparse_ffn_chunk(PART, buf.DEC, buf.H, wslots, wmap, staging, self.stage_map, union, p0,
-                                        p1, MK, HG, known, XB, XR, types, offs, act, threshold)
+                                        p1, MK, HG, known, XB, XR, types, offs, act, threshold, self.tset)
             p0 = p1
         sparse.sum_parts_chunk(OUT, PART)
         ts.overflow += no

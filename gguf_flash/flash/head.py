@@ -41,12 +41,12 @@ class OutputHead:
     def __call__(self, eps, ts):
         w, s = self.w, self.st
         if not self.streamed:
-            fw.output_head(s.logits, s.x, s.xb, s.xq_embd, w.blob, w.output, w.output_norm, eps)
+            fw.output_head(s.logits, s.x, s.xb, s.xq_embd, w.blob, w.output, w.output_norm, eps, w.ts)
             return
         nn.rmsnorm(s.xb, s.x, w.output_norm, eps)
         dispatch.quantize_x(s.xq_embd, s.xb)
         for r0, n in self._pieces(ts):
-            dispatch.matvec(s.logits[r0:r0 + n], self.blob, self.desc, s.xb, s.xq_embd)
+            dispatch.matvec(s.logits[r0:r0 + n], self.blob, self.desc, s.xb, s.xq_embd, w.ts)
 
     def _pieces(self, ts):
         """Read the head piece by piece into self.buf (self.desc describes the piece); yields (first row,
@@ -67,14 +67,14 @@ class OutputHead:
         perplexity): a streamed head is read once for the m rows."""
         w = self.w
         if not self.streamed:
-            dispatch.matmat(out, w.blob, w.output, hidden)
+            dispatch.matmat(out, w.blob, w.output, hidden, w.ts)
             return
         m = hidden.shape[0]
         if getattr(self, "tmp", None) is None or self.tmp.shape[0] < m:
             self.tmp = np.zeros((m, self.buf.shape[0]), np.float32)   # (m, step) one piece's logits
         tmp = self.tmp[:m]
         for r0, n in self._pieces(ts):
-            dispatch.matmat(tmp, self.blob, self.desc, hidden)
+            dispatch.matmat(tmp, self.blob, self.desc, hidden, w.ts)
             out[:, r0:r0 + n] = tmp[:, :n]
 
 
@@ -95,9 +95,9 @@ class TokenEmbedding:
     def __call__(self, x, token, ts):
         w = self.w
         if self.resident:
-            fw.embed(x, w.blob, w.embd, int(token), w.fp[fw.FP_EMBD_SCALE])
+            fw.embed(x, w.blob, w.embd, int(token), w.fp[fw.FP_EMBD_SCALE], w.ts)
             return
         self.store.select(int(w.embd[0]), int(w.embd[2]), int(w.embd[1]))
         self.row[0] = token
         add_read(ts, self.store.read_rows(self.row, self.buf, self.zero))
-        fw.embed(x, self.blob, self.desc, 0, w.fp[fw.FP_EMBD_SCALE])
+        fw.embed(x, self.blob, self.desc, 0, w.fp[fw.FP_EMBD_SCALE], w.ts)

@@ -126,4 +126,4 @@ class IndexedHead:
             piece = ids[k0:k0 + step]
             n = piece.shape[0]
             add_read(ts, self.store.read_rows(piece, h.buf, h.idx[:n]), head=True)
-            headidx.exact_rows(s.logits, self.mark, piece, h.buf[:n], self.qt, s.xb, s.xq_embd)
+            headidx.exact_rows(s.logits, self.mark, piece, h.buf[:n], self.qt, s.xb, s.xq_embd, self.w.ts)

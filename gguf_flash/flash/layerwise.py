@@ -94,7 +94,7 @@ class LayerPass:
         for q, a in zip(seqs, rows[:-1]):
             toks = np.asarray(q.tokens, np.int64)
             fw.batch_embed(X[a:a + len(toks)], cos[a:a + len(toks)], sin[a:a + len(toks)], w.blob, w.embd,
-                           w.inv_freq, w.fp, toks, int(q.pos0))
+                           w.inv_freq, w.fp, toks, int(q.pos0), w.ts)
         self._drop(self.embd_info.offset, self.embd_info.n_bytes)
         return X, (cos, sin)
 
@@ -123,9 +123,9 @@ class LayerPass:
                     fw.attention_batch_layer(X[r], s.XB[:n], s.XB[:0], s.Q[:n], s.K[:n], s.V[:n], s.ATT[:n],
                                              s.ATT[:0], s.scores_b, kc, vc, cos[r], sin[r], w.blob, w.mats,
                                              w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp, il,
-                                             int(q.pos0) + j)
+                                             int(q.pos0) + j, w.ts)
                     fw.ffn_batch_layer(X[r], s.XB[:n], s.HG[:n], s.HU[:n], w.blob, w.mats, w.norms, w.ip, w.fp,
-                                       il, thresholds, ffn_scale, cap[r][None] if capture else self.no_capture, 0)
+                                       il, thresholds, ffn_scale, cap[r][None] if capture else self.no_capture, 0, w.ts)
             if on_layer is not None:
                 on_layer(il, cap)
             self._drop(*self.spans[il])
@@ -143,7 +143,7 @@ class LayerPass:
 
     def head_rows(self, H, out) -> None:
         """out (m, n_vocab) = the head applied to H (m, n_embd) (release_head() when done with it)."""
-        dispatch.matmat(out, self.model.w.blob, self.model.w.output, H)
+        dispatch.matmat(out, self.model.w.blob, self.model.w.output, H, self.model.w.ts)
 
     def release_head(self):
         self._drop(self.head_info.offset, self.head_info.n_bytes)

@@ -137,7 +137,7 @@ class ChunkPrefill(ChunkBuffers):
         for il in range(c.n_layer):
             fw.attention_batch_layer(X, XB, XR, self.Q[:T], self.K[:T], self.V[:T], self.ATT[:T], self.ATR[:T],
                                      self.scores, s.k_cache, s.v_cache, self.cos, self.sin, w.blob, w.mats,
-                                     w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp, il, pos0)
+                                     w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp, il, pos0, w.ts)
             fw.rows_rmsnorm(XB, X, w.norms[il, fw.NORM_FFN], eps)
             fw.rows_round_q8(XR, XB)
             known = m.select.chunk(il, HG, self.HU[:T], MK, XB, XR)

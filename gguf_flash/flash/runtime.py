@@ -13,7 +13,6 @@ up to the down re-quantization). Same interface as model.Model: forward, prefill
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import numpy as np
@@ -23,7 +22,8 @@ import numba
 from ..config import config_from_gguf
 from ..errors import (ContextOverflowError, GGUFFormatError, InvalidArgumentError, RamCapError,
                       UnsupportedModelError)
-from ..kernels import compile_in_child, dispatch, flashstep, forward as fw, nn, release_compiler_pages, sparse
+from .. import firstrun
+from ..kernels import dispatch, flashstep, forward as fw, nn, release_compiler_pages, sparse
 from ..kernels.quant_basic import MM_ROWS
 from ..model import RunState, Weights, set_threads
 from . import budget, diskprobe
@@ -52,34 +52,17 @@ STAGING_MAX_BYTES = 32 << 20   # what it grows to where the cap has room (plan.P
                                # 7B shape at 2 GiB, 1.35x faster per token than 4 MiB (README)
 
 
-def warm_kernels(path) -> None:
-    """Load (compiling if needed) every kernel FlashModel uses, by opening `path` in naive mode (which
-    reads nothing large), and leave a marker in numba's cache folder (named after the kernel sources)."""
-    from ..gguf_file import GGUFFile
-    FlashModel(GGUFFile(path), mode="naive", n_ctx=16, logit_rows=2)
-    with open(_warm_marker(), "w") as fh:
-        fh.write("kernels of gguf_flash.flash.runtime compiled\n")
-
-
-def _warm_marker() -> str:
-    """The marker of compiled flash kernels. numba files its cache by each module's source path, so a
-    checkout in another folder (CI's fresh clone) compiles again: the marker names the package's folder
-    too, or that clone would compile in-process, under the cap, and its start-up peak would be LLVM's."""
-    import hashlib
-    here = hashlib.sha256(os.path.dirname(os.path.abspath(__file__)).encode()).hexdigest()[:12]
-    return os.path.join(numba.config.CACHE_DIR, f"flash-runtime-{here}.warm")
-
-
-def compile_out_of_process(path) -> None:
-    """On a fresh clone, compile the runtime's kernels in a child process (kernels.compile_in_child)
+def compile_out_of_process(f, kv_type: str = "f16", logit_rows: int = 0, progress: bool = False) -> None:
+    """On a first run, compile the runtime's kernels in a child process (firstrun.ensure_compiled)
     before the plan measures this process's RSS: in-process, LLVM's compiling memory made the runtime
-    look 734 MiB instead of ~210 and the first `run --max-ram 360M` was refused. Once the marker exists
-    this costs nothing."""
-    if os.path.exists(_warm_marker()):
-        return
-    log.info("compiling the flash kernels once (about a minute)")
-    compile_in_child("import sys; from gguf_flash.flash.runtime import warm_kernels; warm_kernels(sys.argv[1])",
-                     os.fspath(path))
+    look 734 MiB instead of ~210 and the first `run --max-ram 360M` was refused. The type set is the
+    file's attention, head and embedding weights' and its bundle parts'. Once they are cached this costs
+    a marker's lookup."""
+    c = config_from_gguf(f)
+    info = read_flash(f, c)
+    tset = Weights(f, c, ffn=False, more_types=bundle_types(info)).ts
+    firstrun.ensure_compiled(f.path, "flash", tset, kv_type, logit_rows, progress,
+                             extra="index" if info.head_index is not None else "")
 
 
 def peak_rss() -> int:
@@ -96,7 +79,7 @@ def peak_rss() -> int:
     return budget.rss()
 
 
-def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: int = 0) -> None:
+def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: int = 0) -> tuple:
     """Load every compiled function the token loop uses (from numba's cache) on tiny inputs, then hand
     LLVM's pages back (kernels.release_compiler_pages). Called before the tokenizer and the model's own
     buffers exist, LLVM's ~70 MiB peak comes while the process is small; FlashModel calls it again (then it
@@ -104,10 +87,10 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     load would touch LLVM again: ~50 MiB)."""
     c = cfg or config_from_gguf(f)
     info = info or read_flash(f, c)
-    w, s = Weights(f, c, ffn=False), RunState(c, 16, n_ubatch=1, kv_type=kv_type)
+    w, s = Weights(f, c, ffn=False, more_types=bundle_types(info)), RunState(c, 16, n_ubatch=1, kv_type=kv_type)
     l0 = info.layers[0]
     ffn_out = np.zeros(c.n_embd, np.float32)
-    fw.embed(s.x, w.blob, w.embd, 0, w.fp[fw.FP_EMBD_SCALE])
+    fw.embed(s.x, w.blob, w.embd, 0, w.fp[fw.FP_EMBD_SCALE], w.ts)
     nn.rope_cos_sin(s.cos[0], s.sin[0], 0, w.inv_freq[0])
     nn.rmsnorm(s.xb, s.x, w.norms[0, fw.NORM_FFN], 1e-5)
     dispatch.quantize_x(s.xq_embd, s.xb)
@@ -117,21 +100,21 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     partial = np.zeros((2, c.n_embd), np.float32)
     sparse.sparse_ffn_range(partial, one, idx, one, idx, idx, 0, 0, 0, g, sparse.KNOWN_NONE, s.xb, s.xq_embd,
                             np.array(l0.types, np.int64), np.array(np.cumsum((0,) + l0.part_bytes), np.int64),
-                            c.activation, np.float32(0))
+                            c.activation, np.float32(0), w.ts)
     # a decode step's two calls (kernels/flashstep.py), with the selector's stand-ins (every kind has
     # their types) and no row chosen
     none = np.zeros(0, np.int32)
     flashstep.layer_select(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin,
                            s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp, 0,
-                           *selector_args(None, 0), s.hg, s.hu, none, g, idx, idx, idx, 0, 0)
+                           *selector_args(None, 0), s.hg, s.hu, none, g, idx, idx, idx, 0, 0, w.ts)
     flashstep.layer_ffn(s.x, ffn_out, partial, True, one, idx, one, idx, none, 0, 0, g, sparse.KNOWN_NONE, s.xb,
                         s.xq_embd, np.array(l0.types, np.int64), np.array(np.cumsum((0,) + l0.part_bytes), np.int64),
-                        c.activation, np.float32(0), w.norms[0, fw.NORM_POST_FFW], 1e-5, c.post_norms)
+                        c.activation, np.float32(0), w.norms[0, fw.NORM_POST_FFW], 1e-5, c.post_norms, w.ts)
     # the prompt chunk's kernels (flash/prefill.py), on one token
     pre = ChunkBuffers(c, s.k_cache.shape[1], 2, True, chunk=1)
     fw.attention_batch_layer(pre.X, pre.XB, pre.XR, pre.Q, pre.K, pre.V, pre.ATT, pre.ATR, pre.scores,
                              s.k_cache, s.v_cache, pre.cos, pre.sin, w.blob, w.mats, w.norms, w.qk_norms,
-                             w.biases, w.swa, w.ip, w.fp, 0, 0)
+                             w.biases, w.swa, w.ip, w.fp, 0, 0, w.ts)
     fw.rows_rmsnorm(pre.XB, pre.X, w.norms[0, fw.NORM_FFN], 1e-5)
     fw.rows_round_q8(pre.XR, pre.XB)
     fw.rows_residual(pre.X, pre.XB, w.norms[0, fw.NORM_POST_FFW], 1e-5, False)
@@ -140,10 +123,10 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     sparse.mask_by_logit(pre.MK[0], pre.HG[0], 0.0, True)
     sparse.union_rows(idx, pre.MK)
     sparse.gate_chunk(np.zeros((1, MM_ROWS), np.float32), np.zeros((MM_ROWS, l0.part_bytes[0]), np.uint8), int(l0.types[0]),
-                      pre.XB)
+                      pre.XB, w.ts)
     sparse.sparse_ffn_chunk(pre.PART, pre.DEC, pre.H, one, idx, one, idx, idx, 0, 0, pre.MK, pre.HG, sparse.KNOWN_NONE,
                             pre.XB, pre.XR, np.array(l0.types, np.int64),
-                            np.array(np.cumsum((0,) + l0.part_bytes), np.int64), c.activation, np.float32(0))
+                            np.array(np.cumsum((0,) + l0.part_bytes), np.int64), c.activation, np.float32(0), w.ts)
     sparse.sum_parts_chunk(pre.X, pre.PART)
     _split(idx, idx, idx, 0, idx, 1)
     # the factors as Selector holds them (uint16 copies), the bias a read-only view of the map
@@ -152,11 +135,11 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
                             np.zeros((1, 1), np.uint16), bias)
     head = w.output.copy()
     head[1] = 1
-    dispatch.matvec(s.logits[:1], w.blob, head, s.xb, s.xq_embd)
+    dispatch.matvec(s.logits[:1], w.blob, head, s.xb, s.xq_embd, w.ts)
     if logit_rows > 1:   # prompt logits r rows at a time (perplexity): a matrix product over the head
-        dispatch.matmat(np.zeros((1, 1), np.float32), w.blob, head, pre.XB)
+        dispatch.matmat(np.zeros((1, 1), np.float32), w.blob, head, pre.XB, w.ts)
         fw.rows_rmsnorm(pre.XB, pre.X, w.output_norm, 1e-5)
-    fw.output_head(s.logits[:1], s.x, s.xb, s.xq_embd, w.blob, head, w.output_norm, 1e-5)
+    fw.output_head(s.logits[:1], s.x, s.xb, s.xq_embd, w.blob, head, w.output_norm, 1e-5, w.ts)
     nn.rmsnorm(s.xb, s.x, w.output_norm, 1e-5)
     f.release(int(head[0]), int(head[2]))
     if info.head_index is not None:
@@ -172,6 +155,7 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
         st.select(l0.bundle_offset, l0.part_bytes[0], 2, stride=l0.bundle_bytes)
         st.read_rows(two, np.zeros((2, l0.part_bytes[0]), np.uint8), two)
     release_compiler_pages()
+    return w.ts
 
 
 def _preload_head_index(s, w, qt) -> None:
@@ -189,7 +173,7 @@ def _preload_head_index(s, w, qt) -> None:
     headidx.rows_above(ids, bnd, np.float32(0), mark)
     headidx.kth_largest(v, ids[:n], 1)
     rows = np.zeros((1, int(w.output[2])), np.uint8)
-    headidx.exact_rows(v, mark, ids[:1], rows, qt, s.xb, s.xq_embd)
+    headidx.exact_rows(v, mark, ids[:1], rows, qt, s.xb, s.xq_embd, w.ts)
     headidx.clear_marks(mark, ids[:1])
 
 
@@ -222,7 +206,7 @@ class FlashModel:
                     raise UnsupportedModelError(f"{f.path}: layer {il} {part} rows have ggml type {qt}, "
                                                 f"which this engine does not implement")
         self.n_ctx = int(n_ctx) if n_ctx else min(1024 if max_ram else 4096, c.n_ctx_train)
-        self.w = Weights(f, c, ffn=False)
+        self.w = Weights(f, c, ffn=False, more_types=bundle_types(info))
         self.st = RunState(c, self.n_ctx, n_ubatch=1, kv_type=kv_type)   # tokens one at a time: no prompt batch buffers
         self.cap = budget.parse_size(max_ram) if max_ram is not None else None
 
@@ -236,9 +220,8 @@ class FlashModel:
             io_threads = min(io_threads, 8)
             small, large = _throughput(probed, 16 << 10), _throughput(probed, 1 << 20)
 
-        # ---- kernels loaded, LLVM released, the runtime measured ----
-        if self.cap is not None:
-            compile_out_of_process(f.path)
+        # ---- kernels loaded (compiled in a child on a first run), LLVM released, the runtime measured ----
+        compile_out_of_process(f, kv_type, logit_rows)
         preload_kernels(f, c, info, kv_type, logit_rows)
         baseline = budget.rss()
 
@@ -299,7 +282,7 @@ class FlashModel:
         # ---- the pieces ----
         self.store = BundleStore(f.path, info.layers[0].bundle_offset, bb[0], c.n_ff, cold=cold,
                                  n_threads=io_threads, gap_bytes=gap, stat=f.stat, max_range=max_range)
-        self.select = Selector(self.selector, info.layers, self.store, c.n_ff, c.activation)
+        self.select = Selector(self.selector, info.layers, self.store, c.n_ff, c.activation, self.w.ts)
         if self.selector == "predictor":   # the selector copied the factors: drop the map's pages of them
             for il in range(L):
                 for name in (ff.t_pred_a(il), ff.t_pred_b(il)):
@@ -307,7 +290,7 @@ class FlashModel:
         self.thresholds = np.array([l.threshold for l in info.layers], np.float32) if mode == "flash" \
             else np.zeros(L, np.float32)
         self.ffn = FFNLoader(self.store, info.layers, self.plan, c.n_ff, c.n_embd, numba.get_num_threads(),
-                             window_k)
+                             window_k, self.w.ts)
         # what stays resident is copied out of the file map (flash/pinned.py: a file truncated under the
         # model is then a read error naming it, not SIGBUS); streamed parts keep their file offsets
         embd_resident = self.plan.embedding != "on demand (a row per token)"
@@ -372,7 +355,7 @@ class FlashModel:
         sel, ffn, wins = self.select, self.ffn, self.ffn.windows
         for il in range(c.n_layer):
             win = wins[il]
-            n, known, nw, no = flashstep.layer_select(*self._step[il], pos, win.capacity if win else 0)
+            n, known, nw, no = flashstep.layer_select(*self._step[il], pos, win.capacity if win else 0, w.ts)
             ts.predicted += n
             ts.active += n
             ffn.run_layer(s.x, il, sel.active, sel.gvals, n, known, nw, no, s.xb, s.xq_embd, c.activation,
@@ -445,6 +428,11 @@ class FlashModel:
 
     def close(self):
         self.store.close()
+
+
+def bundle_types(info) -> list:
+    """The ggml types of every layer's bundle parts (gate, up, down)."""
+    return sorted({int(t) for l in info.layers for t in l.types})
 
 
 def _throughput(rows, size) -> float:

@@ -16,8 +16,9 @@ from ..kernels import dispatch, flashstep, sparse
 
 
 class Selector:
-    def __init__(self, kind: str, layers, store, n_ff: int, activation: int):
+    def __init__(self, kind: str, layers, store, n_ff: int, activation: int, tset):
         self.kind, self.layers, self.n_ff, self.act = kind, layers, n_ff, activation
+        self.tset = tset                                # the model's type set (dispatch.type_set)
         self.active = np.arange(n_ff, dtype=np.int32)   # (n_ff,) int32 chosen rows (all unless selecting)
         self.gvals = np.zeros(n_ff, np.float32)         # (n_ff,) f32 act(gate) or act(gate) * up (see above)
         self.z = np.zeros(n_ff, np.float32)             # (n_ff,) f32 predictor logits
@@ -60,11 +61,11 @@ class Selector:
             return sparse.KNOWN_NONE
         l = self.layers[il]
         if self.kind in ("gate", "product"):
-            sparse.gate_chunk(HG, self.gates[il], int(l.types[0]), XR if _q8x(l.types[0]) else XB)
+            sparse.gate_chunk(HG, self.gates[il], int(l.types[0]), XR if _q8x(l.types[0]) else XB, self.tset)
             if self.kind == "gate":
                 sparse.mask_by_gate(MK, HG, self.act, l.threshold)
                 return sparse.KNOWN_GATE
-            sparse.gate_chunk(HU, self.ups[il], int(l.types[1]), XR if _q8x(l.types[1]) else XB)
+            sparse.gate_chunk(HU, self.ups[il], int(l.types[1]), XR if _q8x(l.types[1]) else XB, self.tset)
             sparse.mask_by_product(MK, HG, HU, self.down_norm[il], self.act, l.prod_threshold)
             return sparse.KNOWN_H
         a, b = self.pred[il]
@@ -76,7 +77,7 @@ class Selector:
 
 def _q8x(qt) -> bool:
     """The types whose decode dot reads the input as 8-bit blocks (so a chunk's product uses XR)."""
-    return int(qt) in (dispatch.Q4_0, dispatch.Q4_1, dispatch.Q5_0, dispatch.Q5_1, dispatch.Q8_0)
+    return int(qt) in dispatch.Q8X
 
 
 

@@ -1,7 +1,8 @@
 """numba kernels. Importing this package points numba's on-disk cache at a folder named after a hash
 of the kernel sources, because numba's cache only notices edits to a function's own module: a kernel
 that calls a kernel from another module would otherwise keep stale machine code after an edit.
-Cold start (first process compiles everything): see README "Performance"."""
+A first run compiles the kernels of the model's types in a child process (gguf_flash/firstrun.py);
+cold start: README "Performance"."""
 
 import hashlib
 import secrets
@@ -83,31 +84,6 @@ def _import_numba_np_without_scipy():
 
 _import_numba_np_without_scipy()
 _start_parallel_runtime()
-
-
-def first_run() -> bool:
-    """True when no kernel of these sources is cached yet (numba's index files in the cache folder):
-    this process will compile them (about 1-2 minutes on 2 cores) before its first token."""
-    try:
-        return not any(n.endswith(".nbi") for _, _, names in os.walk(numba.config.CACHE_DIR) for n in names)
-    except OSError:
-        return True
-
-
-def compile_in_child(code: str, *argv: str) -> None:
-    """Run `python -c code argv...` to compile (or load) kernels in a child process, so that LLVM's
-    ~220 MB of compiling never adds to the caller's RSS (the converter's peak, the flash runtime's measured
-    baseline). A failing child is not an error: the caller then compiles in-process, as it would anyway."""
-    import logging
-    import subprocess
-    import sys
-    log = logging.getLogger(__name__)
-    try:
-        out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=1800)
-        if out.returncode:
-            log.info("kernel compile child failed: %s", out.stderr.strip().splitlines()[-1:])
-    except (OSError, subprocess.SubprocessError) as e:
-        log.info("kernel compile child failed: %s", e)
 
 
 def release_compiler_pages() -> int:

@@ -3,11 +3,19 @@
 The forward pass is one compiled function per token, so the per-matrix choice of kernel happens here:
 one comparison chain per matrix call (not per row or block); the inner loops are the per-type kernels
 of quant_basic.py and quant_k.py. A weight is addressed as (offset, n_rows, row_bytes, qtype) into the
-memory-mapped file `blob` (file_size,) uint8, so one compiled forward serves every mix of types.
+memory-mapped file `blob` (file_size,) uint8, so one compiled forward serves every mix of the types in
+its type set.
+
+The type set (`tset`, from `type_set`) is the last argument of every kernel that reaches a per-type
+kernel: a tuple with one element per SUPPORTED type, 0 where the model has the type and None where not.
+numba specializes on its element types, so each chain below is generated (an @overload) with the
+model's types only: a first run compiles 2 of the 14 types' kernels for SmolLM2 (Q4_1, Q8_0), and the
+compiled functions of one type set are cached apart from another's (gguf_flash/firstrun.py).
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from . import quant_basic as qb
 from . import quant_k as qk
@@ -30,6 +38,23 @@ IQ4_NL = 20
 SUPPORTED = (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL)
 
 
+def type_set(qtypes) -> tuple:
+    """The type set of these ggml type ids: (len(SUPPORTED),) tuple, 0 for a type present, None else."""
+    have = {int(t) for t in qtypes}
+    return tuple(0 if t in have else None for t in SUPPORTED)
+
+
+ALL_TYPES = type_set(SUPPORTED)   # every type's kernels (tests and benchmarks of the kernels themselves)
+TYPE_NAMES = {F32: "F32", F16: "F16", BF16: "BF16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1",
+              Q8_0: "Q8_0", Q2_K: "Q2_K", Q3_K: "Q3_K", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K",
+              IQ4_NL: "IQ4_NL"}
+
+
+def type_names(tset) -> list:
+    """['Q4_1', 'Q8_0'] for a type set."""
+    return [TYPE_NAMES[t] for t, have in zip(SUPPORTED, tset) if have is not None]
+
+
 @njit(cache=True, inline="always")
 def weight(blob, m):
     """(n_rows, row_bytes) uint8 view of the weight described by m = (offset, n_rows, row_bytes, qtype)."""
@@ -43,230 +68,153 @@ def quantize_x(xq, x):
     qb.quantize_x_q8(xq, x)
 
 
+Q8X = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)   # decode reads the input of these as 8-bit blocks (quantize_x)
+
+
 @njit(cache=True, inline="always")
 def uses_q8x(qt):
     """True for the types whose decode matvec/dot reads the input as 8-bit blocks (quantize_x)."""
     return qt == Q4_0 or qt == Q4_1 or qt == Q5_0 or qt == Q5_1 or qt == Q8_0
 
 
+# ---- the per-type tables -------------------------------------------------------------------------
+# type -> kernel; each chain calls kernel(*args) with the args written per type (the Q8X types read xq).
+# The row kernels of the 8-bit types are their LLVM-IR intrinsics (quant_basic._dq8x_*, _axpy_*),
+# inlined: through their @njit wrappers each row paid a call with array arguments, 1.4x the whole dot
+# (SmolLM2's Q4_1 gate rows: 144 -> 106 us for 1536 rows, one thread, the same values).
+
+MATVEC = {F32: qb.matvec_f32, F16: qb.matvec_f16, BF16: qb.matvec_bf16, Q4_0: qb.matvec_q8x_q4_0,
+          Q4_1: qb.matvec_q8x_q4_1, Q5_0: qb.matvec_q8x_q5_0, Q5_1: qb.matvec_q8x_q5_1,
+          Q8_0: qb.matvec_q8x_q8_0, Q2_K: qk.matvec_q2_k, Q3_K: qk.matvec_q3_k, Q4_K: qk.matvec_q4_k,
+          Q5_K: qk.matvec_q5_k, Q6_K: qk.matvec_q6_k, IQ4_NL: qk.matvec_iq4_nl}
+MATMAT = {F32: qb.matmat_f32, F16: qb.matmat_f16, BF16: qb.matmat_bf16, Q4_0: qb.matmat_q4_0,
+          Q4_1: qb.matmat_q4_1, Q5_0: qb.matmat_q5_0, Q5_1: qb.matmat_q5_1, Q8_0: qb.matmat_q8_0,
+          Q2_K: qk.matmat_q2_k, Q3_K: qk.matmat_q3_k, Q4_K: qk.matmat_q4_k, Q5_K: qk.matmat_q5_k,
+          Q6_K: qk.matmat_q6_k, IQ4_NL: qk.matmat_iq4_nl}
+DEQUANT = {F32: qb.dequant_row_f32, F16: qb.dequant_row_f16, BF16: qb.dequant_row_bf16,
+           Q4_0: qb.dequant_row_q4_0, Q4_1: qb.dequant_row_q4_1, Q5_0: qb.dequant_row_q5_0,
+           Q5_1: qb.dequant_row_q5_1, Q8_0: qb.dequant_row_q8_0, Q2_K: qk.dequant_row_q2_k,
+           Q3_K: qk.dequant_row_q3_k, Q4_K: qk.dequant_row_q4_k, Q5_K: qk.dequant_row_q5_k,
+           Q6_K: qk.dequant_row_q6_k, IQ4_NL: qk.dequant_row_iq4_nl}
+DOT = {F32: qb.dot_f32, F16: qb.dot_f16, BF16: qb.dot_bf16, Q4_0: qb._dq8x_q4_0, Q4_1: qb._dq8x_q4_1,
+       Q5_0: qb._dq8x_q5_0, Q5_1: qb._dq8x_q5_1, Q8_0: qb._dq8x_q8_0, Q2_K: qk.dot_q2_k,
+       Q3_K: qk.dot_q3_k, Q4_K: qk.dot_q4_k, Q5_K: qk.dot_q5_k, Q6_K: qk.dot_q6_k, IQ4_NL: qk.dot_iq4_nl}
+AXPY = {F32: qb.axpy_f32, F16: qb.axpy_f16, BF16: qb.axpy_bf16, Q4_0: qb._axpy_q4_0, Q4_1: qb._axpy_q4_1,
+        Q5_0: qb._axpy_q5_0, Q5_1: qb._axpy_q5_1, Q8_0: qb._axpy_q8_0, Q2_K: qk.axpy_q2_k, Q3_K: qk.axpy_q3_k,
+        Q4_K: qk.axpy_q4_k, Q5_K: qk.axpy_q5_k, Q6_K: qk.axpy_q6_k, IQ4_NL: qk.axpy_iq4_nl}
+
+_CHAINS: dict = {}
+
+
+def _chain(table, params, args, args_q8x, otherwise, tset):
+    """`if qt == T: return kernel_T(args)` for each type T of the type set (a numba tuple type), as a
+    function numba compiles in place of the stub: the absent types' kernels are never typed, so never
+    compiled. One generated function per (table, type set)."""
+    present = tuple(t for t, ty in zip(SUPPORTED, tset.types) if not isinstance(ty, types.NoneType))
+    key = (id(table), present)
+    if key not in _CHAINS:
+        lines = [f"def chain({params}):"]
+        for t in present:
+            lines += [f"    if qt == {t}:", f"        return k{t}({args_q8x if t in Q8X else args})"]
+        lines.append(f"    {otherwise}")
+        scope = {f"k{t}": table[t] for t in present}
+        scope["np"] = np
+        exec("\n".join(lines), scope)
+        _CHAINS[key] = scope["chain"]
+    return _CHAINS[key]
+
+
+def _matvec_t(qt, out, w, x, xq, tset):
+    raise NotImplementedError("numba only")
+
+
+def _matmat_t(qt, out, w, x, tset):
+    raise NotImplementedError("numba only")
+
+
+def _dequant_t(qt, out, row, tset):
+    raise NotImplementedError("numba only")
+
+
+def _dot_t(qt, row, x, xq, tset):
+    raise NotImplementedError("numba only")
+
+
+def _axpy_t(qt, out, a, row, tset):
+    raise NotImplementedError("numba only")
+
+
+@overload(_matvec_t, inline="always")
+def _ov_matvec(qt, out, w, x, xq, tset):
+    return _chain(MATVEC, "qt, out, w, x, xq, tset", "out, w, x", "out, w, xq",
+                  "raise ValueError('unsupported ggml type')", tset)
+
+
+@overload(_matmat_t, inline="always")
+def _ov_matmat(qt, out, w, x, tset):
+    return _chain(MATMAT, "qt, out, w, x, tset", "out, w, x", "out, w, x",
+                  "raise ValueError('unsupported ggml type')", tset)
+
+
+@overload(_dequant_t, inline="always")
+def _ov_dequant(qt, out, row, tset):
+    return _chain(DEQUANT, "qt, out, row, tset", "out, row", "out, row",
+                  "raise ValueError('unsupported ggml type')", tset)
+
+
+@overload(_dot_t, inline="always")
+def _ov_dot(qt, row, x, xq, tset):
+    # no raise: an exception path inside a prange body stops numba from parallelizing the loop
+    return _chain(DOT, "qt, row, x, xq, tset", "row, x", "row, xq, x.shape[0]",
+                  "return np.float32(0.0)", tset)
+
+
+@overload(_axpy_t, inline="always")
+def _ov_axpy(qt, out, a, row, tset):
+    return _chain(AXPY, "qt, out, a, row, tset", "out, a, row", "out, np.float32(a), row", "return None", tset)
+
+
+# ---- the entry points ----------------------------------------------------------------------------
+
 @njit(cache=True)
-def matvec(out, blob, m, x, xq):
+def matvec(out, blob, m, x, xq, tset):
     """out (n_rows,) = W @ x; xq is x after quantize_x (used by the Q4/Q5/Q8 types)."""
-    w = weight(blob, m)
-    qt = m[3]
-    if qt == Q4_1:
-        qb.matvec_q8x_q4_1(out, w, xq)
-    elif qt == Q8_0:
-        qb.matvec_q8x_q8_0(out, w, xq)
-    elif qt == Q4_0:
-        qb.matvec_q8x_q4_0(out, w, xq)
-    elif qt == Q5_0:
-        qb.matvec_q8x_q5_0(out, w, xq)
-    elif qt == Q5_1:
-        qb.matvec_q8x_q5_1(out, w, xq)
-    elif qt == F32:
-        qb.matvec_f32(out, w, x)
-    elif qt == F16:
-        qb.matvec_f16(out, w, x)
-    elif qt == BF16:
-        qb.matvec_bf16(out, w, x)
-    elif qt == Q2_K:
-        qk.matvec_q2_k(out, w, x)
-    elif qt == Q3_K:
-        qk.matvec_q3_k(out, w, x)
-    elif qt == Q4_K:
-        qk.matvec_q4_k(out, w, x)
-    elif qt == Q5_K:
-        qk.matvec_q5_k(out, w, x)
-    elif qt == Q6_K:
-        qk.matvec_q6_k(out, w, x)
-    elif qt == IQ4_NL:
-        qk.matvec_iq4_nl(out, w, x)
-    else:
-        raise ValueError("unsupported ggml type")
+    _matvec_t(m[3], out, weight(blob, m), x, xq, tset)
 
 
 @njit(cache=True)
-def matmat(out, blob, m, x):
+def matmat(out, blob, m, x, tset):
     """out (n_tok, n_rows) = X @ W.T for X (n_tok, n_cols)."""
-    w = weight(blob, m)
-    qt = m[3]
-    if qt == F32:
-        qb.matmat_f32(out, w, x)
-    elif qt == F16:
-        qb.matmat_f16(out, w, x)
-    elif qt == BF16:
-        qb.matmat_bf16(out, w, x)
-    elif qt == Q4_0:
-        qb.matmat_q4_0(out, w, x)
-    elif qt == Q4_1:
-        qb.matmat_q4_1(out, w, x)
-    elif qt == Q5_0:
-        qb.matmat_q5_0(out, w, x)
-    elif qt == Q5_1:
-        qb.matmat_q5_1(out, w, x)
-    elif qt == Q8_0:
-        qb.matmat_q8_0(out, w, x)
-    elif qt == Q2_K:
-        qk.matmat_q2_k(out, w, x)
-    elif qt == Q3_K:
-        qk.matmat_q3_k(out, w, x)
-    elif qt == Q4_K:
-        qk.matmat_q4_k(out, w, x)
-    elif qt == Q5_K:
-        qk.matmat_q5_k(out, w, x)
-    elif qt == Q6_K:
-        qk.matmat_q6_k(out, w, x)
-    elif qt == IQ4_NL:
-        qk.matmat_iq4_nl(out, w, x)
-    else:
-        raise ValueError("unsupported ggml type")
+    _matmat_t(m[3], out, weight(blob, m), x, tset)
 
 
 @njit(cache=True)
-def dequant_row(out, blob, m, r):
+def dequant_row(out, blob, m, r, tset):
     """out (n_cols,) = row r of the weight, dequantized (embedding lookup)."""
-    w = weight(blob, m)
-    qt = m[3]
-    if qt == F32:
-        qb.dequant_row_f32(out, w[r])
-    elif qt == F16:
-        qb.dequant_row_f16(out, w[r])
-    elif qt == BF16:
-        qb.dequant_row_bf16(out, w[r])
-    elif qt == Q4_0:
-        qb.dequant_row_q4_0(out, w[r])
-    elif qt == Q4_1:
-        qb.dequant_row_q4_1(out, w[r])
-    elif qt == Q5_0:
-        qb.dequant_row_q5_0(out, w[r])
-    elif qt == Q5_1:
-        qb.dequant_row_q5_1(out, w[r])
-    elif qt == Q8_0:
-        qb.dequant_row_q8_0(out, w[r])
-    elif qt == Q2_K:
-        qk.dequant_row_q2_k(out, w[r])
-    elif qt == Q3_K:
-        qk.dequant_row_q3_k(out, w[r])
-    elif qt == Q4_K:
-        qk.dequant_row_q4_k(out, w[r])
-    elif qt == Q5_K:
-        qk.dequant_row_q5_k(out, w[r])
-    elif qt == Q6_K:
-        qk.dequant_row_q6_k(out, w[r])
-    elif qt == IQ4_NL:
-        qk.dequant_row_iq4_nl(out, w[r])
-    else:
-        raise ValueError("unsupported ggml type")
+    _dequant_t(m[3], out, weight(blob, m)[r], tset)
 
 
 # ---- one row at a time (the sparse FFN over bundle slots) ----------------------------------------
 # The sparse FFN visits a few hundred rows per layer and token, each a dot of n_embd values; the type
-# test below costs a few compares per row, against hundreds of multiply-adds. (numba cannot cache a
-# kernel that takes the per-type functions as arguments, which would be the table-driven version.)
-# The 8-bit types call their LLVM-IR intrinsics (quant_basic._dq8x_*, _axpy_*) directly, inlined here:
-# through their @njit wrappers each row paid a call with array arguments, 1.4x the whole dot
-# (SmolLM2's Q4_1 gate rows: 144 -> 106 us for 1536 rows, one thread, the same values).
-# No raise here: an exception path inside a prange body stops numba from parallelizing the loop, so
-# the types are checked once when a flash file is opened (runtime.FlashModel).
+# test costs a few compares per row, against hundreds of multiply-adds. No raise in these chains: an
+# exception path inside a prange body stops numba from parallelizing the loop, so the types are
+# checked once when a flash file is opened (runtime.FlashModel).
 
 @njit(cache=True, inline="always")
-def dot_row(qt, row, x, xq):
+def dot_row(qt, row, x, xq, tset):
     """row (row_bytes,) uint8 . x (n,) f32; xq is x after quantize_x (Q4/Q5/Q8 use it)."""
-    if qt == F32:
-        return qb.dot_f32(row, x)
-    elif qt == F16:
-        return qb.dot_f16(row, x)
-    elif qt == BF16:
-        return qb.dot_bf16(row, x)
-    elif qt == Q4_0:
-        return qb._dq8x_q4_0(row, xq, x.shape[0])
-    elif qt == Q4_1:
-        return qb._dq8x_q4_1(row, xq, x.shape[0])
-    elif qt == Q5_0:
-        return qb._dq8x_q5_0(row, xq, x.shape[0])
-    elif qt == Q5_1:
-        return qb._dq8x_q5_1(row, xq, x.shape[0])
-    elif qt == Q8_0:
-        return qb._dq8x_q8_0(row, xq, x.shape[0])
-    elif qt == Q2_K:
-        return qk.dot_q2_k(row, x)
-    elif qt == Q3_K:
-        return qk.dot_q3_k(row, x)
-    elif qt == Q4_K:
-        return qk.dot_q4_k(row, x)
-    elif qt == Q5_K:
-        return qk.dot_q5_k(row, x)
-    elif qt == Q6_K:
-        return qk.dot_q6_k(row, x)
-    elif qt == IQ4_NL:
-        return qk.dot_iq4_nl(row, x)
-    return np.float32(0.0)  # unreachable: FlashModel refuses types outside SUPPORTED at open
+    return _dot_t(qt, row, x, xq, tset)
 
 
 @njit(cache=True, inline="always")
-def axpy_row(qt, out, a, row):
+def axpy_row(qt, out, a, row, tset):
     """out (n,) += a * dequant(row)."""
-    if qt == F32:
-        qb.axpy_f32(out, a, row)
-    elif qt == F16:
-        qb.axpy_f16(out, a, row)
-    elif qt == BF16:
-        qb.axpy_bf16(out, a, row)
-    elif qt == Q4_0:
-        qb._axpy_q4_0(out, np.float32(a), row)
-    elif qt == Q4_1:
-        qb._axpy_q4_1(out, np.float32(a), row)
-    elif qt == Q5_0:
-        qb._axpy_q5_0(out, np.float32(a), row)
-    elif qt == Q5_1:
-        qb._axpy_q5_1(out, np.float32(a), row)
-    elif qt == Q8_0:
-        qb._axpy_q8_0(out, np.float32(a), row)
-    elif qt == Q2_K:
-        qk.axpy_q2_k(out, a, row)
-    elif qt == Q3_K:
-        qk.axpy_q3_k(out, a, row)
-    elif qt == Q4_K:
-        qk.axpy_q4_k(out, a, row)
-    elif qt == Q5_K:
-        qk.axpy_q5_k(out, a, row)
-    elif qt == Q6_K:
-        qk.axpy_q6_k(out, a, row)
-    elif qt == IQ4_NL:
-        qk.axpy_iq4_nl(out, a, row)
+    _axpy_t(qt, out, a, row, tset)
 
 
 @njit(cache=True)
-def dequant_into(qt, out, row):
+def dequant_into(qt, out, row, tset):
     """out (n,) f32 = dequant(row): one bundle part decoded once and used by a whole prompt chunk.
-    Not inlined: the prompt kernels call it from several places, and every inlined copy of the 14
-    type kernels is machine code resident under the cap."""
-    if qt == F32:
-        qb.dequant_row_f32(out, row)
-    elif qt == F16:
-        qb.dequant_row_f16(out, row)
-    elif qt == BF16:
-        qb.dequant_row_bf16(out, row)
-    elif qt == Q4_0:
-        qb.dequant_row_q4_0(out, row)
-    elif qt == Q4_1:
-        qb.dequant_row_q4_1(out, row)
-    elif qt == Q5_0:
-        qb.dequant_row_q5_0(out, row)
-    elif qt == Q5_1:
-        qb.dequant_row_q5_1(out, row)
-    elif qt == Q8_0:
-        qb.dequant_row_q8_0(out, row)
-    elif qt == Q2_K:
-        qk.dequant_row_q2_k(out, row)
-    elif qt == Q3_K:
-        qk.dequant_row_q3_k(out, row)
-    elif qt == Q4_K:
-        qk.dequant_row_q4_k(out, row)
-    elif qt == Q5_K:
-        qk.dequant_row_q5_k(out, row)
-    elif qt == Q6_K:
-        qk.dequant_row_q6_k(out, row)
-    elif qt == IQ4_NL:
-        qk.dequant_row_iq4_nl(out, row)
+    Not inlined: the prompt kernels call it from several places, and every inlined copy of the type
+    kernels is machine code resident under the cap."""
+    _dequant_t(qt, out, row, tset)

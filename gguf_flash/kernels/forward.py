@@ -31,9 +31,9 @@ FP_EPS, FP_ATTN_SCALE, FP_EMBD_SCALE = range(3)
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def embed(x, blob, embd_m, token, scale):
+def embed(x, blob, embd_m, token, scale, tset):
     """x (n_embd,) = token_embd[token] * scale (one row read from the quantized table)."""
-    dequant_row(x, blob, embd_m, token)
+    dequant_row(x, blob, embd_m, token, tset)
     if scale != 1.0:
         for i in range(x.shape[0]):
             x[i] *= scale
@@ -56,15 +56,15 @@ def residual_add(x, y, post_w, eps, post_norm):
 
 @njit(cache=True, fastmath=FASTMATH)
 def attention_layer(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
-                    blob, mats, norms, qk_norms, biases, swa, ip, fp, il, pos):
+                    blob, mats, norms, qk_norms, biases, swa, ip, fp, il, pos, tset):
     """x (n_embd,) += attention block of layer il for the token at pos (its K/V stored in the cache)."""
     n_head, n_head_kv, hd = ip[IP_N_HEAD], ip[IP_N_HEAD_KV], ip[IP_HEAD_DIM]
     eps = fp[FP_EPS]
     rmsnorm(xb, x, norms[il, NORM_ATTN], eps)
     quantize_x(xq_embd, xb)
-    matvec(q, blob, mats[il, MAT_Q], xb, xq_embd)
-    matvec(k, blob, mats[il, MAT_K], xb, xq_embd)
-    matvec(v, blob, mats[il, MAT_V], xb, xq_embd)
+    matvec(q, blob, mats[il, MAT_Q], xb, xq_embd, tset)
+    matvec(k, blob, mats[il, MAT_K], xb, xq_embd, tset)
+    matvec(v, blob, mats[il, MAT_V], xb, xq_embd, tset)
     if ip[IP_QKV_BIAS]:
         add_bias(q, biases[il, 0])
         add_bias(k, biases[il, 1])
@@ -80,47 +80,47 @@ def attention_layer(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_
     window = ip[IP_WINDOW] if local else 0
     attention(att, q, k_cache[il], v_cache[il], scores, pos, window, n_head, n_head_kv, hd, fp[FP_ATTN_SCALE])
     quantize_x(xq_q, att)
-    matvec(xb, blob, mats[il, MAT_O], att, xq_q)
+    matvec(xb, blob, mats[il, MAT_O], att, xq_q, tset)
     residual_add(x, xb, norms[il, NORM_POST_ATTN], eps, ip[IP_POST_NORMS])
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def ffn_layer_dense(x, xb, hg, hu, xq_embd, xq_ff, blob, mats, norms, ip, fp, il, threshold):
+def ffn_layer_dense(x, xb, hg, hu, xq_embd, xq_ff, blob, mats, norms, ip, fp, il, threshold, tset):
     """x (n_embd,) += down(act(gate . h) * (up . h)), h = RMSNorm(x) * ffn_norm, over every neuron
     (neurons with |act(gate . h)| <= threshold contribute 0: the exact-gate sparse model)."""
     eps = fp[FP_EPS]
     rmsnorm(xb, x, norms[il, NORM_FFN], eps)
     quantize_x(xq_embd, xb)
-    matvec(hg, blob, mats[il, MAT_GATE], xb, xq_embd)
-    matvec(hu, blob, mats[il, MAT_UP], xb, xq_embd)
+    matvec(hg, blob, mats[il, MAT_GATE], xb, xq_embd, tset)
+    matvec(hu, blob, mats[il, MAT_UP], xb, xq_embd, tset)
     glu(hg, hg, hu, ip[IP_ACT], threshold)
     quantize_x(xq_ff, hg)
-    matvec(xb, blob, mats[il, MAT_DOWN], hg, xq_ff)
+    matvec(xb, blob, mats[il, MAT_DOWN], hg, xq_ff, tset)
     residual_add(x, xb, norms[il, NORM_POST_FFW], eps, ip[IP_POST_NORMS])
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def output_head(logits, x, xb, xq_embd, blob, out_m, out_norm, eps):
+def output_head(logits, x, xb, xq_embd, blob, out_m, out_norm, eps, tset):
     """logits (n_vocab,) = W_out @ (RMSNorm(x) * output_norm)."""
     rmsnorm(xb, x, out_norm, eps)
     quantize_x(xq_embd, xb)
-    matvec(logits, blob, out_m, xb, xq_embd)
+    matvec(logits, blob, out_m, xb, xq_embd, tset)
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def forward_token(logits, x, xb, q, k, v, att, scores, hg, hu, k_cache, v_cache, cos, sin,
                   xq_embd, xq_q, xq_ff, blob, mats, norms, qk_norms, biases, swa, inv_freq, embd_m, out_m, out_norm,
-                  thresholds, ip, fp, token, pos):
+                  thresholds, ip, fp, token, pos, tset):
     """Dense decode step: logits (n_vocab,) for `token` at `pos`. Allocates nothing.
     thresholds (n_layer,) f32: per-layer FFN activation thresholds (zeros: dense)."""
-    embed(x, blob, embd_m, token, fp[FP_EMBD_SCALE])
+    embed(x, blob, embd_m, token, fp[FP_EMBD_SCALE], tset)
     rope_cos_sin(cos[0], sin[0], pos, inv_freq[0])
     rope_cos_sin(cos[1], sin[1], pos, inv_freq[1])
     for il in range(ip[IP_N_LAYER]):
         attention_layer(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
-                        blob, mats, norms, qk_norms, biases, swa, ip, fp, il, pos)
-        ffn_layer_dense(x, xb, hg, hu, xq_embd, xq_ff, blob, mats, norms, ip, fp, il, thresholds[il])
-    output_head(logits, x, xb, xq_embd, blob, out_m, out_norm, fp[FP_EPS])
+                        blob, mats, norms, qk_norms, biases, swa, ip, fp, il, pos, tset)
+        ffn_layer_dense(x, xb, hg, hu, xq_embd, xq_ff, blob, mats, norms, ip, fp, il, thresholds[il], tset)
+    output_head(logits, x, xb, xq_embd, blob, out_m, out_norm, fp[FP_EPS], tset)
 
 
 # ---- prompt batch -------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def rows_residual(x, y, post_w, eps, post_norm):
 
 @njit(cache=True, fastmath=FASTMATH)
 def attention_batch_layer(X, XB, XR, Q, K, V, ATT, ATR, scores, k_cache, v_cache, cos, sin, blob, mats,
-                          norms, qk_norms, biases, swa, ip, fp, il, pos0):
+                          norms, qk_norms, biases, swa, ip, fp, il, pos0, tset):
     """X (n, n_embd) += attention block of layer il for n tokens at positions pos0.. (the prompt batch;
     their K/V go to the caches). Buffers have exactly n rows; cos, sin (n, 2, rope_dim / 2).
     XR (n, n_embd), ATR (n, q_dim): with n rows, the matrices whose decode kernels read 8-bit input
@@ -159,9 +159,9 @@ def attention_batch_layer(X, XB, XR, Q, K, V, ATT, ATR, scores, k_cache, v_cache
     rows_rmsnorm(XB, X, norms[il, NORM_ATTN], eps)
     if rq:
         rows_round_q8(XR, XB)
-    matmat(Q, blob, mats[il, MAT_Q], XR if rq and uses_q8x(mats[il, MAT_Q, 3]) else XB)
-    matmat(K, blob, mats[il, MAT_K], XR if rq and uses_q8x(mats[il, MAT_K, 3]) else XB)
-    matmat(V, blob, mats[il, MAT_V], XR if rq and uses_q8x(mats[il, MAT_V, 3]) else XB)
+    matmat(Q, blob, mats[il, MAT_Q], XR if rq and uses_q8x(mats[il, MAT_Q, 3]) else XB, tset)
+    matmat(K, blob, mats[il, MAT_K], XR if rq and uses_q8x(mats[il, MAT_K, 3]) else XB, tset)
+    matmat(V, blob, mats[il, MAT_V], XR if rq and uses_q8x(mats[il, MAT_V, 3]) else XB, tset)
     local = swa[il]
     for j in range(n):
         if ip[IP_QKV_BIAS]:
@@ -180,22 +180,22 @@ def attention_batch_layer(X, XB, XR, Q, K, V, ATT, ATR, scores, k_cache, v_cache
                     fp[FP_ATTN_SCALE])
     if rq:
         rows_round_q8(ATR, ATT)
-    matmat(XB, blob, mats[il, MAT_O], ATR if rq and uses_q8x(mats[il, MAT_O, 3]) else ATT)
+    matmat(XB, blob, mats[il, MAT_O], ATR if rq and uses_q8x(mats[il, MAT_O, 3]) else ATT, tset)
     rows_residual(X, XB, norms[il, NORM_POST_ATTN], eps, ip[IP_POST_NORMS])
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def batch_embed(X, cos, sin, blob, embd_m, inv_freq, fp, tokens, pos0):
+def batch_embed(X, cos, sin, blob, embd_m, inv_freq, fp, tokens, pos0, tset):
     """X (n, n_embd) = the embeddings of tokens (n,); cos, sin (n, 2, rope_dim / 2) their RoPE tables
     at positions pos0.. ([global, local])."""
     for j in range(tokens.shape[0]):
-        embed(X[j], blob, embd_m, tokens[j], fp[FP_EMBD_SCALE])
+        embed(X[j], blob, embd_m, tokens[j], fp[FP_EMBD_SCALE], tset)
         rope_cos_sin(cos[j, 0], sin[j, 0], pos0 + j, inv_freq[0])
         rope_cos_sin(cos[j, 1], sin[j, 1], pos0 + j, inv_freq[1])
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def ffn_batch_layer(X, XB, HG, HU, blob, mats, norms, ip, fp, il, thresholds, ffn_scale, ffn_in, ci):
+def ffn_batch_layer(X, XB, HG, HU, blob, mats, norms, ip, fp, il, thresholds, ffn_scale, ffn_in, ci, tset):
     """X (n, n_embd) += FFN block of layer il for n tokens (the prompt batch). Buffers have exactly n rows.
     thresholds (n_layer,) f32 as in forward_token, or with ffn_scale (n_layer, n_ff) f32 (0 layers: not
     used) the product criterion |act(g_i) u_i| * ffn_scale[il, i] > thresholds[il] (nn.glu_product).
@@ -205,21 +205,21 @@ def ffn_batch_layer(X, XB, HG, HU, blob, mats, norms, ip, fp, il, thresholds, ff
     rows_rmsnorm(XB, X, norms[il, NORM_FFN], eps)
     if ffn_in.shape[0] > 0:
         ffn_in[ci, :n] = XB
-    matmat(HG, blob, mats[il, MAT_GATE], XB)
-    matmat(HU, blob, mats[il, MAT_UP], XB)
+    matmat(HG, blob, mats[il, MAT_GATE], XB, tset)
+    matmat(HU, blob, mats[il, MAT_UP], XB, tset)
     for j in range(n):
         if ffn_scale.shape[0] > 0:
             glu_product(HG[j], HG[j], HU[j], ip[IP_ACT], thresholds[il], ffn_scale[il])
         else:
             glu(HG[j], HG[j], HU[j], ip[IP_ACT], thresholds[il])
-    matmat(XB, blob, mats[il, MAT_DOWN], HG)
+    matmat(XB, blob, mats[il, MAT_DOWN], HG, tset)
     rows_residual(X, XB, norms[il, NORM_POST_FFW], eps, ip[IP_POST_NORMS])
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def forward_batch(hidden, X, XB, Q, K, V, ATT, scores, HG, HU, k_cache, v_cache, cos, sin,
                   blob, mats, norms, qk_norms, biases, swa, inv_freq, embd_m, out_norm,
-                  thresholds, ffn_scale, ffn_in, ip, fp, tokens, pos0):
+                  thresholds, ffn_scale, ffn_in, ip, fp, tokens, pos0, tset):
     """Prompt batch: tokens (n_tok,) at positions pos0.. through every layer; K/V go to the caches.
     hidden (n_tok, n_embd) = final RMSNorm(x) * output_norm (the head is applied by the caller, to the
     rows it needs). Batch buffers have >= n_tok rows; cos, sin (n_tok, 2, rope_dim / 2).
@@ -228,9 +228,9 @@ def forward_batch(hidden, X, XB, Q, K, V, ATT, scores, HG, HU, k_cache, v_cache,
     (flash/layerwise.py) calls the same three steps from Python, a layer at a time."""
     n = tokens.shape[0]
     X, XB, Q, K, V, ATT, HG, HU = X[:n], XB[:n], Q[:n], K[:n], V[:n], ATT[:n], HG[:n], HU[:n]
-    batch_embed(X, cos[:n], sin[:n], blob, embd_m, inv_freq, fp, tokens, pos0)
+    batch_embed(X, cos[:n], sin[:n], blob, embd_m, inv_freq, fp, tokens, pos0, tset)
     for il in range(ip[IP_N_LAYER]):
         attention_batch_layer(X, XB, XB[:0], Q, K, V, ATT, ATT[:0], scores, k_cache, v_cache, cos, sin, blob,
-                              mats, norms, qk_norms, biases, swa, ip, fp, il, pos0)
-        ffn_batch_layer(X, XB, HG, HU, blob, mats, norms, ip, fp, il, thresholds, ffn_scale, ffn_in, il)
+                              mats, norms, qk_norms, biases, swa, ip, fp, il, pos0, tset)
+        ffn_batch_layer(X, XB, HG, HU, blob, mats, norms, ip, fp, il, thresholds, ffn_scale, ffn_in, il, tset)
     rows_rmsnorm(hidden[:n], X, out_norm, fp[FP_EPS])

@@ -80,11 +80,11 @@ def rows_above(out, bnd, thr, mark):
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def exact_rows(logits, mark, ids, rows, qt, x, xq):
+def exact_rows(logits, mark, ids, rows, qt, x, xq, tset):
     """logits[ids[k]] = rows[k] . x for k < len(ids) (rows (n, row_bytes) uint8 of ggml type qt, x the
     normed state and xq its 8-bit blocks), and mark them read."""
     for k in prange(ids.shape[0]):
-        logits[ids[k]] = dot_row(qt, rows[k], x, xq)
+        logits[ids[k]] = dot_row(qt, rows[k], x, xq, tset)
         mark[ids[k]] = 1
 
 

@@ -20,10 +20,10 @@ PREFETCH_AHEAD = 8   # sparse_ffn_range asks for the bytes of the row this many 
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def matvec_rows(out, w, qt, x, xq):
+def matvec_rows(out, w, qt, x, xq, tset):
     """out (n_rows,) = W @ x for a weight held outside the file map (e.g. resident gate rows)."""
     for r in prange(w.shape[0]):
-        out[r] = dot_row(qt, w[r], x, xq)
+        out[r] = dot_row(qt, w[r], x, xq, tset)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -90,7 +90,7 @@ def predictor_logits(z, tmp, x, a, b, bias):
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j0, j1, gvals, known,
-                     x, xq, types, offs, act, threshold):
+                     x, xq, types, offs, act, threshold, tset):
     """partial[c] += the FFN contributions of positions j0 <= j < j1 of `active` (of n chosen rows) that
     fall in part c: the n positions are cut into n_part contiguous blocks, c n / n_part <= j <
     (c + 1) n / n_part.
@@ -123,12 +123,15 @@ def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j
             row = slots[s] if s >= 0 else stage[stage_map[a]]
             h = gvals[j]
             if known != KNOWN_H:
-                v = h if known == KNOWN_GATE else activate(dot_row(types[0], row[offs[0]:offs[1]], x, xq), act)
+                if known == KNOWN_GATE:
+                    v = h
+                else:
+                    v = activate(dot_row(types[0], row[offs[0]:offs[1]], x, xq, tset), act)
                 h = np.float32(0.0)
                 if abs(v) > threshold:
-                    h = v * dot_row(types[1], row[offs[1]:offs[2]], x, xq)
+                    h = v * dot_row(types[1], row[offs[1]:offs[2]], x, xq, tset)
             if h != 0.0:
-                axpy_row(types[2], acc, h, row[offs[2]:offs[3]])
+                axpy_row(types[2], acc, h, row[offs[2]:offs[3]], tset)
 
 
 @njit(cache=True, inline="always")
@@ -153,7 +156,7 @@ def sum_partials(out, partial):
 # ---- a prompt chunk: each bundle decoded once, its dot products over the chunk as a matrix product ----
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def gate_chunk(HG, gates, qt, X):
+def gate_chunk(HG, gates, qt, X, tset):
     """HG (T, n_ff) = X (T, n_embd) @ gates.T for resident gate rows gates (n_ff, row_bytes) uint8 of
     type qt: rows decoded MM_ROWS at a time, then the register-blocked product (what dispatch.matmat
     does, without loading a second copy of every type's matmat under the cap)."""
@@ -164,7 +167,7 @@ def gate_chunk(HG, gates, qt, X):
         nr = min(MM_ROWS, n_ff - r0)
         buf = np.empty((MM_ROWS, X.shape[1]), np.float32)   # decoded rows of this group
         for r in range(nr):
-            dequant_into(qt, buf[r], gates[r0 + r])
+            dequant_into(qt, buf[r], gates[r0 + r], tset)
         _gemm_rows(HG, buf, X, r0, nr)
 
 
@@ -211,7 +214,7 @@ def union_rows(union, MK):
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, u0, u1, MK, HG, known,
-                     XB, XR, types, offs, act, threshold):
+                     XB, XR, types, offs, act, threshold, tset):
     """PART[c, j] += the FFN contributions, for token j, of the rows a = union[p], u0 <= p < u1,
     a % n_part == c, that token j chose (MK[j, a]) and whose |act(gate)| > threshold.
 
@@ -252,10 +255,10 @@ def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, 
                 s = neuron_slot[a]
                 row = slots[s] if s >= 0 else stage[stage_map[a]]
                 if known == KNOWN_NONE:
-                    dequant_into(types[0], gb[r], row[offs[0]:offs[1]])
+                    dequant_into(types[0], gb[r], row[offs[0]:offs[1]], tset)
                 if known != KNOWN_H:
-                    dequant_into(types[1], ub[r], row[offs[1]:offs[2]])
-                dequant_into(types[2], db[r], row[offs[2]:offs[3]])
+                    dequant_into(types[1], ub[r], row[offs[1]:offs[2]], tset)
+                dequant_into(types[2], db[r], row[offs[2]:offs[3]], tset)
             # whole blocks of 4 rows (zero rows pad the last): _gemm_rows computes each row of a block
             # by the same code, so a row's dot products do not depend on its neighbours
             nr4 = (nr + 3) // 4 * 4
