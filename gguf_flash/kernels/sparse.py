@@ -121,10 +121,11 @@ def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j
             a = active[j]
             s = neuron_slot[a]
             row = slots[s] if s >= 0 else stage[stage_map[a]]
-            h = gvals[j]
-            if known != KNOWN_H:
+            if known == KNOWN_H:
+                h = gvals[j]
+            else:
                 if known == KNOWN_GATE:
-                    v = h
+                    v = gvals[j]
                 else:
                     v = activate(dot_row(types[0], row[offs[0]:offs[1]], x, xq, tset), act)
                 h = np.float32(0.0)
