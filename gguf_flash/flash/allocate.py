@@ -34,8 +34,7 @@ def layer_costs(lp, seqs, Q, scale, levels, tick=None) -> tuple[np.ndarray, floa
     L = lp.model.cfg.n_layer
     zeros = np.zeros(L, np.float32)
     X, rope = lp.embed(seqs)
-    Y = np.empty_like(X)
-    np.copyto(Y, X)
+    Y = X.copy()                               # the pass's buffer; X keeps the dense states
     lp.layers(seqs, Y, rope, 0, L, zeros, scale)
     total, n = lp.states_nll(seqs, lp.final(Y))
     dense = total / max(n, 1)
