@@ -30,11 +30,14 @@ def test_one_layer_of_a_chunk_equals_the_decode_kernels(smollm2_flash, mode, sel
     equal up to float rounding (the chunk computes over the inputs as the decode path's 8-bit blocks).
     Across 30 layers the 8-bit rounding turns float-level differences into a few flipped codes, so whole
     prompts are compared by their top tokens below, and layers here. window=1: every layer's window
-    shrunk to one slot, the union streamed through the staging buffer in parts."""
+    shrunk to one slot, the union streamed through the staging buffer in parts. The KV cache is F32
+    here: the decode loop rewrites each position's K/V over the chunk's, and in an F16 cache a
+    last-bit difference in K can flip a half's rounding (~5e-4 of the element), which moved this
+    layer's output by 1e-4 of its largest element on an AVX-512 machine (2.6e-7 with F32)."""
     from gguf_flash.flash.stats import ChunkStats, TokenStats
     from gguf_flash.kernels import forward as fw, nn, sparse
     path, _ = smollm2_flash
-    m = gguf_flash.load(path, n_ctx=64, mode=mode, selector=selector).model
+    m = gguf_flash.load(path, n_ctx=64, mode=mode, selector=selector, kv_type="f32").model
     if window:
         for w_ in m.windows:
             w_.shrink(1)
