@@ -144,6 +144,36 @@ def rows_residual(x, y, post_w, eps, post_norm):
         residual_add(x[j], y[j], post_w, eps, post_norm)
 
 
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def rows_glu(HG, HU, act, threshold, ffn_scale, il):
+    """HG[j] = glu(HG[j], HU[j]) for every row j (nn.glu), or nn.glu_product with ffn_scale[il] when
+    ffn_scale has layers."""
+    for j in prange(HG.shape[0]):
+        if ffn_scale.shape[0] > 0:
+            glu_product(HG[j], HG[j], HU[j], act, threshold, ffn_scale[il])
+        else:
+            glu(HG[j], HG[j], HU[j], act, threshold)
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def rows_qk_rope(Q, K, V, cos, sin, k_cache, v_cache, biases, qk_norms, ip, eps, il, local, pos0):
+    """Q, K, V (n, *) rows of the prompt batch: biases, per-head norms and RoPE in place, then K and V
+    into the caches at positions pos0.. (each row independent, so the rows run in parallel)."""
+    n_head, n_head_kv, hd = ip[IP_N_HEAD], ip[IP_N_HEAD_KV], ip[IP_HEAD_DIM]
+    for j in prange(Q.shape[0]):
+        if ip[IP_QKV_BIAS]:
+            add_bias(Q[j], biases[il, 0])
+            add_bias(K[j], biases[il, 1])
+            add_bias(V[j], biases[il, 2])
+        if ip[IP_QK_NORM]:
+            rmsnorm_heads(Q[j], qk_norms[il, 0], n_head, hd, eps)
+            rmsnorm_heads(K[j], qk_norms[il, 1], n_head_kv, hd, eps)
+        rope(Q[j], cos[j, local], sin[j, local], n_head, hd, ip[IP_ROPE_STYLE])
+        rope(K[j], cos[j, local], sin[j, local], n_head_kv, hd, ip[IP_ROPE_STYLE])
+        kv_put(k_cache[il, pos0 + j], K[j])
+        kv_put(v_cache[il, pos0 + j], V[j])
+
+
 @njit(cache=True, fastmath=FASTMATH)
 def attention_batch_layer(X, XB, XR, Q, K, V, ATT, ATR, scores, k_cache, v_cache, cos, sin, blob, mats,
                           norms, qk_norms, biases, swa, ip, fp, il, pos0, tset):
@@ -163,18 +193,7 @@ def attention_batch_layer(X, XB, XR, Q, K, V, ATT, ATR, scores, k_cache, v_cache
     matmat(K, blob, mats[il, MAT_K], XR if rq and uses_q8x(mats[il, MAT_K, 3]) else XB, tset)
     matmat(V, blob, mats[il, MAT_V], XR if rq and uses_q8x(mats[il, MAT_V, 3]) else XB, tset)
     local = swa[il]
-    for j in range(n):
-        if ip[IP_QKV_BIAS]:
-            add_bias(Q[j], biases[il, 0])
-            add_bias(K[j], biases[il, 1])
-            add_bias(V[j], biases[il, 2])
-        if ip[IP_QK_NORM]:
-            rmsnorm_heads(Q[j], qk_norms[il, 0], n_head, hd, eps)
-            rmsnorm_heads(K[j], qk_norms[il, 1], n_head_kv, hd, eps)
-        rope(Q[j], cos[j, local], sin[j, local], n_head, hd, ip[IP_ROPE_STYLE])
-        rope(K[j], cos[j, local], sin[j, local], n_head_kv, hd, ip[IP_ROPE_STYLE])
-        kv_put(k_cache[il, pos0 + j], K[j])
-        kv_put(v_cache[il, pos0 + j], V[j])
+    rows_qk_rope(Q, K, V, cos, sin, k_cache, v_cache, biases, qk_norms, ip, eps, il, local, pos0)
     window = ip[IP_WINDOW] if local else 0
     attention_batch(ATT, Q, k_cache[il], v_cache[il], scores, pos0, window, n_head, n_head_kv, hd,
                     fp[FP_ATTN_SCALE])
@@ -207,11 +226,7 @@ def ffn_batch_layer(X, XB, HG, HU, blob, mats, norms, ip, fp, il, thresholds, ff
         ffn_in[ci, :n] = XB
     matmat(HG, blob, mats[il, MAT_GATE], XB, tset)
     matmat(HU, blob, mats[il, MAT_UP], XB, tset)
-    for j in range(n):
-        if ffn_scale.shape[0] > 0:
-            glu_product(HG[j], HG[j], HU[j], ip[IP_ACT], thresholds[il], ffn_scale[il])
-        else:
-            glu(HG[j], HG[j], HU[j], ip[IP_ACT], thresholds[il])
+    rows_glu(HG, HU, ip[IP_ACT], thresholds[il], ffn_scale, il)
     matmat(XB, blob, mats[il, MAT_DOWN], HG, tset)
     rows_residual(X, XB, norms[il, NORM_POST_FFW], eps, ip[IP_POST_NORMS])
 

@@ -43,7 +43,7 @@ from numba import config, njit, prange, types
 from numba.extending import intrinsic
 
 # shared with the basic types: the f16 decode intrinsic and the register-blocked matmat core
-from .quant_basic import MM_ROWS, _gemm_rows
+from .quant_basic import MM_ROWS, _gemm_rows, prefetch_ahead
 from .quant_basic import _u16_as_f16_to_f32 as _half_bits_to_f32
 
 # No nnan/ninf: -inf masks elsewhere in the engine must survive (STYLE.md, pynndescent habit).
@@ -201,6 +201,7 @@ def dequant_row_q2_k(out, row):
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def matvec_q2_k(out, w, x):
     for i in prange(w.shape[0]):
+        prefetch_ahead(w, i)
         out[i] = dot_q2_k(w[i], x)
 
 
@@ -275,6 +276,7 @@ def dequant_row_q3_k(out, row):
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def matvec_q3_k(out, w, x):
     for i in prange(w.shape[0]):
+        prefetch_ahead(w, i)
         out[i] = dot_q3_k(w[i], x)
 
 
@@ -349,6 +351,7 @@ def dequant_row_q4_k(out, row):
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def matvec_q4_k(out, w, x):
     for i in prange(w.shape[0]):
+        prefetch_ahead(w, i)
         out[i] = dot_q4_k(w[i], x)
 
 
@@ -429,6 +432,7 @@ def dequant_row_q5_k(out, row):
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def matvec_q5_k(out, w, x):
     for i in prange(w.shape[0]):
+        prefetch_ahead(w, i)
         out[i] = dot_q5_k(w[i], x)
 
 
@@ -511,6 +515,7 @@ def dequant_row_q6_k(out, row):
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def matvec_q6_k(out, w, x):
     for i in prange(w.shape[0]):
+        prefetch_ahead(w, i)
         out[i] = dot_q6_k(w[i], x)
 
 
@@ -567,6 +572,7 @@ def dequant_row_iq4_nl(out, row):
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def matvec_iq4_nl(out, w, x):
     for i in prange(w.shape[0]):
+        prefetch_ahead(w, i)
         out[i] = dot_iq4_nl(w[i], x)
 
 

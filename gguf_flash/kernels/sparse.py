@@ -10,7 +10,7 @@ from numba import njit, prange
 
 from .dispatch import axpy_row, dequant_into, dot_row, uses_q8x
 from .nn import FASTMATH, activate
-from .quant_basic import MM_ROWS, _gemm_rows, _u16_as_f16_to_f32, prefetch
+from .quant_basic import MM_ROWS, _gemm_rows, _u16_as_f16_to_f32, prefetch, prefetch_ahead
 
 # what the selector computed for each chosen row (sparse_ffn_range, sparse_ffn_chunk)
 KNOWN_NONE = 0   # nothing: gate and up come from the bundle
@@ -23,10 +23,11 @@ PREFETCH_AHEAD = 8   # sparse_ffn_range asks for the bytes of the row this many 
 def matvec_rows(out, w, qt, x, xq, tset):
     """out (n_rows,) = W @ x for a weight held outside the file map (e.g. resident gate rows)."""
     for r in prange(w.shape[0]):
+        prefetch_ahead(w, r)
         out[r] = dot_row(qt, w[r], x, xq, tset)
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def select_by_gate(active, gvals, hg, act, threshold):
     """Exact selection (gate-resident mode): rows with |act(hg[i])| > threshold.
     active (n_ff,) int32 and gvals (n_ff,) f32 receive the rows (increasing) and their activated gate
@@ -42,7 +43,7 @@ def select_by_gate(active, gvals, hg, act, threshold):
     return n
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def select_by_product(active, hvals, hg, hu, scale, act, threshold):
     """Product selection (gate and up rows resident): rows with |h_i| * scale[i] > threshold, where
     h_i = act(hg[i]) * hu[i] and scale (n_ff,) f32 = the norms of the rows' down parts. active (n_ff,)
@@ -88,7 +89,7 @@ def predictor_logits(z, tmp, x, a, b, bias):
             z[j] += t * _u16_as_f16_to_f32(b[k, j])
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
 def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j0, j1, gvals, known,
                      x, xq, types, offs, act, threshold, tset):
     """partial[c] += the FFN contributions of positions j0 <= j < j1 of `active` (of n chosen rows) that
@@ -172,7 +173,7 @@ def gate_chunk(HG, gates, qt, X, tset):
         _gemm_rows(HG, buf, X, r0, nr)
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
 def mask_by_gate(MK, HG, act, threshold):
     """MK[j, i] = 1 where |act(HG[j, i])| > threshold (token j chooses row i). MK (T, n_ff) uint8,
     HG (T, n_ff) f32 gate values."""
@@ -181,7 +182,7 @@ def mask_by_gate(MK, HG, act, threshold):
             MK[j, i] = 1 if abs(activate(HG[j, i], act)) > threshold else 0
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
 def mask_by_product(MK, HG, HU, scale, act, threshold):
     """A chunk's product selection (select_by_product's rule): HG[j, i] becomes h = act(HG[j, i]) *
     HU[j, i], and MK[j, i] = 1 where |h| * scale[i] > threshold. MK (T, n_ff) uint8; HG, HU (T, n_ff) f32."""
@@ -213,7 +214,7 @@ def union_rows(union, MK):
     return n
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
 def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, u0, u1, MK, HG, known,
                      XB, XR, types, offs, act, threshold, tset):
     """PART[c, j] += the FFN contributions, for token j, of the rows a = union[p], u0 <= p < u1,
