@@ -59,6 +59,8 @@ SHAPES = {
                      n_ctx=4096, tied=False),
     "qwen3-0.6b": dict(arch="qwen3", n_layer=28, n_embd=1024, n_ff=3072, n_head=16, n_head_kv=8,
                        head_dim=128, n_vocab=151936, n_ctx=4096, rope_freq_base=1000000.0),
+    "qwen2-0.5b": dict(arch="qwen2", n_layer=24, n_embd=896, n_ff=4864, n_head=14, n_head_kv=2,
+                       n_vocab=151936, n_ctx=4096, rope_freq_base=1000000.0),
     "gemma3-270m": dict(arch="gemma3", n_layer=18, n_embd=640, n_ff=2048, n_head=4, n_head_kv=1,
                         head_dim=256, n_vocab=262144, n_ctx=4096, rope_freq_base=1000000.0),
 }

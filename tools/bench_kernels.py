@@ -1,77 +1,118 @@
-"""Micro-benchmark of the basic quant kernels (gguf_flash/kernels/quant_basic.py).
+"""Decode matvec bandwidth per quant type on real models, against this machine's memory bandwidth (issue 15
+item 2).
 
-matvec: weight GB/s (weight bytes / time), the decode-path figure that matters: a token reads every
-weight byte once (SmolLM2-135M: ~96 MB/token, so 77 tok/s needs ~7.4 GB/s on 2 threads).
-matmat: GFLOP/s (2 * n_tok * n_rows * n_cols / time) for a 128-token prompt batch.
-Random weights, read-only like a memory-mapped GGUF. Usage: python tools/bench_kernels.py [--threads 2]
+For each model, the weights the dense decode reads per token are grouped by type; each group is run the
+way decode runs it (dispatch.matvec on the mapped file, input quantized once per matrix), cycling through
+every layer's matrices so the bytes come from RAM, not from a cache that a single matrix would fit in.
+GB/s = the group's bytes / the best of --reps passes. The reference is the best of a parallel read of a
+1 GiB buffer (a numba prange sum) on the same threads: the bandwidth a kernel that only reads could reach.
+The output head is its own row (one matrix as large as many layers).
+
+    python tools/bench_kernels.py [smollm2 gemma3-270m qwen2-synthetic PATH ...] [--threads 2] [--reps 7]
+
+qwen2-synthetic is tools/bench_dense.py's Qwen2-0.5B-shaped Q4_K_M file (needs llama-cpp-python).
 """
 import argparse
+import os
+import sys
 import time
 
 import numba
 import numpy as np
-from gguf import GGMLQuantizationType as Q
-from gguf import quants
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from numba import njit, prange
 
-from gguf_flash.kernels.quant_basic import TABLE, TABLE_Q8X, q8x_scratch_bytes, quantize_x_q8
-
-SHAPES = [  # (n_rows, n_cols, type): SmolLM2-135M's FFN up/gate, FFN down, tied output head
-    (1536, 576, Q.Q4_1),
-    (576, 1536, Q.Q4_1),
-    (49152, 576, Q.Q8_0),
-]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_weights(n_rows, n_cols, qtype, rng):
-    a = rng.standard_normal((n_rows, n_cols), dtype=np.float32)
-    w = quants.quantize(a, qtype)  # (n_rows, row_bytes) uint8
-    w.setflags(write=False)
-    return w
+@njit(cache=True, parallel=True)
+def _read_all(buf):
+    """XOR of every word of buf (n,) uint64, in 64 chunks read in parallel: every byte read once."""
+    n_chunks = 64
+    step = buf.shape[0] // n_chunks
+    acc = np.zeros(n_chunks, np.uint64)
+    for c in prange(n_chunks):
+        s = np.uint64(0)
+        for i in range(c * step, (c + 1) * step):
+            s ^= buf[i]
+        acc[c] = s
+    return acc.sum()
 
 
-def best_time(fn, min_total=0.3, reps_max=2000):
-    fn()  # warm-up / compile
-    times = []
-    t_end = time.perf_counter() + min_total
-    while len(times) < reps_max and (len(times) < 5 or time.perf_counter() < t_end):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), float(np.median(times))
+def memory_bandwidth(reps: int) -> float:
+    """GB/s of the best parallel read of 1 GiB."""
+    buf = np.ones(1 << 27, np.uint64)   # 1 GiB, touched so its pages exist
+    _read_all(buf)
+    best = min(_timed(lambda: _read_all(buf)) for _ in range(reps))
+    return buf.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def n_cols(m) -> int:
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(int(m[3]))]
+    return int(m[2]) // size * block
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="*", default=["smollm2", "gemma3-270m"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--n-tok", type=int, default=128)
-    args = ap.parse_args()
-    numba.set_num_threads(args.threads)
-    rng = np.random.default_rng(0)
-    print(f"threads={numba.get_num_threads()}")
-    for n_rows, n_cols, qtype in SHAPES:
-        w = make_weights(n_rows, n_cols, qtype, rng)
-        _, _, _, matvec, matmat = TABLE[int(qtype)]
-        x = rng.standard_normal(n_cols, dtype=np.float32)
-        out = np.empty(n_rows, np.float32)
-        tmin, tmed = best_time(lambda: matvec(out, w, x))
-        gbs = w.nbytes / tmin / 1e9
-        # llama.cpp-style path: quantize x to Q8 once (timed with it), integer block dots
-        scratch = np.empty(q8x_scratch_bytes(n_cols), np.uint8)
-        matvec_q8x = TABLE_Q8X[int(qtype)][1]
+    ap.add_argument("--reps", type=int, default=7)
+    a = ap.parse_args()
+    numba.set_num_threads(a.threads)
+    import gguf_flash
+    from gguf_flash.kernels import dispatch
 
-        def q8x():
-            quantize_x_q8(scratch, x)
-            matvec_q8x(out, w, scratch)
+    @njit(cache=False)
+    def run_group(blob, ms, out, x, xq, tset):
+        for k in range(ms.shape[0]):
+            nc, nq = ms[k, 4], ms[k, 5]
+            dispatch.quantize_x(xq[:nq], x[:nc])
+            dispatch.matvec(out[:ms[k, 1]], blob, ms[k, :4], x[:nc], xq[:nq], tset)
 
-        qmin, _ = best_time(q8x)
-        X = rng.standard_normal((args.n_tok, n_cols), dtype=np.float32)
-        outm = np.empty((args.n_tok, n_rows), np.float32)
-        mmin, _ = best_time(lambda: matmat(outm, w, X), min_total=0.5, reps_max=20)
-        gflops = 2.0 * args.n_tok * n_rows * n_cols / mmin / 1e9
-        print(f"{qtype.name:5s} {n_rows:6d} x {n_cols:5d} ({w.nbytes / 1e6:6.2f} MB): "
-              f"matvec {tmin * 1e6:7.1f} us (median {tmed * 1e6:7.1f}) = {gbs:5.2f} GB/s | "
-              f"q8x {qmin * 1e6:7.1f} us = {w.nbytes / qmin / 1e9:5.2f} GB/s | "
-              f"matmat[{args.n_tok}] {mmin * 1e3:6.2f} ms = {gflops:5.1f} GFLOP/s")
+    bw = memory_bandwidth(a.reps)
+    print(f"threads={a.threads}; memory read bandwidth (1 GiB, parallel, best of {a.reps}): {bw:.1f} GB/s\n")
+    print("| model | type | matrices | MB per token | GB/s | of the read bandwidth |")
+    print("|---|---|---|---|---|---|")
+    for name in a.models:
+        path = name
+        if name == "qwen2-synthetic":
+            from bench_dense import qwen2_synthetic
+            path = qwen2_synthetic()
+        llm = gguf_flash.load(path, n_ctx=64, n_threads=a.threads)
+        w = llm.model.w
+        groups = {}
+        for il in range(w.mats.shape[0]):
+            for j in range(w.mats.shape[1]):
+                m = w.mats[il, j]
+                if m[1] > 0:
+                    groups.setdefault(GGMLQuantizationType(int(m[3])).name, []).append(list(m) + [n_cols(m), dispatch_q8_bytes(n_cols(m))])
+        groups = {k: v for k, v in sorted(groups.items())}
+        groups["head " + GGMLQuantizationType(int(w.output[3])).name] = [list(w.output) + [n_cols(w.output), dispatch_q8_bytes(n_cols(w.output))]]
+        width = max(r[4] for g in groups.values() for r in g)
+        rows = max(r[1] for g in groups.values() for r in g)
+        x = np.random.default_rng(0).standard_normal(width).astype(np.float32)
+        xq = np.zeros(dispatch_q8_bytes(width), np.uint8)
+        out = np.empty(rows, np.float32)
+        for tname, g in groups.items():
+            ms = np.array(g, np.int64)
+            run_group(w.blob, ms, out, x, xq, w.ts)
+            best = min(_timed(lambda: run_group(w.blob, ms, out, x, xq, w.ts)) for _ in range(a.reps))
+            nbytes = int((ms[:, 1] * ms[:, 2]).sum())
+            gbs = nbytes / best / 1e9
+            print(f"| {os.path.basename(str(path))} | {tname} | {len(g)} | {nbytes / 1e6:.1f} | {gbs:.1f} | "
+                  f"{gbs / bw:.0%} |")
+        del llm
+
+
+def dispatch_q8_bytes(n: int) -> int:
+    from gguf_flash.kernels.quant_basic import q8x_scratch_bytes
+    return q8x_scratch_bytes(n)
 
 
 if __name__ == "__main__":
