@@ -182,7 +182,6 @@ def attention_batch_layer(X, XB, XR, Q, K, V, ATT, ATR, scores, k_cache, v_cache
     XR (n, n_embd), ATR (n, q_dim): with n rows, the matrices whose decode kernels read 8-bit input
     blocks get their input as those blocks (round_q8), so a prompt chunk computes what token-by-token
     decoding computes, up to float rounding (flash prefill); with 0 rows, float input (the dense batch)."""
-    n = X.shape[0]
     n_head, n_head_kv, hd = ip[IP_N_HEAD], ip[IP_N_HEAD_KV], ip[IP_HEAD_DIM]
     eps = fp[FP_EPS]
     rq = XR.shape[0] > 0
