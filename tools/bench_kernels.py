@@ -24,6 +24,8 @@ from numba import njit, prange
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from gguf_flash.kernels.quant_basic import q8x_scratch_bytes  # noqa: E402
+
 
 @njit(cache=True, parallel=True)
 def _read_all(buf):
@@ -53,9 +55,11 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def n_cols(m) -> int:
+def with_widths(m) -> list:
+    """m = (offset, n_rows, row_bytes, qtype) + its input width and that input's 8-bit scratch bytes."""
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType(int(m[3]))]
-    return int(m[2]) // size * block
+    n_cols = int(m[2]) // size * block
+    return list(m) + [n_cols, q8x_scratch_bytes(n_cols)]
 
 
 def main():
@@ -91,13 +95,13 @@ def main():
             for j in range(w.mats.shape[1]):
                 m = w.mats[il, j]
                 if m[1] > 0:
-                    groups.setdefault(GGMLQuantizationType(int(m[3])).name, []).append(list(m) + [n_cols(m), dispatch_q8_bytes(n_cols(m))])
+                    groups.setdefault(GGMLQuantizationType(int(m[3])).name, []).append(with_widths(m))
         groups = {k: v for k, v in sorted(groups.items())}
-        groups["head " + GGMLQuantizationType(int(w.output[3])).name] = [list(w.output) + [n_cols(w.output), dispatch_q8_bytes(n_cols(w.output))]]
+        groups["head " + GGMLQuantizationType(int(w.output[3])).name] = [with_widths(w.output)]
         width = max(r[4] for g in groups.values() for r in g)
         rows = max(r[1] for g in groups.values() for r in g)
         x = np.random.default_rng(0).standard_normal(width).astype(np.float32)
-        xq = np.zeros(dispatch_q8_bytes(width), np.uint8)
+        xq = np.zeros(q8x_scratch_bytes(width), np.uint8)
         out = np.empty(rows, np.float32)
         for tname, g in groups.items():
             ms = np.array(g, np.int64)
@@ -108,11 +112,6 @@ def main():
             print(f"| {os.path.basename(str(path))} | {tname} | {len(g)} | {nbytes / 1e6:.1f} | {gbs:.1f} | "
                   f"{gbs / bw:.0%} |")
         del llm
-
-
-def dispatch_q8_bytes(n: int) -> int:
-    from gguf_flash.kernels.quant_basic import q8x_scratch_bytes
-    return q8x_scratch_bytes(n)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ Q8X = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)   # decode reads the input of these as 8-bi
 @njit(cache=True, inline="always")
 def uses_q8x(qt):
     """True for the types whose decode matvec/dot reads the input as 8-bit blocks (quantize_x)."""
-    return qt == Q4_0 or qt == Q4_1 or qt == Q5_0 or qt == Q5_1 or qt == Q8_0
+    return qt in Q8X
 
 
 # ---- the per-type tables -------------------------------------------------------------------------

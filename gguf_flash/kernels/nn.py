@@ -82,7 +82,7 @@ ACT_FLUSH = np.float32(40.0)
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
 def fast_exp(x):
-    """exp(x) for float32 x, within 4.5 ulp (mean 1.5 ulp over [-87, 88]; checked in tests/test_kernels.py):
+    """exp(x) for float32 x, within 4.5 ulp (mean 1.5 ulp over [-87, 88]; checked in tests/test_nn.py):
     x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor polynomial to r^7, 2^n put into the exponent bits.
     Unlike np.exp (a libm call per element), a loop of these vectorizes. Clamped to [-87.3, 88.7]:
     below, the smallest normal float (~1.2e-38); above, inf."""

@@ -110,8 +110,8 @@ def prefetch(typingctx, row, off):
 
 # Rows PF_ROWS ahead are asked for while row i is computed: a decode token streams every weight once,
 # in 0.1-3 MB matrices, and the hardware prefetcher alone lost the start of each matrix's streams (one
-# per thread) and fell behind within them. SmolLM2 dense decode 12.5 -> 5.9 ms per token, Gemma 3
-# 29 -> 22 ms (2 threads, AVX-512 Xeon, tools/bench_kernels.py and bench_dense.py).
+# per thread) and fell behind within them. SmolLM2 dense decode 12.5 -> 5.3-5.5 ms per token, Gemma 3
+# 29 -> 18.4-19.4 ms (2 threads, AVX-512 Xeon, alternating runs); 16 rows ahead was no better.
 PF_ROWS = 8
 
 

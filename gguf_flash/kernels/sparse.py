@@ -234,7 +234,6 @@ def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, 
     those (so the chunk computes what token-by-token decoding does, up to float rounding)."""
     n_part = PART.shape[0]
     T = XB.shape[0]
-    n_embd = XB.shape[1]
     xg = XR if uses_q8x(types[0]) else XB
     xu = XR if uses_q8x(types[1]) else XB
     for c in prange(n_part):
