@@ -65,7 +65,8 @@ def _add_flash(p):
     p.add_argument("--head", choices=("auto", "index", "exact"), default="auto",
                    help="flash GGUF with a head index: auto (default) lets the RAM plan use it when the head is "
                         "not resident, so decoding reads only the head rows that can be sampled; the index's "
-                        "bound is calibrated on held-out states, not proven (docs/flash-gguf.md). exact: "
+                        "margin is calibrated on held-out states, not proven (`gguf-flash inspect FILE` gives the share of "
+                        "the head it read on held-out decoding; docs/flash-gguf.md). exact: "
                         "read the whole head every token (perplexity, logprobs and --repeat-penalty always do); index: use the "
                         "index even where the head would fit (benchmarks)")
     p.add_argument("--cold", action="store_true", help="read bundles bypassing the page cache (benchmarks)")
@@ -166,8 +167,8 @@ def cmd_convert(a):
     if r.head_index is not None:
         hi = r.head_index
         print(f"head index: rank {hi.rank}, {hi.n_bytes / 2**20:.1f} MiB ({100 * hi.n_bytes / r.head_bytes:.0f}% of "
-              f"the head), z {hi.z:.3f} (no top-1 miss on {hi.n_heldout} held-out states; on held-out greedy decoding "
-              f"it read {100 * hi.read_frac:.1f}% of the head's rows, {100 * hi.bytes_frac:.1f}% of its bytes)")
+              f"the head), margin {hi.margin:.3f}, for samplers {hi.margin_dist:.3f} (calibrated: no top-1 miss on "
+              f"{hi.n_heldout} held-out states; on held-out greedy decoding it read {100 * hi.read_frac:.1f}% of the head's rows, {100 * hi.bytes_frac:.1f}% of its bytes)")
     print(f"total {r.seconds:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in r.phases.items())
           + f"), peak RSS {r.sampled_peak_mb:.0f} MiB (by phase: "
           + ", ".join(f"{k} {v:.0f}" for k, v in r.phase_peak_mb.items()) + ")")
@@ -355,12 +356,15 @@ def _print_flash_summary(f):
           f"({100 * pred / info.bundle_bytes_total:.0f}% of the bundles) in {n_pred} of {len(info.layers)} layers"
           + ("" if n_pred == len(info.layers) else " (--selector predictor needs one in every layer)"))
     hi = info.head_index
-    if hi is None:
+    if hi is None and info.old_head_index:
+        print("head index: an older converter's (a per-row bound), not used: convert the source again")
+    elif hi is None:
         print("head index: none (decoding reads the whole head when it is not resident)")
     else:
         from .flash.head_build import index_bytes
         n = index_bytes(cfg.n_vocab, cfg.n_embd, hi["rank"])
-        print(f"head index: rank {hi['rank']}, {n / 2**20:.1f} MiB, z {hi['z']:.3f} (calibrated: no top-1 miss on "
+        print(f"head index: rank {hi['rank']}, {n / 2**20:.1f} MiB, margin {hi['margin']:.3f}, for samplers "
+              f"{hi['margin_dist']:.3f} (calibrated: no top-1 miss on "
               f"{hi['heldout']} held-out states; on held-out greedy decoding it read {100 * hi['read_frac']:.1f}% of "
               f"the head's rows, {100 * hi['bytes_frac']:.1f}% of its bytes)")
 

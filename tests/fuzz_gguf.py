@@ -197,7 +197,8 @@ def rng_for(seed: int) -> np.random.Generator:
 
 
 def rewrite(src, dst, meta=None, tensors=None, drop=()):
-    """Copy the GGUF `src` to `dst` with metadata overrides {key: (value, GGUFValueType, sub type)} and
+    """Copy the GGUF `src` to `dst` with metadata overrides or additions {key: (value, GGUFValueType, sub
+    type)} (an added key must be a scalar), keys and tensors in `drop` left out, and
     tensor replacements {name: (ggml ne as a numpy shape (ne reversed), numpy array, raw ggml type)}:
     files that are well-formed GGUFs but disagree with themselves."""
     from gguf_flash.gguf_file import GGUFFile
@@ -217,6 +218,9 @@ def rewrite(src, dst, meta=None, tensors=None, drop=()):
                             sub_type=gguf.GGUFValueType(itype))
         else:
             w.add_key_value(key, value, vtype)
+    for key, (value, vtype, itype) in meta.items():   # keys the source does not have
+        if key not in f.meta:
+            w.add_key_value(key, value, gguf.GGUFValueType(vtype))
     for name, info in f.tensors.items():
         if name in drop:
             continue

@@ -39,10 +39,12 @@ def test_converter_writes_and_reports_the_index(indexed):
     hi = r.head_index
     assert hi is not None and hi.rank == 16
     assert hi.preview.shape == (4200, 16) and hi.preview.dtype == np.int8
-    assert 0 < hi.z <= head_build.Z_MAX and hi.n_heldout > 0 and 0 < hi.read_frac <= hi.bytes_frac <= 1
+    assert 0 < hi.margin <= hi.margin_dist <= head_build.M_MAX + head_build.M_STEP
+    assert hi.n_heldout > 0 and 0 < hi.read_frac <= hi.bytes_frac <= 1
     llm = _load(out)
     info = llm.model.info.head_index
-    assert info["rank"] == 16 and info["z"] == pytest.approx(hi.z)
+    assert info["rank"] == 16 and info["margin"] == pytest.approx(hi.margin)
+    assert info["margin_dist"] == pytest.approx(hi.margin_dist)
     assert np.array_equal(info["preview"], hi.preview)
     assert _load(plain).model.info.head_index is None
 
@@ -82,10 +84,10 @@ def test_indexed_greedy_output_equals_the_whole_head(indexed):
         assert read.sum() < len(y)
 
 
-def test_infinite_safety_factor_reads_every_row_and_equals_exact(indexed):
+def test_infinite_margin_reads_every_row_and_equals_exact(indexed):
     out, _, _ = indexed
     llm, exact = _load(out, head="index"), _load(out, head="exact")
-    llm.model.indexed.z = 1e30
+    llm.model.indexed.margin = llm.model.indexed.margin_dist = 1e30
     ids = llm.tokenize("word1 word2 3 4")
     _, la = _greedy_logits(llm, ids, 8)
     _, lb = _greedy_logits(exact, ids, 8)
@@ -130,12 +132,28 @@ def test_bad_index_tensor_is_a_format_error(indexed, tmp_path):
     bad = tmp_path / "bad.flash.gguf"
     data = bytearray(out.read_bytes())
     r = GGUFReader(out)
-    field = r.fields["flash.head_index.z"]
+    field = r.fields["flash.head_index.margin"]
     off = field.offset + sum(int(p.nbytes) for p in field.parts[:-1])
     data[off:off + 4] = np.float32(np.nan).tobytes()
     bad.write_bytes(bytes(data))
-    with pytest.raises(FlashFormatError, match="flash.head_index.z"):
+    with pytest.raises(FlashFormatError, match="flash.head_index.margin"):
         _load(bad)
+
+
+def test_an_older_index_is_not_used_and_says_to_convert_again(indexed, tmp_path):
+    """A file of the converter before the margin rule (flash.head_index.z, a per-row bound) still runs,
+    without its index; asking for the index names the file and what to do."""
+    import gguf
+    from fuzz_gguf import rewrite
+    out, _, _ = indexed
+    old = rewrite(out, tmp_path / "old.flash.gguf", meta={"flash.head_index.z": (6.25, gguf.GGUFValueType.FLOAT32, None)},
+                  drop=("flash.head_index.margin",))
+    llm = _load(old)
+    assert llm.model.info.head_index is None and llm.model.info.old_head_index
+    assert llm.model.indexed is None
+    assert len(llm.generate(llm.tokenize("word1"), n_predict=3).tokens) == 3
+    with pytest.raises(gguf_flash.InvalidArgumentError, match="old.flash.gguf.*older converter.*convert the source again"):
+        _load(old, head="index")
 
 
 def _plan_input(cap, index_bytes, frac=0.2):

@@ -621,7 +621,8 @@ def _write(f, cfg, path, meta, orders, freq, down_q, progress):
         f32s(ff.K_PROD_CURVE_PPL, [p for _, p in pr["curve"]])
     hi = meta["head_index"]
     if hi is not None:
-        w.add_float32(ff.K_HI_Z, hi.z)
+        w.add_float32(ff.K_HI_MARGIN, hi.margin)
+        w.add_float32(ff.K_HI_MARGIN_DIST, hi.margin_dist)
         w.add_uint32(ff.K_HI_HELDOUT, hi.n_heldout)
         w.add_float32(ff.K_HI_READ, hi.read_frac)
         w.add_float32(ff.K_HI_BYTES, hi.bytes_frac)
@@ -663,8 +664,7 @@ def _write(f, cfg, path, meta, orders, freq, down_q, progress):
         w.add_tensor_info(ff.t_pred_bias(il), p.bias.shape, np.dtype(np.float32), p.bias.size * 4)
         plan.append((lambda bias=p.bias: bias, []))
     if hi is not None:
-        for name, arr in ((ff.T_HI_BASIS, hi.basis), (ff.T_HI_PREVIEW, hi.preview), (ff.T_HI_SCALE, hi.scale),
-                          (ff.T_HI_SIGMA, hi.sigma), (ff.T_HI_WHITEN, hi.whiten), (ff.T_HI_COLSCALE, hi.colscale)):
+        for name, arr in ((ff.T_HI_BASIS, hi.basis), (ff.T_HI_PREVIEW, hi.preview), (ff.T_HI_SCALE, hi.scale)):
             w.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes)
             plan.append((lambda a=arr: a, []))
     w.write_header_to_file()

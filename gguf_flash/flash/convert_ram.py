@@ -75,7 +75,7 @@ def convert_ram(f, cfg, n_tokens: int, chunk: int, held_out: float, predictors: 
     # held-out passes: the held-out tokens' states and a 32-row block of logits (and log-softmax)
     sparsity = 3 * n_held * E * 4 + 3 * 32 * V * 4 + layer + kv_layer + T * E * 2
     # head index: the head dequantized ROW_CHUNK rows at a time, exact logits of 32 states, the preview
-    # and whitening, the calibration and greedy states; and the greedy continuations' KV caches
+    # and Sigma^(+-1/2), the calibration and greedy states; and the greedy continuations' KV caches
     # (the head's mapped pages stay resident until the phase ends)
     head = (0 if not head_rank else 3 * ROW_CHUNK * E * 4 + 6 * 32 * V * 4 + V * head_rank * 5 + 6 * E * E * 4
             + 4 * 2048 * E * 4 + head_bytes + T * E * 2) + (64 * MiB + layer)

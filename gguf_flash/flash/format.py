@@ -46,18 +46,16 @@ K_PROD_CURVE_S = "flash.product.curve.sparsity"    # f32: the grid points evalua
 K_PROD_CURVE_PPL = "flash.product.curve.perplexity"  # f32: held-out perplexity at each
 
 # the output head's index (flash/head_build.py; optional: a file without it streams or holds the head)
-K_HI_Z = "flash.head_index.z"                  # f32: safety factor of the bound (no held-out miss)
-K_HI_HELDOUT = "flash.head_index.heldout"      # u32: held-out states z was calibrated on
-K_HI_READ = "flash.head_index.read_fraction"   # f32: mean share of head rows read on them at z
+K_HI_MARGIN = "flash.head_index.margin"        # f32: rows above bar - margin x (best - mean preview) are read
+K_HI_MARGIN_DIST = "flash.head_index.margin_dist"  # f32: the same for samplers (rows near the top read too)
+K_HI_Z = "flash.head_index.z"                  # f32: an older index's bound (per-row sigma): not read any more
+K_HI_HELDOUT = "flash.head_index.heldout"      # u32: held-out states the margin was calibrated on
+K_HI_READ = "flash.head_index.read_fraction"   # f32: mean share of head rows read on them at the margin
 K_HI_BYTES = "flash.head_index.bytes_fraction"  # f32: mean share of head bytes read (gaps < 64 KiB read through)
 T_HI_BASIS = "head_index.basis"                # f32 (r, n_embd): y = basis @ h
 T_HI_PREVIEW = "head_index.preview"            # i8 (n_vocab, r)
 T_HI_SCALE = "head_index.scale"                # f16 (n_vocab,): preview row scale
-T_HI_SIGMA = "head_index.sigma"                # f16 (n_vocab,): residual std per unit of s(h)
-T_HI_WHITEN = "head_index.whiten"              # f16 (n_embd, n_embd): Sigma^-1/2
-T_HI_COLSCALE = "head_index.colscale"          # f32 (r,)
-HI_TENSORS = {"basis": T_HI_BASIS, "preview": T_HI_PREVIEW, "scale": T_HI_SCALE, "sigma": T_HI_SIGMA,
-              "whiten": T_HI_WHITEN, "colscale": T_HI_COLSCALE}
+HI_TENSORS = {"basis": T_HI_BASIS, "preview": T_HI_PREVIEW, "scale": T_HI_SCALE}
 
 PARTS = ("gate", "up", "down")
 
@@ -116,8 +114,9 @@ class FlashInfo:
     source_sha256: str
     calibration_tokens: int
     calibration_source: str
-    head_index: dict | None = None   # arrays (views into the map) + z, heldout, read_frac; None: no index
+    head_index: dict | None = None   # arrays (views into the map) + margin, heldout, read_frac; None: no index
     prod_sparsity: float = 0.0       # the product selector's target sparsity (0 without one)
+    old_head_index: bool = False     # the file has an index of an older converter (K_HI_Z), which is not used
 
     @property
     def bundle_bytes_total(self) -> int:
@@ -257,19 +256,20 @@ def read_flash(f, cfg) -> FlashInfo:
         layers.append(FlashLayer(info.offset, sum(pb), t, pb, nid, freq, float(thresholds[il]), a, b, bias,
                                  float(recall[il]), float(precision[il]), bool(kinds[il]), float(offsets[il]),
                                  float(prod_thr[il]), dn, pf))
-    head_index = _read_head_index(f, cfg, scalar, tensor) if K_HI_Z in f.meta else None
+    head_index = _read_head_index(f, cfg, scalar, tensor) if K_HI_MARGIN in f.meta else None
     sha = f.get(K_SOURCE_SHA, "")
     source = f.get(K_CAL_SOURCE, "")
     cal_tokens = f.get(K_CAL_TOKENS, 0)
     return FlashInfo(version, activation, sparsity, layers, sha if isinstance(sha, str) else "",
                      int(cal_tokens) if isinstance(cal_tokens, int) else 0, source if isinstance(source, str) else "",
-                     head_index, prod_sparsity)
+                     head_index, prod_sparsity, K_HI_Z in f.meta and K_HI_MARGIN not in f.meta)
 
 
 def _read_head_index(f, cfg, scalar, tensor) -> dict:
     """The head index's tensors (views into the map), checked against the model's shape."""
     n_embd, n_vocab = cfg.n_embd, cfg.n_vocab
-    z = scalar(K_HI_Z, float, 0.0, 1e6)
+    margin = scalar(K_HI_MARGIN, float, 0.0, 1e3)
+    margin_dist = scalar(K_HI_MARGIN_DIST, float, 0.0, 1e3)
     held = scalar(K_HI_HELDOUT, int, 0, 1 << 31)
     frac = scalar(K_HI_READ, float, 0.0, 1.0)
     bfrac = scalar(K_HI_BYTES, float, 0.0, 1.0)
@@ -279,13 +279,10 @@ def _read_head_index(f, cfg, scalar, tensor) -> dict:
     r = int(info.ne[1])
     tensor(T_HI_PREVIEW, (r, n_vocab), (I8,), "I8")
     tensor(T_HI_SCALE, (n_vocab,), (F16,), "F16")
-    tensor(T_HI_SIGMA, (n_vocab,), (F16,), "F16")
-    tensor(T_HI_WHITEN, (n_embd, n_embd), (F16,), "F16")
-    tensor(T_HI_COLSCALE, (r,), (F32,), "F32")
-    out = dict(z=z, heldout=held, read_frac=frac, bytes_frac=bfrac, rank=r)
+    out = dict(margin=margin, margin_dist=margin_dist, heldout=held, read_frac=frac, bytes_frac=bfrac, rank=r)
     for key, name in HI_TENSORS.items():
         out[key] = f.array(name)
-    for key in ("basis", "scale", "sigma", "whiten", "colscale"):
+    for key in ("basis", "scale"):
         if not np.isfinite(out[key]).all():
             raise FlashFormatError(f"{f.path}: head_index.{key} has a value that is not finite")
     release_head_index(f)   # the check read them

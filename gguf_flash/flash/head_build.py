@@ -2,20 +2,26 @@
 
 A calibrated preview of the logits, so that decoding reads only the head rows that can win:
   preview_i(h) = scale_i * (preview_i . y),   y = basis @ h                  (r numbers per row, int8)
-  bound_i(h)   = preview_i(h) + z * sigma_i * s(h)
-  s(h)         = sqrt(max(|whiten @ h|^2 - |y / colscale|^2, 0) / (n_embd - r))
-The preview is the rank-r approximation of the head that is best on the hidden states the head really
-sees (SVD of W Sigma^1/2, Sigma the states' second moment: "data-aware" low rank); s(h) is the length
-of h outside the preview's subspace in whitened coordinates (so E[s^2] = 1 on the calibration states);
-sigma_i is row i's residual logit error per unit of s, measured on training states; z is the smallest
-safety factor with no top-1 miss on held-out states (text and the model's own greedy continuations).
-The bound is calibrated, not proven: certified bounds (Cauchy-Schwarz on the residual, cluster radii)
-read ~97% of the rows in 640 dimensions (measured when the issue was filed).
+  read row i   iff  preview_i(h) > bar - margin * (best - mean_j preview_j(h))
+where best is the best exact logit of the rows of the ROUND1_ROWS best previews (read first) and bar is
+what the sampler needs (greedy: best). The preview is the rank-r approximation of the head that is best
+on the hidden states the head really sees (SVD of W Sigma^1/2, Sigma the states' second moment:
+"data-aware" low rank). The margin is a share of how far the best logit stands above the bulk of the
+vocabulary; it is the smallest (on a grid) with which every held-out state (text and the model's own
+greedy continuations) reads its true top row (greedy decoding's margin) or also every row within
+DELTA_DIST logits of it (margin_dist, for samplers, which use more than the top row). Calibrated, not
+proven: certified bounds (Cauchy-Schwarz on the residual, cluster radii) read ~97% of the rows in 640
+dimensions (measured when the issue was filed), and a per-row bound (residual std per row x the state's
+residual length x a safety factor) read 56-58% of them on decoding states, because one hard held-out
+state sets the factor for every state and every row.
 
-Measured (tools in the closing note of issue 12; Gemma 3, 256 greedy states not used for calibration):
-rank 112 int8 (19% of the head's bytes) read 8% of the rows at z = 4 with no miss; int4 at the same
-rank 19% (int4 loses the preview's small components); rank 64 int8 18%. The index is capped at
-INDEX_SHARE of the head's bytes, so its rank follows from the head's shape.
+Measured on Gemma 3 (rank 64; greedy margin 0.75, samplers' 0.81), `tools/bench_head.py` at 0.72x the
+dense engine's peak RSS, 8 prompts x 64 steps, each indexed step against the whole head on the same state:
+the same top-1 in 511 of 512 steps, 5.5% of the rows read (p90 9.2%), 36% of the head's bytes (16 KiB
+gaps read through), mean KL 0.060 (the greedy margin leaves rows near the top of flat distributions to
+their previews). The per-row bound read 58% of the rows. With fewer decoding states to calibrate on (6
+seeds x 40 tokens a side) the greedy margin came out 0.70. The index is capped at INDEX_SHARE of the
+head's bytes, so its rank follows from the head's shape.
 """
 
 from __future__ import annotations
@@ -27,11 +33,14 @@ from gguf import GGMLQuantizationType, quants
 
 INDEX_SHARE = 0.10     # the index is at most this share of the head's bytes (issue 12)
 ROUND1_ROWS = 8        # decoding reads the rows of the 8 best previews first: their best exact logit
-                       # is the bar every other row's bound must clear (flash/head_index.py)
-Z_STEP = 0.125
-Z_MAX = 16.0         # a z this large reads (nearly) the whole head: the index is not worth keeping
+                       # is the bar every other row's preview is measured against (flash/head_index.py)
+DELTA_DIST = 2.0       # margin_dist: every row within this many logits of the top is read (probability
+                       # >= e^-2 = 14% of the top's), not only the top row, so a sampler's distribution stays close
+M_STEP = 1.0 / 64      # the margin's grid
+M_MAX = 2.0            # a margin this large reads (nearly) the whole head: the index is not worth keeping
 ROW_CHUNK = 8192       # head rows dequantized at a time (Gemma 3: 20 MiB of f32)
-GAP_BYTES = 64 << 10   # the store reads through gaps smaller than this (flash/store.py's default)
+HEAD_GAP_BYTES = 16 << 10  # head rows closer than this are read through (the disk's probe: a 4 KiB read
+                           # at depth 16 costs ~15 us, reading through 16-24 KiB at 1.6 GB/s as much)
 
 
 @dataclass
@@ -39,13 +48,11 @@ class HeadIndex:
     basis: np.ndarray      # (r, n_embd) f32: y = basis @ h
     preview: np.ndarray    # (n_vocab, r) int8
     scale: np.ndarray      # (n_vocab,) f16: row scale of the preview
-    sigma: np.ndarray      # (n_vocab,) f16: residual logit std per unit of s(h)
-    whiten: np.ndarray     # (n_embd, n_embd) f16: Sigma^-1/2 of the calibration states
-    colscale: np.ndarray   # (r,) f32: y's column scales (|y / colscale| is in whitened units)
-    z: float               # safety factor (no miss on the held-out states)
-    n_heldout: int         # held-out states z was calibrated on
-    read_frac: float       # mean share of the head's rows read at z on the held-out decoding states
-    bytes_frac: float = 1.0  # mean share of the head's bytes read, rows within GAP_BYTES read through
+    margin: float          # share of (best - mean preview) below the bar that is read: greedy (calibrated)
+    margin_dist: float     # the same for samplers: the rows within DELTA_DIST of the top read too
+    n_heldout: int         # held-out states the margin was calibrated on
+    read_frac: float       # mean share of the head's rows read at the margin on the held-out decoding states
+    bytes_frac: float = 1.0  # mean share of the head's bytes read, rows within HEAD_GAP_BYTES read through
 
     @property
     def rank(self) -> int:
@@ -57,8 +64,8 @@ class HeadIndex:
 
 
 def index_bytes(n_vocab: int, n_embd: int, rank: int) -> int:
-    """RAM of an index as the runtime holds it: preview + scale + sigma (f16) + whiten (f16) + basis."""
-    return n_vocab * rank + 4 * n_vocab + 2 * n_embd * n_embd + 4 * rank * n_embd + 4 * rank
+    """RAM of an index as the runtime holds it: preview + scale (f16) + basis (f32)."""
+    return n_vocab * rank + 2 * n_vocab + 4 * rank * n_embd
 
 
 def index_rank(n_vocab: int, n_embd: int, head_bytes: int) -> int:
@@ -76,12 +83,11 @@ def build_head_index(raw, qtype, train, held, rank, n_decode: int = 0) -> HeadIn
     """raw (n_vocab, row_bytes) uint8: the head as stored; train (n, n_embd), held (m, n_embd) f32:
     normed final hidden states; the last n_decode of held are states of greedy decoding (0: take all
     of held for them), on which the rows and bytes read are measured (decoding is what the index serves, and
-    its states are harder than teacher-forced text's: 3-8x more rows read at the same z, measured).
-    Works through the head ROW_CHUNK rows at a time."""
+    its states are harder than teacher-forced text's). Works through the head ROW_CHUNK rows at a time."""
     V = raw.shape[0]
     d = train.shape[1]
     r = int(rank)
-    # ---- whitening: Sigma = E[h h^T] of the training states ----
+    # ---- Sigma^1/2 of the training states' second moment E[h h^T] ----
     S = train.astype(np.float64).T @ train / len(train)                   # (d, d)
     ev, U = np.linalg.eigh(S)
     ev = np.maximum(ev, ev.max() * 1e-6)
@@ -99,52 +105,48 @@ def build_head_index(raw, qtype, train, held, rank, n_decode: int = 0) -> HeadIn
     for r0 in range(0, V, ROW_CHUNK):
         A[r0:r0 + ROW_CHUNK] = _rows(raw, qtype, r0, min(V, r0 + ROW_CHUNK)) @ to_y
     colscale = (np.sqrt((A.astype(np.float64) ** 2).mean(0)) + 1e-12).astype(np.float32)
-    A /= colscale
+    A /= colscale                                                          # columns of one scale: int8 rows
     basis = (Vr @ Shi).astype(np.float32) * colscale[:, None]              # (r, d): y = basis @ h
     scale = (np.abs(A).max(1) / 127 + 1e-12).astype(np.float16)
     preview = np.clip(np.round(A / scale.astype(np.float32)[:, None]), -127, 127).astype(np.int8)
     del A
-    Aq_scale = scale.astype(np.float32)
-    whiten = Shi.astype(np.float16)
-    wf = whiten.astype(np.float32)
-
-    def s_of(h):   # (n,) residual length of each state
-        y = (h @ basis.T) / colscale
-        return np.sqrt(np.maximum((((h @ wf.T) ** 2).sum(1) - (y ** 2).sum(1)) / (d - r), 0)) + 1e-6
-
-    # ---- sigma: residual logit error per unit of s, over the training states ----
-    Yt, st = train @ basis.T, s_of(train)
-    ss = np.zeros(V)
-    for r0 in range(0, V, ROW_CHUNK):
-        r1 = min(V, r0 + ROW_CHUNK)
-        E = (train @ _rows(raw, qtype, r0, r1).T - (Yt @ preview[r0:r1].T.astype(np.float32)) * Aq_scale[r0:r1])
-        E /= st[:, None]
-        ss[r0:r1] = np.square(E, out=E).mean(0, dtype=np.float64)
-    sigma = np.sqrt(ss).astype(np.float16)
-    # ---- z: no top-1 miss on the held-out states under the runtime's rule ----
-    z_need, frac = _z_needed(raw, qtype, held, basis, preview, Aq_scale, sigma.astype(np.float32), s_of(held))
-    k = int(np.ceil(max(z_need.max(), 0.0) / Z_STEP))
-    z = k * Z_STEP
+    sc = scale.astype(np.float32)
+    # ---- the margins: every held-out state reads its top row (and the rows within DELTA_DIST of it) ----
+    need, need_dist, frac = _margin_needed(raw, qtype, held, basis, preview, sc)
+    k = int(np.floor(max(float(need.max()), 0.0) / M_STEP)) + 1           # one step above the largest need
+    margin = k * M_STEP
+    margin_dist = (int(np.floor(max(float(need_dist.max()), 0.0) / M_STEP)) + 1) * M_STEP
     n_dec = n_decode if 0 < n_decode <= len(held) else len(held)
     dec = held[len(held) - n_dec:]
     read = float(frac[len(held) - n_dec:, k].mean()) if k < frac.shape[1] else 1.0
     sub = dec[np.linspace(0, len(dec) - 1, min(128, len(dec))).astype(int)]
-    nbytes = _bytes_read(raw, qtype, sub, basis, preview, Aq_scale, sigma.astype(np.float32), s_of(sub), z)
-    return HeadIndex(basis, preview, scale, sigma, whiten, colscale, z, len(held), read, nbytes)
+    nbytes = _bytes_read(raw, qtype, sub, basis, preview, sc, margin) if margin < M_MAX else 1.0
+    return HeadIndex(basis, preview, scale, margin, margin_dist, len(held), read, nbytes)
 
 
-def _bytes_read(raw, qtype, states, basis, preview, scale, sigma, s, z) -> float:
-    """Mean share of the head's bytes the store reads per state at z: the runtime's two rounds, rows
-    closer than GAP_BYTES read through (what the RAM plan prices the index by)."""
+def preview_of(states, basis, preview, scale) -> np.ndarray:
+    """(m, n_vocab) preview logits of states (m, n_embd)."""
+    return (states @ basis.T) @ preview.T.astype(np.float32) * scale
+
+
+def read_set(P, best, margin, first) -> np.ndarray:
+    """Rows (increasing) one state reads under the greedy bar: its round-1 rows and every row whose preview
+    is within margin x (best - mean preview) of best (flash/head_index.py's rule)."""
+    thr = best - margin * max(best - float(P.mean()), 0.0)
+    return np.union1d(np.nonzero(P > thr)[0], first)
+
+
+def _bytes_read(raw, qtype, states, basis, preview, scale, margin) -> float:
+    """Mean share of the head's bytes the store reads per state at the margin: the runtime's two rounds,
+    rows closer than HEAD_GAP_BYTES read through (what the RAM plan prices the index by)."""
     V, rb = raw.shape
-    gap = max(1, GAP_BYTES // rb)
+    gap = max(1, HEAD_GAP_BYTES // rb)
     out = []
-    pt = preview.T.astype(np.float32)                                      # (r, n_vocab)
-    for i, h in enumerate(states):
-        P = (basis @ h) @ pt * scale
+    for h in states:
+        P = preview_of(h[None], basis, preview, scale)[0]
         first = np.argpartition(-P, ROUND1_ROWS)[:ROUND1_ROWS]
         best = float((_rows_at(raw, qtype, first) @ h).max())
-        rows = np.union1d(np.nonzero(P + z * sigma * s[i] > best)[0], first)
+        rows = read_set(P, best, margin, first)
         breaks = np.nonzero(np.diff(rows) > gap)[0]
         starts, ends = np.r_[rows[0], rows[breaks + 1]], np.r_[rows[breaks], rows[-1]] + 1
         out.append(float((ends - starts).sum()) / V)
@@ -155,39 +157,45 @@ def _rows_at(raw, qtype, ids) -> np.ndarray:
     return quants.dequantize(raw[np.sort(ids)], GGMLQuantizationType(qtype)).astype(np.float32, copy=False)
 
 
-def _z_needed(raw, qtype, held, basis, preview, scale, sigma, s):
-    """Per held-out state: the least z at which its true top row is read (0 when round 1 reads it), and
-    (m, Z_MAX / Z_STEP) the share of rows read at each z of the grid."""
+def _margin_needed(raw, qtype, held, basis, preview, scale):
+    """Per held-out state: the least margin at which its top row is read, and the least at which every row
+    within DELTA_DIST logits of it is read too (0 when round 1 reads them); and (m, M_MAX / M_STEP) the
+    share of rows read at each margin of the grid."""
     V = raw.shape[0]
-    grid = np.arange(0.0, Z_MAX, Z_STEP)
-    out, fracs = [], []
-    pt = preview.T.astype(np.float32)                                      # (r, n_vocab)
+    grid = np.arange(0.0, M_MAX, M_STEP)
+    out, out_dist, fracs = [], [], []
     for b0 in range(0, len(held), 32):
         h = held[b0:b0 + 32]
         L = np.zeros((len(h), V), np.float32)                              # exact logits
         for r0 in range(0, V, ROW_CHUNK):
             L[:, r0:r0 + ROW_CHUNK] = h @ _rows(raw, qtype, r0, min(V, r0 + ROW_CHUNK)).T
-        P = (h @ basis.T) @ pt * scale                                     # previews
+        P = preview_of(h, basis, preview, scale)
         first = np.argpartition(-P, ROUND1_ROWS, axis=1)[:, :ROUND1_ROWS]
         best = np.take_along_axis(L, first, 1).max(1)                      # the bar after round 1
-        top = L.argmax(1)
         for i in range(len(h)):
-            t = top[i]
-            if L[i, t] <= best[i]:
-                out.append(0.0)
-            else:
-                out.append(float((best[i] - P[i, t]) / (sigma[t] * s[b0 + i])))
-            room = (best[i] - P[i]) / (sigma * s[b0 + i])                  # z above which row j is read
+            u = max(float(best[i] - P[i].mean()), 1e-6)
+            room = (best[i] - P[i]) / u                                    # margin above which row j is read
+            room[first[i]] = 0.0
+            out.append(max(0.0, float(room[int(np.argmax(L[i]))])))
+            out_dist.append(max(0.0, float(room[L[i] >= L[i].max() - DELTA_DIST].max())))
             room.sort()
             fracs.append(np.searchsorted(room, grid) / V)
-    return np.array(out), np.array(fracs).reshape(-1, len(grid))
+    return np.array(out), np.array(out_dist), np.array(fracs).reshape(-1, len(grid))
 
 
 # ---- the states the index is calibrated on ----
 GENERIC_SEEDS = ("Hello! How can I help you today?", "Here is a short story about a lighthouse keeper.",
                  "The main causes of the French Revolution were", "import numpy as np\n\ndef",
-                 "Q: What is the boiling point of water?\nA:", "Dear team,\n\nI am writing to")
-N_NEW = 40             # greedy tokens generated from each seed
+                 "Q: What is the boiling point of water?\nA:", "Dear team,\n\nI am writing to",
+                 "Give me three tips for sleeping better.", "How do vaccines train the immune system?",
+                 "Describe a busy market in the morning.", "class Stack:\n    def __init__(self):",
+                 "What are the pros and cons of electric cars?", "Write a limerick about a cat.",
+                 "Steps to change a flat tire:", "The Pythagorean theorem states that",
+                 "Can you recommend a good book for a long flight?", "Bonjour, comment")
+N_NEW = 48             # greedy tokens generated from each seed (16 generic seeds and up to 16 starts of
+                       # held-out text, alternately to each side). With the first 6 seeds and 40 tokens
+                       # (160 states a side) Gemma 3's greedy margin came out 0.70, and offline it missed 4
+                       # of 512 top-1s of tools/bench_head.py's prompts where 0.78 missed none
 
 
 def seed_ids(tokenizer, seed, n_ctx: int, n_new: int = N_NEW) -> list:

@@ -1,13 +1,16 @@
 """Decoding logits from the head index (flash/head_build.py; docs/flash-gguf.md "Head index").
 
-Per token: the preview logits and their bounds for every row (kernels/headidx.py, resident), then
+Per token: the preview logits of every row and their mean (kernels/headidx.py, resident), then
   round 1: read the rows of the best previews (8, or top-k) and compute their exact logits;
-  round 2: read every other row whose bound is above the bar, and compute them exactly.
+  round 2: read every other row whose preview is above bar - margin x (best - mean preview), and
+           compute them exactly (best: the best exact logit of round 1).
 The bar is what the sampler needs: greedy, the best exact logit (an unread row cannot win); top-k,
 the k-th best exact one of round 1 (an unread row cannot enter the top k); min-p, the best + ln(min_p)
 (an unread row would be dropped); otherwise the best + T ln(MASS / n_vocab) (the unread rows hold less
 than MASS of the probability at temperature T, T >= 1). Unread rows keep their preview values.
-The bounds are calibrated, not proven (z: no top-1 miss on the converter's held-out states).
+Greedy decoding uses the greedy margin, samplers margin_dist (head_build.py). Both are calibrated, not
+proven (no top-1 miss on the converter's held-out states; margin_dist: and every row within
+head_build.DELTA_DIST logits of the top read).
 Exact logits (`--head exact`, perplexity, logits(), logprobs, a repetition penalty) read the whole head.
 """
 
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..kernels import dispatch, headidx, nn
-from .head_build import ROUND1_ROWS, index_bytes
+from .head_build import HEAD_GAP_BYTES, ROUND1_ROWS, index_bytes
 from .stats import add_read
 
 MASS = 1e-3     # sampling without top-k / min-p: the unread rows' share of the probability, at most
@@ -48,9 +51,9 @@ def need_for(params) -> HeadNeed:
 
 
 def index_ram(n_vocab: int, n_embd: int, rank: int) -> int:
-    """RAM of the index as held (head_build.index_bytes) plus its per-token scratch: bounds (f32), the
-    rows to read (int32), read marks (uint8)."""
-    return index_bytes(n_vocab, n_embd, rank) + 9 * n_vocab + 4 * (rank + n_embd)
+    """RAM of the index as held (head_build.index_bytes) plus its per-token scratch: the rows to read
+    (int32), read marks (uint8), block sums and y."""
+    return index_bytes(n_vocab, n_embd, rank) + 5 * n_vocab + 4 * (n_vocab // headidx.PV_BLOCK + 1 + rank)
 
 
 def _copy(a, dtype=None):
@@ -67,20 +70,17 @@ class IndexedHead:
         self.w, self.st, self.head = w, st, streamed
         self.store = streamed.store
         V = int(w.output[1])
-        self.z = float(hi["z"])
+        self.margin = float(hi["margin"])                                  # greedy
+        self.margin_dist = float(hi["margin_dist"])                        # samplers
         # copies, not views of the file map (flash/pinned.py: a truncated file is then a read error)
         self.basis = _copy(hi["basis"], np.float32)                        # (r, n_embd)
         self.preview = _copy(hi["preview"], np.int8)                       # (n_vocab, r)
         self.scale = _copy(np.asarray(hi["scale"]).view(np.uint16))        # (n_vocab,) f16 bits
-        self.sigma = _copy(np.asarray(hi["sigma"]).view(np.uint16))        # (n_vocab,) f16 bits
-        self.whiten = _copy(np.asarray(hi["whiten"]).view(np.uint16))      # (n_embd, n_embd) f16 bits
-        self.colscale = _copy(hi["colscale"], np.float32)                  # (r,)
-        r, d = self.basis.shape
-        self.bnd = np.zeros(V, np.float32)             # (n_vocab,) bounds
+        r = self.basis.shape[0]
+        self.part = np.zeros(V // headidx.PV_BLOCK + 1, np.float32)   # per-block sums of the previews
         self.ids = np.zeros(V, np.int32)               # (n_vocab,) rows to read
         self.mark = np.zeros(V, np.uint8)              # (n_vocab,) 1: read this token
         self.y = np.zeros(r, np.float32)
-        self.u = np.zeros(d, np.float32)
         self.first = np.zeros(max(ROUND1_ROWS, 1), np.int32)
         self.best = np.zeros(max(ROUND1_ROWS, 1), np.int32)
         self.qt = int(w.output[3])                     # the head's ggml type
@@ -90,8 +90,8 @@ class IndexedHead:
         w, s = self.w, self.st
         nn.rmsnorm(s.xb, s.x, w.output_norm, eps)
         dispatch.quantize_x(s.xq_embd, s.xb)
-        headidx.preview_bounds(s.logits, self.bnd, self.y, self.u, s.xb, self.basis, self.whiten, self.colscale,
-                               self.preview, self.scale, self.sigma, self.z)
+        mean = float(headidx.preview_logits(s.logits, self.part, self.y, s.xb, self.basis, self.preview,
+                                            self.scale))
         m = max(ROUND1_ROWS, need.top_k if need.kind == "sample" else 0)
         if self.first.shape[0] < m:
             self.first, self.best = np.zeros(m, np.int32), np.zeros(m, np.int32)
@@ -109,7 +109,9 @@ class IndexedHead:
             if not bars:
                 bars.append(best + max(need.temperature, 1.0) * math.log(MASS / self.n_vocab))
             bar = max(bars)
-        n2 = headidx.rows_above(self.ids, self.bnd, np.float32(bar), self.mark)
+        margin = self.margin_dist if need.kind == "sample" else self.margin
+        thr = bar - margin * max(best - mean, 0.0)
+        n2 = headidx.rows_above(self.ids, s.logits, np.float32(thr), self.mark)
         self._read(self.ids[:n2], ts)
         headidx.clear_marks(self.mark, first)
         headidx.clear_marks(self.mark, self.ids[:n2])
@@ -125,5 +127,5 @@ class IndexedHead:
         for k0 in range(0, ids.shape[0], step):
             piece = ids[k0:k0 + step]
             n = piece.shape[0]
-            add_read(ts, self.store.read_rows(piece, h.buf, h.idx[:n]), head=True)
+            add_read(ts, self.store.read_rows(piece, h.buf, h.idx[:n], HEAD_GAP_BYTES), head=True)
             headidx.exact_rows(s.logits, self.mark, piece, h.buf[:n], self.qt, s.xb, s.xq_embd, self.w.ts)

@@ -164,13 +164,12 @@ def _preload_head_index(s, w, qt) -> None:
     from .head_index import _copy
     d = s.xb.shape[0]
     v = s.logits[:2]
-    bnd, ids, mark = np.zeros(2, np.float32), np.zeros(2, np.int32), np.zeros(2, np.uint8)
-    headidx.preview_bounds(v, bnd, np.zeros(1, np.float32), np.zeros(d, np.float32), s.xb,
-                           _copy(np.zeros((1, d), np.float32)), _copy(np.zeros((d, d), np.uint16)),
-                           _copy(np.ones(1, np.float32)), _copy(np.zeros((2, 1), np.int8)),
-                           _copy(np.zeros(2, np.uint16)), _copy(np.zeros(2, np.uint16)), 1.0)
+    ids, mark = np.zeros(2, np.int32), np.zeros(2, np.uint8)
+    headidx.preview_logits(v, np.zeros(1, np.float32), np.zeros(1, np.float32), s.xb,
+                           _copy(np.zeros((1, d), np.float32)), _copy(np.zeros((2, 1), np.int8)),
+                           _copy(np.zeros(2, np.uint16)))
     n = headidx.top_rows(ids, np.zeros(1, np.int32), v)
-    headidx.rows_above(ids, bnd, np.float32(0), mark)
+    headidx.rows_above(ids, v, np.float32(0), mark)
     headidx.kth_largest(v, ids[:n], 1)
     rows = np.zeros((1, int(w.output[2])), np.uint8)
     headidx.exact_rows(v, mark, ids[:1], rows, qt, s.xb, s.xq_embd, w.ts)
@@ -255,8 +254,10 @@ class FlashModel:
             gap_bytes=gap, startup_peak=peak_rss() if self.cap is not None else 0, path=str(f.path))
         hi = info.head_index
         if head == "index" and (hi is None or mode != "flash"):
+            why = ("its head index is an older converter's (a per-row bound that read most of the head); "
+                   "convert the source again" if info.old_head_index else "convert without --no-head-index")
             raise InvalidArgumentError(f"{f.path}: --head index needs flash mode and a file with a head index "
-                                       f"(convert without --no-head-index)")
+                                       f"({why})")
         if hi is not None and head != "exact" and mode == "flash":
             inp.index_bytes = index_ram(c.n_vocab, c.n_embd, hi["rank"])
             inp.index_frac = hi["bytes_frac"]

@@ -233,11 +233,13 @@ class BundleStore:
 
     # -- reading ------------------------------------------------------------------------------------
 
-    def read_rows(self, rows: np.ndarray, dest: np.ndarray, dest_idx: np.ndarray) -> ReadStats:
+    def read_rows(self, rows: np.ndarray, dest: np.ndarray, dest_idx: np.ndarray,
+                  gap_bytes: int | None = None) -> ReadStats:
         """dest[dest_idx[j]] = row rows[j] of the file, for every j.
 
         rows: (n,) int32 strictly increasing row ids; dest: (capacity, row_bytes) uint8 C-contiguous
-        (e.g. Window.slots); dest_idx: (n,) int32 the dest row of each row.
+        (e.g. Window.slots); dest_idx: (n,) int32 the dest row of each row. gap_bytes: this call's
+        read-through gap instead of the store's (the head index's scattered rows want a smaller one).
         """
         if self.fault is not None:
             raise self._refused()
@@ -259,7 +261,8 @@ class BundleStore:
             self._grow_plan(max(n, 2 * self._r_off.shape[0]))
         nr = _plan_ranges(self._r_off, self._r_len, self._r_need, self._r_first, self._r_count,
                           self._r_direct, rows, dest_idx, self.data_offset, self.row_bytes, self.stride,
-                          self.n_rows, dest.shape[0], self.gap_bytes, self.max_range, self._align)
+                          self.n_rows, dest.shape[0], self.gap_bytes if gap_bytes is None else int(gap_bytes),
+                          self.max_range, self._align)
         if nr == -1:
             raise InvalidArgumentError(
                 f"rows must be strictly increasing and inside [0, {self.n_rows})")

@@ -1,5 +1,5 @@
 """Kernels of the output head's index (flash/head_index.py, built by flash/head_build.py): the preview
-logits and their calibrated bounds, the rows to read, and the exact logits of the rows read."""
+logits and their mean, the rows to read, and the exact logits of the rows read."""
 
 import numpy as np
 from numba import njit, prange
@@ -8,40 +8,36 @@ from .dispatch import dot_row
 from .quant_basic import FASTMATH, _u16_as_f16_to_f32
 
 
+PV_BLOCK = 1024   # preview rows per parallel block
+
+
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def preview_bounds(pv, bnd, y, u, h, basis, whiten, colscale, preview, scale, sigma, z):
-    """pv (n_vocab,) = preview logits, bnd (n_vocab,) = pv + z * sigma * s(h) (head_build.py).
-    y (r,), u (n_embd,) scratch; h (n_embd,) normed hidden state; basis (r, n_embd) f32; whiten
-    (n_embd, n_embd) and scale, sigma (n_vocab,) f16 bits (uint16); preview (n_vocab, r) int8."""
+def preview_logits(pv, part, y, h, basis, preview, scale):
+    """pv (n_vocab,) = preview logits (head_build.py); returns their mean. part (ceil(n_vocab / PV_BLOCK),)
+    f32 scratch (per-block sums); y (r,) scratch; h (n_embd,) normed hidden state; basis (r, n_embd) f32;
+    preview (n_vocab, r) int8; scale (n_vocab,) f16 bits (uint16)."""
     r, d = basis.shape
     for k in range(r):
         acc = np.float32(0)
         for j in range(d):
             acc += basis[k, j] * h[j]
         y[k] = acc
-    for i in prange(d):
-        acc = np.float32(0)
-        for j in range(d):
-            acc += _u16_as_f16_to_f32(whiten[i, j]) * h[j]
-        u[i] = acc
-    s2 = np.float32(0)
-    for i in range(d):
-        s2 += u[i] * u[i]
-    for k in range(r):
-        yk = y[k] / colscale[k]
-        s2 -= yk * yk
-    s = np.float32(np.sqrt(max(s2, np.float32(0)) / (d - r))) + np.float32(1e-6)
-    zs = np.float32(z) * s
     V = preview.shape[0]
-    n_blocks = (V + 1023) // 1024
+    n_blocks = (V + PV_BLOCK - 1) // PV_BLOCK
     for b in prange(n_blocks):
-        for i in range(b * 1024, min(V, b * 1024 + 1024)):
+        tot = np.float32(0)
+        for i in range(b * PV_BLOCK, min(V, b * PV_BLOCK + PV_BLOCK)):
             acc = np.float32(0)
             for k in range(r):
                 acc += np.float32(preview[i, k]) * y[k]
             p = acc * _u16_as_f16_to_f32(scale[i])
             pv[i] = p
-            bnd[i] = p + zs * _u16_as_f16_to_f32(sigma[i])
+            tot += p
+        part[b] = tot
+    tot = np.float64(0)
+    for b in range(n_blocks):
+        tot += part[b]
+    return np.float32(tot / V)
 
 
 @njit(cache=True)
@@ -69,11 +65,11 @@ def top_rows(out, best, vals):
 
 
 @njit(cache=True)
-def rows_above(out, bnd, thr, mark):
-    """out = ids (increasing) of the rows whose bound is above thr and mark == 0; returns how many."""
+def rows_above(out, pv, thr, mark):
+    """out = ids (increasing) of the rows whose preview is above thr and mark == 0; returns how many."""
     n = 0
-    for i in range(bnd.shape[0]):
-        if bnd[i] > thr and mark[i] == 0:
+    for i in range(pv.shape[0]):
+        if pv[i] > thr and mark[i] == 0:
             out[n] = i
             n += 1
     return n
