@@ -17,7 +17,7 @@ state sets the factor for every state and every row.
 
 Measured on Gemma 3 (rank 64; greedy margin 0.75, samplers' 0.81), `tools/bench_head.py` at 0.72x the
 dense engine's peak RSS, 8 prompts x 64 steps, each indexed step against the whole head on the same state:
-the same top-1 in 511 of 512 steps, 5.5% of the rows read (p90 9.2%), 36% of the head's bytes (16 KiB
+the same top-1 in 511 of 512 steps, 5.5% of the rows read (p90 9.2%), 46% of the head's bytes (32 KiB
 gaps read through), mean KL 0.060 (the greedy margin leaves rows near the top of flat distributions to
 their previews). The per-row bound read 58% of the rows. With fewer decoding states to calibrate on (6
 seeds x 40 tokens a side) the greedy margin came out 0.70. The index is capped at INDEX_SHARE of the
@@ -39,8 +39,9 @@ DELTA_DIST = 2.0       # margin_dist: every row within this many logits of the t
 M_STEP = 1.0 / 64      # the margin's grid
 M_MAX = 2.0            # a margin this large reads (nearly) the whole head: the index is not worth keeping
 ROW_CHUNK = 8192       # head rows dequantized at a time (Gemma 3: 20 MiB of f32)
-HEAD_GAP_BYTES = 16 << 10  # head rows closer than this are read through (the disk's probe: a 4 KiB read
-                           # at depth 16 costs ~15 us, reading through 16-24 KiB at 1.6 GB/s as much)
+HEAD_GAP_BYTES = 32 << 10  # head rows closer than this are read through. Gemma 3 at 0.72x the dense peak,
+                           # two runs each, ms per token: 8 KiB 158/155, 16 KiB 130/124, 32 KiB 98/92,
+                           # 64 KiB 96/113 (each read costs more than the disk alone: Python, the pool)
 
 
 @dataclass
