@@ -114,15 +114,20 @@ def build_head_index(raw, qtype, train, held, rank, n_decode: int = 0) -> HeadIn
     sc = scale.astype(np.float32)
     # ---- the margins: every held-out state reads its top row (and the rows within DELTA_DIST of it) ----
     need, need_dist, frac = _margin_needed(raw, qtype, held, basis, preview, sc)
-    k = int(np.floor(max(float(need.max()), 0.0) / M_STEP)) + 1           # one step above the largest need
-    margin = k * M_STEP
-    margin_dist = (int(np.floor(max(float(need_dist.max()), 0.0) / M_STEP)) + 1) * M_STEP
+    k = _steps_above(need)
+    margin, margin_dist = k * M_STEP, _steps_above(need_dist) * M_STEP
     n_dec = n_decode if 0 < n_decode <= len(held) else len(held)
     dec = held[len(held) - n_dec:]
     read = float(frac[len(held) - n_dec:, k].mean()) if k < frac.shape[1] else 1.0
     sub = dec[np.linspace(0, len(dec) - 1, min(128, len(dec))).astype(int)]
     nbytes = _bytes_read(raw, qtype, sub, basis, preview, sc, margin) if margin < M_MAX else 1.0
     return HeadIndex(basis, preview, scale, margin, margin_dist, len(held), read, nbytes)
+
+
+def _steps_above(need) -> int:
+    """The margin grid's first point (in M_STEPs) above every state's need: rows read are those whose
+    margin of room is strictly below the margin."""
+    return int(np.floor(max(float(need.max()), 0.0) / M_STEP)) + 1
 
 
 def preview_of(states, basis, preview, scale) -> np.ndarray:
