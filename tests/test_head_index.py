@@ -167,8 +167,12 @@ def test_plan_chooses_resident_indexed_or_streamed_head():
     assert make_plan(_plan_input(None, 10 * MiB)).head == "resident"
     roomy = make_plan(_plan_input(300 * MiB, 10 * MiB))
     assert roomy.head == "resident" and "head index" not in roomy.resident
-    tight = make_plan(_plan_input(140 * MiB, 10 * MiB, frac=0.2))
+    tight_input = _plan_input(140 * MiB, 10 * MiB, frac=0.2)
+    tight = make_plan(tight_input)
     assert tight.head == "indexed" and tight.resident["head index"] == 10 * MiB
+    # the reading it expects is the index's share of the head, not the whole head's
+    whole_ms = 100 / tight_input.large_mib_s * 1e3
+    assert 0 < tight.read_ms < 0.5 * whole_ms
     assert make_plan(_plan_input(140 * MiB, 0)).head == "streamed"
     # an index that reads as much as the whole head is not worth its RAM
     assert make_plan(_plan_input(140 * MiB, 10 * MiB, frac=1.0)).head == "streamed"
