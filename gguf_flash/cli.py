@@ -367,6 +367,8 @@ def _print_flash_summary(f):
               f"{hi['margin_dist']:.3f} (calibrated: no top-1 miss on "
               f"{hi['heldout']} held-out states; on held-out greedy decoding it read {100 * hi['read_frac']:.1f}% of "
               f"the head's rows, {100 * hi['bytes_frac']:.1f}% of its bytes)")
+        print("head rows: stored in the index's order (rows one state reads sit together)" if hi["order"] is not None
+              else "head rows: in token order (an older converter's: rows one state reads are scattered)")
 
 
 def cmd_perplexity(a):

@@ -45,8 +45,8 @@ def test_one_layer_of_a_chunk_equals_the_decode_kernels(smollm2_flash, mode, sel
     ids = [1, 504, 3458, 30, 1000, 17, 1211]
     T, il, eps = len(ids), 3, float(w.fp[fw.FP_EPS])
     X, XB, XR = pre.X[:T], pre.XB[:T], pre.XR[:T]
-    for j, t in enumerate(ids):
-        fw.embed(X[j], w.blob, w.embd, t, w.fp[fw.FP_EMBD_SCALE], w.ts)
+    for j, t in enumerate(ids):   # through the model's lookup: the tied table is in the head index's order
+        m.embed(X[j], t, ChunkStats())
         nn.rope_cos_sin(pre.cos[j, 0], pre.sin[j, 0], j, w.inv_freq[0])
         nn.rope_cos_sin(pre.cos[j, 1], pre.sin[j, 1], j, w.inv_freq[1])
     x0 = X.copy()

@@ -61,3 +61,16 @@ def test_untied_embedding_read_row_by_row_under_a_cap(untied_flash, tmp_path):
     for b_tight, b_roomy in zip(tight["bytes"], roomy["bytes"]):
         assert b_tight - b_roomy >= row                # at least its embedding row was read
     np.testing.assert_allclose(np.load(tmp_path / "u1.npy"), np.load(tmp_path / "u0.npy"), rtol=1e-5, atol=1e-4)
+
+
+def test_untied_head_is_stored_in_index_order_and_the_embedding_is_not(untied_flash):
+    """With a head index the converter permutes the head's rows (flash/head.py HeadOrder); an untied
+    embedding keeps token order and is looked up without the permutation."""
+    from gguf_flash.gguf_file import GGUFFile
+    flash, src = GGUFFile(untied_flash), GGUFFile(untied_flash.parent / "u.gguf")
+    order = np.asarray(flash.array("head_index.order"))
+    assert np.array_equal(np.sort(order), np.arange(200000)) and not np.array_equal(order, np.arange(200000))
+    assert np.array_equal(flash.raw("output.weight"), src.raw("output.weight")[order])
+    assert np.array_equal(flash.raw("token_embd.weight"), src.raw("token_embd.weight"))
+    m = gguf_flash.load(untied_flash, n_ctx=64, n_threads=2).model
+    assert m.out_head.order is not None and m.embed.row_of is None

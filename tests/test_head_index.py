@@ -115,6 +115,58 @@ def test_exact_needs():
     assert need_for(GREEDY).kind == "greedy"
 
 
+def _prompt_logits(llm, ids):
+    return np.concatenate([rows.copy() for _, rows in llm.model.prefill(ids, 0, logits_rows="all")])
+
+
+def test_the_head_in_index_order_gives_the_logits_of_token_order(indexed):
+    """The converter stores the head (tied to the embedding here) in the index's row order. Every way of
+    reading it (resident, streamed, the indexed rows, prompt logits r rows at a time, a token's
+    embedding resident or read) gives what the file in token order gives, bit for bit."""
+    from gguf_flash.gguf_file import GGUFFile
+    out, plain, _ = indexed
+    order = _load(out).model.info.head_index["order"]
+    assert np.array_equal(np.sort(order), np.arange(4200)) and not np.array_equal(order, np.arange(4200))
+    stored, source = GGUFFile(out).raw("token_embd.weight"), GGUFFile(plain).raw("token_embd.weight")
+    assert np.array_equal(stored, source[order])
+    ids = _load(plain).tokenize("word21 5 word8 word60 33 word2")
+    ref = _load(plain)
+    want = [ref.model.prefill(ids, 0).copy()] + [ref.model.forward(t, len(ids) + i).copy()
+                                                  for i, t in enumerate((7, 300, 4100))]
+    for kw in ({}, {"head": "index"}):        # head and embedding resident; both read from the file
+        llm = _load(out, **kw)
+        m = llm.model
+        assert m.head_order is not None
+        assert (m.plan.head, m.plan.embedding) == (("resident", "with the head") if not kw else
+                                                   ("indexed", "on demand (a row per token)"))
+        got = [m.prefill(ids, 0).copy()] + [m.forward(t, len(ids) + i).copy() for i, t in enumerate((7, 300, 4100))]
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+        if kw:   # the indexed head: rows it read are exact, in token order
+            m.set_head_need(need_for(GREEDY))
+            a = m.forward(11, len(ids)).copy()
+            m.set_head_need(EXACT)
+            b = ref.model.forward(11, len(ids))
+            assert np.argmax(a) == np.argmax(b) and a[np.argmax(b)] == b[np.argmax(b)]
+    for kw in ({}, {"head": "index"}):
+        a = _prompt_logits(gguf_flash.load(out, n_ctx=128, n_threads=2, mode="flash", logit_rows=4, **kw), ids)
+        b = _prompt_logits(gguf_flash.load(plain, n_ctx=128, n_threads=2, mode="flash", logit_rows=4), ids)
+        assert a.shape == (len(ids), 4200)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_head_order_that_is_not_a_permutation_is_a_format_error(indexed, tmp_path):
+    from gguf import GGUFReader
+    out, _, _ = indexed
+    t = [t for t in GGUFReader(out).tensors if t.name == "head_index.order"][0]
+    data = bytearray(out.read_bytes())
+    data[t.data_offset:t.data_offset + 8] = np.array([5, 5], np.int32).tobytes()   # token 5 twice
+    bad = tmp_path / "dup.flash.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(FlashFormatError, match="dup.flash.gguf.*head_index.order is not a permutation"):
+        _load(bad)
+
+
 def test_file_without_an_index_runs_as_before(indexed):
     _, plain, _ = indexed
     llm = _load(plain)

@@ -55,6 +55,9 @@ K_HI_BYTES = "flash.head_index.bytes_fraction"  # f32: mean share of head bytes 
 T_HI_BASIS = "head_index.basis"                # f32 (r, n_embd): y = basis @ h
 T_HI_PREVIEW = "head_index.preview"            # i8 (n_vocab, r)
 T_HI_SCALE = "head_index.scale"                # f16 (n_vocab,): preview row scale
+T_HI_ORDER = "head_index.order"                # i32 (n_vocab,): stored head row j is token order[j] (the
+                                               # head, a tied embedding, preview and scale are in this order);
+                                               # absent: token order (files of the converter before it)
 HI_TENSORS = {"basis": T_HI_BASIS, "preview": T_HI_PREVIEW, "scale": T_HI_SCALE}
 
 PARTS = ("gate", "up", "down")
@@ -279,9 +282,17 @@ def _read_head_index(f, cfg, scalar, tensor) -> dict:
     r = int(info.ne[1])
     tensor(T_HI_PREVIEW, (r, n_vocab), (I8,), "I8")
     tensor(T_HI_SCALE, (n_vocab,), (F16,), "F16")
-    out = dict(margin=margin, margin_dist=margin_dist, heldout=held, read_frac=frac, bytes_frac=bfrac, rank=r)
+    out = dict(margin=margin, margin_dist=margin_dist, heldout=held, read_frac=frac, bytes_frac=bfrac, rank=r,
+               order=None)
     for key, name in HI_TENSORS.items():
         out[key] = f.array(name)
+    if T_HI_ORDER in f.tensors:
+        tensor(T_HI_ORDER, (n_vocab,), (I32,), "I32")
+        order = np.array(f.array(T_HI_ORDER), np.int32)
+        f.release(f.tensors[T_HI_ORDER].offset, f.tensors[T_HI_ORDER].n_bytes)
+        if order.min() < 0 or order.max() >= n_vocab or not (np.bincount(order, minlength=n_vocab) == 1).all():
+            raise FlashFormatError(f"{f.path}: {T_HI_ORDER} is not a permutation of {n_vocab} tokens")
+        out["order"] = order
     for key in ("basis", "scale"):
         if not np.isfinite(out[key]).all():
             raise FlashFormatError(f"{f.path}: head_index.{key} has a value that is not finite")

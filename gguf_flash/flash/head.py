@@ -1,6 +1,10 @@
 """The output head and the token embedding under a cap: resident (views into the file map, touched
 every token) or read through the bundle store (O_DIRECT when cold) into small reused buffers.
 
+A flash file with a head index stores the head's rows in the index's order (format.T_HI_ORDER, so that
+the rows one state needs sit together on disk): logits are computed in that order and scattered to token
+order (HeadOrder), and a tied embedding looks a token's row up through it.
+
 A streamed head is read in HEAD_CHUNK pieces, each multiplied as it arrives, so it never holds more
 than one chunk in RSS and its reads count in the token's I/O (a first version read it from the file
 map and released the pages with madvise; the page cache then held the head for free). An embedding
@@ -11,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import dispatch, forward as fw, nn
+from ..kernels import dispatch, forward as fw, headidx, nn
 from .plan import HEAD_CHUNK
 from .stats import add_read
 
@@ -23,66 +27,101 @@ def _readonly_view(buf: np.ndarray) -> np.ndarray:
     return v
 
 
-class OutputHead:
-    """logits = W_out @ RMSNorm(x), resident or streamed."""
+class HeadOrder:
+    """The order a flash file stores the head's rows in (format.T_HI_ORDER): stored row j is token
+    order[j]. Logits are computed in stored order into `logits` and scattered to token order."""
 
-    def __init__(self, w, st, store, streamed: bool):
-        self.w, self.st, self.store, self.streamed = w, st, store, streamed
+    def __init__(self, order: np.ndarray):
+        V = order.shape[0]
+        self.order = np.ascontiguousarray(order, np.int32)        # (n_vocab,) stored row -> token
+        self.row = np.zeros(V, np.int32)                           # (n_vocab,) token -> stored row
+        self.row[self.order] = np.arange(V, dtype=np.int32)
+        self.logits = np.zeros(V, np.float32)                      # (n_vocab,) logits in stored order
+
+    @staticmethod
+    def ram(n_vocab: int) -> int:
+        return 12 * n_vocab
+
+    def to_tokens(self, logits):
+        """logits (n_vocab,) = self.logits in token order."""
+        headidx.scatter(logits, self.logits, self.order)
+
+
+class OutputHead:
+    """logits = W_out @ RMSNorm(x), resident or streamed; computed in stored row order into self.logits
+    (order: HeadOrder, or None when the rows are in token order) and then put in token order."""
+
+    def __init__(self, w, st, store, streamed: bool, order: HeadOrder | None = None):
+        self.w, self.st, self.store, self.streamed, self.order = w, st, store, streamed, order
+        self.logits = st.logits if order is None else order.logits    # (n_vocab,) stored order
+        rb = int(w.output[2])
+        step = max(1, HEAD_CHUNK // rb)
+        self.desc = w.output.copy()                             # the piece being multiplied
+        self.step = step
         if streamed:
-            rb = int(w.output[2])
-            step = max(1, HEAD_CHUNK // rb)
             self.buf = np.zeros((step, rb), np.uint8)          # (step, row_bytes) one head chunk
             self.blob = _readonly_view(self.buf)
             self.idx = np.arange(step, dtype=np.int32)         # (step,) int32
             self.row_ids = np.zeros(step, np.int32)
-            self.desc = w.output.copy()
             self.desc[0] = 0                                    # rows start at the buffer's byte 0
 
     def __call__(self, eps, ts):
         w, s = self.w, self.st
         if not self.streamed:
-            fw.output_head(s.logits, s.x, s.xb, s.xq_embd, w.blob, w.output, w.output_norm, eps, w.ts)
-            return
-        nn.rmsnorm(s.xb, s.x, w.output_norm, eps)
-        dispatch.quantize_x(s.xq_embd, s.xb)
-        for r0, n in self._pieces(ts):
-            dispatch.matvec(s.logits[r0:r0 + n], self.blob, self.desc, s.xb, s.xq_embd, w.ts)
+            fw.output_head(self.logits, s.x, s.xb, s.xq_embd, w.blob, w.output, w.output_norm, eps, w.ts)
+        else:
+            nn.rmsnorm(s.xb, s.x, w.output_norm, eps)
+            dispatch.quantize_x(s.xq_embd, s.xb)
+            for r0, n in self._pieces(ts):
+                dispatch.matvec(self.logits[r0:r0 + n], self.blob, self.desc, s.xb, s.xq_embd, w.ts)
+        if self.order is not None:
+            self.order.to_tokens(s.logits)
 
     def _pieces(self, ts):
-        """Read the head piece by piece into self.buf (self.desc describes the piece); yields (first row,
-        rows) after each read."""
+        """Piece by piece, self.desc describes rows r0..r0 + n of the head: read into self.buf when
+        streamed, else in the resident map; yields (r0, n)."""
         w = self.w
         off, n_rows, rb = int(w.output[0]), int(w.output[1]), int(w.output[2])
-        step = self.buf.shape[0]
-        self.store.select(off, rb, n_rows)
+        step = self.step
+        if self.streamed:
+            self.store.select(off, rb, n_rows)
         for r0 in range(0, n_rows, step):
             n = min(step, n_rows - r0)
-            np.add(self.idx[:n], r0, out=self.row_ids[:n])
-            add_read(ts, self.store.read_rows(self.row_ids[:n], self.buf, self.idx[:n]), head=True)
+            if self.streamed:
+                np.add(self.idx[:n], r0, out=self.row_ids[:n])
+                add_read(ts, self.store.read_rows(self.row_ids[:n], self.buf, self.idx[:n]), head=True)
+            else:
+                self.desc[0] = off + r0 * rb
             self.desc[1] = n
             yield r0, n
 
     def rows(self, hidden, out, ts):
         """out (m, n_vocab) = W_out @ hidden rows (m, n_embd), already normed (prompt logits for
-        perplexity): a streamed head is read once for the m rows."""
+        perplexity), in token order: a streamed head is read once for the m rows."""
         w = self.w
-        if not self.streamed:
+        if not self.streamed and self.order is None:
             dispatch.matmat(out, w.blob, w.output, hidden, w.ts)
             return
         m = hidden.shape[0]
         if getattr(self, "tmp", None) is None or self.tmp.shape[0] < m:
-            self.tmp = np.zeros((m, self.buf.shape[0]), np.float32)   # (m, step) one piece's logits
+            self.tmp = np.zeros((m, self.step), np.float32)   # (m, step) one piece's logits
         tmp = self.tmp[:m]
+        blob = self.blob if self.streamed else w.blob
         for r0, n in self._pieces(ts):
-            dispatch.matmat(tmp, self.blob, self.desc, hidden, w.ts)
-            out[:, r0:r0 + n] = tmp[:, :n]
+            dispatch.matmat(tmp, blob, self.desc, hidden, w.ts)
+            if self.order is None:
+                out[:, r0:r0 + n] = tmp[:, :n]
+            else:
+                out[:, self.order.order[r0:r0 + n]] = tmp[:, :n]
 
 
 class TokenEmbedding:
     """x = token_embd[token] * scale, from the file map (resident) or one row read per token."""
 
-    def __init__(self, w, store, resident: bool):
+    def __init__(self, w, store, resident: bool, order: HeadOrder | None = None):
+        """order: the stored row order of a table tied to the head (None: rows in token order)."""
         self.w, self.store, self.resident = w, store, resident
+        self.row_of = order.row if order is not None else None
         if not resident:
             rb = int(w.embd[2])
             self.buf = np.zeros((1, rb), np.uint8)             # (1, row_bytes)
@@ -94,6 +133,8 @@ class TokenEmbedding:
 
     def __call__(self, x, token, ts):
         w = self.w
+        if self.row_of is not None:
+            token = self.row_of[token]
         if self.resident:
             fw.embed(x, w.blob, w.embd, int(token), w.fp[fw.FP_EMBD_SCALE], w.ts)
             return

@@ -22,6 +22,9 @@ gaps read through), mean KL 0.060 (the greedy margin leaves rows near the top of
 their previews). The per-row bound read 58% of the rows. With fewer decoding states to calibrate on (6
 seeds x 40 tokens a side) the greedy margin came out 0.70. The index is capped at INDEX_SHARE of the
 head's bytes, so its rank follows from the head's shape.
+
+The head's rows are then stored in row_order's order (clustered by preview direction, most read first),
+so that the rows one state reads sit together: the 46% of Gemma 3's bytes above were read in token order.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ DELTA_DIST = 2.0       # margin_dist: every row within this many logits of the t
 M_STEP = 1.0 / 64      # the margin's grid
 M_MAX = 2.0            # a margin this large reads (nearly) the whole head: the index is not worth keeping
 ROW_CHUNK = 8192       # head rows dequantized at a time (Gemma 3: 20 MiB of f32)
+N_CLUSTERS_MAX = 1024  # row_order's clusters (Gemma 3: 512; 256..4096 read within 1 point of each other)
+KMEANS_ITERS = 10
+KMEANS_ROWS = 4096     # preview rows at a time in the k-means (Gemma 3: 16 MiB of scores)
+MAX_ORDER_STATES = 1024  # training states the rows' read frequencies are counted on
 HEAD_GAP_BYTES = 32 << 10  # head rows closer than this are read through. Gemma 3 at 0.72x the dense peak,
                            # two runs each, ms per token: 8 KiB 158/155, 16 KiB 130/124, 32 KiB 98/92,
                            # 64 KiB 96/113 (each read costs more than the disk alone: Python, the pool)
@@ -54,6 +61,8 @@ class HeadIndex:
     n_heldout: int         # held-out states the margin was calibrated on
     read_frac: float       # mean share of the head's rows read at the margin on the held-out decoding states
     bytes_frac: float = 1.0  # mean share of the head's bytes read, rows within HEAD_GAP_BYTES read through
+    order: np.ndarray | None = None  # (n_vocab,) int32: stored row j is token order[j] (row_order); the
+                                     # preview and scale above are in stored order
 
     @property
     def rank(self) -> int:
@@ -119,9 +128,16 @@ def build_head_index(raw, qtype, train, held, rank, n_decode: int = 0) -> HeadIn
     n_dec = n_decode if 0 < n_decode <= len(held) else len(held)
     dec = held[len(held) - n_dec:]
     read = float(frac[len(held) - n_dec:, k].mean()) if k < frac.shape[1] else 1.0
+    # ---- the stored row order: learnt on the training states, judged on held-out decoding states ----
+    ltr = train[np.linspace(0, len(train) - 1, min(MAX_ORDER_STATES, len(train))).astype(int)]
+    freq = np.zeros(V)
+    for rows in _read_sets(raw, qtype, ltr, basis, preview, sc, margin):
+        freq[rows] += 1
+    order = row_order(preview, sc, freq)
+    preview, scale, sc = preview[order], scale[order], sc[order]
     sub = dec[np.linspace(0, len(dec) - 1, min(128, len(dec))).astype(int)]
-    nbytes = _bytes_read(raw, qtype, sub, basis, preview, sc, margin) if margin < M_MAX else 1.0
-    return HeadIndex(basis, preview, scale, margin, margin_dist, len(held), read, nbytes)
+    nbytes = _bytes_read(raw, qtype, sub, basis, preview, sc, margin, order) if margin < M_MAX else 1.0
+    return HeadIndex(basis, preview, scale, margin, margin_dist, len(held), read, nbytes, order)
 
 
 def _steps_above(need) -> int:
@@ -142,17 +158,66 @@ def read_set(P, best, margin, first) -> np.ndarray:
     return np.union1d(np.nonzero(P > thr)[0], first)
 
 
-def _bytes_read(raw, qtype, states, basis, preview, scale, margin) -> float:
+def _read_sets(raw, qtype, states, basis, preview, scale, margin, order=None):
+    """Per state, the rows (increasing, in the order of preview's rows) decoding reads at the margin:
+    the runtime's two rounds. raw is in token order; order (or None: the same) maps preview's rows to it."""
+    for b0 in range(0, len(states), 32):
+        h = states[b0:b0 + 32]
+        P = preview_of(h, basis, preview, scale)
+        first = np.argpartition(-P, ROUND1_ROWS, axis=1)[:, :ROUND1_ROWS]
+        for i in range(len(h)):
+            tok = first[i] if order is None else order[first[i]]
+            best = float((_rows_at(raw, qtype, tok) @ h[i]).max())
+            yield read_set(P[i], best, margin, first[i])
+
+
+def row_order(preview, scale, freq, seed: int = 0) -> np.ndarray:
+    """(n_vocab,) int32: the order the head's rows are stored in, so that the rows one state reads sit
+    together. Rows are clustered by the direction of their preview (spherical k-means, n_vocab // 512
+    clusters, at most N_CLUSTERS_MAX); clusters are stored by the mean read frequency of their rows on the
+    training states (freq (n_vocab,)), most read first, and a cluster's rows the same way. Gemma 3,
+    simulated on 512 decoding states of other prompts, share of the head's bytes read at 32 KiB gaps:
+    token order 42%, by frequency alone 29%, clustered 16% (16 KiB gaps: 28%, 22%, 13%)."""
+    V, r = preview.shape
+    C = int(min(N_CLUSTERS_MAX, max(1, V // 512)))
+    rng = np.random.default_rng(seed)
+    pick = lambda n: _unit_rows(preview, scale, np.sort(rng.choice(V, n, replace=False)))  # noqa: E731
+    cent = pick(C)
+    a = np.zeros(V, np.int64)
+    for _ in range(KMEANS_ITERS):
+        sums = np.zeros((C, r))
+        for i0 in range(0, V, KMEANS_ROWS):
+            ids = np.arange(i0, min(V, i0 + KMEANS_ROWS))
+            X = _unit_rows(preview, scale, ids)
+            a[ids] = (X @ cent.T).argmax(1)
+            for k in range(r):
+                sums[:, k] += np.bincount(a[ids], weights=X[:, k], minlength=C)
+        norm = np.linalg.norm(sums, axis=1)
+        cent = (sums / np.maximum(norm, 1e-30)[:, None]).astype(np.float32)
+        empty = np.nonzero(norm == 0)[0]
+        if len(empty):          # an emptied cluster restarts at a random row
+            cent[empty] = pick(len(empty))
+    cnt = np.bincount(a, minlength=C)
+    hot = np.bincount(a, weights=freq, minlength=C) / np.maximum(cnt, 1)
+    rank = np.empty(C, np.int64)
+    rank[np.argsort(-hot, kind="stable")] = np.arange(C)
+    return np.lexsort((np.arange(V), -freq, rank[a])).astype(np.int32)
+
+
+def _unit_rows(preview, scale, ids) -> np.ndarray:
+    """(len(ids), r) f32: preview rows ids as unit vectors (scale: f32)."""
+    X = preview[ids].astype(np.float32) * scale[ids, None]
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-30)
+
+
+def _bytes_read(raw, qtype, states, basis, preview, scale, margin, order=None) -> float:
     """Mean share of the head's bytes the store reads per state at the margin: the runtime's two rounds,
-    rows closer than HEAD_GAP_BYTES read through (what the RAM plan prices the index by)."""
+    rows closer than HEAD_GAP_BYTES read through (what the RAM plan prices the index by). preview is in
+    stored order (order: stored row -> token, None: token order)."""
     V, rb = raw.shape
     gap = max(1, HEAD_GAP_BYTES // rb)
     out = []
-    for h in states:
-        P = preview_of(h[None], basis, preview, scale)[0]
-        first = np.argpartition(-P, ROUND1_ROWS)[:ROUND1_ROWS]
-        best = float((_rows_at(raw, qtype, first) @ h).max())
-        rows = read_set(P, best, margin, first)
+    for rows in _read_sets(raw, qtype, states, basis, preview, scale, margin, order):
         breaks = np.nonzero(np.diff(rows) > gap)[0]
         starts, ends = np.r_[rows[0], rows[breaks + 1]], np.r_[rows[breaks], rows[-1]] + 1
         out.append(float((ends - starts).sum()) / V)

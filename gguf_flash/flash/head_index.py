@@ -64,7 +64,8 @@ def _copy(a, dtype=None):
 
 class IndexedHead:
     """Decoding logits from the index (a HeadNeed other than EXACT); the streamed head (OutputHead)
-    reads the rows it asks for."""
+    reads the rows it asks for. Row ids are the head's stored rows (the preview is in that order); the
+    logits end in token order."""
 
     def __init__(self, w, st, hi: dict, streamed):
         self.w, self.st, self.head = w, st, streamed
@@ -88,22 +89,23 @@ class IndexedHead:
 
     def __call__(self, eps, ts, need: HeadNeed):
         w, s = self.w, self.st
+        lg = self.head.logits             # (n_vocab,) in the head's stored row order
         nn.rmsnorm(s.xb, s.x, w.output_norm, eps)
         dispatch.quantize_x(s.xq_embd, s.xb)
-        mean = float(headidx.preview_logits(s.logits, self.part, self.y, s.xb, self.basis, self.preview,
+        mean = float(headidx.preview_logits(lg, self.part, self.y, s.xb, self.basis, self.preview,
                                             self.scale))
         m = max(ROUND1_ROWS, need.top_k if need.kind == "sample" else 0)
         if self.first.shape[0] < m:
             self.first, self.best = np.zeros(m, np.int32), np.zeros(m, np.int32)
-        n1 = headidx.top_rows(self.first, self.best[:m], s.logits)
+        n1 = headidx.top_rows(self.first, self.best[:m], lg)
         first = self.first[:n1]
         self._read(first, ts)
-        best = float(s.logits[first].max())
+        best = float(lg[first].max())
         bar = best
         if need.kind == "sample":
             bars = []
             if need.top_k > 0:
-                bars.append(float(headidx.kth_largest(s.logits, first, need.top_k)))
+                bars.append(float(headidx.kth_largest(lg, first, need.top_k)))
             if need.min_p > 0.0:
                 bars.append(best + math.log(need.min_p))
             if not bars:
@@ -111,11 +113,13 @@ class IndexedHead:
             bar = max(bars)
         margin = self.margin_dist if need.kind == "sample" else self.margin
         thr = bar - margin * max(best - mean, 0.0)
-        n2 = headidx.rows_above(self.ids, s.logits, np.float32(thr), self.mark)
+        n2 = headidx.rows_above(self.ids, lg, np.float32(thr), self.mark)
         self._read(self.ids[:n2], ts)
         headidx.clear_marks(self.mark, first)
         headidx.clear_marks(self.mark, self.ids[:n2])
         ts.head_rows = n1 + n2
+        if self.head.order is not None:
+            self.head.order.to_tokens(s.logits)
 
     def _read(self, ids, ts):
         """Exact logits of rows `ids` (increasing), read in pieces of the streamed head's buffer."""
@@ -123,9 +127,9 @@ class IndexedHead:
         o = h.w.output
         self.store.select(int(o[0]), int(o[2]), int(o[1]))
         step = h.buf.shape[0]
-        s = self.st
+        s, lg = self.st, self.head.logits
         for k0 in range(0, ids.shape[0], step):
             piece = ids[k0:k0 + step]
             n = piece.shape[0]
             add_read(ts, self.store.read_rows(piece, h.buf, h.idx[:n], HEAD_GAP_BYTES), head=True)
-            headidx.exact_rows(s.logits, self.mark, piece, h.buf[:n], self.qt, s.xb, s.xq_embd, self.w.ts)
+            headidx.exact_rows(lg, self.mark, piece, h.buf[:n], self.qt, s.xb, s.xq_embd, self.w.ts)

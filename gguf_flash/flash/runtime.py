@@ -31,7 +31,7 @@ from .ffn import FFNLoader, _split
 from .selector import selector_args
 from . import format as ff
 from .format import read_flash
-from .head import OutputHead, TokenEmbedding
+from .head import HeadOrder, OutputHead, TokenEmbedding
 from .head_index import EXACT, HeadNeed, IndexedHead, index_ram
 from .pinned import pin
 from .plan import HEADROOM, PlanInput, make_plan, mib
@@ -174,6 +174,7 @@ def _preload_head_index(s, w, qt) -> None:
     rows = np.zeros((1, int(w.output[2])), np.uint8)
     headidx.exact_rows(v, mark, ids[:1], rows, qt, s.xb, s.xq_embd, w.ts)
     headidx.clear_marks(mark, ids[:1])
+    headidx.scatter(v, np.zeros(2, np.float32), ids)
 
 
 class FlashModel:
@@ -234,6 +235,10 @@ class FlashModel:
         self.logit_rows = max(1, min(int(logit_rows), CHUNK, (8 << 20) // (4 * c.n_vocab)))
         if self.logit_rows > 1:
             fixed["prompt logits"] = self.logit_rows * c.n_vocab * 4
+        hi = info.head_index
+        order = hi["order"] if hi is not None else None     # the head's stored row order (flash/head.py)
+        if order is not None:
+            fixed["head order"] = HeadOrder.ram(c.n_vocab)
         head_bytes = int(self.w.output[1] * self.w.output[2])
         embd_bytes = 0 if c.tied_output else int(self.w.embd[1] * self.w.embd[2])
         slot_max = max(bb)
@@ -252,7 +257,6 @@ class FlashModel:
             staging_rows=c.n_ff if mode == "naive" else max(1, min(c.n_ff, STAGING_BYTES // slot_max)),
             staging_rows_max=max(1, min(c.n_ff, STAGING_MAX_BYTES // slot_max)),
             gap_bytes=gap, startup_peak=peak_rss() if self.cap is not None else 0, path=str(f.path))
-        hi = info.head_index
         if head == "index" and (hi is None or mode != "flash"):
             why = ("its head index is an older converter's (a per-row bound that read most of the head); "
                    "convert the source again" if info.old_head_index else "convert without --no-head-index")
@@ -300,12 +304,13 @@ class FlashModel:
         keep = [self.w.mats[il, j] for il in range(L) for j in range(4)]
         keep += ([] if self.plan.head_streamed else [self.w.output]) + ([self.w.embd] if embd_resident else [])
         self.w.blob = pin(f, keep)
-        self.out_head = OutputHead(self.w, self.st, self.store, self.plan.head_streamed)
+        self.head_order = HeadOrder(order) if order is not None else None
+        self.out_head = OutputHead(self.w, self.st, self.store, self.plan.head_streamed, self.head_order)
         self.indexed = IndexedHead(self.w, self.st, hi, self.out_head) if self.plan.head_indexed else None
         if hi is not None:   # copied (or unused): the map's pages of it leave this process's RSS
             ff.release_head_index(f)
         self.head_need = EXACT   # what the next token's sampler needs (set_head_need); exact by default
-        self.embed = TokenEmbedding(self.w, self.store, embd_resident)
+        self.embed = TokenEmbedding(self.w, self.store, embd_resident, self.head_order if c.tied_output else None)
         if mode == "dense":
             for il in range(L):
                 self.ffn.load_all(il)

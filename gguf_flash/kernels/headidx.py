@@ -95,3 +95,10 @@ def kth_largest(logits, ids, k):
 def clear_marks(mark, ids):
     for k in range(ids.shape[0]):
         mark[ids[k]] = 0
+
+
+@njit(cache=True)
+def scatter(out, src, order):
+    """out[order[j]] = src[j]: logits from the head's stored row order to token order (flash/head.py)."""
+    for j in range(order.shape[0]):
+        out[order[j]] = src[j]
