@@ -56,6 +56,12 @@ class Sampler:
         logits = self.penalize(logits, list(history))
         if self.p.temperature <= 0.0:
             return int(np.argmax(logits))
+        ids, probs = self.distribution(logits)
+        return int(ids[self.rng.choice(len(ids), p=probs)])
+
+    def distribution(self, logits: np.ndarray):
+        """(ids, probs): the candidates a temperature > 0 draws from, best first, and their probabilities
+        (top-k, then top-p, then min-p, then the temperature, as llama.cpp's default chain)."""
         k = self.p.top_k if 0 < self.p.top_k < logits.shape[0] else logits.shape[0]
         ids = np.argpartition(-logits, k - 1)[:k] if k < logits.shape[0] else np.arange(logits.shape[0])
         ids = ids[np.argsort(-logits[ids], kind="stable")]        # candidates, best first
@@ -71,7 +77,7 @@ class Sampler:
         z = z / self.p.temperature
         probs = np.exp(z - z.max())
         probs /= probs.sum()
-        return int(ids[self.rng.choice(len(ids), p=probs)])
+        return ids, probs
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Head-index benchmark (issue 12): how well the indexed head stands in for the whole head.
 
-    python tools/bench_head.py MODEL [--source MODEL.gguf] [--cap d-0.5] [--tokens 64]
+    python tools/bench_head.py MODEL [--source MODEL.gguf] [--cap d-0.5] [--tokens 64] [--sampler greedy|default]
 
 The whole head's greedy output of 8 prompts x --tokens tokens (`--head exact`) is the reference; the
 indexed head (`--head index`, at --cap) is then teacher-forced along it, and on each of its states also
@@ -10,6 +10,11 @@ head rows, bytes and reads; and the same top token as the `--head exact` run's. 
 near ties that the two runs' own float differences flip (their plans differ, e.g. the prompt chunk: 64
 against 128 tokens), which is why the index is judged against its own state. Prints a Markdown table.
 Both runs are fresh child processes with cold reads.
+
+--sampler default: the indexed head serves llama.cpp's default sampler (temperature 0.8, top-k 40, top-p
+0.95, min-p 0.05), so it reads with the samplers' margin and bar; the table then also gives the KL between
+the distributions that sampler draws from (whole head against indexed), and how often their candidate
+sets differ. The teacher-forced tokens stay the whole head's greedy output.
 """
 
 import argparse
@@ -30,17 +35,18 @@ import json, sys
 import numpy as np
 import gguf_flash
 from gguf_flash.flash.head_index import need_for
-from gguf_flash.sampling import GREEDY
+from gguf_flash.sampling import GREEDY, SamplingParams
 from gguf_flash.flash.stats import TokenStats
 path, cap, head, n_tok, d = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 prompts = json.loads(sys.argv[6])
+params = GREEDY if sys.argv[7] == "greedy" else SamplingParams()
 llm = gguf_flash.load(path, max_ram=None if cap == "none" else cap, n_ctx=256, n_threads=2, cold=True, head=head)
 m = llm.model
 ref = json.load(open(f"{d}/exact.json")) if head != "exact" else None
 out = dict(plan=m.plan.describe(), steps=[], tokens=[])
 for i, p in enumerate(prompts):
     ids = llm.tokenize(p)
-    m.set_head_need(need_for(GREEDY))
+    m.set_head_need(need_for(params))
     logits = m.prefill(ids, 0)
     toks = []
     for k in range(n_tok):
@@ -59,6 +65,19 @@ print(json.dumps(dict(plan=out["plan"])))
 """
 
 
+def sampler_kl(whole, idx):
+    """(KL, same candidates): between the distributions llama.cpp's default sampler draws from on two
+    logit vectors (a candidate the indexed side lacks counts at probability 1e-12)."""
+    import numpy as np
+    from gguf_flash.sampling import Sampler, SamplingParams
+    s = Sampler(SamplingParams())
+    ip, pp = s.distribution(whole)
+    iq, pq = s.distribution(idx)
+    q = dict(zip(iq.tolist(), pq.tolist()))
+    kl = float(sum(p * np.log(p / max(q.get(i, 0.0), 1e-12)) for i, p in zip(ip.tolist(), pp.tolist())))
+    return kl, int(set(ip.tolist()) == set(iq.tolist()))
+
+
 def main():
     import tempfile
     import numpy as np
@@ -67,6 +86,7 @@ def main():
     ap.add_argument("--source", default=None)
     ap.add_argument("--cap", default="d-0.5")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--sampler", choices=("greedy", "default"), default="greedy")
     a = ap.parse_args()
     path, source = model_paths(a.model, a.source)
     src_size = os.path.getsize(source)
@@ -74,8 +94,8 @@ def main():
     cap = resolve_cap(a.cap, path, "flash", dense_peak, src_size)
     logp = lambda z: z - z.max() - np.log(np.exp(z - z.max()).sum())  # noqa: E731
     with tempfile.TemporaryDirectory() as d:
-        run_child(CHILD, [path, f"{cap}M", "exact", a.tokens, d, json.dumps(PROMPTS)], sample=False)
-        info, peak = run_child(CHILD, [path, f"{cap}M", "index", a.tokens, d, json.dumps(PROMPTS)])
+        run_child(CHILD, [path, f"{cap}M", "exact", a.tokens, d, json.dumps(PROMPTS), "greedy"], sample=False)
+        info, peak = run_child(CHILD, [path, f"{cap}M", "index", a.tokens, d, json.dumps(PROMPTS), a.sampler])
         steps = json.load(open(f"{d}/index.json"))["steps"]
         plan = json.loads(info)["plan"]
         j = 0
@@ -87,6 +107,8 @@ def main():
                 steps[j].update(same=int(np.argmax(whole) == np.argmax(idx)),
                                 kl=float((np.exp(whole) * (whole - idx)).sum()),
                                 same_run=int(np.argmax(full) == np.argmax(idx)))
+                if a.sampler == "default":
+                    steps[j].update(zip(("kl_s", "set_s"), sampler_kl(whole, idx)))
                 j += 1
     from gguf_flash.gguf_file import GGUFFile
     f = GGUFFile(path)
@@ -104,6 +126,10 @@ def main():
           f"{100 * np.median(rows) / n_vocab:.1f}% / {100 * np.quantile(rows, 0.9) / n_vocab:.1f}% | "
           f"{100 * nbytes.mean() / head_bytes:.1f}% / {100 * np.quantile(nbytes, 0.9) / head_bytes:.1f}% | "
           f"{reads.mean():.0f} | {100 * (rows < n_vocab).mean():.0f}% | {100 * arr('same_run').mean():.2f}% |")
+    if a.sampler == "default":
+        print(f"\nllama.cpp's default sampler (T 0.8, top-k 40, top-p 0.95, min-p 0.05), the distribution it draws "
+              f"from: mean KL(whole || indexed) {arr('kl_s').mean():.4f} nats, max {arr('kl_s').max():.3f}; candidate "
+              f"sets differ in {100 * (1 - arr('set_s')).mean():.1f}% of the steps")
     print(f"\nplan: {plan}")
 
 
