@@ -51,7 +51,7 @@ K_HI_MARGIN_DIST = "flash.head_index.margin_dist"  # f32: the same for samplers 
 K_HI_Z = "flash.head_index.z"                  # f32: an older index's bound (per-row sigma): not read any more
 K_HI_HELDOUT = "flash.head_index.heldout"      # u32: held-out states the margin was calibrated on
 K_HI_READ = "flash.head_index.read_fraction"   # f32: mean share of head rows read on them at the margin
-K_HI_BYTES = "flash.head_index.bytes_fraction"  # f32: mean share of head bytes read (gaps < 32 KiB read through)
+K_HI_BYTES = "flash.head_index.bytes_fraction"  # f32: mean share of head bytes read (gaps < 16 KiB read through)
 T_HI_BASIS = "head_index.basis"                # f32 (r, n_embd): y = basis @ h
 T_HI_PREVIEW = "head_index.preview"            # i8 (n_vocab, r)
 T_HI_SCALE = "head_index.scale"                # f16 (n_vocab,): preview row scale

@@ -46,9 +46,12 @@ N_CLUSTERS_MAX = 1024  # row_order's clusters (Gemma 3: 512; 256..4096 read with
 KMEANS_ITERS = 10
 KMEANS_ROWS = 4096     # preview rows at a time in the k-means (Gemma 3: 16 MiB of scores)
 MAX_ORDER_STATES = 1024  # training states the rows' read frequencies are counted on
-HEAD_GAP_BYTES = 32 << 10  # head rows closer than this are read through. Gemma 3 at 0.72x the dense peak,
-                           # two runs each, ms per token: 8 KiB 158/155, 16 KiB 130/124, 32 KiB 98/92,
-                           # 64 KiB 96/113 (each read costs more than the disk alone: Python, the pool)
+HEAD_GAP_BYTES = 16 << 10  # head rows closer than this are read through. Gemma 3 at 0.72x the dense peak,
+                           # `tools/bench_flash.py --modes flash --head index`, ms per token:
+                           # rows in token order (two runs each): 8 KiB 158/155, 16 KiB 130/124, 32 KiB 98/92,
+                           # 64 KiB 96/113 (each read costs more than the disk alone: Python, the pool);
+                           # rows in the index's order (alternating runs): 16 KiB 64.9/69.3 ms, 14.9% of the
+                           # head's bytes, 566 reads; 32 KiB 71.1/67.3 ms, 16.5%, 437 reads
 
 
 @dataclass
