@@ -17,14 +17,15 @@ state sets the factor for every state and every row.
 
 Measured on Gemma 3 (rank 64; greedy margin 0.75, samplers' 0.81), `tools/bench_head.py` at 0.72x the
 dense engine's peak RSS, 8 prompts x 64 steps, each indexed step against the whole head on the same state:
-the same top-1 in 511 of 512 steps, 5.5% of the rows read (p90 9.2%), 46% of the head's bytes (32 KiB
-gaps read through), mean KL 0.060 (the greedy margin leaves rows near the top of flat distributions to
-their previews). The per-row bound read 58% of the rows. With fewer decoding states to calibrate on (6
+the same top-1 in 511 of 512 steps, 5.5% of the rows read (p90 9.2%), 14.7% of the head's bytes (rows in
+row_order's order, 16 KiB gaps read through; 46% in token order with 32 KiB gaps), mean KL 0.060 (the
+greedy margin leaves rows near the top of flat distributions to their previews; under llama.cpp's default
+sampler, which reads with margin_dist, 0.0009). The per-row bound read 58% of the rows. With fewer decoding states to calibrate on (6
 seeds x 40 tokens a side) the greedy margin came out 0.70. The index is capped at INDEX_SHARE of the
 head's bytes, so its rank follows from the head's shape.
 
 The head's rows are then stored in row_order's order (clustered by preview direction, most read first),
-so that the rows one state reads sit together: the 46% of Gemma 3's bytes above were read in token order.
+so that the rows one state reads sit together.
 """
 
 from __future__ import annotations
