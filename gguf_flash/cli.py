@@ -356,6 +356,8 @@ def _print_flash_summary(f):
           f"({100 * pred / info.bundle_bytes_total:.0f}% of the bundles) in {n_pred} of {len(info.layers)} layers"
           + ("" if n_pred == len(info.layers) else " (--selector predictor needs one in every layer)"))
     hi = info.head_index
+    print("head rows: stored in the head index's order (rows one state reads sit together)"
+          if info.head_order is not None else "head rows: in token order")
     if hi is None and info.old_head_index:
         print("head index: an older converter's (a per-row bound), not used: convert the source again")
     elif hi is None:
@@ -367,8 +369,6 @@ def _print_flash_summary(f):
               f"{hi['margin_dist']:.3f} (calibrated: no top-1 miss on "
               f"{hi['heldout']} held-out states; on held-out greedy decoding it read {100 * hi['read_frac']:.1f}% of "
               f"the head's rows, {100 * hi['bytes_frac']:.1f}% of its bytes)")
-        print("head rows: stored in the index's order (rows one state reads sit together)" if hi["order"] is not None
-              else "head rows: in token order (an older converter's: rows one state reads are scattered)")
 
 
 def cmd_perplexity(a):

@@ -125,7 +125,7 @@ def test_the_head_in_index_order_gives_the_logits_of_token_order(indexed):
     embedding resident or read) gives what the file in token order gives, bit for bit."""
     from gguf_flash.gguf_file import GGUFFile
     out, plain, _ = indexed
-    order = _load(out).model.info.head_index["order"]
+    order = _load(out).model.info.head_order
     assert np.array_equal(np.sort(order), np.arange(4200)) and not np.array_equal(order, np.arange(4200))
     stored, source = GGUFFile(out).raw("token_embd.weight"), GGUFFile(plain).raw("token_embd.weight")
     assert np.array_equal(stored, source[order])
@@ -203,6 +203,10 @@ def test_an_older_index_is_not_used_and_says_to_convert_again(indexed, tmp_path)
     llm = _load(old)
     assert llm.model.info.head_index is None and llm.model.info.old_head_index
     assert llm.model.indexed is None
+    # the head is still read in the order it is stored in: the same logits as the index-less file's
+    _, plain, _ = indexed
+    ids = llm.tokenize("word1 word2 3")
+    np.testing.assert_array_equal(llm.model.prefill(ids, 0), _load(plain).model.prefill(ids, 0))
     assert len(llm.generate(llm.tokenize("word1"), n_predict=3).tokens) == 3
     with pytest.raises(gguf_flash.InvalidArgumentError, match="old.flash.gguf.*older converter.*convert the source again"):
         _load(old, head="index")

@@ -120,6 +120,8 @@ class FlashInfo:
     head_index: dict | None = None   # arrays (views into the map) + margin, heldout, read_frac; None: no index
     prod_sparsity: float = 0.0       # the product selector's target sparsity (0 without one)
     old_head_index: bool = False     # the file has an index of an older converter (K_HI_Z), which is not used
+    head_order: np.ndarray | None = None  # (n_vocab,) int32: stored head row j is token head_order[j]
+                                          # (T_HI_ORDER); None: the head is in token order
 
     @property
     def bundle_bytes_total(self) -> int:
@@ -260,12 +262,13 @@ def read_flash(f, cfg) -> FlashInfo:
                                  float(recall[il]), float(precision[il]), bool(kinds[il]), float(offsets[il]),
                                  float(prod_thr[il]), dn, pf))
     head_index = _read_head_index(f, cfg, scalar, tensor) if K_HI_MARGIN in f.meta else None
+    head_order = _read_head_order(f, cfg.n_vocab, tensor) if T_HI_ORDER in f.tensors else None
     sha = f.get(K_SOURCE_SHA, "")
     source = f.get(K_CAL_SOURCE, "")
     cal_tokens = f.get(K_CAL_TOKENS, 0)
     return FlashInfo(version, activation, sparsity, layers, sha if isinstance(sha, str) else "",
                      int(cal_tokens) if isinstance(cal_tokens, int) else 0, source if isinstance(source, str) else "",
-                     head_index, prod_sparsity, K_HI_Z in f.meta and K_HI_MARGIN not in f.meta)
+                     head_index, prod_sparsity, K_HI_Z in f.meta and K_HI_MARGIN not in f.meta, head_order)
 
 
 def _read_head_index(f, cfg, scalar, tensor) -> dict:
@@ -282,22 +285,25 @@ def _read_head_index(f, cfg, scalar, tensor) -> dict:
     r = int(info.ne[1])
     tensor(T_HI_PREVIEW, (r, n_vocab), (I8,), "I8")
     tensor(T_HI_SCALE, (n_vocab,), (F16,), "F16")
-    out = dict(margin=margin, margin_dist=margin_dist, heldout=held, read_frac=frac, bytes_frac=bfrac, rank=r,
-               order=None)
+    out = dict(margin=margin, margin_dist=margin_dist, heldout=held, read_frac=frac, bytes_frac=bfrac, rank=r)
     for key, name in HI_TENSORS.items():
         out[key] = f.array(name)
-    if T_HI_ORDER in f.tensors:
-        tensor(T_HI_ORDER, (n_vocab,), (I32,), "I32")
-        order = np.array(f.array(T_HI_ORDER), np.int32)
-        f.release(f.tensors[T_HI_ORDER].offset, f.tensors[T_HI_ORDER].n_bytes)
-        if order.min() < 0 or order.max() >= n_vocab or not (np.bincount(order, minlength=n_vocab) == 1).all():
-            raise FlashFormatError(f"{f.path}: {T_HI_ORDER} is not a permutation of {n_vocab} tokens")
-        out["order"] = order
     for key in ("basis", "scale"):
         if not np.isfinite(out[key]).all():
             raise FlashFormatError(f"{f.path}: head_index.{key} has a value that is not finite")
     release_head_index(f)   # the check read them
     return out
+
+
+def _read_head_order(f, n_vocab, tensor) -> np.ndarray:
+    """(n_vocab,) int32 copy of head_index.order (stored head row -> token), checked to be a permutation.
+    It describes the head tensor as stored, so it is read whether or not the index itself is usable."""
+    tensor(T_HI_ORDER, (n_vocab,), (I32,), "I32")
+    order = np.array(f.array(T_HI_ORDER), np.int32)
+    f.release(f.tensors[T_HI_ORDER].offset, f.tensors[T_HI_ORDER].n_bytes)
+    if order.min() < 0 or order.max() >= n_vocab or not (np.bincount(order, minlength=n_vocab) == 1).all():
+        raise FlashFormatError(f"{f.path}: {T_HI_ORDER} is not a permutation of {n_vocab} tokens")
+    return order
 
 
 def release_head_index(f) -> None:

@@ -236,7 +236,7 @@ class FlashModel:
         if self.logit_rows > 1:
             fixed["prompt logits"] = self.logit_rows * c.n_vocab * 4
         hi = info.head_index
-        order = hi["order"] if hi is not None else None     # the head's stored row order (flash/head.py)
+        order = info.head_order         # the head's stored row order (flash/head.py), None: token order
         if order is not None:
             fixed["head order"] = HeadOrder.ram(c.n_vocab)
         head_bytes = int(self.w.output[1] * self.w.output[2])
