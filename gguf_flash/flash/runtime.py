@@ -144,6 +144,9 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     f.release(int(head[0]), int(head[2]))
     if info.head_index is not None:
         _preload_head_index(s, w, int(head[3]))
+    if info.head_order is not None:     # logits from the head's stored order to token order
+        from ..kernels import headidx
+        headidx.scatter(s.logits[:2], np.zeros(2, np.float32), np.zeros(2, np.int32))
     win = Window(4, 8, 4, 1)
     win.update(np.arange(2, dtype=np.int32), 0)
     win.update(np.arange(2, 4, dtype=np.int32), 5)
@@ -174,7 +177,6 @@ def _preload_head_index(s, w, qt) -> None:
     rows = np.zeros((1, int(w.output[2])), np.uint8)
     headidx.exact_rows(v, mark, ids[:1], rows, qt, s.xb, s.xq_embd, w.ts)
     headidx.clear_marks(mark, ids[:1])
-    headidx.scatter(v, np.zeros(2, np.float32), ids)
 
 
 class FlashModel:
