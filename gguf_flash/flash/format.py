@@ -227,8 +227,7 @@ def read_flash(f, cfg) -> FlashInfo:
                                    f"{info.offset}, expected {n_ff} rows of {sum(pb)} at a 4096 boundary")
         tensor(t_neuron_id(il), (n_ff,), (I32,), "I32")
         nid = np.asarray(f.array(t_neuron_id(il)), np.int32)
-        if not np.array_equal(np.sort(nid), np.arange(n_ff)):
-            raise FlashFormatError(f"{f.path}: {t_neuron_id(il)} is not a permutation of {n_ff} neurons")
+        _check_permutation(f, t_neuron_id(il), nid, "neurons")
         tensor(t_freq(il), (n_ff,), (F32,), "F32")
         freq = np.asarray(f.array(t_freq(il)), np.float32)
         if not np.isfinite(freq).all():
@@ -301,9 +300,14 @@ def _read_head_order(f, n_vocab, tensor) -> np.ndarray:
     tensor(T_HI_ORDER, (n_vocab,), (I32,), "I32")
     order = np.array(f.array(T_HI_ORDER), np.int32)
     f.release(f.tensors[T_HI_ORDER].offset, f.tensors[T_HI_ORDER].n_bytes)
-    if order.min() < 0 or order.max() >= n_vocab or not (np.bincount(order, minlength=n_vocab) == 1).all():
-        raise FlashFormatError(f"{f.path}: {T_HI_ORDER} is not a permutation of {n_vocab} tokens")
+    _check_permutation(f, T_HI_ORDER, order, "tokens")
     return order
+
+
+def _check_permutation(f, name, a, what) -> None:
+    """FlashFormatError naming the file and tensor unless a (n,) holds each of 0..n-1 once."""
+    if not np.array_equal(np.sort(a), np.arange(len(a))):
+        raise FlashFormatError(f"{f.path}: {name} is not a permutation of {len(a)} {what}")
 
 
 def release_head_index(f) -> None:

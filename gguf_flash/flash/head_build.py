@@ -205,7 +205,7 @@ def row_order(preview, scale, freq, seed: int = 0) -> np.ndarray:
     hot = np.bincount(a, weights=freq, minlength=C) / np.maximum(cnt, 1)
     rank = np.empty(C, np.int64)
     rank[np.argsort(-hot, kind="stable")] = np.arange(C)
-    return np.lexsort((np.arange(V), -freq, rank[a])).astype(np.int32)
+    return np.lexsort((-freq, rank[a])).astype(np.int32)    # stable: ties keep token order
 
 
 def _unit_rows(preview, scale, ids) -> np.ndarray:
@@ -214,10 +214,10 @@ def _unit_rows(preview, scale, ids) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-30)
 
 
-def _bytes_read(raw, qtype, states, basis, preview, scale, margin, order=None) -> float:
+def _bytes_read(raw, qtype, states, basis, preview, scale, margin, order) -> float:
     """Mean share of the head's bytes the store reads per state at the margin: the runtime's two rounds,
     rows closer than HEAD_GAP_BYTES read through (what the RAM plan prices the index by). preview is in
-    stored order (order: stored row -> token, None: token order)."""
+    stored order (order: stored row -> token)."""
     V, rb = raw.shape
     gap = max(1, HEAD_GAP_BYTES // rb)
     out = []
