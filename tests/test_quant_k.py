@@ -139,3 +139,94 @@ def test_real_gemma_tensor(gemma_reader, name):
     y = np.empty(ref.shape[0], np.float32)
     matvec(y, w, x)
     check_close(y, want, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode dots on 8-bit input blocks (quant_kq8.py): exactly dequant(row) . (xq * xd)
+# ---------------------------------------------------------------------------------------------
+Q8X_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K]
+_KIND = {T.Q4_K: "q4_k", T.Q5_K: "q5_k", T.Q6_K: "q6_k"}
+
+
+def quantized_x(x):
+    """(scratch from quantize_x_q8, x as those blocks round it (float64))."""
+    from gguf_flash.kernels import quant_basic
+    scratch = np.empty(quant_basic.q8x_scratch_bytes(x.shape[0]), np.uint8)
+    quant_basic.quantize_x_q8(scratch, x)
+    n, nb = x.shape[0], x.shape[0] // 32
+    xq = scratch[:n].view(np.int8).astype(np.float64).reshape(nb, 32)
+    xd = scratch[n:n + 4 * nb].view(np.float32).astype(np.float64)
+    return scratch, (xq * xd[:, None]).reshape(-1)
+
+
+def _generic_dot(qtype):
+    """The generic-IR build of the dot (what a CPU without AVX2 runs), compiled here."""
+    from numba import njit
+    from gguf_flash.kernels import quant_kq8
+    kernel = quant_kq8._make_dot_q8x(_KIND[qtype], avx2=False)
+
+    @njit
+    def dot(row, scratch, n_cols):
+        return kernel(row, scratch, n_cols)
+
+    return dot
+
+
+@pytest.mark.parametrize("qtype", Q8X_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("shape", [(1, 256), (67, 512), (3, 2048)], ids=str)
+def test_q8x_dot_is_the_product_with_rounded_x(qtype, shape):
+    from gguf_flash.kernels import quant_kq8
+    n_rows, n_cols = shape
+    rng = np.random.default_rng(50 + n_rows + int(qtype))
+    w = random_blocks(qtype, n_rows, n_cols, rng)
+    ref = quants.dequantize(w, qtype).astype(np.float64)
+    x = rng.standard_normal(n_cols).astype(np.float32)
+    x[32:64] = 0  # an all-zero block: its scale is 0
+    scratch, xr = quantized_x(x)
+    want = ref @ xr
+    scale = np.linalg.norm(ref, axis=1).max() * np.linalg.norm(x)
+    dot, matvec = quant_kq8.TABLE_Q8X[int(qtype)]
+    y = np.full(n_rows, np.nan, np.float32)
+    matvec(y, w, scratch)
+    check_close(y, want, scale)
+    check_close([dot(w[r], scratch, n_cols) for r in range(n_rows)], want, scale)
+    generic = _generic_dot(qtype)
+    check_close([generic(w[r], scratch, n_cols) for r in range(n_rows)], want, scale)
+    # ... so an approximation of the exact product, well under 2% of |w||x| (x's 8-bit rounding)
+    assert np.all(np.abs(y - ref @ x.astype(np.float64)) <= 0.02 * scale)
+
+
+@pytest.mark.parametrize("qtype", Q8X_TYPES, ids=lambda t: t.name)
+def test_q8x_dot_extreme_codes(qtype):
+    """All-zero and all-0xFF payloads: the ends of every bit field, of the 6-bit scales and mins, and the
+    largest 16-bit pair sums (63 * 127 * 2 for Q6_K) against x at +-127 per block."""
+    from gguf_flash.kernels import quant_kq8
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    n_cols = 512
+    for fill in (0x00, 0xFF, 0x5A, 0xA5):
+        w = np.full((2, n_cols // 256, type_size), fill, np.uint8)
+        for off in F16_OFFSETS[qtype]:
+            w[:, :, off:off + 2] = np.array([0.5], np.float16).view(np.uint8)
+        w = readonly(w.reshape(2, -1))
+        ref = quants.dequantize(w, qtype).astype(np.float64)
+        for x in (np.ones(n_cols, np.float32), -np.ones(n_cols, np.float32),
+                  np.tile(np.float32([1, -1]), n_cols // 2)):
+            scratch, xr = quantized_x(x)
+            y = np.empty(2, np.float32)
+            quant_kq8.TABLE_Q8X[int(qtype)][1](y, w, scratch)
+            check_close(y, ref @ xr, np.abs(ref).sum())
+            check_close([_generic_dot(qtype)(w[1], scratch, n_cols)], (ref @ xr)[1:], np.abs(ref).sum())
+
+
+@pytest.mark.parametrize("name", ["blk.0.ffn_down.weight", "blk.2.ffn_down.weight",
+                                  "blk.0.attn_output.weight"])
+def test_q8x_real_gemma_tensor(gemma_reader, name):
+    from gguf_flash.kernels import quant_kq8
+    tensor = next(t for t in gemma_reader.tensors if t.name == name)
+    w, qtype = tensor.data, tensor.tensor_type
+    ref = quants.dequantize(w, qtype).astype(np.float64)
+    x = np.random.default_rng(8).standard_normal(ref.shape[1]).astype(np.float32)
+    scratch, xr = quantized_x(x)
+    y = np.empty(ref.shape[0], np.float32)
+    quant_kq8.TABLE_Q8X[int(qtype)][1](y, w, scratch)
+    check_close(y, ref @ xr, np.linalg.norm(ref, axis=1).max() * np.linalg.norm(x))
