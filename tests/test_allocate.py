@@ -70,7 +70,7 @@ def test_allocated_conversion(tmp_path, src, monkeypatch):
     the budget is not asserted: this random model's perplexity is not monotone in the sparsity, so the
     drive chunk says little about the held-out ones; docs/design.md has the real models' numbers.)
     Levels up to 0.9: at the default levels' 0.5 every layer of this model stays within the budget."""
-    from gguf_flash.flash import convert as conv
+    from gguf_flash.flash import convert as conv, convert_stats
     from gguf_flash.flash.calibrate import calibrate
     from gguf_flash.tokenizer import tokenizer_from_gguf
     path, calib = src
@@ -87,7 +87,7 @@ def test_allocated_conversion(tmp_path, src, monkeypatch):
     drive, judge = cal.sequences(held_out=False)[-conv.DRIVE_CHUNKS:], cal.sequences(held_out=True)
     lp = LayerPass(model)
     ppl = lambda seqs, thr, scale: np.exp(np.divide(*lp.nll(seqs, thr, scale)))   # noqa: E731
-    scale = np.stack([np.linalg.norm(conv.dequant(model.file, f"blk.{il}.ffn_down.weight"), axis=0)
+    scale = np.stack([np.linalg.norm(convert_stats.dequant(model.file, f"blk.{il}.ffn_down.weight"), axis=0)
                       for il in range(3)]).astype(np.float32)
     for target, mean, curve, thr, sc in (
             (r.layer_target, r.sparsity, r.curve, r.thresholds, None),

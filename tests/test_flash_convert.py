@@ -64,7 +64,7 @@ def test_recorded_predictor_recall_matches_held_out(smollm2_flash, smollm2_path)
     """Recompute the held-out FFN inputs (calibration is deterministic) and evaluate the stored
     (float16) predictors: recall and precision match the recorded figures."""
     from gguf_flash.flash.calibrate import calibrate, default_calibration_text
-    from gguf_flash.flash.convert import dequant
+    from gguf_flash.flash.convert_stats import dequant
     from gguf_flash.flash.predictor import active_mask
     from gguf_flash.model import Model
     from gguf_flash.tokenizer import tokenizer_from_gguf
@@ -114,9 +114,9 @@ def test_refuses_bad_input(tmp_path, smollm2_flash, tiny_llama_path):
 def test_interrupted_conversion_leaves_nothing(tmp_path, tiny_llama_path, monkeypatch, where):
     """Ctrl-C while calibrating (the FFN inputs spilled to a file in OUT's directory) or while writing:
     nothing at OUT, nothing left beside it."""
-    from gguf_flash.flash import convert as conv
+    from gguf_flash.flash import convert as conv, convert_stats, convert_write
     calls = []
-    target, name = (conv._SparsityStats, "add") if where == "calibration" else (conv, "_bundle")
+    target, name = (convert_stats.SparsityStats, "add") if where == "calibration" else (convert_write, "_bundle")
     real = getattr(target, name)
 
     def boom(*a, **k):
@@ -288,7 +288,7 @@ def test_product_criterion_stored_unless_asked_not_to(tmp_path, tiny_src):
     info = ff.read_flash(f, cfg)
     assert info.has_product and info.prod_sparsity == pytest.approx(0.4)
     src_f = GGUFFile(src)
-    from gguf_flash.flash.convert import dequant
+    from gguf_flash.flash.convert_stats import dequant
     for il, l in enumerate(info.layers):
         dn = np.linalg.norm(dequant(src_f, f"blk.{il}.ffn_down.weight"), axis=0)
         np.testing.assert_allclose(l.down_norm, dn[l.neuron_id], rtol=1e-5)

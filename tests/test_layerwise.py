@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from gguf_flash.flash.calibrate import calibrate, default_calibration_text
-from gguf_flash.flash.convert import SPARSITY_GRID, _SparsityStats
+from gguf_flash.flash.convert import SPARSITY_GRID
+from gguf_flash.flash.convert_stats import SparsityStats
 from gguf_flash.flash.layerwise import LayerPass, Sequence
 from gguf_flash.gguf_file import GGUFFile
 from gguf_flash.model import Model
@@ -106,11 +107,11 @@ def test_calibration_statistics_equal_the_whole_model_pass(tmp_path, tiny_llama_
     f = GGUFFile(tiny_llama_path)
     model = Model(f, n_ctx=128)
     grid = np.array(SPARSITY_GRID)
-    stats = _SparsityStats(f, model.cfg, grid, True)
+    stats = SparsityStats(f, model.cfg, grid, True)
     cal = calibrate(model, tokenizer_from_gguf(f), default_calibration_text()[0], 512, 128,
                     on_layer=stats.add, spill_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []            # the spill file has no name
-    ref = _SparsityStats(f, model.cfg, grid, True)
+    ref = SparsityStats(f, model.cfg, grid, True)
     caps = [token_major(model, cal.tokens[s:s + 128])[0] for s in range(0, len(cal.tokens), 128)]
     X_ref = np.concatenate(caps, axis=1)             # (n_layer, n_tokens, n_embd)
     for il in range(model.cfg.n_layer):

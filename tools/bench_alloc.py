@@ -2,7 +2,7 @@
 
 What it measures, for a model and each criterion (gate |act(g_i)|, product |act(g_i) u_i| ||down_i||):
   - the converter's calibration (4,096 tokens of pydoc_data.topics, chunks of 512: 6 training chunks, 2
-    held out) and its per-layer quantile thresholds (convert._SparsityStats);
+    held out) and its per-layer quantile thresholds (convert_stats.SparsityStats);
   - the drive tokens: the last --drive-chunks training chunks; the judge tokens: the 2 held-out chunks
     (the converter's held-out curve). The allocation is chosen on the drive tokens only;
   - uniform: perplexity on drive and judge at each grid sparsity (every layer the same);
@@ -34,6 +34,7 @@ from gguf_flash.config import config_from_gguf
 from gguf_flash.flash import convert as cv
 from gguf_flash.flash.allocate import greedy_path, layer_costs
 from gguf_flash.flash.calibrate import calibrate, read_calibration_text
+from gguf_flash.flash.convert_stats import SparsityStats
 from gguf_flash.flash.layerwise import LayerPass, Sequence
 from gguf_flash.gguf_file import GGUFFile
 from gguf_flash.model import Model
@@ -71,7 +72,7 @@ def main():
 
     stats_path = out / "stats.npz"
     if not stats_path.exists():
-        stats = cv._SparsityStats(f, cfg, grid, True)
+        stats = SparsityStats(f, cfg, grid, True)
         cal = calibrate(model, tokenizer_from_gguf(f), read_calibration_text(None)[0], 4096, chunk, cv.HELD_OUT,
                         on_layer=stats.add, spill_dir=out)
         np.savez(stats_path, q=stats.q, qp=stats.qp, dn=stats.dn, tokens=cal.tokens, n_train=cal.n_train)

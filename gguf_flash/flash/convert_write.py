@@ -1,0 +1,211 @@
+"""The flash GGUF's writing (convert.py, phase 4; docs/flash-gguf.md): the source's metadata and non-FFN
+tensors byte for byte (the head in the head index's row order), then per layer the bundles (gate, up
+copied; down columns re-quantized), neuron ids, frequencies, the product's norms and the predictors
+(parked on disk until written), streamed tensor by tensor with the source's pages released as written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, quants
+
+from ..errors import InvalidArgumentError
+from . import format as ff
+from .convert_ram import NEURON_BLOCK
+from .convert_stats import dequant_rows
+from .spill import Parked
+
+
+def progress_bar(enabled, total, desc):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="", leave=True, dynamic_ncols=True)
+
+
+def write_flash(f, cfg, path, meta, orders, freq, down_q, progress):
+    """Stream the flash GGUF: header and tensor infos first, then each tensor's data in order."""
+    w = GGUFWriter(path, cfg.arch)
+    w.add_custom_alignment(ff.ALIGNMENT)
+    for key, value in f.meta.items():
+        if key in ("general.architecture", "general.alignment"):
+            continue
+        vtype, itype = f.meta_types[key]
+        vtype = GGUFValueType(vtype)
+        if vtype == GGUFValueType.ARRAY:
+            w.add_key_value(key, list(value) if isinstance(value, np.ndarray) else value, vtype,
+                            sub_type=GGUFValueType(itype))
+        else:
+            w.add_key_value(key, value, vtype)
+    L = cfg.n_layer
+    preds = meta["preds"]
+    w.add_uint32(ff.K_VERSION, meta["version"])
+    w.add_string(ff.K_SOURCE_SHA, meta["sha"])
+    w.add_array(ff.K_PARTS, list(ff.PARTS))
+    w.add_key_value(ff.K_TYPES, [int(x) for x in meta["types"]], GGUFValueType.ARRAY, GGUFValueType.UINT32)
+    w.add_key_value(ff.K_BYTES, [int(x) for x in meta["bytes"]], GGUFValueType.ARRAY, GGUFValueType.UINT32)
+    w.add_string(ff.K_ACTIVATION, meta["act"])
+    f32s = lambda key, xs: w.add_key_value(key, [float(x) for x in xs], GGUFValueType.ARRAY,  # noqa: E731
+                                           GGUFValueType.FLOAT32)
+    f32s(ff.K_THRESHOLD, meta["thresholds"])
+    w.add_float32(ff.K_SPARSITY, meta["sparsity"])
+    f32s(ff.K_LAYER_SPARSITY, meta["layer_sparsity"])
+    # a layer without a predictor: rank 0, zeros in the other predictor keys, no predictor tensors
+    w.add_key_value(ff.K_RANK, [int(p.rank) if p else 0 for p in preds], GGUFValueType.ARRAY, GGUFValueType.UINT32)
+    f32s(ff.K_RECALL, [p.recall if p else 0.0 for p in preds])
+    f32s(ff.K_PRECISION, [p.precision if p else 0.0 for p in preds])
+    w.add_key_value(ff.K_PRED_KIND, [int(p is not None and p.kind == "abs") for p in preds], GGUFValueType.ARRAY,
+                    GGUFValueType.UINT32)
+    f32s(ff.K_PRED_OFFSET, [p.offset if p else 0.0 for p in preds])
+    w.add_uint32(ff.K_CAL_TOKENS, meta["cal_tokens"])
+    w.add_string(ff.K_CAL_SOURCE, meta["source"])
+    f32s(ff.K_CURVE_S, [s for s, _ in meta["curve"]])
+    f32s(ff.K_CURVE_PPL, [p for _, p in meta["curve"]])
+    pr = meta["product"]
+    if pr is not None:
+        f32s(ff.K_PROD_THRESHOLD, pr["thresholds"])
+        w.add_float32(ff.K_PROD_SPARSITY, pr["sparsity"])
+        f32s(ff.K_PROD_LAYER_SPARSITY, pr["layer_sparsity"])
+        f32s(ff.K_PROD_CURVE_S, [s for s, _ in pr["curve"]])
+        f32s(ff.K_PROD_CURVE_PPL, [p for _, p in pr["curve"]])
+    hi = meta["head_index"]
+    if hi is not None:
+        w.add_float32(ff.K_HI_MARGIN, hi.margin)
+        w.add_float32(ff.K_HI_MARGIN_DIST, hi.margin_dist)
+        w.add_uint32(ff.K_HI_HELDOUT, hi.n_heldout)
+        w.add_float32(ff.K_HI_READ, hi.read_frac)
+        w.add_float32(ff.K_HI_BYTES, hi.bytes_frac)
+
+    ffn = {f"blk.{il}.{p}.weight" for il in range(L) for p in ("ffn_gate", "ffn_up", "ffn_down")}
+    # the head (and so a tied embedding) is stored in the head index's row order
+    head_name = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+    order = hi.order if hi is not None else None
+    plan = []   # (producer, source tensors it reads) in file order: their pages are released once written
+    for name, info in f.tensors.items():
+        if name in ffn:
+            continue
+        if info.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.I32):
+            arr = f.array(name)
+            w.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes)
+        else:
+            arr = f.raw(name)
+            w.add_tensor_info(name, arr.shape, np.uint8, arr.nbytes, raw_dtype=GGMLQuantizationType(info.qtype))
+        if name == head_name and order is not None:
+            plan.append((lambda a=arr: _RowsInOrder(a, order), [name]))
+        else:
+            plan.append((lambda a=arr: a, [name]))
+    for il in range(L):
+        bb = sum(meta["bytes"][3 * il:3 * il + 3])
+        p = preds[il]
+        w.add_tensor_info(ff.t_bundle(il), (cfg.n_ff, bb), np.dtype(np.int8), cfg.n_ff * bb)
+        plan.append((lambda il=il: _bundle(f, cfg, il, orders[il], down_q).view(np.int8),
+                     [f"blk.{il}.{p}.weight" for p in ("ffn_gate", "ffn_up", "ffn_down")]))
+        w.add_tensor_info(ff.t_neuron_id(il), (cfg.n_ff,), np.dtype(np.int32), cfg.n_ff * 4)
+        plan.append((lambda il=il: orders[il].astype(np.int32), []))
+        w.add_tensor_info(ff.t_freq(il), (cfg.n_ff,), np.dtype(np.float32), cfg.n_ff * 4)
+        plan.append((lambda il=il: freq[il], []))
+        if pr is not None:   # in stored (hot-first) row order
+            w.add_tensor_info(ff.t_down_norm(il), (cfg.n_ff,), np.dtype(np.float32), cfg.n_ff * 4)
+            plan.append((lambda il=il: pr["down_norm"][il][orders[il]].astype(np.float32), []))
+            w.add_tensor_info(ff.t_prod_freq(il), (cfg.n_ff,), np.dtype(np.float32), cfg.n_ff * 4)
+            plan.append((lambda il=il: pr["freq"][il].astype(np.float32), []))
+        if p is None:
+            continue
+        w.add_tensor_info(ff.t_pred_a(il), p.A.shape, np.dtype(np.float16), p.A.size * 2)
+        plan.append((p.A.load, []))
+        w.add_tensor_info(ff.t_pred_b(il), p.B.shape, np.dtype(np.float16), p.B.size * 2)
+        plan.append((p.B.load, []))
+        w.add_tensor_info(ff.t_pred_bias(il), p.bias.shape, np.dtype(np.float32), p.bias.size * 4)
+        plan.append((lambda bias=p.bias: bias, []))
+    if hi is not None:
+        for name, arr in ((ff.T_HI_BASIS, hi.basis), (ff.T_HI_PREVIEW, hi.preview), (ff.T_HI_SCALE, hi.scale),
+                          (ff.T_HI_ORDER, hi.order)):
+            w.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes)
+            plan.append((lambda a=arr: a, []))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    bar = progress_bar(progress, len(plan), "write")
+    for produce, reads in plan:
+        data = produce()
+        w.write_tensor_data(data if isinstance(data, _RowsInOrder) else np.ascontiguousarray(data))
+        for name in reads:
+            f.release(f.tensor(name).offset, f.tensor(name).n_bytes)
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    w.close()
+
+
+class _RowsInOrder:
+    """A tensor's rows in another order, for GGUFWriter.write_tensor_data (which takes .nbytes and
+    .tofile): written ORDER_ROWS rows at a time, never as one permuted copy (Gemma 3's head: 171 MiB)."""
+    ORDER_ROWS = 4096
+
+    def __init__(self, a, order):
+        self.a, self.order, self.nbytes = a, order, a.nbytes
+
+    def tofile(self, fout):
+        for i0 in range(0, len(self.order), self.ORDER_ROWS):
+            np.ascontiguousarray(self.a[self.order[i0:i0 + self.ORDER_ROWS]]).tofile(fout)
+
+
+@dataclass
+class StoredPredictor:
+    """A trained predictor as the flash file stores it, its factors parked until written (spill.py)."""
+    rank: int
+    recall: float
+    precision: float
+    kind: str
+    offset: float
+    n_bytes: int
+    A: Parked              # (n_embd, r) float16
+    B: Parked              # (r, n_ff) float16, columns in the stored (hot-first) row order
+    bias: np.ndarray       # (n_ff,) float32, in the stored order
+
+
+def as_stored(p, order, spill) -> StoredPredictor:
+    """p's columns in the stored (hot-first) row order, so predicted rows index bundles; A, B balanced,
+    float16, parked in `spill`."""
+    A, B = _balanced(p.A, p.B[:, order])
+    return StoredPredictor(p.rank, p.recall, p.precision, p.kind, p.offset, p.n_bytes,
+                            spill.put(A.astype(np.float16)), spill.put(B.astype(np.float16)),
+                            p.bias[order].astype(np.float32))
+
+
+def _balanced(A, B):
+    """(A diag(s), diag(1/s) B) with equal column/row norms: the same product, and both factors
+    inside float16's range (a trained factor pair can drift to scales F16 cannot hold)."""
+    na = np.linalg.norm(A, axis=0) + 1e-12                       # (r,)
+    nb = np.linalg.norm(B, axis=1) + 1e-12                       # (r,)
+    s = np.sqrt(nb / na).astype(np.float32)
+    A, B = A * s[None, :], B / s[:, None]
+    if max(np.abs(A).max(), np.abs(B).max()) >= 65504:
+        raise InvalidArgumentError("predictor weights exceed float16 range even after balancing")
+    return np.ascontiguousarray(A, np.float32), np.ascontiguousarray(B, np.float32)
+
+
+def _bundle(f, cfg, il, order, down_q) -> np.ndarray:
+    """(n_ff, bundle_bytes) uint8: row i = gate[order[i]] | up[order[i]] | requantized down[:, order[i]]."""
+    gate = f.raw(f"blk.{il}.ffn_gate.weight")                     # (n_ff, gate_bytes)
+    up = f.raw(f"blk.{il}.ffn_up.weight")                         # (n_ff, up_bytes)
+    down_cols = np.empty((cfg.n_ff, cfg.n_embd), np.float32)      # (n_ff, n_embd): down's columns, stored order
+    for r0 in range(0, cfg.n_embd, NEURON_BLOCK):
+        D = dequant_rows(f, f"blk.{il}.ffn_down.weight", r0, r0 + NEURON_BLOCK)   # (<= block, n_ff)
+        down_cols[:, r0:r0 + len(D)] = D.T[order]
+    g, u = gate.shape[1], up.shape[1]
+    out = np.empty((cfg.n_ff, g + u + ff.part_bytes(int(down_q), cfg.n_embd)), np.uint8)
+    out[:, :g] = gate[order]
+    out[:, g:g + u] = up[order]
+    for r0 in range(0, cfg.n_ff, NEURON_BLOCK):   # quantized a block of rows at a time: gguf.quants'
+        rows = down_cols[r0:r0 + NEURON_BLOCK]    # temporaries are a few times what they quantize
+        if down_q == GGMLQuantizationType.F32:
+            dq = rows.view(np.uint8)
+        elif down_q == GGMLQuantizationType.F16:
+            dq = rows.astype(np.float16).view(np.uint8)
+        else:
+            dq = quants.quantize(rows, down_q)                    # (<= block, down_bytes)
+        out[r0:r0 + len(rows), g + u:] = dq.reshape(len(rows), -1)
+    return out
