@@ -57,7 +57,7 @@ def main():
     ids = llm.tokenize("Once upon a time")
     llm.generate(ids, n_predict=a.tokens, ignore_eos=True)
     step(f"+ {len(ids)}-token prompt and {a.tokens} generated tokens", rows)
-    from gguf_flash.flash.runtime import peak_rss
+    from gguf_flash.flash.sizing import peak_rss
     print(f"{'peak RSS of the process (VmHWM)':52s} {peak_rss() / MiB:7.1f} MiB")
     if a.flash:
         print("plan:", llm.model.plan.describe())

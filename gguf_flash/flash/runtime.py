@@ -26,18 +26,18 @@ from .. import firstrun
 from ..kernels import dispatch, flashstep, forward as fw, nn, release_compiler_pages, sparse
 from ..kernels.quant_basic import MM_ROWS
 from ..model import RunState, Weights, set_threads
-from . import budget, diskprobe
+from . import budget
 from .ffn import FFNLoader, _split
 from .selector import selector_args
 from . import format as ff
 from .format import read_flash
 from .head import HeadOrder, OutputHead, TokenEmbedding
-from .head_index import EXACT, HeadNeed, IndexedHead, index_ram
+from .head_index import EXACT, HeadNeed, IndexedHead
 from .pinned import pin
-from .plan import HEADROOM, PlanInput, make_plan, mib
+from .plan import HEADROOM, mib
 from .prefill import CHUNK, ChunkBuffers, ChunkPrefill
-from .prefill import buffer_bytes as prefill_bytes, gate_bytes as prefill_gate_bytes
 from .selector import Selector
+from .sizing import choose_plan, disk_settings
 from .stats import TokenStats  # noqa: F401  (the per-token statistics; re-exported)
 from .store import BundleStore
 from .window import Window
@@ -47,9 +47,6 @@ MODES = ("flash", "naive", "dense")
 SELECTORS = ("auto", "predictor", "gate", "product", "bundle")
 HEADS = ("auto", "index", "exact")   # auto: the plan may use the file's head index; index: always (the
                                      # head streamed); exact: never
-STAGING_BYTES = 4 << 20   # FFN overflow staging: rows per chunk (a whole SmolLM2 layer; 4 parallel 1 MiB reads)
-STAGING_MAX_BYTES = 32 << 20   # what it grows to where the cap has room (plan.PlanInput.staging_rows_max):
-                               # 7B shape at 2 GiB, 1.35x faster per token than 4 MiB (README)
 
 
 def compile_out_of_process(f, kv_type: str = "f16", logit_rows: int = 0, progress: bool = False) -> None:
@@ -63,20 +60,6 @@ def compile_out_of_process(f, kv_type: str = "f16", logit_rows: int = 0, progres
     tset = Weights(f, c, ffn=False, more_types=bundle_types(info)).ts
     firstrun.ensure_compiled(f.path, "flash", tset, kv_type, logit_rows, progress,
                              extra="index" if info.head_index is not None else "")
-
-
-def peak_rss() -> int:
-    """This process image's RSS peak so far (bytes): loading the kernels touches LLVM before it is
-    released. /proc's VmHWM starts afresh at exec; getrusage's ru_maxrss does not (a child of a big
-    process inherits its parent's peak)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return budget.rss()
 
 
 def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: int = 0) -> tuple:
@@ -179,48 +162,50 @@ def _preload_head_index(s, w, qt) -> None:
     headidx.clear_marks(mark, ids[:1])
 
 
+def check_request(mode: str, selector: str, head: str) -> None:
+    """The run's options, before anything is read: InvalidArgumentError naming the bad one."""
+    if mode not in MODES:
+        raise InvalidArgumentError(f"--mode {mode}: choose one of {', '.join(MODES)}")
+    if selector not in SELECTORS:
+        raise InvalidArgumentError(f"--selector {selector}: choose one of {', '.join(SELECTORS)}")
+    if head not in HEADS:
+        raise InvalidArgumentError(f"--head {head}: choose one of {', '.join(HEADS)}")
+
+
+def check_file(f, c, info, mode: str, selector: str) -> None:
+    """What the options ask of the file (a predictor in every layer, the product criterion) and the
+    bundles' types this engine implements: one-line errors naming the file."""
+    if mode == "flash" and selector == "predictor" and not info.has_predictors:
+        have = sum(l.pred_a is not None for l in info.layers)
+        raise InvalidArgumentError(f"{f.path}: this file has no predictors"
+                                   f"{f' (only {have} of {c.n_layer} layers have one)' if have else ''}: "
+                                   f"convert with --predictor always")
+    if mode == "flash" and selector == "product" and not info.has_product:
+        raise InvalidArgumentError(f"{f.path}: this file has no product criterion (convert it again with "
+                                   f"this version; models with ReLU have none)")
+    for il, l in enumerate(info.layers):
+        for part, qt in zip(("gate", "up", "down"), l.types):
+            if qt not in dispatch.SUPPORTED:
+                raise UnsupportedModelError(f"{f.path}: layer {il} {part} rows have ggml type {qt}, "
+                                            f"which this engine does not implement")
+
+
 class FlashModel:
     def __init__(self, f, *, max_ram=None, mode: str = "flash", selector: str = "auto",
                  n_ctx: int | None = None, n_threads: int | None = None, cold: bool = False,
                  window_k: int = 8, io_threads: int = 4, kv_type: str = "f16", prefill_chunk: int | None = None,
                  logit_rows: int = 0, head: str = "auto"):
-        if mode not in MODES:
-            raise InvalidArgumentError(f"--mode {mode}: choose one of {', '.join(MODES)}")
-        if selector not in SELECTORS:
-            raise InvalidArgumentError(f"--selector {selector}: choose one of {', '.join(SELECTORS)}")
-        if head not in HEADS:
-            raise InvalidArgumentError(f"--head {head}: choose one of {', '.join(HEADS)}")
+        check_request(mode, selector, head)
         set_threads(n_threads)
         self.file, self.mode = f, mode
         self.cfg = c = config_from_gguf(f)
         self.info = info = read_flash(f, c)
-        if mode == "flash" and selector == "predictor" and not info.has_predictors:
-            have = sum(l.pred_a is not None for l in info.layers)
-            raise InvalidArgumentError(f"{f.path}: this file has no predictors"
-                                       f"{f' (only {have} of {c.n_layer} layers have one)' if have else ''}: "
-                                       f"convert with --predictor always")
-        if mode == "flash" and selector == "product" and not info.has_product:
-            raise InvalidArgumentError(f"{f.path}: this file has no product criterion (convert it again with "
-                                       f"this version; models with ReLU have none)")
-        for il, l in enumerate(info.layers):
-            for part, qt in zip(("gate", "up", "down"), l.types):
-                if qt not in dispatch.SUPPORTED:
-                    raise UnsupportedModelError(f"{f.path}: layer {il} {part} rows have ggml type {qt}, "
-                                                f"which this engine does not implement")
+        check_file(f, c, info, mode, selector)
         self.n_ctx = int(n_ctx) if n_ctx else min(1024 if max_ram else 4096, c.n_ctx_train)
         self.w = Weights(f, c, ffn=False, more_types=bundle_types(info))
         self.st = RunState(c, self.n_ctx, n_ubatch=1, kv_type=kv_type)   # tokens one at a time: no prompt batch buffers
         self.cap = budget.parse_size(max_ram) if max_ram is not None else None
-
-        # ---- disk: this device's probe sets the coalescing gap and read threads ----
-        bb = [l.bundle_bytes for l in info.layers]
-        max_range = max(1 << 20, 2 * max(bb))
-        gap, small, large = 64 << 10, None, None
-        probed = diskprobe.load(f.path)
-        if probed:  # `gguf-flash bench-io` measured this device
-            gap, io_threads = diskprobe.recommend(probed)
-            io_threads = min(io_threads, 8)
-            small, large = _throughput(probed, 16 << 10), _throughput(probed, 1 << 20)
+        disk = disk_settings(f, info, io_threads)
 
         # ---- kernels loaded (compiled in a child on a first run), LLVM released, the runtime measured ----
         compile_out_of_process(f, kv_type, logit_rows)
@@ -228,67 +213,18 @@ class FlashModel:
         baseline = budget.rss()
 
         # ---- the plan (refuses an impossible cap before anything large is loaded) ----
-        L = c.n_layer
-        attn = int(sum(self.w.mats[il, j, 1] * self.w.mats[il, j, 2] for il in range(L) for j in range(4)))
-        kv = self.st.k_cache.nbytes + self.st.v_cache.nbytes
-        scratch = sum(a.nbytes for a in vars(self.st).values() if isinstance(a, np.ndarray)) - kv
-        fixed = {"attention": attn, "KV cache": kv, "scratch": scratch, "I/O staging": io_threads * max_range}
-        # at most 8 MiB of logits (SmolLM2: 32 rows, Gemma 3's 262,144-token vocabulary: 8)
+        # at most 8 MiB of prompt logits (SmolLM2: 32 rows, Gemma 3's 262,144-token vocabulary: 8)
         self.logit_rows = max(1, min(int(logit_rows), CHUNK, (8 << 20) // (4 * c.n_vocab)))
-        if self.logit_rows > 1:
-            fixed["prompt logits"] = self.logit_rows * c.n_vocab * 4
-        hi = info.head_index
-        order = info.head_order         # the head's stored row order (flash/head.py), None: token order
-        if order is not None:
-            fixed["head order"] = HeadOrder.ram(c.n_vocab)
-        head_bytes = int(self.w.output[1] * self.w.output[2])
-        embd_bytes = 0 if c.tied_output else int(self.w.embd[1] * self.w.embd[2])
-        slot_max = max(bb)
-        inp = PlanInput(
-            cap=self.cap, baseline=baseline, fixed=fixed, mode=mode,
-            selector=selector if mode == "flash" else "none",
-            gate_bytes=sum(c.n_ff * l.part_bytes[0] for l in info.layers) + prefill_gate_bytes(c, 2 * CHUNK),
-            up_bytes=sum(c.n_ff * l.part_bytes[1] for l in info.layers) + prefill_gate_bytes(c, 2 * CHUNK)
-            if info.has_product else 0,
-            prod_freq=[l.prod_freq for l in info.layers] if info.has_product else None,
-            pred_bytes=sum(l.pred_bytes for l in info.layers) if info.has_predictors else 0,
-            head_bytes=head_bytes, embd_bytes=embd_bytes,
-            bundle_bytes=bb, gate_part=[l.part_bytes[0] for l in info.layers],
-            up_part=[l.part_bytes[1] for l in info.layers],
-            freq=[l.freq for l in info.layers], precision=[l.precision for l in info.layers],
-            staging_rows=c.n_ff if mode == "naive" else max(1, min(c.n_ff, STAGING_BYTES // slot_max)),
-            staging_rows_max=max(1, min(c.n_ff, STAGING_MAX_BYTES // slot_max)),
-            gap_bytes=gap, startup_peak=peak_rss() if self.cap is not None else 0, path=str(f.path))
-        if head == "index" and (hi is None or mode != "flash"):
-            why = ("its head index is an older converter's (a per-row bound that read most of the head); "
-                   "convert the source again" if info.old_head_index else "convert without --no-head-index")
-            raise InvalidArgumentError(f"{f.path}: --head index needs flash mode and a file with a head index "
-                                       f"({why})")
-        if hi is not None and head != "exact" and mode == "flash":
-            inp.index_bytes = index_ram(c.n_vocab, c.n_embd, hi["rank"])
-            inp.index_frac = hi["bytes_frac"]
-            inp.head_choice = head
-        if small:
-            inp.small_mib_s, inp.large_mib_s = small, large
-        # prompt chunks of 2 x CHUNK tokens (half the reads per prompt token) where their buffers cost
-        # decoding at most 5% more expected reading than CHUNK's; else CHUNK (the floor is CHUNK's)
-        plans = {}
-        for chunk in ([prefill_chunk] if prefill_chunk else [CHUNK, 2 * CHUNK]):
-            fixed["prompt chunk"] = prefill_bytes(c, self.n_ctx, chunk)
-            try:
-                plans[chunk] = make_plan(inp)
-            except RamCapError:
-                if chunk == (prefill_chunk or CHUNK):
-                    raise
-        chunk = max(k for k, q in plans.items() if q.read_ms <= 1.05 * min(p.read_ms for p in plans.values()))
-        self.plan = plans[chunk]
-        self.prefill_chunk = chunk
+        self.plan, self.prefill_chunk = choose_plan(f, c, info, self.w, self.st, self.cap, baseline, mode, selector,
+                                                    head, disk, self.logit_rows, self.n_ctx, prefill_chunk)
         self.selector = self.plan.selector
         log.info("RAM plan: %s", self.plan.describe())
 
         # ---- the pieces ----
-        self.store = BundleStore(f.path, info.layers[0].bundle_offset, bb[0], c.n_ff, cold=cold,
-                                 n_threads=io_threads, gap_bytes=gap, stat=f.stat, max_range=max_range)
+        L, hi, order = c.n_layer, info.head_index, info.head_order
+        self.store = BundleStore(f.path, info.layers[0].bundle_offset, info.layers[0].bundle_bytes, c.n_ff,
+                                 cold=cold, n_threads=disk.io_threads, gap_bytes=disk.gap, stat=f.stat,
+                                 max_range=disk.max_range)
         self.select = Selector(self.selector, info.layers, self.store, c.n_ff, c.activation, self.w.ts)
         if self.selector == "predictor":   # the selector copied the factors: drop the map's pages of them
             for il in range(L):
@@ -441,9 +377,3 @@ class FlashModel:
 def bundle_types(info) -> list:
     """The ggml types of every layer's bundle parts (gate, up, down)."""
     return sorted({int(t) for l in info.layers for t in l.types})
-
-
-def _throughput(rows, size) -> float:
-    """Best probed MiB/s at the read size nearest `size`."""
-    sizes = sorted({r.size for r in rows}, key=lambda s: abs(np.log2(s) - np.log2(size)))
-    return max(r.mib_s for r in rows if r.size == sizes[0])
