@@ -144,8 +144,8 @@ def test_real_gemma_tensor(gemma_reader, name):
 # ---------------------------------------------------------------------------------------------
 # decode dots on 8-bit input blocks (quant_kq8.py): exactly dequant(row) . (xq * xd)
 # ---------------------------------------------------------------------------------------------
-Q8X_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K]
-_KIND = {T.Q4_K: "q4_k", T.Q5_K: "q5_k", T.Q6_K: "q6_k"}
+Q8X_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+_KIND = {T.Q2_K: "q2_k", T.Q3_K: "q3_k", T.Q4_K: "q4_k", T.Q5_K: "q5_k", T.Q6_K: "q6_k"}
 
 
 def quantized_x(x):
@@ -198,8 +198,8 @@ def test_q8x_dot_is_the_product_with_rounded_x(qtype, shape):
 
 @pytest.mark.parametrize("qtype", Q8X_TYPES, ids=lambda t: t.name)
 def test_q8x_dot_extreme_codes(qtype):
-    """All-zero and all-0xFF payloads: the ends of every bit field, of the 6-bit scales and mins, and the
-    largest 16-bit pair sums (63 * 127 * 2 for Q6_K) against x at +-127 per block."""
+    """All-zero and all-0xFF payloads: the ends of every bit field, of the 4- and 6-bit scales and mins,
+    and the largest 16-bit pair sums (63 * 127 * 2 for Q6_K) against x at +-127 per block."""
     from gguf_flash.kernels import quant_kq8
     _, type_size = GGML_QUANT_SIZES[qtype]
     n_cols = 512

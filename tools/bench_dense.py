@@ -3,8 +3,8 @@ tok/s (128 greedy steps), peak RSS, and cold start: time to the first token of a
 compiles the model's kernels (an empty numba cache) and of a second process that loads them from numba's
 on-disk cache.
 
-    python tools/bench_dense.py [smollm2 gemma3-270m qwen2-synthetic PATH ...] [--threads 2] [--rounds 3]
-                                [--skip-cold]
+    python tools/bench_dense.py [smollm2 gemma3-270m qwen2-synthetic[-q3_k_m|-q2_k] PATH ...] [--threads 2]
+                                [--rounds 3] [--skip-cold]
 
 Each measurement runs in a fresh child process, so RSS is that of one engine. When llama-cpp-python is
 installed (`pip install gguf-flash[bench]`), llama.cpp runs on the same GGUF in the same invocation (same
@@ -110,27 +110,31 @@ def child(path, threads, env, n_prompt=128, n_gen=128):
 
 
 QWEN2 = "qwen2-synthetic"   # the qwen2-0.5b shape, random weights, quantized by llama.cpp to Q4_K_M
+# and the same weights in llama.cpp's low-RAM mixes (their ffn_down in Q3_K; rows of 896 fall back to Q4_0)
+QWEN2_MIXES = {QWEN2: "Q4_K_M", QWEN2 + "-q3_k_m": "Q3_K_M", QWEN2 + "-q2_k": "Q2_K"}
 
 
-def qwen2_synthetic() -> str:
-    """~/.cache/gguf-flash/bench/qwen2-0.5b.q4_k_m.gguf: Qwen2-0.5B's shape with random weights, written in
-    F16 by gguf_flash.synthetic and quantized by llama.cpp's own Q4_K_M recipe, which gives the real
-    file's type mix (Q5_0/Q8_0 where rows of 896 do not fit 256-wide K-blocks, Q4_K, Q6_K; Q8_0 embedding);
-    gguf.quants cannot write K-quants. Needs llama-cpp-python; made once."""
+def qwen2_synthetic(name: str = QWEN2) -> str:
+    """~/.cache/gguf-flash/bench/qwen2-0.5b.q4_k_m.gguf (or the mix QWEN2_MIXES[name]): Qwen2-0.5B's shape
+    with random weights, written in F16 by gguf_flash.synthetic (seeded: every mix quantizes the same
+    weights) and quantized by llama.cpp's own recipe, which gives the real file's type mix (Q4_K_M: Q5_0/Q8_0
+    where rows of 896 do not fit 256-wide K-blocks, Q4_K, Q6_K; Q8_0 embedding); gguf.quants cannot write
+    K-quants. Needs llama-cpp-python; made once."""
     import ctypes
     from gguf_flash.models import cache_dir
     from gguf_flash.synthetic import make_spec, write_synthetic
-    out = cache_dir("bench") / "qwen2-0.5b.q4_k_m.gguf"
+    mix = QWEN2_MIXES[name]
+    out = cache_dir("bench") / f"qwen2-0.5b.{mix.lower()}.gguf"
     if not out.exists():
         f16 = out.with_name("qwen2-0.5b.f16.gguf")
         if not f16.exists():
             write_synthetic(f16, spec=make_spec("qwen2-0.5b", qtype="F16"))
         import llama_cpp
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}")
         tmp = out.with_suffix(".tmp")
         if llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), ctypes.byref(params)):
-            sys.exit(f"{f16}: llama.cpp could not quantize it to Q4_K_M")
+            sys.exit(f"{f16}: llama.cpp could not quantize it to {mix}")
         tmp.rename(out)
         f16.unlink()
     return str(out)
@@ -139,7 +143,7 @@ def qwen2_synthetic() -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="*", default=["smollm2", "gemma3-270m"],
-                    help=f"known names, paths, or {QWEN2} (made with llama.cpp's quantizer)")
+                    help=f"known names, paths, or {', '.join(QWEN2_MIXES)} (made with llama.cpp's quantizer)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="child processes per engine, alternating")
     ap.add_argument("--skip-cold", action="store_true", help="skip the compile-from-scratch process")
@@ -152,9 +156,9 @@ def main():
               "pip install 'gguf-flash[bench]' to measure it in this run", file=sys.stderr)
     rows = []
     for name in a.models:
-        if name == QWEN2 and not live:
-            sys.exit(f"{QWEN2} is made with llama.cpp's quantizer: pip install 'gguf-flash[bench]'")
-        path = qwen2_synthetic() if name == QWEN2 else resolve(name)
+        if name in QWEN2_MIXES and not live:
+            sys.exit(f"{name} is made with llama.cpp's quantizer: pip install 'gguf-flash[bench]'")
+        path = qwen2_synthetic(name) if name in QWEN2_MIXES else resolve(name)
         cold = None
         if not a.skip_cold:
             with tempfile.TemporaryDirectory() as tmp:

@@ -10,7 +10,8 @@ The output head is its own row (one matrix as large as many layers).
 
     python tools/bench_kernels.py [smollm2 gemma3-270m qwen2-synthetic PATH ...] [--threads 2] [--reps 7]
 
-qwen2-synthetic is tools/bench_dense.py's Qwen2-0.5B-shaped Q4_K_M file (needs llama-cpp-python).
+qwen2-synthetic[-q3_k_m|-q2_k] are tools/bench_dense.py's Qwen2-0.5B-shaped files (llama.cpp's Q4_K_M,
+Q3_K_M, Q2_K recipes; need llama-cpp-python).
 """
 import argparse
 import os
@@ -85,9 +86,9 @@ def main():
     print("|---|---|---|---|---|---|")
     for name in a.models:
         path = name
-        if name == "qwen2-synthetic":
+        if name.startswith("qwen2-synthetic"):
             from bench_dense import qwen2_synthetic
-            path = qwen2_synthetic()
+            path = qwen2_synthetic(name)
         llm = gguf_flash.load(path, n_ctx=64, n_threads=a.threads)
         w = llm.model.w
         groups = {}

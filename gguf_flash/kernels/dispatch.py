@@ -65,12 +65,12 @@ def weight(blob, m):
 @njit(cache=True)
 def quantize_x(xq, x):
     """xq (q8x_scratch_bytes(n),) uint8 <- x (n,) as 8-bit blocks, once per input vector: the
-    Q4/Q5/Q8 and Q4_K/Q5_K/Q6_K matvecs then use integer dot products (llama.cpp's scheme)."""
+    Q4/Q5/Q8 and Q2_K..Q6_K matvecs then use integer dot products (llama.cpp's scheme)."""
     qb.quantize_x_q8(xq, x)
 
 
 # decode reads the input of these as 8-bit blocks (quantize_x)
-Q8X = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)
+Q8X = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
 
 
 @njit(cache=True, inline="always")
@@ -87,8 +87,9 @@ def uses_q8x(qt):
 
 MATVEC = {F32: qb.matvec_f32, F16: qb.matvec_f16, BF16: qb.matvec_bf16, Q4_0: qb.matvec_q8x_q4_0,
           Q4_1: qb.matvec_q8x_q4_1, Q5_0: qb.matvec_q8x_q5_0, Q5_1: qb.matvec_q8x_q5_1,
-          Q8_0: qb.matvec_q8x_q8_0, Q2_K: qk.matvec_q2_k, Q3_K: qk.matvec_q3_k, Q4_K: kq8.matvec_q8x_q4_k,
-          Q5_K: kq8.matvec_q8x_q5_k, Q6_K: kq8.matvec_q8x_q6_k, IQ4_NL: qk.matvec_iq4_nl}
+          Q8_0: qb.matvec_q8x_q8_0, Q2_K: kq8.matvec_q8x_q2_k, Q3_K: kq8.matvec_q8x_q3_k,
+          Q4_K: kq8.matvec_q8x_q4_k, Q5_K: kq8.matvec_q8x_q5_k, Q6_K: kq8.matvec_q8x_q6_k,
+          IQ4_NL: qk.matvec_iq4_nl}
 MATMAT = {F32: qb.matmat_f32, F16: qb.matmat_f16, BF16: qb.matmat_bf16, Q4_0: qb.matmat_q4_0,
           Q4_1: qb.matmat_q4_1, Q5_0: qb.matmat_q5_0, Q5_1: qb.matmat_q5_1, Q8_0: qb.matmat_q8_0,
           Q2_K: qk.matmat_q2_k, Q3_K: qk.matmat_q3_k, Q4_K: qk.matmat_q4_k, Q5_K: qk.matmat_q5_k,
@@ -99,8 +100,8 @@ DEQUANT = {F32: qb.dequant_row_f32, F16: qb.dequant_row_f16, BF16: qb.dequant_ro
            Q3_K: qk.dequant_row_q3_k, Q4_K: qk.dequant_row_q4_k, Q5_K: qk.dequant_row_q5_k,
            Q6_K: qk.dequant_row_q6_k, IQ4_NL: qk.dequant_row_iq4_nl}
 DOT = {F32: qb.dot_f32, F16: qb.dot_f16, BF16: qb.dot_bf16, Q4_0: qb._dq8x_q4_0, Q4_1: qb._dq8x_q4_1,
-       Q5_0: qb._dq8x_q5_0, Q5_1: qb._dq8x_q5_1, Q8_0: qb._dq8x_q8_0, Q2_K: qk.dot_q2_k,
-       Q3_K: qk.dot_q3_k, Q4_K: kq8._dq8x_q4_k, Q5_K: kq8._dq8x_q5_k, Q6_K: kq8._dq8x_q6_k,
+       Q5_0: qb._dq8x_q5_0, Q5_1: qb._dq8x_q5_1, Q8_0: qb._dq8x_q8_0, Q2_K: kq8._dq8x_q2_k,
+       Q3_K: kq8._dq8x_q3_k, Q4_K: kq8._dq8x_q4_k, Q5_K: kq8._dq8x_q5_k, Q6_K: kq8._dq8x_q6_k,
        IQ4_NL: qk.dot_iq4_nl}
 AXPY = {F32: qb.axpy_f32, F16: qb.axpy_f16, BF16: qb.axpy_bf16, Q4_0: qb._axpy_q4_0, Q4_1: qb._axpy_q4_1,
         Q5_0: qb._axpy_q5_0, Q5_1: qb._axpy_q5_1, Q8_0: qb._axpy_q8_0, Q2_K: qk.axpy_q2_k, Q3_K: qk.axpy_q3_k,

@@ -29,12 +29,14 @@ from numba.extending import intrinsic
 
 from .quant_basic import (_F32, _FMF, _I8, _I16, _I32, _I64, FASTMATH, HAS_AVX2, QK, _call_x86, _hsum8,
                           _is_vec, _load, _splat, _vconst, _vec, prefetch_ahead)
-from .quant_k import Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES, QK_K
+from .quant_k import Q2_K_BYTES, Q3_K_BYTES, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES, QK_K
 
 # kind -> (super-block bytes, offset of qh or None, offset of qs)   (quant_k.py's layouts)
-_LAYOUT = {"q4_k": (Q4_K_BYTES, None, 16), "q5_k": (Q5_K_BYTES, 16, 48), "q6_k": (Q6_K_BYTES, 128, 0)}
+_LAYOUT = {"q4_k": (Q4_K_BYTES, None, 16), "q5_k": (Q5_K_BYTES, 16, 48), "q6_k": (Q6_K_BYTES, 128, 0),
+           "q2_k": (Q2_K_BYTES, None, 16), "q3_k": (Q3_K_BYTES, 0, 32)}
 _GGML_TYPE = {"q4_k": GGMLQuantizationType.Q4_K, "q5_k": GGMLQuantizationType.Q5_K,
-              "q6_k": GGMLQuantizationType.Q6_K}
+              "q6_k": GGMLQuantizationType.Q6_K, "q2_k": GGMLQuantizationType.Q2_K,
+              "q3_k": GGMLQuantizationType.Q3_K}
 _Q6_SCALES, _Q6_D = 192, 208  # Q6_K: int8 scales[16], f16 d
 
 
@@ -62,22 +64,38 @@ def _udot(b, codes, xq, avx2):
     return _reduce32(b, b.mul(b.zext(codes, _vec(_I32, 32)), b.sext(xq, _vec(_I32, 32))))
 
 
-def _q6_dot(b, codes, xq, sc_a, sc_b, avx2):
-    """<8 x i32> whose lanes sum to sum_k sc * sum((codes - 32) * xq), sc_a for elements 0..15 and sc_b
-    for 16..31 (i8 scalars)."""
+def _scaled_dot16(b, codes, xq, sc_a, sc_b, bias_shift, avx2):
+    """<8 x i32> whose lanes sum to sum_k sc * sum((codes - bias) * xq), sc_a for elements 0..15 and sc_b
+    for 16..31 (i8 scalars), bias = 1 << bias_shift (Q6_K: 32, Q3_K: 4) or none (bias_shift None)."""
     if avx2:
         p16 = _call_x86(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [_vec(_I8, 32)] * 2, [codes, xq])
+        if bias_shift is not None:
+            o16 = _call_x86(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [_vec(_I8, 32)] * 2,
+                            [_vconst(_I8, [1] * 32), xq])
+            p16 = b.sub(p16, b.shl(o16, _vconst(_I16, [bias_shift] * 16)))  # |pair sums| <= 32*127*2
+        return _call_x86(b, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [_vec(_I16, 16)] * 2,
+                         [p16, _halves(b, sc_a, sc_b, _I16, 16)])
+    q = b.zext(codes, _vec(_I32, 32))
+    if bias_shift is not None:
+        q = b.sub(q, _vconst(_I32, [1 << bias_shift] * 32))
+    return _reduce32(b, b.mul(b.mul(q, b.sext(xq, _vec(_I32, 32))), _halves(b, sc_a, sc_b, _I32, 32)))
+
+
+def _halves(b, sc_a, sc_b, ty, n):
+    """<n x ty>: sc_a sign-extended in the first n/2 lanes, sc_b in the rest. On AVX2 (n = 16 16-bit
+    lanes) lane k of vpmaddubsw's result holds elements 2k, 2k + 1: lanes 0..7 are elements 0..15."""
+    lo, hi = _splat(b, b.sext(sc_a, ty), n), _splat(b, b.sext(sc_b, ty), n)
+    return b.shuffle_vector(lo, hi, _vconst(_I32, [0] * (n // 2) + [n] * (n // 2)))
+
+
+def _min_dot16(b, xq, m_a, m_b, avx2):
+    """<8 x i32> whose lanes sum to m_a * sum(xq[0:16]) + m_b * sum(xq[16:32]) (Q2_K's mins, i8 scalars)."""
+    if avx2:
         o16 = _call_x86(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [_vec(_I8, 32)] * 2,
                         [_vconst(_I8, [1] * 32), xq])
-        p16 = b.sub(p16, b.shl(o16, _vconst(_I16, [5] * 16)))  # |sum of (q-32)*x pairs| <= 8128
-        a, c = b.sext(sc_a, _I16), b.sext(sc_b, _I16)
-        scv = b.shuffle_vector(_splat(b, a, 16), _splat(b, c, 16), _vconst(_I32, [0] * 8 + [16] * 8))
-        # i16 lane k holds elements 2k, 2k+1: lanes 0..7 are elements 0..15
-        return _call_x86(b, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [_vec(_I16, 16)] * 2, [p16, scv])
-    a, c = b.sext(sc_a, _I32), b.sext(sc_b, _I32)
-    scv = b.shuffle_vector(_splat(b, a, 32), _splat(b, c, 32), _vconst(_I32, [0] * 16 + [32] * 16))
-    q = b.sext(b.sub(codes, _vconst(_I8, [32] * 32)), _vec(_I32, 32))
-    return _reduce32(b, b.mul(b.mul(q, b.sext(xq, _vec(_I32, 32))), scv))
+        return _call_x86(b, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [_vec(_I16, 16)] * 2,
+                         [o16, _halves(b, m_a, m_b, _I16, 16)])
+    return _reduce32(b, b.mul(b.sext(xq, _vec(_I32, 32)), _halves(b, m_a, m_b, _I32, 32)))
 
 
 def _scales_mins_k4(b, bp):
@@ -136,9 +154,61 @@ def _superblock_q6(b, bp, xqp, xdv, acc, avx2):
             sc_a = b.extract_element(scales, _c(2 * blk, _I32))
             sc_b = b.extract_element(scales, _c(2 * blk + 1, _I32))
             xq = _load(b, xqp, _c(32 * blk), _vec(_I8, 32))
-            f = b.sitofp(_q6_dot(b, codes, xq, sc_a, sc_b, avx2), _vec(_F32, 8))
+            f = b.sitofp(_scaled_dot16(b, codes, xq, sc_a, sc_b, 5, avx2), _vec(_F32, 8))
             acc = b.fadd(acc, b.fmul(_lane(b, dx, blk), f, flags=_FMF), flags=_FMF)
     return acc
+
+
+def _superblock_q3(b, bp, xqp, xdv, acc, avx2):
+    """acc (<8 x float>) += one Q3_K super-block . its 8 blocks of xq: codes (q2 | hbit << 2) - 4 in
+    -4..3, sixteen 6-bit scales - 32 (quant_k._scale_q3_k, unpacked as one vector)."""
+    d = b.fpext(_load(b, bp, _c(108), ir.HalfType()), _F32)
+    dx = b.fmul(_splat(b, d, 8), xdv, flags=_FMF)  # d * xd_j
+    a = _load(b, bp, _c(96), _vec(_I8, 8))          # scale bytes 0..7 (the block's 12 end at byte 108)
+    c = _load(b, bp, _c(104), _vec(_I8, 4))         # scale bytes 8..11
+    lo = b.shuffle_vector(b.and_(a, _vconst(_I8, [15] * 8)), b.lshr(a, _vconst(_I8, [4] * 8)),
+                          _vconst(_I32, range(16)))            # lo[i] = a[i] & 15 (i < 8), a[i-8] >> 4
+    hi = b.shuffle_vector(c, c, _vconst(_I32, [i & 3 for i in range(16)]))
+    hi = b.and_(b.lshr(hi, _vconst(_I8, [2 * (i >> 2) for i in range(16)])), _vconst(_I8, [3] * 16))
+    scales = b.sub(b.or_(lo, b.shl(hi, _vconst(_I8, [4] * 16))), _vconst(_I8, [32] * 16))   # -32..31
+    hmask = _load(b, bp, _c(0), _vec(_I8, 32))
+    for h in range(2):
+        q = _load(b, bp, _c(32 + 32 * h), _vec(_I8, 32))
+        for j in range(4):
+            low2 = b.and_(b.lshr(q, _vconst(_I8, [2 * j] * 32)), _vconst(_I8, [3] * 32))
+            hbit = b.and_(b.lshr(hmask, _vconst(_I8, [4 * h + j] * 32)), _vconst(_I8, [1] * 32))
+            codes = b.or_(low2, b.shl(hbit, _vconst(_I8, [2] * 32)))   # 0..7 = q + 4
+            blk = 4 * h + j
+            sc_a = b.extract_element(scales, _c(2 * blk, _I32))
+            sc_b = b.extract_element(scales, _c(2 * blk + 1, _I32))
+            xq = _load(b, xqp, _c(32 * blk), _vec(_I8, 32))
+            f = b.sitofp(_scaled_dot16(b, codes, xq, sc_a, sc_b, 2, avx2), _vec(_F32, 8))
+            acc = b.fadd(acc, b.fmul(_lane(b, dx, blk), f, flags=_FMF), flags=_FMF)
+    return acc
+
+
+def _superblock_q2(b, bp, xqp, xdv, acc, acc_m, avx2):
+    """acc (<8 x float>) += the codes' part of one Q2_K super-block (codes 0..3, sixteen 4-bit scales),
+    acc_m += its mins' part (sixteen 4-bit mins; subtracted at the end)."""
+    d = b.fpext(_load(b, bp, _c(80), ir.HalfType()), _F32)
+    dmin = b.fpext(_load(b, bp, _c(82), ir.HalfType()), _F32)
+    dx = b.fmul(_splat(b, d, 8), xdv, flags=_FMF)
+    mx = b.fmul(_splat(b, dmin, 8), xdv, flags=_FMF)
+    sm = _load(b, bp, _c(0), _vec(_I8, 16))
+    scales, mins = b.and_(sm, _vconst(_I8, [15] * 16)), b.lshr(sm, _vconst(_I8, [4] * 16))
+    for h in range(2):
+        q = _load(b, bp, _c(16 + 32 * h), _vec(_I8, 32))
+        for j in range(4):
+            codes = b.and_(b.lshr(q, _vconst(_I8, [2 * j] * 32)), _vconst(_I8, [3] * 32))
+            blk = 4 * h + j
+            s_a, s_b = [b.extract_element(scales, _c(2 * blk + t, _I32)) for t in range(2)]
+            m_a, m_b = [b.extract_element(mins, _c(2 * blk + t, _I32)) for t in range(2)]
+            xq = _load(b, xqp, _c(32 * blk), _vec(_I8, 32))
+            f = b.sitofp(_scaled_dot16(b, codes, xq, s_a, s_b, None, avx2), _vec(_F32, 8))
+            acc = b.fadd(acc, b.fmul(_lane(b, dx, blk), f, flags=_FMF), flags=_FMF)
+            g = b.sitofp(_min_dot16(b, xq, m_a, m_b, avx2), _vec(_F32, 8))
+            acc_m = b.fadd(acc_m, b.fmul(_lane(b, mx, blk), g, flags=_FMF), flags=_FMF)
+    return acc, acc_m
 
 
 def _make_dot_q8x(kind, avx2=HAS_AVX2):
@@ -168,6 +238,12 @@ def _make_dot_q8x(kind, avx2=HAS_AVX2):
                 xdv = _load(b, xdp, b.shl(i, _c(3)), _vec(_F32, 8), 4)
                 if kind == "q6_k":
                     b.store(_superblock_q6(b, bp, xqp, xdv, b.load(acc), avx2), acc)
+                elif kind == "q3_k":
+                    b.store(_superblock_q3(b, bp, xqp, xdv, b.load(acc), avx2), acc)
+                elif kind == "q2_k":
+                    a, m = _superblock_q2(b, bp, xqp, xdv, b.load(acc), b.load(acc_m), avx2)
+                    b.store(a, acc)
+                    b.store(m, acc_m)
                 else:
                     xsv = _load(b, xsp, b.shl(i, _c(3)), _vec(_F32, 8), 4)
                     a, m = _superblock_k4(b, bp, xqp, xdv, xsv, b.load(acc), b.load(acc_m), kind, avx2)
@@ -199,6 +275,8 @@ if numba.config.DISABLE_JIT:
 _dq8x_q4_k = _make_dot_q8x("q4_k")
 _dq8x_q5_k = _make_dot_q8x("q5_k")
 _dq8x_q6_k = _make_dot_q8x("q6_k")
+_dq8x_q2_k = _make_dot_q8x("q2_k")
+_dq8x_q3_k = _make_dot_q8x("q3_k")
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -240,10 +318,38 @@ def matvec_q8x_q6_k(out, w, scratch):
         out[i] = _dq8x_q6_k(w[i], scratch, n_cols)
 
 
+@njit(cache=True, fastmath=FASTMATH)
+def dot_q8x_q2_k(row, scratch, n_cols):
+    return _dq8x_q2_k(row, scratch, n_cols)
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def matvec_q8x_q2_k(out, w, scratch):
+    n_cols = w.shape[1] // Q2_K_BYTES * QK_K
+    for i in prange(w.shape[0]):
+        prefetch_ahead(w, i)
+        out[i] = _dq8x_q2_k(w[i], scratch, n_cols)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def dot_q8x_q3_k(row, scratch, n_cols):
+    return _dq8x_q3_k(row, scratch, n_cols)
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def matvec_q8x_q3_k(out, w, scratch):
+    n_cols = w.shape[1] // Q3_K_BYTES * QK_K
+    for i in prange(w.shape[0]):
+        prefetch_ahead(w, i)
+        out[i] = _dq8x_q3_k(w[i], scratch, n_cols)
+
+
 _Q = GGMLQuantizationType
 # int(GGMLQuantizationType) -> (dot_q8x(row, scratch, n_cols), matvec_q8x(out, w, scratch))
 TABLE_Q8X = {
     int(_Q.Q4_K): (dot_q8x_q4_k, matvec_q8x_q4_k),
     int(_Q.Q5_K): (dot_q8x_q5_k, matvec_q8x_q5_k),
     int(_Q.Q6_K): (dot_q8x_q6_k, matvec_q8x_q6_k),
+    int(_Q.Q2_K): (dot_q8x_q2_k, matvec_q8x_q2_k),
+    int(_Q.Q3_K): (dot_q8x_q3_k, matvec_q8x_q3_k),
 }
