@@ -1,4 +1,4 @@
-"""Decode dots of the K-quants Q4_K, Q5_K, Q6_K on 8-bit input blocks (integer dot products).
+"""Decode dots of the K-quants Q2_K..Q6_K on 8-bit input blocks (integer dot products).
 
 The same scheme as the basic types' fast path (quant_basic.py, "Decode fast path"): the input vector is
 quantized once per call site by quantize_x_q8 into blocks of 32 (xq int8, xd f32 scale, xs f32 sum of the
@@ -6,16 +6,19 @@ quantized block), and every weight block is multiplied with it in integers. llam
 its Q8_K (one scale per 256); we keep the Q8X scratch's scale per 32, so one scratch serves a vector whatever
 mix of types reads it, and the result is exactly dequant(row) . (xq * xd) up to float rounding.
 
-    dot_q8x_T(row, scratch, n_cols) -> float32      (T = q4_k, q5_k, q6_k)
+    dot_q8x_T(row, scratch, n_cols) -> float32      (T = q2_k, q3_k, q4_k, q5_k, q6_k)
     matvec_q8x_T(out, w, scratch)                    out (n_rows,) float32 ~= W @ x (prange over rows)
 TABLE_Q8X maps int(GGMLQuantizationType) -> (dot_q8x, matvec_q8x), as quant_basic.TABLE_Q8X.
 
 Per super-block of 256 (layouts in quant_k.py's docstring), with j the 32-element Q8X block:
     Q4_K, Q5_K: sum_j d*sc_j*xd_j * sum(q*xq) - dmin * sum_j mn_j*xs_j    (q 0..15 / 0..31, 8 sub-blocks)
     Q6_K:       sum_j d*xd_j * sum_k sc_k * sum((q-32)*xq)               (q 0..63, two 16-sub-blocks a block)
+    Q3_K:       as Q6_K with q - 4 (q 0..7 = 2 low bits | the hmask bit << 2) and 6-bit scales - 32
+    Q2_K:       sum_j d*xd_j * sum_k sc_k * sum(q*xq) - dmin*xd_j * sum_k mn_k * sum(xq)   (q 0..3, 4-bit sc, mn)
 On AVX2 a block is vpmaddubsw (unsigned codes x signed xq, pair sums in 16 bits: 63*127*2 < 2^15) and
-vpmaddwd: with ones (Q4_K, Q5_K), or with Q6_K's two int8 scales, after the 32 * sum(xq) of its -32 bias
-is taken off in 16 bits (pmaddubsw of ones). The 6-bit scales and mins of a super-block are unpacked as
+vpmaddwd: with ones (Q4_K, Q5_K), or with the two int8 scales of its 16-element sub-blocks (Q2_K, Q3_K,
+Q6_K), after the bias x sum(xq) is taken off in 16 bits (pmaddubsw of ones; Q2_K's mins are a vpmaddwd of
+those pair sums). The 6-bit scales and mins of a super-block are unpacked as
 one <8 x i8> vector each, and d*sc*xd, mn*xs as <8 x float>. Elsewhere (ARM) generic vector IR computes the
 same integers. Measured: tools/bench_kernels.py (README "Performance").
 """
