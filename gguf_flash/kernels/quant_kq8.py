@@ -67,9 +67,9 @@ def _udot(b, codes, xq, avx2):
     return _reduce32(b, b.mul(b.zext(codes, _vec(_I32, 32)), b.sext(xq, _vec(_I32, 32))))
 
 
-def _scaled_dot16(b, codes, xq, sc_a, sc_b, bias_shift, avx2):
-    """<8 x i32> whose lanes sum to sum_k sc * sum((codes - bias) * xq), sc_a for elements 0..15 and sc_b
-    for 16..31 (i8 scalars), bias = 1 << bias_shift (Q6_K: 32, Q3_K: 4) or none (bias_shift None)."""
+def _scaled_dot16(b, codes, xq, scales, blk, bias_shift, avx2):
+    """<8 x i32> whose lanes sum to sum_k sc * sum((codes - bias) * xq), sc the sub-block scales 2 blk (elements
+    0..15) and 2 blk + 1 (16..31) of `scales` (_widened), bias = 1 << bias_shift (Q6_K: 32, Q3_K: 4) or none (bias_shift None)."""
     if avx2:
         p16 = _call_x86(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [_vec(_I8, 32)] * 2, [codes, xq])
         if bias_shift is not None:
@@ -77,28 +77,35 @@ def _scaled_dot16(b, codes, xq, sc_a, sc_b, bias_shift, avx2):
                             [_vconst(_I8, [1] * 32), xq])
             p16 = b.sub(p16, b.shl(o16, _vconst(_I16, [bias_shift] * 16)))  # |pair sums| <= 32*127*2
         return _call_x86(b, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [_vec(_I16, 16)] * 2,
-                         [p16, _halves(b, sc_a, sc_b, _I16, 16)])
+                         [p16, _halves(b, scales, blk, 16)])
     q = b.zext(codes, _vec(_I32, 32))
     if bias_shift is not None:
         q = b.sub(q, _vconst(_I32, [1 << bias_shift] * 32))
-    return _reduce32(b, b.mul(b.mul(q, b.sext(xq, _vec(_I32, 32))), _halves(b, sc_a, sc_b, _I32, 32)))
+    return _reduce32(b, b.mul(b.mul(q, b.sext(xq, _vec(_I32, 32))), _halves(b, scales, blk, 32)))
 
 
-def _halves(b, sc_a, sc_b, ty, n):
-    """<n x ty>: sc_a sign-extended in the first n/2 lanes, sc_b in the rest. On AVX2 (n = 16 16-bit
-    lanes) lane k of vpmaddubsw's result holds elements 2k, 2k + 1: lanes 0..7 are elements 0..15."""
-    lo, hi = _splat(b, b.sext(sc_a, ty), n), _splat(b, b.sext(sc_b, ty), n)
-    return b.shuffle_vector(lo, hi, _vconst(_I32, [0] * (n // 2) + [n] * (n // 2)))
+def _widened(b, scales, avx2):
+    """A super-block's sixteen int8 scales (or mins), sign-extended once to the lanes _halves picks from:
+    <16 x i16> on AVX2, <16 x i32> for the generic IR."""
+    return b.sext(scales, _vec(_I16 if avx2 else _I32, 16))
 
 
-def _min_dot16(b, xq, m_a, m_b, avx2):
-    """<8 x i32> whose lanes sum to m_a * sum(xq[0:16]) + m_b * sum(xq[16:32]) (Q2_K's mins, i8 scalars)."""
+def _halves(b, wide, blk, n):
+    """<n x lane> of the widened scales: sub-block 2 blk's in the first n/2 lanes, 2 blk + 1's in the rest
+    (one shuffle; extracting the two and splatting them cost a few more instructions a block). On AVX2
+    (n = 16 16-bit lanes) lane k of vpmaddubsw's result holds elements 2k, 2k + 1: lanes 0..7 are 0..15."""
+    return b.shuffle_vector(wide, wide, _vconst(_I32, [2 * blk] * (n // 2) + [2 * blk + 1] * (n // 2)))
+
+
+def _min_dot16(b, xq, mins, blk, avx2):
+    """<8 x i32> whose lanes sum to mn_a * sum(xq[0:16]) + mn_b * sum(xq[16:32]), mn_a, mn_b the mins 2 blk
+    and 2 blk + 1 of `mins` (_widened; Q2_K)."""
     if avx2:
         o16 = _call_x86(b, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [_vec(_I8, 32)] * 2,
                         [_vconst(_I8, [1] * 32), xq])
         return _call_x86(b, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [_vec(_I16, 16)] * 2,
-                         [o16, _halves(b, m_a, m_b, _I16, 16)])
-    return _reduce32(b, b.mul(b.sext(xq, _vec(_I32, 32)), _halves(b, m_a, m_b, _I32, 32)))
+                         [o16, _halves(b, mins, blk, 16)])
+    return _reduce32(b, b.mul(b.sext(xq, _vec(_I32, 32)), _halves(b, mins, blk, 32)))
 
 
 def _scales_mins_k4(b, bp):
@@ -143,7 +150,7 @@ def _superblock_q6(b, bp, xqp, xdv, acc, avx2):
     """acc (<8 x float>) += one Q6_K super-block . its 8 blocks of xq."""
     d = b.fpext(_load(b, bp, _c(_Q6_D), ir.HalfType()), _F32)
     dx = b.fmul(_splat(b, d, 8), xdv, flags=_FMF)  # d * xd_j
-    scales = _load(b, bp, _c(_Q6_SCALES), _vec(_I8, 16))
+    scales = _widened(b, _load(b, bp, _c(_Q6_SCALES), _vec(_I8, 16)), avx2)
     m15, m3 = _vconst(_I8, [15] * 32), _vconst(_I8, [3] * 32)
     for h in range(2):
         ql = [_load(b, bp, _c(64 * h + 32 * t), _vec(_I8, 32)) for t in range(2)]
@@ -154,10 +161,8 @@ def _superblock_q6(b, bp, xqp, xdv, acc, avx2):
             hi = b.and_(b.lshr(qh, _vconst(_I8, [2 * j] * 32)), m3)
             codes = b.or_(lo, b.shl(hi, _vconst(_I8, [4] * 32)))  # 0..63
             blk = 4 * h + j  # elements 128h + 32j.., sub-blocks 8h + 2j and 8h + 2j + 1
-            sc_a = b.extract_element(scales, _c(2 * blk, _I32))
-            sc_b = b.extract_element(scales, _c(2 * blk + 1, _I32))
             xq = _load(b, xqp, _c(32 * blk), _vec(_I8, 32))
-            f = b.sitofp(_scaled_dot16(b, codes, xq, sc_a, sc_b, 5, avx2), _vec(_F32, 8))
+            f = b.sitofp(_scaled_dot16(b, codes, xq, scales, blk, 5, avx2), _vec(_F32, 8))
             acc = b.fadd(acc, b.fmul(_lane(b, dx, blk), f, flags=_FMF), flags=_FMF)
     return acc
 
@@ -173,7 +178,7 @@ def _superblock_q3(b, bp, xqp, xdv, acc, avx2):
                           _vconst(_I32, range(16)))            # lo[i] = a[i] & 15 (i < 8), a[i-8] >> 4
     hi = b.shuffle_vector(c, c, _vconst(_I32, [i & 3 for i in range(16)]))
     hi = b.and_(b.lshr(hi, _vconst(_I8, [2 * (i >> 2) for i in range(16)])), _vconst(_I8, [3] * 16))
-    scales = b.sub(b.or_(lo, b.shl(hi, _vconst(_I8, [4] * 16))), _vconst(_I8, [32] * 16))   # -32..31
+    scales = _widened(b, b.sub(b.or_(lo, b.shl(hi, _vconst(_I8, [4] * 16))), _vconst(_I8, [32] * 16)), avx2)
     hmask = _load(b, bp, _c(0), _vec(_I8, 32))
     for h in range(2):
         q = _load(b, bp, _c(32 + 32 * h), _vec(_I8, 32))
@@ -182,10 +187,8 @@ def _superblock_q3(b, bp, xqp, xdv, acc, avx2):
             hbit = b.and_(b.lshr(hmask, _vconst(_I8, [4 * h + j] * 32)), _vconst(_I8, [1] * 32))
             codes = b.or_(low2, b.shl(hbit, _vconst(_I8, [2] * 32)))   # 0..7 = q + 4
             blk = 4 * h + j
-            sc_a = b.extract_element(scales, _c(2 * blk, _I32))
-            sc_b = b.extract_element(scales, _c(2 * blk + 1, _I32))
             xq = _load(b, xqp, _c(32 * blk), _vec(_I8, 32))
-            f = b.sitofp(_scaled_dot16(b, codes, xq, sc_a, sc_b, 2, avx2), _vec(_F32, 8))
+            f = b.sitofp(_scaled_dot16(b, codes, xq, scales, blk, 2, avx2), _vec(_F32, 8))
             acc = b.fadd(acc, b.fmul(_lane(b, dx, blk), f, flags=_FMF), flags=_FMF)
     return acc
 
@@ -198,18 +201,17 @@ def _superblock_q2(b, bp, xqp, xdv, acc, acc_m, avx2):
     dx = b.fmul(_splat(b, d, 8), xdv, flags=_FMF)
     mx = b.fmul(_splat(b, dmin, 8), xdv, flags=_FMF)
     sm = _load(b, bp, _c(0), _vec(_I8, 16))
-    scales, mins = b.and_(sm, _vconst(_I8, [15] * 16)), b.lshr(sm, _vconst(_I8, [4] * 16))
+    scales = _widened(b, b.and_(sm, _vconst(_I8, [15] * 16)), avx2)   # 4-bit scales and mins
+    mins = _widened(b, b.lshr(sm, _vconst(_I8, [4] * 16)), avx2)
     for h in range(2):
         q = _load(b, bp, _c(16 + 32 * h), _vec(_I8, 32))
         for j in range(4):
             codes = b.and_(b.lshr(q, _vconst(_I8, [2 * j] * 32)), _vconst(_I8, [3] * 32))
             blk = 4 * h + j
-            s_a, s_b = [b.extract_element(scales, _c(2 * blk + t, _I32)) for t in range(2)]
-            m_a, m_b = [b.extract_element(mins, _c(2 * blk + t, _I32)) for t in range(2)]
             xq = _load(b, xqp, _c(32 * blk), _vec(_I8, 32))
-            f = b.sitofp(_scaled_dot16(b, codes, xq, s_a, s_b, None, avx2), _vec(_F32, 8))
+            f = b.sitofp(_scaled_dot16(b, codes, xq, scales, blk, None, avx2), _vec(_F32, 8))
             acc = b.fadd(acc, b.fmul(_lane(b, dx, blk), f, flags=_FMF), flags=_FMF)
-            g = b.sitofp(_min_dot16(b, xq, m_a, m_b, avx2), _vec(_F32, 8))
+            g = b.sitofp(_min_dot16(b, xq, mins, blk, avx2), _vec(_F32, 8))
             acc_m = b.fadd(acc_m, b.fmul(_lane(b, mx, blk), g, flags=_FMF), flags=_FMF)
     return acc, acc_m
 
