@@ -41,7 +41,7 @@ def dequant_rows(f, name, r0, r1) -> np.ndarray:
     return quants.dequantize(f.raw(name)[r0:r1], GGMLQuantizationType(info.qtype)).astype(np.float32, copy=False)
 
 
-def down_norms(f, il, n_ff) -> np.ndarray:
+def _down_norms(f, il, n_ff) -> np.ndarray:
     """(n_ff,) f32: the norm of each neuron's down column (the product criterion's scale)."""
     name = f"blk.{il}.ffn_down.weight"
     ss = np.zeros(n_ff, np.float64)
@@ -57,7 +57,7 @@ def _gate_scores(f, il, X, act, n_ff) -> np.ndarray:
     out = np.empty((len(X), n_ff), np.float32)
     for r0 in range(0, n_ff, NEURON_BLOCK):
         r1 = min(n_ff, r0 + NEURON_BLOCK)
-        out[:, r0:r1] = act_abs(X @ dequant_rows(f, f"blk.{il}.ffn_gate.weight", r0, r1).T, act)
+        out[:, r0:r1] = _act_abs(X @ dequant_rows(f, f"blk.{il}.ffn_gate.weight", r0, r1).T, act)
     return out
 
 
@@ -87,7 +87,7 @@ def _product_share(f, il, X, act, up_scale, thresholds) -> np.ndarray:
     count = np.zeros(len(thresholds), np.int64)
     for r0 in range(0, n_ff, NEURON_BLOCK):
         r1 = min(n_ff, r0 + NEURON_BLOCK)
-        P = act_abs(X @ dequant_rows(f, f"blk.{il}.ffn_gate.weight", r0, r1).T, act)    # (n, <= block)
+        P = _act_abs(X @ dequant_rows(f, f"blk.{il}.ffn_gate.weight", r0, r1).T, act)    # (n, <= block)
         P *= np.abs(X @ dequant_rows(f, f"blk.{il}.ffn_up.weight", r0, r1).T)
         P *= up_scale[r0:r1]
         for k, t in enumerate(thresholds):
@@ -124,7 +124,7 @@ class SparsityStats:
         A = _gate_scores(f, il, Xt, act, n_ff)                             # (n_train, n_ff)
         self.q[il] = quantiles(A, self.grid)       # np.quantile's, without its copy of A (this phase's peak)
         if self.product:
-            self.dn[il] = down_norms(f, il, n_ff)
+            self.dn[il] = _down_norms(f, il, n_ff)
             _times_up(f, il, Xt, A, self.dn[il])                               # |act(g) u| ||down_i||
             self.qp[il] = quantiles(A, self.grid)
             thresholds = (0.0, *self.qp[il])
@@ -148,7 +148,7 @@ def release_freed_memory():
         pass
 
 
-def act_abs(G, act):
+def _act_abs(G, act):
     if act == ACT_RELU:
         return np.maximum(G, 0)
     if act == ACT_GELU_TANH:

@@ -130,15 +130,14 @@ def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j
                     if j + PREFETCH_AHEAD < b1:
                         _prefetch_row(slots, neuron_slot, stage, stage_map, active[j + PREFETCH_AHEAD], lo, o_end)
                     a = active[j]
-                    s = neuron_slot[a]
+                    row = _row(slots, stage, neuron_slot[a], stage_map[a])
                     if known == KNOWN_GATE:
                         v = gvals[j]
                     else:
-                        v = activate(dot_row(t_gate, _row(slots, stage, s, stage_map[a])[o_gate:o_up], x,
-                                             xq, tset), act)
+                        v = activate(dot_row(t_gate, row[o_gate:o_up], x, xq, tset), act)
                     h = np.float32(0.0)
                     if abs(v) > threshold:
-                        h = v * dot_row(t_up, _row(slots, stage, s, stage_map[a])[o_up:o_down], x, xq, tset)
+                        h = v * dot_row(t_up, row[o_up:o_down], x, xq, tset)
                     gvals[j] = h
             for j in range(g0, g1):
                 if known == KNOWN_H and j + PREFETCH_AHEAD < b1:
@@ -273,8 +272,7 @@ def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, 
                 break
             for r in range(nr):
                 a = rows[r]
-                s = neuron_slot[a]
-                row = slots[s] if s >= 0 else stage[stage_map[a]]
+                row = _row(slots, stage, neuron_slot[a], stage_map[a])
                 if known == KNOWN_NONE:
                     dequant_into(types[0], gb[r], row[offs[0]:offs[1]], tset)
                 if known != KNOWN_H:
