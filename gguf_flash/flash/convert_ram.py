@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .head_build import ROW_CHUNK
 from .plan import MiB
-from .predictor import GateRows, basis_bytes
+from .predictor import SCIPY_BYTES, GateRows, basis_bytes
 from .quantile import temp_bytes
 
 BASE_BYTES = 150 * MiB       # the converter's own RSS with the kernels loaded and LLVM's pages released
@@ -80,7 +80,8 @@ def convert_ram(f, cfg, n_tokens: int, chunk: int, held_out: float, predictors: 
     head = (0 if not head_rank else 3 * ROW_CHUNK * E * 4 + 6 * 32 * V * 4 + V * head_rank * 5 + 6 * E * E * 4
             + 4 * 2048 * E * 4 + head_bytes + T * E * 2) + (64 * MiB + layer)
     # predictors: one thread at a time makes the data-weighted basis (its tokens in float16, and
-    # predictor.basis_bytes: two n_embd^2 matrices, eigh's copy, workspace and eigenvectors); then each
+    # predictor.basis_bytes: two n_embd^2 float64 matrices and k eigenvectors; and scipy, imported for it
+    # and kept to the end, predictor.SCIPY_BYTES); then each
     # thread holds the layer's inputs (f32) and labels, the mask's blocks, and while training the basis,
     # the best predictor so far and the one training, Adam's moments and, at the most, the init's gate
     # estimate on 2048 tokens, or the held-out logits (and their copies). Held throughout: the product
@@ -88,15 +89,16 @@ def convert_ram(f, cfg, n_tokens: int, chunk: int, held_out: float, predictors: 
     # disk until written, spill.py). (Without predictors, each thread still makes the labels.)
     k = min(max_rank, E, F)
     label = T * E * 4 + T * F + 3 * 1024 * GateRows.ROWS * 4
-    basis = n_train * E * 2 + basis_bytes(E)
+    basis = n_train * E * 2 + basis_bytes(E, k)
     training = (label + 4 * k * (E + F) * 4 + 2 * k * (E + F) * 4
                 + max(min(n_train, 2048) * F * 5, 6 * BATCH * F * 4, 3 * n_held * F * 4 + n_held * F * 4 // 2))
     per_thread = training if predictors else label
     held = L * F * 12 + L * (n_grid + 1) * F * 4
-    train = max(basis if predictors else 0, per_thread) + held
+    scipy = SCIPY_BYTES if predictors else 0
+    train = max(basis if predictors else 0, per_thread) + held + scipy
     # write: a layer's down columns (f32), a dequantized block of them and its transposed copy, the
     # bundle, a block of rows quantizing (gguf.quants' temporaries), the layer's pages
-    write = F * E * 4 + 2 * block + layer + 4 * NEURON_BLOCK * E * 4 + layer + held
+    write = F * E * 4 + 2 * block + layer + 4 * NEURON_BLOCK * E * 4 + layer + held + scipy
     phases = {"calibrate": calibrate, "sparsity": sparsity, "head index": head, "predictors": train, "write": write}
     phases = {k: int(v * MARGIN[k]) for k, v in phases.items()}
     return ConvertRam(phases, BASE_BYTES, layer, int(per_thread * MARGIN["predictors"]))

@@ -1,4 +1,5 @@
-"""Low-rank activation predictors: which FFN neurons will be active for this token (numpy only).
+"""Low-rank activation predictors: which FFN neurons will be active for this token (numpy, and scipy's
+partial eigensolver for the data-weighted basis).
 
 LLM in a flash (Alizadeh et al. 2024), 3.1 "predictors"; DejaVu (Liu et al. 2023): a per-layer rank-r
 map x (n_embd) -> A (n_embd, r) -> B (r, n_ff) -> one logit per neuron, trained on calibration tokens to
@@ -262,9 +263,8 @@ def _check_split(X, Y, W_gate, name):
 # Initialisation: data-weighted truncated SVD of W_gate, then per-neuron scale and centre
 # ---------------------------------------------------------------------------------------------------
 
-# The basis is the memory peak of a layer's training (two n_embd^2 float64 matrices, LAPACK's copy and
-# eigh's workspace of 2 n_embd^2: ~180 MiB on TinyLlama's n_embd 2048): threads that train layers in
-# parallel take turns here.
+# The basis is the memory peak of a layer's training (n_embd^2 float64 matrices: ~100 MiB on TinyLlama's
+# n_embd 2048): threads that train layers in parallel take turns here.
 _BASIS_TURN = threading.Lock()
 
 
@@ -286,55 +286,76 @@ def gate_basis(X: np.ndarray, W_gate, k_max: int):
         return _gate_basis(X, GateRows.of(W_gate), k_max)
 
 
-def basis_bytes(n_embd: int) -> int:
-    """The most _gate_basis holds at once besides its tokens: E float32 and M float64 (n_embd^2 each),
-    and numpy's eigh of M: its copy, dsyevd's workspace (1 + 6n + 2n^2 doubles) and the eigenvectors."""
-    return 4 * n_embd ** 2 + 3 * 8 * n_embd ** 2 + 8 * (1 + 6 * n_embd + 2 * n_embd ** 2)
+# What importing scipy.linalg adds to the process (its modules and its own OpenBLAS): 22 MiB measured
+# on this machine; the converter counts it from the predictor phase on.
+SCIPY_BYTES = 24 * 1024 * 1024
+
+
+def basis_bytes(n_embd: int, k: int) -> int:
+    """The most _gate_basis holds at once besides its tokens: two n_embd^2 float64 matrices (C and its
+    eigenvectors E, then E and M), a block of gate rows in float64 twice, and the k eigenvectors of M
+    (dsyevr works in M's own storage, with 26 n doubles and 10 n ints besides)."""
+    return 16 * n_embd ** 2 + 2 * 8 * GateRows.ROWS * n_embd + 8 * n_embd * k + 8 * 26 * n_embd + 4 * 10 * n_embd
 
 
 def _second_moment(X, rows: int = 1024) -> np.ndarray:
-    """(n_embd, n_embd) f64 C = X^T X / n, over `rows` tokens at a time (X may be float16: a block at a
-    time in float32)."""
-    C = np.zeros((X.shape[1], X.shape[1]), np.float64)
+    """(n_embd, n_embd) f64 C = X^T X / n in Fortran order, its upper triangle only, over `rows` tokens
+    at a time (X may be float16: a block at a time in float32, then float64). BLAS's dsyrk adds each
+    block's product in C's place: `C += Xb.T @ Xb` made an n_embd^2 temporary (32 MiB at n_embd 2048)."""
+    from scipy.linalg.blas import dsyrk
+    C = np.zeros((X.shape[1], X.shape[1]), np.float64, order="F")
     for r in range(0, len(X), rows):
         Xb = X[r:r + rows].astype(np.float32, copy=False)             # (<= rows, n_embd) f32
         if not np.isfinite(Xb).all():
             raise InvalidArgumentError("X and W_gate must be finite")
-        C += Xb.T @ Xb
+        C = dsyrk(1.0, Xb.astype(np.float64), beta=1.0, c=C, trans=1, lower=0, overwrite_c=1)
     C /= len(X)
     return C
 
 
+def _eigh_in_place(S: np.ndarray, top: int | None = None, lower: bool = True):
+    """(eigenvalues ascending, eigenvectors as columns) of the symmetric float64 S (its lower or upper
+    triangle read), whose storage LAPACK overwrites (S is garbage after); only the `top` largest when
+    given. Why scipy: numpy's eigh copies S and runs dsyevd, whose workspace is 2 n^2 doubles, and returns
+    all n eigenvectors: 4 n^2 doubles besides S (128 MiB at n 2048, the TinyLlama converter's peak);
+    dsyevr on S's own storage, asked for the top k, needs n k doubles and O(n) workspace."""
+    from scipy.linalg import eigh
+    n = len(S)
+    subset = None if top is None else (n - top, n - 1)
+    if not S.flags.f_contiguous:        # a C-ordered S is symmetric: S.T is S in Fortran order, no copy
+        S, lower = S.T, not lower
+    return eigh(S, lower=lower, overwrite_a=True, check_finite=False, subset_by_index=subset, driver="evr")
+
+
 def _gate_basis(X, W: GateRows, k_max: int):
-    """gate_basis in the eigenbasis of C = X^T X / n, so that no more than one n_embd^2 float64 matrix
-    and one float32 live at once besides eigh's own (its copy and workspace): with C = E diag(lam) E^T,
-    C^(1/2) W^T W C^(1/2) = E M E^T where M = D (E^T W^T W E) D, D = diag(sqrt(lam)); M = U' S^2 U'^T
-    gives U = E U', hence A = C^(-1/2) U_k = E D^-1 U'_k and B = U_k^T C^(1/2) W^T = (E D U'_k)^T W^T."""
+    """gate_basis in the eigenbasis of C = X^T X / n, so that no more than two n_embd^2 float64 matrices
+    live at once: with C = E diag(lam) E^T, C^(1/2) W^T W C^(1/2) = E M E^T where M = G^T G, G = W E D,
+    D = diag(sqrt(lam)) (G made a block of gate rows at a time); M = U' S^2 U'^T gives U = E U', hence
+    A = C^(-1/2) U_k = E D^-1 U'_k and B = U_k^T C^(1/2) W^T = (E D U'_k)^T W^T."""
     n_embd, n_ff = X.shape[1], W.shape[0]
     k = min(int(k_max), n_embd, n_ff)
     C = _second_moment(X)                                              # (n_embd, n_embd) f64
-    lam, E = np.linalg.eigh(C)                                         # E (n_embd, n_embd) f64
+    lam, E = _eigh_in_place(C, lower=False)                                       # E (n_embd, n_embd) f64
     del C
-    M = np.zeros((n_embd, n_embd), np.float64)
     d = np.sqrt(np.maximum(lam, 1e-6 * max(lam.max(), 1e-30)))         # (n_embd,) sqrt(eigenvalues)
-    for _, Wb in W.blocks():                                           # M = W^T W, in row blocks
+    E *= d[None, :]
+    ED = E                                                             # (n_embd, n_embd) f64 = E D
+    del E
+    from scipy.linalg.blas import dsyrk
+    M = np.zeros((n_embd, n_embd), np.float64, order="F")              # its upper triangle: G^T G
+    for _, Wb in W.blocks():                                           # G a block of rows at a time
         if not np.isfinite(Wb).all():
             raise InvalidArgumentError("X and W_gate must be finite")
-        Wb = Wb.astype(np.float64)
-        M += Wb.T @ Wb
-    del Wb
-    M = M @ E
-    M = E.T @ M                                                        # E^T W^T W E
-    M *= d[:, None]
-    M *= d[None, :]
-    E = E.astype(np.float32)   # held through the second eigh in float32: the P, Q it makes are float32
-    s2, U = np.linalg.eigh(M)                                          # ascending eigenvalues = S^2
+        G = Wb.astype(np.float64) @ ED                                 # (rows, n_embd) f64
+        M = dsyrk(1.0, G, beta=1.0, c=M, trans=1, lower=0, overwrite_c=1)   # M += G^T G, in place
+    del Wb, G
+    s2, U = _eigh_in_place(M, k, lower=False)                                     # the k largest S^2, ascending
     del M, s2
-    U = np.ascontiguousarray(U[:, ::-1][:, :k])                        # (n_embd, k) U'_k, largest first
-    E = E.astype(np.float64)
-    P = (E @ (U / d[:, None])).astype(np.float32)                      # (n_embd, k) = C^(-1/2) U_k
-    R = (E @ (U * d[:, None])).astype(np.float32)                      # (n_embd, k) = C^(1/2) U_k
-    del E, U
+    U = U[:, ::-1]                                                     # (n_embd, k) U'_k, largest first
+    R = (ED @ U).astype(np.float32)                                    # (n_embd, k) = C^(1/2) U_k
+    ED /= (d * d)[None, :]                                             # E D^-1
+    P = (ED @ U).astype(np.float32)                                    # (n_embd, k) = C^(-1/2) U_k
+    del ED, U
     Q = np.empty((k, n_ff), np.float32)                                # (k, n_ff) = S_k V_k^T
     for r0, Wb in W.blocks():
         Q[:, r0:r0 + len(Wb)] = R.T @ Wb.T
