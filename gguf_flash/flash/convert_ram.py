@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .head_build import ROW_CHUNK
+from .head_build import chunk_rows
 from .plan import MiB
 from .predictor import SCIPY_BYTES, GateRows, basis_bytes
 from .quantile import temp_bytes
@@ -74,14 +74,16 @@ def convert_ram(f, cfg, n_tokens: int, chunk: int, held_out: float, predictors: 
     calibrate = 2 * T * E * 4 + max(scores, T * E * 4 + T * E * 2) + layer + kv_layer
     # held-out passes: the held-out tokens' states and a 32-row block of logits (and log-softmax)
     sparsity = 3 * n_held * E * 4 + 3 * 32 * V * 4 + layer + kv_layer + T * E * 2
-    # head index: the head dequantized ROW_CHUNK rows at a time, exact logits of 32 states, the preview
-    # and Sigma^(+-1/2), the calibration and greedy states; and the greedy continuations' KV caches
-    # (the head's mapped pages stay resident until the phase ends)
-    head = (0 if not head_rank else 3 * ROW_CHUNK * E * 4 + 6 * 32 * V * 4 + V * head_rank * 5 + 6 * E * E * 4
-            + 4 * 2048 * E * 4 + head_bytes + T * E * 2) + (64 * MiB + layer)
+    # head index: the head dequantized chunk_rows(E) rows at a time, exact logits of 32 states, the
+    # preview (f32, then int8) and its data-weighted basis (predictor.basis_bytes, and scipy from here
+    # on, predictor.SCIPY_BYTES), the calibration and greedy states; and the greedy continuations' KV
+    # caches (the head's mapped pages stay resident until the phase ends)
+    scipy = SCIPY_BYTES if predictors or head_rank else 0
+    head = (0 if not head_rank else 3 * chunk_rows(E) * E * 4 + 6 * 32 * V * 4 + V * head_rank * 5
+            + basis_bytes(E, head_rank) + 4 * 2048 * E * 4 + head_bytes + T * E * 2 + scipy) + (64 * MiB + layer)
     # predictors: one thread at a time makes the data-weighted basis (its tokens in float16, and
     # predictor.basis_bytes: two n_embd^2 float64 matrices and k eigenvectors; and scipy, imported for it
-    # and kept to the end, predictor.SCIPY_BYTES); then each
+    # or for the head index and kept to the end); then each
     # thread holds the layer's inputs (f32) and labels, the mask's blocks, and while training the basis,
     # the best predictor so far and the one training, Adam's moments and, at the most, the init's gate
     # estimate on 2048 tokens, or the held-out logits (and their copies). Held throughout: the product
@@ -94,7 +96,6 @@ def convert_ram(f, cfg, n_tokens: int, chunk: int, held_out: float, predictors: 
                 + max(min(n_train, 2048) * F * 5, 6 * BATCH * F * 4, 3 * n_held * F * 4 + n_held * F * 4 // 2))
     per_thread = training if predictors else label
     held = L * F * 12 + L * (n_grid + 1) * F * 4
-    scipy = SCIPY_BYTES if predictors else 0
     train = max(basis if predictors else 0, per_thread) + held + scipy
     # write: a layer's down columns (f32), a dequantized block of them and its transposed copy, the
     # bundle, a block of rows quantizing (gguf.quants' temporaries), the layer's pages

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType, quants
 
+from .predictor import GateRows, gate_basis
+
 INDEX_SHARE = 0.10     # the index is at most this share of the head's bytes (issue 12)
 ROUND1_ROWS = 8        # decoding reads the rows of the 8 best previews first: their best exact logit
                        # is the bar every other row's preview is measured against (flash/head_index.py)
@@ -42,7 +44,7 @@ DELTA_DIST = 2.0       # margin_dist: every row within this many logits of the t
                        # >= e^-2 = 14% of the top's), not only the top row, so a sampler's distribution stays close
 M_STEP = 1.0 / 64      # the margin's grid
 M_MAX = 2.0            # a margin this large reads (nearly) the whole head: the index is not worth keeping
-ROW_CHUNK = 8192       # head rows dequantized at a time (Gemma 3: 20 MiB of f32)
+ROW_CHUNK_BYTES = 20 << 20  # head rows dequantized at a time: 20 MiB of f32 (Gemma 3: 8192 rows)
 N_CLUSTERS_MAX = 1024  # row_order's clusters (Gemma 3: 512; 256..4096 read within 1 point of each other)
 KMEANS_ITERS = 10
 KMEANS_ROWS = 4096     # preview rows at a time in the k-means (Gemma 3: 16 MiB of scores)
@@ -93,37 +95,43 @@ def _rows(raw, qtype, r0, r1) -> np.ndarray:
     return quants.dequantize(raw[r0:r1], GGMLQuantizationType(qtype)).astype(np.float32, copy=False)
 
 
+def chunk_rows(n_embd: int) -> int:
+    """Head rows dequantized at a time: ROW_CHUNK_BYTES of float32."""
+    return max(256, ROW_CHUNK_BYTES // (4 * n_embd))
+
+
+def _preview(raw, qtype, train, r):
+    """(basis (r, n_embd) f32, preview (n_vocab, r) int8, scale (n_vocab,) f16): the rank-r head that is
+    best on the training states (train (n, n_embd) f32) in the mean squared sense, the predictor's
+    data-weighted basis (predictor.gate_basis: P = Sigma^-1/2 U_r, Q = U_r^T Sigma^1/2 W^T, so that
+    h @ P @ Q approximates the logits h @ W^T); Q's rows scaled to one RMS each (colscale, folded into
+    the basis), then each head row to int8 with its own scale."""
+    V, d = raw.shape[0], train.shape[1]
+    P, Q = gate_basis(train, GateRows((V, d), lambda r0, r1: _rows(raw, qtype, r0, r1)), r)  # (d, r), (r, V)
+    step = chunk_rows(d)
+    ss = np.zeros(len(Q))
+    for i0 in range(0, V, step):
+        ss += np.square(Q[:, i0:i0 + step], dtype=np.float64).sum(1)
+    colscale = (np.sqrt(ss / V) + 1e-12).astype(np.float32)                 # (r,)
+    Q /= colscale[:, None]                                                 # rows of one scale: int8 rows
+    basis = np.ascontiguousarray(P.T) * colscale[:, None]                  # (r, d): y = basis @ h
+    preview = np.empty((V, len(Q)), np.int8)
+    scale = np.empty(V, np.float16)
+    for i0 in range(0, V, step):
+        A = Q[:, i0:i0 + step].T                                           # (rows, r) f32
+        s = (np.abs(A).max(1) / 127 + 1e-12).astype(np.float16)
+        scale[i0:i0 + step] = s
+        preview[i0:i0 + step] = np.clip(np.round(A / s.astype(np.float32)[:, None]), -127, 127)
+    return basis, preview, scale
+
+
 def build_head_index(raw, qtype, train, held, rank, n_decode: int = 0) -> HeadIndex:
     """raw (n_vocab, row_bytes) uint8: the head as stored; train (n, n_embd), held (m, n_embd) f32:
     normed final hidden states; the last n_decode of held are states of greedy decoding (0: take all
     of held for them), on which the rows and bytes read are measured (decoding is what the index serves, and
-    its states are harder than teacher-forced text's). Works through the head ROW_CHUNK rows at a time."""
+    its states are harder than teacher-forced text's). Works through the head chunk_rows(n_embd) rows at a time."""
     V = raw.shape[0]
-    d = train.shape[1]
-    r = int(rank)
-    # ---- Sigma^1/2 of the training states' second moment E[h h^T] ----
-    S = train.astype(np.float64).T @ train / len(train)                   # (d, d)
-    ev, U = np.linalg.eigh(S)
-    ev = np.maximum(ev, ev.max() * 1e-6)
-    Sh = (U * np.sqrt(ev)) @ U.T                                           # Sigma^1/2
-    Shi = (U / np.sqrt(ev)) @ U.T                                          # Sigma^-1/2
-    # ---- the best rank-r head on these states: top right singular vectors of W Sigma^1/2 ----
-    G = np.zeros((d, d))
-    for r0 in range(0, V, ROW_CHUNK):
-        M = _rows(raw, qtype, r0, min(V, r0 + ROW_CHUNK)) @ Sh.astype(np.float32)
-        G += M.T.astype(np.float64) @ M
-    _, U2 = np.linalg.eigh(G)
-    Vr = U2[:, ::-1][:, :r].T                                              # (r, d) orthonormal
-    to_y = (Sh @ Vr.T).astype(np.float32)                                  # (d, r): A = W @ to_y
-    A = np.zeros((V, r), np.float32)
-    for r0 in range(0, V, ROW_CHUNK):
-        A[r0:r0 + ROW_CHUNK] = _rows(raw, qtype, r0, min(V, r0 + ROW_CHUNK)) @ to_y
-    colscale = (np.sqrt((A.astype(np.float64) ** 2).mean(0)) + 1e-12).astype(np.float32)
-    A /= colscale                                                          # columns of one scale: int8 rows
-    basis = (Vr @ Shi).astype(np.float32) * colscale[:, None]              # (r, d): y = basis @ h
-    scale = (np.abs(A).max(1) / 127 + 1e-12).astype(np.float16)
-    preview = np.clip(np.round(A / scale.astype(np.float32)[:, None]), -127, 127).astype(np.int8)
-    del A
+    basis, preview, scale = _preview(raw, qtype, train, int(rank))
     sc = scale.astype(np.float32)
     # ---- the margins: every held-out state reads its top row (and the rows within DELTA_DIST of it) ----
     need, need_dist, frac = _margin_needed(raw, qtype, held, basis, preview, sc)
@@ -237,13 +245,14 @@ def _margin_needed(raw, qtype, held, basis, preview, scale):
     within DELTA_DIST logits of it is read too (0 when round 1 reads them); and (m, M_MAX / M_STEP) the
     share of rows read at each margin of the grid."""
     V = raw.shape[0]
+    step = chunk_rows(held.shape[1])
     grid = np.arange(0.0, M_MAX, M_STEP)
     out, out_dist, fracs = [], [], []
     for b0 in range(0, len(held), 32):
         h = held[b0:b0 + 32]
         L = np.zeros((len(h), V), np.float32)                              # exact logits
-        for r0 in range(0, V, ROW_CHUNK):
-            L[:, r0:r0 + ROW_CHUNK] = h @ _rows(raw, qtype, r0, min(V, r0 + ROW_CHUNK)).T
+        for r0 in range(0, V, step):
+            L[:, r0:r0 + step] = h @ _rows(raw, qtype, r0, min(V, r0 + step)).T
         P = preview_of(h, basis, preview, scale)
         first = np.argpartition(-P, ROUND1_ROWS, axis=1)[:, :ROUND1_ROWS]
         best = np.take_along_axis(L, first, 1).max(1)                      # the bar after round 1
