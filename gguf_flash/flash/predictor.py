@@ -287,7 +287,8 @@ def gate_basis(X: np.ndarray, W_gate, k_max: int):
 
 
 # What importing scipy.linalg adds to the process (its modules and its own OpenBLAS): 22 MiB measured
-# on this machine; the converter counts it from the predictor phase on.
+# on this machine; the converter counts it from the first phase that imports it (head index or
+# predictors) on.
 SCIPY_BYTES = 24 * 1024 * 1024
 
 
