@@ -289,3 +289,26 @@ def test_gate_rows_give_the_arrays_results():
     bad = GateRows(W.shape, lambda r0, r1: np.full((r1 - r0, W.shape[1]), np.nan, np.float32))
     with pytest.raises(InvalidArgumentError, match="finite"):
         gate_basis(Xt, bad, 8)
+
+
+def test_init_statistics_by_blocks_equal_the_whole_estimate():
+    """The init's per-neuron class means and spreads, made 256 tokens at a time over a selection of rows
+    (predictor._class_mean_std), equal those of the whole (n, n_ff) gate estimate in float64."""
+    from gguf_flash.flash.predictor import _class_mean_std, _Rows
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((700, 16)).astype(np.float32)
+    A = rng.standard_normal((16, 5)).astype(np.float32)
+    B = rng.standard_normal((5, 40)).astype(np.float32)
+    Y = rng.random((700, 40)) < np.linspace(0.0, 1.0, 40)            # column 0: no positive at all
+    sub = rng.choice(700, 600, replace=False)
+    G = (X[sub].astype(np.float64) @ A) @ B
+    M = Y[sub]
+    got = _class_mean_std(_Rows(X, sub), _Rows(Y, sub), A, B)
+    for (mean, std), mask in zip(got, (M, ~M)):
+        cnt = np.maximum(mask.sum(0), 1)
+        m = np.where(mask, G, 0).sum(0) / cnt
+        sd = np.sqrt(np.maximum(np.where(mask, G * G, 0).sum(0) / cnt - m * m, 0)) + 1e-6
+        assert mean.dtype == std.dtype == np.float32
+        np.testing.assert_allclose(mean, m, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(std, sd, rtol=1e-4, atol=1e-4)
+    assert got[0][0][0] == 0.0 and abs(got[0][1][0] - 1e-6) < 1e-9   # an empty class: mean 0, spread 0

@@ -363,27 +363,54 @@ def _gate_basis(X, W: GateRows, k_max: int):
     return P, Q
 
 
-def _masked_mean_std(G, M, rows: int = 256):
-    """Per-column mean and std of G (n, n_ff) over rows where M (n, n_ff) is True (0, 1 if none); the
-    sums run over `rows` rows at a time (the temporaries of a whole (n, n_ff) were the converter's peak)."""
-    cnt = np.maximum(M.sum(0), 1).astype(np.float32)
-    s1 = np.zeros(G.shape[1], np.float32)
-    s2 = np.zeros(G.shape[1], np.float32)
-    for r in range(0, len(G), rows):
-        Gm = np.where(M[r:r + rows], G[r:r + rows], np.float32(0.0))
-        s1 += Gm.sum(0)
-        Gm *= G[r:r + rows]
-        s2 += Gm.sum(0)
-    mean = s1 / cnt
-    var = np.maximum(s2 / cnt - mean * mean, 0.0)
-    return mean.astype(np.float32), np.sqrt(var).astype(np.float32) + np.float32(1e-6)
+def _class_mean_std(X, Y, A, B, rows: int = 256):
+    """((mean, std) where Y is True, (mean, std) where it is False), per column of the rank-r gate
+    estimate G = (X @ A) @ B (0, 1 where a class is empty); X (n, n_embd) f32 and Y (n, n_ff) bool are
+    read `rows` tokens at a time (sequences of row ids are fine: X[ids]). G is made a block at a time:
+    the whole (2048, n_ff) estimate (44 MiB on TinyLlama) was alive through the training loop, and was
+    its peak."""
+    n_ff = B.shape[1]
+    s1 = np.zeros((2, n_ff), np.float32)          # per class (True, False): sum of G, of G^2
+    s2 = np.zeros((2, n_ff), np.float32)
+    cnt = np.zeros(n_ff, np.int64)                # tokens where Y is True
+    n = len(Y)
+    for r in range(0, n, rows):
+        G = (X[r:r + rows] @ A) @ B                                     # (<= rows, n_ff) f32
+        M = np.asarray(Y[r:r + rows])
+        cnt += M.sum(0)
+        for c, mask in enumerate((M, ~M)):
+            Gm = np.where(mask, G, np.float32(0.0))
+            s1[c] += Gm.sum(0)
+            Gm *= G
+            s2[c] += Gm.sum(0)
+    out = []
+    for c, k in enumerate((cnt, n - cnt)):
+        k = np.maximum(k, 1).astype(np.float32)
+        mean = s1[c] / k
+        var = np.maximum(s2[c] / k - mean * mean, 0.0)
+        out.append((mean.astype(np.float32), np.sqrt(var).astype(np.float32) + np.float32(1e-6)))
+    return out
 
 
-def _init_head(G: np.ndarray, Y: np.ndarray, kind: str):
+class _Rows:
+    """The rows `ids` of an (n, ...) array, taken lazily: r[i:j] is a[ids[i:j]] (a block at a time, never
+    the whole selection copied)."""
+
+    def __init__(self, a, ids):
+        self.a, self.ids = a, ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, sl):
+        return self.a[self.ids[sl]]
+
+
+def _init_head(X: np.ndarray, Y: np.ndarray, A: np.ndarray, B: np.ndarray, kind: str):
     """Per-neuron (scale (n_ff,), shift (n_ff,), offset) so that logit = kind(scale * g + shift) - offset
-    separates Y from the rank-r gate estimate G (n, n_ff) reasonably before training."""
-    mu_on, sd_on = _masked_mean_std(G, Y)
-    mu_off, sd_off = _masked_mean_std(G, ~Y)
+    separates Y (n, n_ff) bool from the rank-r gate estimate g = (x @ A) @ B of the tokens X (n, n_embd)
+    reasonably before training."""
+    (mu_on, sd_on), (mu_off, sd_off) = _class_mean_std(X, Y, A, B)
     if kind == "linear":
         # boundary between the class means, weighted by their spreads; slope ~ 4 logits per std
         c = (mu_on * sd_off + mu_off * sd_on) / (sd_on + sd_off)
@@ -442,9 +469,8 @@ def _train(X_train, Y_train, X_val, Y_val, P, Q, *, rank, kind, epochs, lr, batc
     A = np.ascontiguousarray(P[:, :rank])                              # (n_embd, r) f32
     B = Q[:rank].copy()                                                # (r, n_ff) f32
     # per-neuron scale and shift of the rank-r gate estimate, from (a subsample of) the training tokens
-    sub = rng.choice(n, size=min(n, 2048), replace=False)
-    G = (X_train[sub] @ A) @ B                                         # (m, n_ff) f32
-    s, shift, offset = _init_head(G, Y_train[sub], kind)
+    sub = rng.choice(n, size=min(n, 2048), replace=False)              # (m,) token ids
+    s, shift, offset = _init_head(_Rows(X_train, sub), _Rows(Y_train, sub), A, B, kind)
     B *= s
     bias = shift.astype(np.float32)                                    # (n_ff,) f32
     off = np.array([offset], dtype=np.float32)                         # (1,) f32, trained for "abs"
