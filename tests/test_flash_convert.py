@@ -364,3 +364,20 @@ def test_file_with_a_predictor_in_every_layer_loads_as_before(smollm2_flash):
     m = gguf_flash.load(path, n_ctx=64, selector="predictor").model
     assert m.info.has_predictors and m.plan.selector == "predictor"
     assert m.plan.resident["predictors"] == report.predictor_bytes == sum(l.pred_bytes for l in m.info.layers)
+
+
+def test_row_blocks_write_the_rows_in_order_and_release_each_block(tmp_path):
+    """convert_write._RowBlocks writes a tensor's bytes as a[order] (or a) would be, a block at a time,
+    and releases the source's pages after each block."""
+    from gguf_flash.flash.convert_write import _RowBlocks
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 255, (10_000, 34), dtype=np.uint8)
+    order = rng.permutation(len(a)).astype(np.int32)
+    for o, want, blocks in ((order, a[order], -(-len(a) // _RowBlocks.ORDER_ROWS)), (None, a, 2)):
+        calls = []
+        rb = _RowBlocks(a, o, lambda: calls.append(1))
+        rb.BLOCK_BYTES = 200_000                  # 5,882 rows of 34 bytes: two blocks as stored
+        path = tmp_path / "t.bin"
+        with open(path, "wb") as fout:
+            rb.tofile(fout)
+        assert rb.nbytes == a.nbytes and path.read_bytes() == want.tobytes() and len(calls) == blocks

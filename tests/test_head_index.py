@@ -248,3 +248,21 @@ def test_generation_sets_what_the_head_reads(indexed):
     assert all(s.head_rows == 4200 for s in llm.model.stats[n:])
     llm.model.forward(5, 0)
     assert llm.model.stats[-1].head_rows == 4200
+
+
+def test_releasing_the_heads_pages_changes_nothing():
+    """build_head_index with release (the converter drops the mapped head's pages after each block of
+    rows it reads) builds the same index as without, and calls it as it goes."""
+    from gguf import GGMLQuantizationType, quants
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal((3000, 64)).astype(np.float32)
+    raw = quants.quantize(W, GGMLQuantizationType.Q8_0)
+    train = rng.standard_normal((300, 64)).astype(np.float32)
+    held = rng.standard_normal((200, 64)).astype(np.float32)
+    calls = []
+    a = head_build.build_head_index(raw, GGMLQuantizationType.Q8_0, train, held, 16)
+    b = head_build.build_head_index(raw, GGMLQuantizationType.Q8_0, train, held, 16, release=lambda: calls.append(1))
+    assert len(calls) > 10
+    for k in ("basis", "preview", "scale", "order"):
+        assert np.array_equal(getattr(a, k), getattr(b, k)), k
+    assert (a.margin, a.margin_dist, a.read_frac, a.bytes_frac) == (b.margin, b.margin_dist, b.read_frac, b.bytes_frac)

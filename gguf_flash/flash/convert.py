@@ -324,7 +324,8 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
         train_h, held_h, n_decode = calibration_states(lp, tok, cal)
         if bar:
             bar.update(1)
-        hindex = build_head_index(head_raw, f.tensor(head_name).qtype, train_h, held_h, r, n_decode)
+        hindex = build_head_index(head_raw, f.tensor(head_name).qtype, train_h, held_h, r, n_decode,
+                                  release=lambda: f.release(f.tensor(head_name).offset, head_raw.nbytes))
         del train_h, held_h
         if bar:
             bar.update(1)

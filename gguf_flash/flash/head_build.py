@@ -90,9 +90,26 @@ def index_rank(n_vocab: int, n_embd: int, head_bytes: int) -> int:
     return int(max(0, min(r, n_embd // 2)))
 
 
-def _rows(raw, qtype, r0, r1) -> np.ndarray:
-    """(r1 - r0, n_embd) f32 of head rows r0..r1."""
-    return quants.dequantize(raw[r0:r1], GGMLQuantizationType(qtype)).astype(np.float32, copy=False)
+class _Head:
+    """The head as stored, raw (n_vocab, row_bytes) uint8 of ggml type qtype, read as float32 rows.
+    release(), when given, drops the pages read so far from this process's RSS (GGUFFile.release on a
+    mapped head) after every block of rows and every 32 states' rows: the passes over the head (its basis,
+    the exact logits of the held-out states, the rows each state reads) then hold a block of its pages,
+    not the whole head's (Gemma 3's: 171 MiB, the head index phase's largest term)."""
+
+    def __init__(self, raw, qtype, release=None):
+        self.raw, self.qtype, self.release = raw, GGMLQuantizationType(qtype), release or (lambda: None)
+        self.shape = raw.shape
+
+    def rows(self, r0, r1) -> np.ndarray:
+        """(r1 - r0, n_embd) f32 of head rows r0..r1."""
+        out = quants.dequantize(self.raw[r0:r1], self.qtype).astype(np.float32, copy=False)
+        self.release()
+        return out
+
+    def at(self, ids) -> np.ndarray:
+        """(len(ids), n_embd) f32 of head rows ids, in increasing order (pages kept: the caller releases)."""
+        return quants.dequantize(self.raw[np.sort(ids)], self.qtype).astype(np.float32, copy=False)
 
 
 def chunk_rows(n_embd: int) -> int:
@@ -100,14 +117,14 @@ def chunk_rows(n_embd: int) -> int:
     return max(256, ROW_CHUNK_BYTES // (4 * n_embd))
 
 
-def _preview(raw, qtype, train, r):
+def _preview(head, train, r):
     """(basis (r, n_embd) f32, preview (n_vocab, r) int8, scale (n_vocab,) f16): the rank-r head that is
     best on the training states (train (n, n_embd) f32) in the mean squared sense, the predictor's
     data-weighted basis (predictor.gate_basis: P = Sigma^-1/2 U_r, Q = U_r^T Sigma^1/2 W^T, so that
     h @ P @ Q approximates the logits h @ W^T); Q's rows scaled to one RMS each (colscale, folded into
     the basis), then each head row to int8 with its own scale."""
-    V, d = raw.shape[0], train.shape[1]
-    P, Q = gate_basis(train, GateRows((V, d), lambda r0, r1: _rows(raw, qtype, r0, r1)), r)  # (d, r), (r, V)
+    V, d = head.shape[0], train.shape[1]
+    P, Q = gate_basis(train, GateRows((V, d), head.rows), r)                 # (d, r), (r, V)
     step = chunk_rows(d)
     ss = np.zeros(len(Q))
     for i0 in range(0, V, step):
@@ -125,16 +142,18 @@ def _preview(raw, qtype, train, r):
     return basis, preview, scale
 
 
-def build_head_index(raw, qtype, train, held, rank, n_decode: int = 0) -> HeadIndex:
+def build_head_index(raw, qtype, train, held, rank, n_decode: int = 0, release=None) -> HeadIndex:
     """raw (n_vocab, row_bytes) uint8: the head as stored; train (n, n_embd), held (m, n_embd) f32:
     normed final hidden states; the last n_decode of held are states of greedy decoding (0: take all
     of held for them), on which the rows and bytes read are measured (decoding is what the index serves, and
-    its states are harder than teacher-forced text's). Works through the head chunk_rows(n_embd) rows at a time."""
+    its states are harder than teacher-forced text's). Works through the head chunk_rows(n_embd) rows at a time;
+    release() (optional) drops the head's pages read so far from RSS (_Head)."""
+    head = _Head(raw, qtype, release)
     V = raw.shape[0]
-    basis, preview, scale = _preview(raw, qtype, train, int(rank))
+    basis, preview, scale = _preview(head, train, int(rank))
     sc = scale.astype(np.float32)
     # ---- the margins: every held-out state reads its top row (and the rows within DELTA_DIST of it) ----
-    need, need_dist, frac = _margin_needed(raw, qtype, held, basis, preview, sc)
+    need, need_dist, frac = _margin_needed(head, held, basis, preview, sc)
     k = _steps_above(need)
     margin, margin_dist = k * M_STEP, _steps_above(need_dist) * M_STEP
     n_dec = n_decode if 0 < n_decode <= len(held) else len(held)
@@ -143,12 +162,12 @@ def build_head_index(raw, qtype, train, held, rank, n_decode: int = 0) -> HeadIn
     # ---- the stored row order: learnt on the training states, judged on held-out decoding states ----
     ltr = train[np.linspace(0, len(train) - 1, min(MAX_ORDER_STATES, len(train))).astype(int)]
     freq = np.zeros(V)
-    for rows in _read_sets(raw, qtype, ltr, basis, preview, sc, margin):
+    for rows in _read_sets(head, ltr, basis, preview, sc, margin):
         freq[rows] += 1
     order = row_order(preview, sc, freq)
     preview, scale, sc = preview[order], scale[order], sc[order]
     sub = dec[np.linspace(0, len(dec) - 1, min(128, len(dec))).astype(int)]
-    nbytes = _bytes_read(raw, qtype, sub, basis, preview, sc, margin, order) if margin < M_MAX else 1.0
+    nbytes = _bytes_read(head, sub, basis, preview, sc, margin, order) if margin < M_MAX else 1.0
     return HeadIndex(basis, preview, scale, margin, margin_dist, len(held), read, nbytes, order)
 
 
@@ -170,17 +189,18 @@ def read_set(P, best, margin, first) -> np.ndarray:
     return np.union1d(np.nonzero(P > thr)[0], first)
 
 
-def _read_sets(raw, qtype, states, basis, preview, scale, margin, order=None):
+def _read_sets(head, states, basis, preview, scale, margin, order=None):
     """Per state, the rows (increasing, in the order of preview's rows) decoding reads at the margin:
-    the runtime's two rounds. raw is in token order; order (or None: the same) maps preview's rows to it."""
+    the runtime's two rounds. head is in token order; order (or None: the same) maps preview's rows to it."""
     for b0 in range(0, len(states), 32):
         h = states[b0:b0 + 32]
         P = preview_of(h, basis, preview, scale)
         first = np.argpartition(-P, ROUND1_ROWS, axis=1)[:, :ROUND1_ROWS]
         for i in range(len(h)):
             tok = first[i] if order is None else order[first[i]]
-            best = float((_rows_at(raw, qtype, tok) @ h[i]).max())
+            best = float((head.at(tok) @ h[i]).max())
             yield read_set(P[i], best, margin, first[i])
+        head.release()
 
 
 def row_order(preview, scale, freq, seed: int = 0) -> np.ndarray:
@@ -222,29 +242,25 @@ def _unit_rows(preview, scale, ids) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-30)
 
 
-def _bytes_read(raw, qtype, states, basis, preview, scale, margin, order) -> float:
+def _bytes_read(head, states, basis, preview, scale, margin, order) -> float:
     """Mean share of the head's bytes the store reads per state at the margin: the runtime's two rounds,
     rows closer than HEAD_GAP_BYTES read through (what the RAM plan prices the index by). preview is in
     stored order (order: stored row -> token)."""
-    V, rb = raw.shape
+    V, rb = head.shape
     gap = max(1, HEAD_GAP_BYTES // rb)
     out = []
-    for rows in _read_sets(raw, qtype, states, basis, preview, scale, margin, order):
+    for rows in _read_sets(head, states, basis, preview, scale, margin, order):
         breaks = np.nonzero(np.diff(rows) > gap)[0]
         starts, ends = np.r_[rows[0], rows[breaks + 1]], np.r_[rows[breaks], rows[-1]] + 1
         out.append(float((ends - starts).sum()) / V)
     return float(np.mean(out)) if out else 1.0
 
 
-def _rows_at(raw, qtype, ids) -> np.ndarray:
-    return quants.dequantize(raw[np.sort(ids)], GGMLQuantizationType(qtype)).astype(np.float32, copy=False)
-
-
-def _margin_needed(raw, qtype, held, basis, preview, scale):
+def _margin_needed(head, held, basis, preview, scale):
     """Per held-out state: the least margin at which its top row is read, and the least at which every row
     within DELTA_DIST logits of it is read too (0 when round 1 reads them); and (m, M_MAX / M_STEP) the
     share of rows read at each margin of the grid."""
-    V = raw.shape[0]
+    V = head.shape[0]
     step = chunk_rows(held.shape[1])
     grid = np.arange(0.0, M_MAX, M_STEP)
     out, out_dist, fracs = [], [], []
@@ -252,7 +268,7 @@ def _margin_needed(raw, qtype, held, basis, preview, scale):
         h = held[b0:b0 + 32]
         L = np.zeros((len(h), V), np.float32)                              # exact logits
         for r0 in range(0, V, step):
-            L[:, r0:r0 + step] = h @ _rows(raw, qtype, r0, min(V, r0 + step)).T
+            L[:, r0:r0 + step] = h @ head.rows(r0, min(V, r0 + step)).T
         P = preview_of(h, basis, preview, scale)
         first = np.argpartition(-P, ROUND1_ROWS, axis=1)[:, :ROUND1_ROWS]
         best = np.take_along_axis(L, first, 1).max(1)                      # the bar after round 1
