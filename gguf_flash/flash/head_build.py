@@ -18,9 +18,11 @@ state sets the factor for every state and every row.
 Measured on Gemma 3 (rank 64; greedy margin 0.75, samplers' 0.81), `tools/bench_head.py` at 0.72x the
 dense engine's peak RSS, 8 prompts x 64 steps, each indexed step against the whole head on the same state:
 the same top-1 in 511 of 512 steps, 5.5% of the rows read (p90 9.2%), 14.7% of the head's bytes (rows in
-row_order's order, 16 KiB gaps read through; 46% in token order with 32 KiB gaps), mean KL 0.060 (the
-greedy margin leaves rows near the top of flat distributions to their previews; under llama.cpp's default
-sampler, which reads with margin_dist, 0.0009). The per-row bound read 58% of the rows. With fewer decoding states to calibrate on (6
+row_order's order, 16 KiB gaps read through; 46% in token order with 32 KiB gaps), mean KL 0.060 (under
+llama.cpp's default sampler, which reads with margin_dist, 0.0009). Rerun on session 15's conversion: 512
+of 512, 14.5% of the bytes, mean KL 0.0015: under greedy decoding the mean is made by the rare step whose
+top row differs (on SmolLM2 one such step, KL 20.4 nats, is 62% of the 512 steps' sum). The per-row bound
+read 58% of the rows. With fewer decoding states to calibrate on (6
 seeds x 40 tokens a side) the greedy margin came out 0.70. The index is capped at INDEX_SHARE of the
 head's bytes, so its rank follows from the head's shape.
 
