@@ -179,9 +179,29 @@ def _steps_above(need) -> int:
     return int(np.floor(max(float(need.max()), 0.0) / M_STEP)) + 1
 
 
+PREVIEW_ROWS = 16384   # preview_of converts the int8 preview to float32 this many rows at a time
+
+
 def preview_of(states, basis, preview, scale) -> np.ndarray:
-    """(m, n_vocab) preview logits of states (m, n_embd)."""
-    return (states @ basis.T) @ preview.T.astype(np.float32) * scale
+    """(m, n_vocab) preview logits of states (m, n_embd), the preview made float32 PREVIEW_ROWS rows at a
+    time (the whole of Gemma 3's was a 64 MiB temporary per batch of states)."""
+    y = states @ basis.T                                                    # (m, r)
+    out = np.empty((len(states), preview.shape[0]), np.float32)
+    for i0 in range(0, preview.shape[0], PREVIEW_ROWS):
+        i1 = i0 + PREVIEW_ROWS
+        np.matmul(y, preview[i0:i1].T.astype(np.float32), out=out[:, i0:i1])
+        out[:, i0:i1] *= scale[i0:i1]
+    return out
+
+
+def _round1(P) -> np.ndarray:
+    """(m, ROUND1_ROWS) int64: the rows of each state's ROUND1_ROWS best previews (P (m, n_vocab)), a state
+    at a time: over the whole batch, argpartition's int64 ids of every row (and -P) were 96 MiB on Gemma 3,
+    the head index phase's peak."""
+    out = np.empty((len(P), ROUND1_ROWS), np.int64)
+    for i in range(len(P)):
+        out[i] = np.argpartition(-P[i], ROUND1_ROWS)[:ROUND1_ROWS]
+    return out
 
 
 def read_set(P, best, margin, first) -> np.ndarray:
@@ -197,7 +217,7 @@ def _read_sets(head, states, basis, preview, scale, margin, order=None):
     for b0 in range(0, len(states), 32):
         h = states[b0:b0 + 32]
         P = preview_of(h, basis, preview, scale)
-        first = np.argpartition(-P, ROUND1_ROWS, axis=1)[:, :ROUND1_ROWS]
+        first = _round1(P)
         for i in range(len(h)):
             tok = first[i] if order is None else order[first[i]]
             best = float((head.at(tok) @ h[i]).max())
@@ -272,7 +292,7 @@ def _margin_needed(head, held, basis, preview, scale):
         for r0 in range(0, V, step):
             L[:, r0:r0 + step] = h @ head.rows(r0, min(V, r0 + step)).T
         P = preview_of(h, basis, preview, scale)
-        first = np.argpartition(-P, ROUND1_ROWS, axis=1)[:, :ROUND1_ROWS]
+        first = _round1(P)
         best = np.take_along_axis(L, first, 1).max(1)                      # the bar after round 1
         for i in range(len(h)):
             u = max(float(best[i] - P[i].mean()), 1e-6)
