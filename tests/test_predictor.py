@@ -294,7 +294,7 @@ def test_gate_rows_give_the_arrays_results():
 def test_init_statistics_by_blocks_equal_the_whole_estimate():
     """The init's per-neuron class means and spreads, made 256 tokens at a time over a selection of rows
     (predictor._class_mean_std), equal those of the whole (n, n_ff) gate estimate in float64."""
-    from gguf_flash.flash.predictor import _class_mean_std, _Rows
+    from gguf_flash.flash.predictor import _class_mean_std
     rng = np.random.default_rng(3)
     X = rng.standard_normal((700, 16)).astype(np.float32)
     A = rng.standard_normal((16, 5)).astype(np.float32)
@@ -303,7 +303,7 @@ def test_init_statistics_by_blocks_equal_the_whole_estimate():
     sub = rng.choice(700, 600, replace=False)
     G = (X[sub].astype(np.float64) @ A) @ B
     M = Y[sub]
-    got = _class_mean_std(_Rows(X, sub), _Rows(Y, sub), A, B)
+    got = _class_mean_std(X, Y, sub, A, B)
     for (mean, std), mask in zip(got, (M, ~M)):
         cnt = np.maximum(mask.sum(0), 1)
         m = np.where(mask, G, 0).sum(0) / cnt

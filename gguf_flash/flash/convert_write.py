@@ -156,15 +156,14 @@ class _RowBlocks:
         self.release = release or (lambda: None)
 
     def tofile(self, fout):
-        n = len(self.order) if self.order is not None else (self.a.shape[0] if self.a.ndim else 1)
-        if self.order is None and self.a.ndim == 0:
-            self.a.tofile(fout)
+        if self.order is not None:
+            for i0 in range(0, len(self.order), self.ORDER_ROWS):
+                np.ascontiguousarray(self.a[self.order[i0:i0 + self.ORDER_ROWS]]).tofile(fout)
+                self.release()
             return
-        step = self.ORDER_ROWS if self.order is not None else \
-            max(1, self.BLOCK_BYTES // max(1, self.a.nbytes // max(n, 1)))
-        for i0 in range(0, n, step):
-            part = self.a[self.order[i0:i0 + step]] if self.order is not None else self.a[i0:i0 + step]
-            np.ascontiguousarray(part).tofile(fout)
+        flat = np.ascontiguousarray(self.a).reshape(-1).view(np.uint8)     # the tensor's bytes, as stored
+        for i0 in range(0, len(flat), self.BLOCK_BYTES):
+            flat[i0:i0 + self.BLOCK_BYTES].tofile(fout)
             self.release()
 
 

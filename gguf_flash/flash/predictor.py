@@ -363,20 +363,19 @@ def _gate_basis(X, W: GateRows, k_max: int):
     return P, Q
 
 
-def _class_mean_std(X, Y, A, B, rows: int = 256):
+def _class_mean_std(X, Y, ids, A, B, rows: int = 256):
     """((mean, std) where Y is True, (mean, std) where it is False), per column of the rank-r gate
-    estimate G = (X @ A) @ B (0, 1 where a class is empty); X (n, n_embd) f32 and Y (n, n_ff) bool are
-    read `rows` tokens at a time (sequences of row ids are fine: X[ids]). G is made a block at a time:
-    the whole (2048, n_ff) estimate (44 MiB on TinyLlama) was alive through the training loop, and was
-    its peak."""
+    estimate G = (X @ A) @ B over the tokens ids (0, 1 where a class is empty); X (n, n_embd) f32 and
+    Y (n, n_ff) bool are taken `rows` ids at a time. G is made a block at a time: the whole (2048, n_ff)
+    estimate (44 MiB on TinyLlama) was alive through the training loop, and was its peak."""
     n_ff = B.shape[1]
     s1 = np.zeros((2, n_ff), np.float32)          # per class (True, False): sum of G, of G^2
     s2 = np.zeros((2, n_ff), np.float32)
     cnt = np.zeros(n_ff, np.int64)                # tokens where Y is True
-    n = len(Y)
+    n = len(ids)
     for r in range(0, n, rows):
-        G = (X[r:r + rows] @ A) @ B                                     # (<= rows, n_ff) f32
-        M = np.asarray(Y[r:r + rows])
+        G = (X[ids[r:r + rows]] @ A) @ B                                # (<= rows, n_ff) f32
+        M = Y[ids[r:r + rows]]
         cnt += M.sum(0)
         for c, mask in enumerate((M, ~M)):
             Gm = np.where(mask, G, np.float32(0.0))
@@ -392,25 +391,11 @@ def _class_mean_std(X, Y, A, B, rows: int = 256):
     return out
 
 
-class _Rows:
-    """The rows `ids` of an (n, ...) array, taken lazily: r[i:j] is a[ids[i:j]] (a block at a time, never
-    the whole selection copied)."""
-
-    def __init__(self, a, ids):
-        self.a, self.ids = a, ids
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, sl):
-        return self.a[self.ids[sl]]
-
-
-def _init_head(X: np.ndarray, Y: np.ndarray, A: np.ndarray, B: np.ndarray, kind: str):
+def _init_head(X: np.ndarray, Y: np.ndarray, ids: np.ndarray, A: np.ndarray, B: np.ndarray, kind: str):
     """Per-neuron (scale (n_ff,), shift (n_ff,), offset) so that logit = kind(scale * g + shift) - offset
-    separates Y (n, n_ff) bool from the rank-r gate estimate g = (x @ A) @ B of the tokens X (n, n_embd)
-    reasonably before training."""
-    (mu_on, sd_on), (mu_off, sd_off) = _class_mean_std(X, Y, A, B)
+    separates Y (n, n_ff) bool from the rank-r gate estimate g = (x @ A) @ B, over the tokens ids of
+    X (n, n_embd), reasonably before training."""
+    (mu_on, sd_on), (mu_off, sd_off) = _class_mean_std(X, Y, ids, A, B)
     if kind == "linear":
         # boundary between the class means, weighted by their spreads; slope ~ 4 logits per std
         c = (mu_on * sd_off + mu_off * sd_on) / (sd_on + sd_off)
@@ -470,7 +455,7 @@ def _train(X_train, Y_train, X_val, Y_val, P, Q, *, rank, kind, epochs, lr, batc
     B = Q[:rank].copy()                                                # (r, n_ff) f32
     # per-neuron scale and shift of the rank-r gate estimate, from (a subsample of) the training tokens
     sub = rng.choice(n, size=min(n, 2048), replace=False)              # (m,) token ids
-    s, shift, offset = _init_head(_Rows(X_train, sub), _Rows(Y_train, sub), A, B, kind)
+    s, shift, offset = _init_head(X_train, Y_train, sub, A, B, kind)
     B *= s
     bias = shift.astype(np.float32)                                    # (n_ff,) f32
     off = np.array([offset], dtype=np.float32)                         # (1,) f32, trained for "abs"
