@@ -11,13 +11,16 @@ What it measures, for a model and each criterion (gate |act(g_i)|, product |act(
   - allocations: TEAL's greedy path on those costs (allocate.greedy_path), at each of --means, each
     verified by a whole pass on drive and on judge. "mono" also: the costs clipped at 0 and made
     nondecreasing in the level per layer (less of the drive tokens' noise).
+  - --mean-correction: at each uniform point also the judge perplexity with a per-layer mean correction
+    of what the sparsified FFN leaves out (mean_correction below: a constant vector per layer, added to
+    the residual after the layer; estimated on the training chunks, never on the judge).
 Prints, per criterion, uniform and allocated perplexity (drive, judge) against mean sparsity, and the
 largest mean within 2% of dense chosen on drive with its judge perplexity. Results are cached in
 OUT/results.json (a rerun measures only what is missing).
 
     python tools/bench_alloc.py smollm2 /tmp/alloc-smollm2 [--levels gate=3,5,7,9 product=5,7,9,11]
         [--means gate=0.2,0.25,0.3,0.35 product=0.35,0.4,0.45,0.5,0.55] [--drive-chunks 1]
-        [--uniform gate=1,...,8 product=3,...,11] [--criteria gate,product]
+        [--uniform gate=1,...,8 product=3,...,11] [--criteria gate,product] [--mean-correction 4] [--no-alloc]
 
 Levels and means are grid indices (SPARSITY_GRID: 0 is 0.05) and mean sparsities.
 """
@@ -60,6 +63,9 @@ def main():
                     help="grid indices of the uniform curve")
     ap.add_argument("--drive-chunks", type=int, default=1)
     ap.add_argument("--criteria", default="gate,product")
+    ap.add_argument("--no-alloc", action="store_true", help="uniform (and mean-corrected) points only")
+    ap.add_argument("--mean-correction", type=int, default=0, metavar="CHUNKS",
+                    help="also measure a per-layer mean correction estimated on the last CHUNKS training chunks")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,7 +86,8 @@ def main():
         log("calibrated")
     S = np.load(stats_path)
     tokens, n_train = S["tokens"], int(S["n_train"])
-    drive = [Sequence(tokens[s:s + chunk]) for s in range(0, n_train, chunk)][-a.drive_chunks:]
+    train = [Sequence(tokens[s:s + chunk]) for s in range(0, n_train, chunk)]
+    drive = train[-a.drive_chunks:]
     judge = [Sequence(tokens[s:s + chunk]) for s in range(n_train, len(tokens), chunk)]
     crit = {"gate": (S["q"], None), "product": (S["qp"], S["dn"])}
 
@@ -106,6 +113,16 @@ def main():
                 U[str(j)] = [nll(drive, Q[:, j], scale), nll(judge, Q[:, j], scale)]
                 log(c, "uniform", grid[j], np.exp(U[str(j)]))
                 save()
+        M = R.setdefault(f"meancorr_{c}", {})
+        for j in uniform[c] if a.mean_correction else ():
+            if str(j) not in M:
+                thr = np.ascontiguousarray(Q[:, j], np.float32)
+                B = mean_correction(lp, train[-a.mean_correction:], thr, scale)
+                M[str(j)] = [nll_corrected(lp, drive, thr, scale, B), nll_corrected(lp, judge, thr, scale, B)]
+                log(c, "mean-corrected", grid[j], np.exp(M[str(j)]))
+                save()
+        if a.no_alloc:
+            continue
         SE = R.setdefault(f"sens_{c}", {})
         if not all(str(j) in SE for j in levels[c]):
             costs, _ = layer_costs(lp, drive, Q, scale, levels[c])
@@ -132,6 +149,32 @@ def main():
     report(R, grid)
 
 
+def mean_correction(lp, seqs, thr, scale) -> np.ndarray:
+    """B (n_layer, n_embd) f32: per layer, the mean over the tokens of `seqs` of (dense layer output -
+    sparsified layer output), both from the same input; the input is the corrected sparse pass's own
+    state (so B[l] accounts for the corrections before it)."""
+    L = lp.model.cfg.n_layer
+    X, rope = lp.embed(seqs)
+    B = np.zeros((L, X.shape[1]), np.float32)
+    for il in range(L):
+        Xd = X.copy()
+        lp.layers(seqs, Xd, rope, il, il + 1, np.zeros(L, np.float32), scale)
+        lp.layers(seqs, X, rope, il, il + 1, thr, scale)
+        B[il] = (Xd - X).mean(axis=0)
+        X += B[il]
+    return B
+
+
+def nll_corrected(lp, seqs, thr, scale, B) -> float:
+    """Mean NLL of the sparsified pass with B[l] added to the residual after each layer l."""
+    X, rope = lp.embed(seqs)
+    for il in range(lp.model.cfg.n_layer):
+        lp.layers(seqs, X, rope, il, il + 1, thr, scale)
+        X += B[il]
+    total, n = lp.states_nll(seqs, lp.final(X))
+    return total / n
+
+
 def report(R, grid):
     d = R["dense"]
     budget = np.log(cv.PPL_BUDGET)
@@ -140,13 +183,14 @@ def report(R, grid):
         if f"uniform_{c}" not in R:
             continue
         rows = [("uniform", grid[int(j)], v[0], v[1]) for j, v in R[f"uniform_{c}"].items()]
+        rows += [("mean-corrected", grid[int(j)], v[0], v[1]) for j, v in R.get(f"meancorr_{c}", {}).items()]
         for variant in ("raw", "mono"):
             rows += [(variant, v["mean"], v["drive"], v["judge"]) for v in R.get(f"alloc_{c}_{variant}", {}).values()]
         print(f"\n{c}: | allocation | mean sparsity | drive ppl (vs dense) | judge ppl (vs dense) |")
         for name, m, dr, ju in sorted(rows, key=lambda r: (r[0], r[1])):
             print(f"| {name} | {m:.3f} | {np.exp(dr):.3f} ({100 * np.expm1(dr - d['drive']):+.1f}%) | "
                   f"{np.exp(ju):.3f} ({100 * np.expm1(ju - d['judge']):+.1f}%) |")
-        for name in ("uniform", "raw", "mono"):
+        for name in ("uniform", "mean-corrected", "raw", "mono"):
             ok = [r for r in rows if r[0] == name and r[2] - d["drive"] <= budget]
             okj = [r for r in rows if r[0] == name and r[3] - d["judge"] <= budget]
             if ok:
