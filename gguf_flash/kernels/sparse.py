@@ -126,18 +126,25 @@ def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j
         for g0 in range(max(j0, c * n // n_part), b1, H_GROUP):
             g1 = min(b1, g0 + H_GROUP)
             if known != KNOWN_H:   # the group's h first: independent dots, then the axpys
+                if known == KNOWN_NONE:   # the gate dots of the group, one after another (they overlap)
+                    for j in range(g0, g1):
+                        if j + PREFETCH_AHEAD < b1:
+                            _prefetch_row(slots, neuron_slot, stage, stage_map, active[j + PREFETCH_AHEAD], lo,
+                                          o_end)
+                        a = active[j]
+                        gvals[j] = dot_row(t_gate, _row(slots, stage, neuron_slot[a], stage_map[a])[o_gate:o_up],
+                                           x, xq, tset)
+                    for j in range(g0, g1):
+                        gvals[j] = activate(gvals[j], act)
                 for j in range(g0, g1):
-                    if j + PREFETCH_AHEAD < b1:
+                    if known == KNOWN_GATE and j + PREFETCH_AHEAD < b1:
                         _prefetch_row(slots, neuron_slot, stage, stage_map, active[j + PREFETCH_AHEAD], lo, o_end)
                     a = active[j]
-                    row = _row(slots, stage, neuron_slot[a], stage_map[a])
-                    if known == KNOWN_GATE:
-                        v = gvals[j]
-                    else:
-                        v = activate(dot_row(t_gate, row[o_gate:o_up], x, xq, tset), act)
+                    v = gvals[j]
                     h = np.float32(0.0)
                     if abs(v) > threshold:
-                        h = v * dot_row(t_up, row[o_up:o_down], x, xq, tset)
+                        h = v * dot_row(t_up, _row(slots, stage, neuron_slot[a], stage_map[a])[o_up:o_down], x, xq,
+                                        tset)
                     gvals[j] = h
             for j in range(g0, g1):
                 if known == KNOWN_H and j + PREFETCH_AHEAD < b1:
