@@ -482,7 +482,10 @@ def build_parser():
     p.add_argument("--sparsity", type=float, default=None,
                    help="target fraction of inactive neurons (default: largest within 2%% held-out perplexity)")
     p.add_argument("--rank", type=int, default=None, help="predictor rank (default: smallest reaching recall 0.95)")
-    p.add_argument("--down-type", default="Q8_0", help="type of the re-quantized down columns (default Q8_0)")
+    p.add_argument("--down-type", default="Q8_0",
+                   help="type of the re-quantized down columns (default Q8_0; Q5_0: a third smaller, read "
+                        "faster under a cap, +0.9%% perplexity on SmolLM2 and +3.3%% on Gemma 3; README "
+                        "\"The down parts' type\")")
     p.add_argument("--predictor", choices=("auto", "always", "never"), default="auto",
                    help="store low-rank predictors: auto (default) only in layers where one is smaller than "
                         "the layer's gate rows, always (every layer; needed for --selector predictor), never")
