@@ -42,6 +42,40 @@ def test_sparse_ffn_with_every_neuron_equals_dense_ffn(tmp_path):
         np.testing.assert_allclose(b, a, atol=0.02 * np.abs(a).max())
 
 
+def test_down_type_is_written_and_used(tmp_path):
+    """--down-type: each bundle's down part is the source's down column quantized by gguf.quants as that
+    type (byte for byte), and a flash file in dense mode drifts from the source's logits more the
+    coarser the type (README "The down parts' type")."""
+    from gguf import GGMLQuantizationType as T, quants
+
+    from gguf_flash.config import config_from_gguf
+    from gguf_flash.flash.format import read_flash
+    from gguf_flash.gguf_file import GGUFFile
+    from gguf_flash.synthetic import write_synthetic
+    src = write_synthetic(tmp_path / "t.gguf", arch="llama", n_layer=2, n_embd=64, n_ff=128, n_head=4,
+                          n_head_kv=2, n_vocab=300, qtype="Q8_0", seed=5)
+    calib = tmp_path / "c.txt"
+    calib.write_text(" ".join(f"w{i % 50} x{i % 7}" for i in range(3000)))
+    dense = gguf_flash.load(src, n_ctx=64)
+    toks = [5, 17, 99, 200, 3, 42]
+    ref = np.array([dense.model.forward(t, p).copy() for p, t in enumerate(toks)])
+    sf = GGUFFile(src)
+    drift = {}
+    for dt in ("Q8_0", "Q5_0", "Q4_0"):
+        out = tmp_path / f"t-{dt}.flash.gguf"
+        gguf_flash.convert(src, out, calib=calib, calib_tokens=1024, sparsity=0.5, rank=8, down_type=dt)
+        f = GGUFFile(out)
+        l = read_flash(f, config_from_gguf(f)).layers[1]
+        assert l.types[2] == int(T[dt])
+        rows = np.asarray(f.raw("blk.1.ffn_bundle")).reshape(len(l.neuron_id), -1)[:, sum(l.part_bytes[:2]):]
+        cols = quants.dequantize(sf.raw("blk.1.ffn_down.weight"), T.Q8_0).T[l.neuron_id]   # (n_ff, n_embd)
+        assert np.array_equal(rows, quants.quantize(np.ascontiguousarray(cols, np.float32), T[dt]))
+        flash = gguf_flash.load(out, mode="dense", n_ctx=64)
+        got = np.array([flash.model.forward(t, p).copy() for p, t in enumerate(toks)])
+        drift[dt] = np.abs(got - ref).max()
+    assert drift["Q8_0"] < drift["Q5_0"] < drift["Q4_0"], drift
+
+
 def test_flash_mode_quality_and_stats(smollm2_flash, smollm2_ref):
     """Flash mode (exact gate selection at the file's sparsity) keeps llama.cpp's top-1 among its top 2
     at the end of every prompt where llama.cpp's margin is clear, and reports per-token statistics.
