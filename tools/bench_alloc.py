@@ -13,7 +13,8 @@ What it measures, for a model and each criterion (gate |act(g_i)|, product |act(
     nondecreasing in the level per layer (less of the drive tokens' noise).
   - --mean-correction: at each uniform point also the judge perplexity with a per-layer mean correction
     of what the sparsified FFN leaves out (mean_correction below: a constant vector per layer, added to
-    the residual after the layer; estimated on the training chunks, never on the judge).
+    the residual after the layer; estimated on the last CHUNKS training chunks, the drive among them,
+    never on the judge; cached per CHUNKS).
 Prints, per criterion, uniform and allocated perplexity (drive, judge) against mean sparsity, and the
 largest mean within 2% of dense chosen on drive with its judge perplexity. Results are cached in
 OUT/results.json (a rerun measures only what is missing).
@@ -113,7 +114,7 @@ def main():
                 U[str(j)] = [nll(drive, Q[:, j], scale), nll(judge, Q[:, j], scale)]
                 log(c, "uniform", grid[j], np.exp(U[str(j)]))
                 save()
-        M = R.setdefault(f"meancorr_{c}", {})
+        M = R.setdefault(f"meancorr{a.mean_correction}_{c}", {})   # per chunk count
         for j in uniform[c] if a.mean_correction else ():
             if str(j) not in M:
                 thr = np.ascontiguousarray(Q[:, j], np.float32)
@@ -183,14 +184,16 @@ def report(R, grid):
         if f"uniform_{c}" not in R:
             continue
         rows = [("uniform", grid[int(j)], v[0], v[1]) for j, v in R[f"uniform_{c}"].items()]
-        rows += [("mean-corrected", grid[int(j)], v[0], v[1]) for j, v in R.get(f"meancorr_{c}", {}).items()]
+        corrected = sorted(k for k in R if k.startswith("meancorr") and k.endswith(f"_{c}"))
+        rows += [(f"mean-corrected ({k[8:-len(c) - 1]} chunks)", grid[int(j)], v[0], v[1])
+                 for k in corrected for j, v in R[k].items()]
         for variant in ("raw", "mono"):
             rows += [(variant, v["mean"], v["drive"], v["judge"]) for v in R.get(f"alloc_{c}_{variant}", {}).values()]
         print(f"\n{c}: | allocation | mean sparsity | drive ppl (vs dense) | judge ppl (vs dense) |")
         for name, m, dr, ju in sorted(rows, key=lambda r: (r[0], r[1])):
             print(f"| {name} | {m:.3f} | {np.exp(dr):.3f} ({100 * np.expm1(dr - d['drive']):+.1f}%) | "
                   f"{np.exp(ju):.3f} ({100 * np.expm1(ju - d['judge']):+.1f}%) |")
-        for name in ("uniform", "mean-corrected", "raw", "mono"):
+        for name in ("uniform", *sorted({r[0] for r in rows if r[0].startswith("mean")}), "raw", "mono"):
             ok = [r for r in rows if r[0] == name and r[2] - d["drive"] <= budget]
             okj = [r for r in rows if r[0] == name and r[3] - d["judge"] <= budget]
             if ok:
