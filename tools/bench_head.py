@@ -1,6 +1,7 @@
 """Head-index benchmark (issue 12): how well the indexed head stands in for the whole head.
 
     python tools/bench_head.py MODEL [--source MODEL.gguf] [--cap d-0.5] [--tokens 64] [--sampler greedy|default]
+        [--margin X]
 
 The whole head's greedy output of 8 prompts x --tokens tokens (`--head exact`) is the reference; the
 indexed head (`--head index`, at --cap) is then teacher-forced along it, and on each of its states also
@@ -15,6 +16,9 @@ Both runs are fresh child processes with cold reads.
 0.95, min-p 0.05), so it reads with the samplers' margin and bar; the table then also gives the KL between
 the distributions that sampler draws from (whole head against indexed), and how often their candidate
 sets differ. The teacher-forced tokens stay the whole head's greedy output.
+
+--margin X: the indexed run reads with margin X in place of the file's calibrated one (greedy, or the
+samplers' with --sampler default): what reading more or fewer rows does to agreement and KL.
 """
 
 import argparse
@@ -42,6 +46,8 @@ prompts = json.loads(sys.argv[6])
 params = GREEDY if sys.argv[7] == "greedy" else SamplingParams()
 llm = gguf_flash.load(path, max_ram=None if cap == "none" else cap, n_ctx=256, n_threads=2, cold=True, head=head)
 m = llm.model
+if sys.argv[8] != "file" and m.indexed is not None:
+    m.indexed.margin = m.indexed.margin_dist = float(sys.argv[8])
 ref = json.load(open(f"{d}/exact.json")) if head != "exact" else None
 out = dict(plan=m.plan.describe(), steps=[], tokens=[])
 for i, p in enumerate(prompts):
@@ -87,6 +93,7 @@ def main():
     ap.add_argument("--cap", default="d-0.5")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--sampler", choices=("greedy", "default"), default="greedy")
+    ap.add_argument("--margin", type=float, default=None, help="read with this margin, not the file's")
     a = ap.parse_args()
     path, source = model_paths(a.model, a.source)
     src_size = os.path.getsize(source)
@@ -94,8 +101,9 @@ def main():
     cap = resolve_cap(a.cap, path, "flash", dense_peak, src_size)
     logp = lambda z: z - z.max() - np.log(np.exp(z - z.max()).sum())  # noqa: E731
     with tempfile.TemporaryDirectory() as d:
-        run_child(CHILD, [path, f"{cap}M", "exact", a.tokens, d, json.dumps(PROMPTS), "greedy"], sample=False)
-        info, peak = run_child(CHILD, [path, f"{cap}M", "index", a.tokens, d, json.dumps(PROMPTS), a.sampler])
+        margin = "file" if a.margin is None else str(a.margin)
+        run_child(CHILD, [path, f"{cap}M", "exact", a.tokens, d, json.dumps(PROMPTS), "greedy", "file"], sample=False)
+        info, peak = run_child(CHILD, [path, f"{cap}M", "index", a.tokens, d, json.dumps(PROMPTS), a.sampler, margin])
         steps = json.load(open(f"{d}/index.json"))["steps"]
         plan = json.loads(info)["plan"]
         j = 0
@@ -118,7 +126,8 @@ def main():
     rows, nbytes, reads = arr("rows"), arr("bytes"), arr("reads")
     print(f"\n{os.path.basename(path)}: cap {cap} MiB ({a.cap}; {cap * 2**20 / dense_peak:.2f} x the dense engine's "
           f"peak RSS {dense_peak / 2**20:.0f} MiB), peak RSS {peak / 2**20:.0f} MiB, "
-          f"{len(PROMPTS)} prompts x {a.tokens} tokens teacher-forced along the whole head's greedy output\n")
+          f"{len(PROMPTS)} prompts x {a.tokens} tokens teacher-forced along the whole head's greedy output"
+          f"{'' if a.margin is None else f', margin {a.margin} (not the file)'}\n")
     print("| same top-1 | mean KL (nats) | max KL | head rows read (mean / median / p90) | head bytes read (mean / p90) | reads/token | stopped early | same top-1 as the `--head exact` run |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {100 * arr('same').mean():.2f}% ({int((1 - arr('same')).sum())} of {len(steps)} differ) | "
