@@ -274,6 +274,11 @@ class GGUFFile:
         if m is not None and end > start:
             m.madvise(mmap.MADV_DONTNEED, start, min(end, len(m)) - start)
 
+    def release_tensor(self, name: str) -> None:
+        """`release` the mapped pages of tensor `name`."""
+        info = self.tensor(name)
+        self.release(info.offset, info.n_bytes)
+
     def close(self):
         mm, self._mm = self._mm, None
         if mm is not None and hasattr(mm, "_mmap") and mm._mmap is not None:

@@ -23,15 +23,21 @@ def test_parse_size():
             parse_size(bad)
 
 
-def test_sparse_ffn_with_every_neuron_equals_dense_ffn(tmp_path):
-    """Identity (STYLE.md 8): down columns kept in F32, every neuron selected -> the flash file's
-    logits equal the dense model's on the source (same gate/up bytes; float vs 8-bit activations
-    on the down projection is the only difference)."""
+def _tiny_source(tmp_path):
+    """(a 2-layer synthetic Q8_0 llama GGUF, a calibration text file) under tmp_path."""
     from gguf_flash.synthetic import write_synthetic
     src = write_synthetic(tmp_path / "t.gguf", arch="llama", n_layer=2, n_embd=64, n_ff=128, n_head=4,
                           n_head_kv=2, n_vocab=300, qtype="Q8_0", seed=5)
     calib = tmp_path / "c.txt"
     calib.write_text(" ".join(f"w{i % 50} x{i % 7}" for i in range(3000)))
+    return src, calib
+
+
+def test_sparse_ffn_with_every_neuron_equals_dense_ffn(tmp_path):
+    """Identity (STYLE.md 8): down columns kept in F32, every neuron selected -> the flash file's
+    logits equal the dense model's on the source (same gate/up bytes; float vs 8-bit activations
+    on the down projection is the only difference)."""
+    src, calib = _tiny_source(tmp_path)
     gguf_flash.convert(src, tmp_path / "t.flash.gguf", calib=calib, calib_tokens=1024, sparsity=0.5,
                        rank=8, down_type="F32")
     dense = gguf_flash.load(src, n_ctx=64)
@@ -51,11 +57,7 @@ def test_down_type_is_written_and_used(tmp_path):
     from gguf_flash.config import config_from_gguf
     from gguf_flash.flash.format import read_flash
     from gguf_flash.gguf_file import GGUFFile
-    from gguf_flash.synthetic import write_synthetic
-    src = write_synthetic(tmp_path / "t.gguf", arch="llama", n_layer=2, n_embd=64, n_ff=128, n_head=4,
-                          n_head_kv=2, n_vocab=300, qtype="Q8_0", seed=5)
-    calib = tmp_path / "c.txt"
-    calib.write_text(" ".join(f"w{i % 50} x{i % 7}" for i in range(3000)))
+    src, calib = _tiny_source(tmp_path)
     dense = gguf_flash.load(src, n_ctx=64)
     toks = [5, 17, 99, 200, 3, 42]
     ref = np.array([dense.model.forward(t, p).copy() for p, t in enumerate(toks)])

@@ -325,12 +325,12 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
         if bar:
             bar.update(1)
         hindex = build_head_index(head_raw, f.tensor(head_name).qtype, train_h, held_h, r, n_decode,
-                                  release=lambda: f.release(f.tensor(head_name).offset, head_raw.nbytes))
+                                  release=lambda: f.release_tensor(head_name))
         del train_h, held_h
         if bar:
             bar.update(1)
             bar.close()
-        f.release(f.tensor(head_name).offset, head_raw.nbytes)
+        f.release_tensor(head_name)
     cal.H = None            # the final states served the head index only
     phases["head index"] = time.perf_counter() - t
     phase_peak["head index"] = sampler.mark() / MiB
@@ -353,7 +353,7 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
         Xt, Xv = cal.train(il), cal.held_out(il)
         Yt = active_mask(Xt, Wg, float(thresholds[il]), ACT_NAMES[act])
         Yv = active_mask(Xv, Wg, float(thresholds[il]), ACT_NAMES[act])
-        f.release(f.tensor(name).offset, f.tensor(name).n_bytes)
+        f.release_tensor(name)
         fr = Yt.mean(axis=0).astype(np.float32)                  # (n_ff,) activation frequency
         order = np.argsort(-fr, kind="stable")                   # hot-first
         pfr, psp = None, 0.0

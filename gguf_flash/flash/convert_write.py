@@ -92,7 +92,7 @@ def write_flash(f, cfg, path, meta, orders, freq, down_q, progress):
             arr = f.raw(name)
             w.add_tensor_info(name, arr.shape, np.uint8, arr.nbytes, raw_dtype=GGMLQuantizationType(info.qtype))
         rows_order = order if name == head_name else None
-        plan.append((lambda a=arr, i=info, o=rows_order: _RowBlocks(a, o, lambda: f.release(i.offset, i.n_bytes)),
+        plan.append((lambda a=arr, n=name, o=rows_order: _RowBlocks(a, o, lambda: f.release_tensor(n)),
                      [name]))
     for il in range(L):
         bb = sum(meta["bytes"][3 * il:3 * il + 3])
@@ -130,7 +130,7 @@ def write_flash(f, cfg, path, meta, orders, freq, down_q, progress):
         data = produce()
         w.write_tensor_data(data if isinstance(data, _RowBlocks) else np.ascontiguousarray(data))
         for name in reads:
-            f.release(f.tensor(name).offset, f.tensor(name).n_bytes)
+            f.release_tensor(name)
         if bar:
             bar.update(1)
     if bar:

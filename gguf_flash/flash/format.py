@@ -248,7 +248,7 @@ def read_flash(f, cfg) -> FlashInfo:
             if not (np.isfinite(a).all() and np.isfinite(b).all() and np.isfinite(bias).all()):
                 raise FlashFormatError(f"{f.path}: layer {il} predictor has a value that is not finite")
             for name in (t_pred_a(il), t_pred_b(il)):   # the check read them: not resident until used
-                f.release(f.tensors[name].offset, f.tensors[name].n_bytes)
+                f.release_tensor(name)
         dn = pf = None
         if product:
             for name in (t_down_norm(il), t_prod_freq(il)):
@@ -299,7 +299,7 @@ def _read_head_order(f, n_vocab, tensor) -> np.ndarray:
     It describes the head tensor as stored, so it is read whether or not the index itself is usable."""
     tensor(T_HI_ORDER, (n_vocab,), (I32,), "I32")
     order = np.array(f.array(T_HI_ORDER), np.int32)
-    f.release(f.tensors[T_HI_ORDER].offset, f.tensors[T_HI_ORDER].n_bytes)
+    f.release_tensor(T_HI_ORDER)
     _check_permutation(f, T_HI_ORDER, order, "tokens")
     return order
 
@@ -313,4 +313,4 @@ def _check_permutation(f, name, a, what) -> None:
 def release_head_index(f) -> None:
     """Drop the map's pages of the head index from this process's RSS (they stay in the page cache)."""
     for name in HI_TENSORS.values():
-        f.release(f.tensors[name].offset, f.tensors[name].n_bytes)
+        f.release_tensor(name)

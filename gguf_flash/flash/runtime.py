@@ -229,7 +229,7 @@ class FlashModel:
         if self.selector == "predictor":   # the selector copied the factors: drop the map's pages of them
             for il in range(L):
                 for name in (ff.t_pred_a(il), ff.t_pred_b(il)):
-                    f.release(f.tensors[name].offset, f.tensors[name].n_bytes)
+                    f.release_tensor(name)
         self.thresholds = np.array([l.threshold for l in info.layers], np.float32) if mode == "flash" \
             else np.zeros(L, np.float32)
         self.ffn = FFNLoader(self.store, info.layers, self.plan, c.n_ff, c.n_embd, numba.get_num_threads(),
