@@ -88,8 +88,13 @@ def ensure_compiled(path, kind: str, tset, kv_type: str = "f16", logit_rows: int
     tty = progress and getattr(stream, "isatty", lambda: False)()
     line = _Line(stream, f"gguf-flash: {headline(kind, tset)}") if tty else None
     log.info(headline(kind, tset))
-    code = "import sys; from gguf_flash.firstrun import _child; _child(*sys.argv[1:])"
-    argv = [sys.executable, "-c", code, os.fspath(path), kind, kv_type, str(int(logit_rows)), extra]
+    # the child imports this very package: `python -c` puts the working folder first on sys.path, and a
+    # user who ran `pip install .` in a checkout and stayed there would compile the checkout's kernels
+    # (numba files them by source path), not the installed ones this process then loads
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from gguf_flash.firstrun import _child; "
+            "_child(*sys.argv[2:])")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = [sys.executable, "-c", code, root, os.fspath(path), kind, kv_type, str(int(logit_rows)), extra]
     t0 = time.perf_counter()
     ok, names, last = _run_child(argv, line)
     secs = time.perf_counter() - t0

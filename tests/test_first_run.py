@@ -89,3 +89,24 @@ def test_own_types_give_the_all_types_numbers(tmp_path):
         out[name] = first, m.forward(int(np.argmax(first)), 5).copy()
     for a, b in zip(out["own"], out["all"]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_compile_child_imports_this_package_whatever_the_working_folder(tmp_path, monkeypatch):
+    """`pip install . && gguf-flash run ...` in a checkout: the working folder holds another copy of
+    gguf_flash, which `python -c` would import first. The child must compile (and mark) the kernels of
+    the package this process runs, or the process compiles them again itself. A decoy package in the
+    working folder fails on import: the child succeeds and leaves this package's marker."""
+    from gguf_flash import firstrun
+    from gguf_flash.gguf_file import GGUFFile
+    from gguf_flash.model import Model
+    path = write_synthetic(tmp_path / "m.gguf", qtype="Q8_0", seed=1)
+    decoy = tmp_path / "work" / "gguf_flash"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy in the working folder was imported')\n")
+    monkeypatch.chdir(tmp_path / "work")
+    tset = Model(GGUFFile(path), n_ctx=16).w.ts
+    extra = f"cwd-test-{os.getpid()}"
+    names = firstrun.ensure_compiled(path, "dense", tset, extra=extra)
+    assert names is not None
+    assert firstrun.is_compiled("dense", tset, extra=extra)
+    os.remove(firstrun.marker("dense", tset, extra=extra))
