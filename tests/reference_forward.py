@@ -305,6 +305,9 @@ class RefModel:
         embd = tensors["token_embd.weight"]
         self.n_vocab = int(embd.ne[1])
         self.head_name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+        # ffn_hook(il, act (T, n_ff), up (T, n_ff)) -> the act to use: a sparsity experiment's mask
+        # (tools/bench_ref_sparsity.py); None: the dense model
+        self.ffn_hook = None
 
     # -- weights ------------------------------------------------------------------------------------
     def has(self, name):
@@ -377,6 +380,8 @@ class RefModel:
             gate = self.linear(h, f"{p}.ffn_gate")                           # (T, n_ff)
             up = self.linear(h, f"{p}.ffn_up")                               # (T, n_ff)
             act = gelu_tanh(gate) if cfg.activation == "gelu_tanh" else silu(gate)
+            if self.ffn_hook is not None:
+                act = self.ffn_hook(il, act, up)
             f = self.linear(act * up, f"{p}.ffn_down")                       # (T, n_embd)
             if cfg.post_norms:
                 f = rms_norm(f, self.weight(f"{p}.post_ffw_norm.weight"), cfg.rms_eps)
