@@ -9,10 +9,16 @@ hold stays) once per selector, then the dense engine again; the same prompt, gre
 decoded token. Flash "compute" is its time minus reading and window bookkeeping (TokenStats); after
 the prompt the window already holds most rows, so it is the step's arithmetic and glue. Prints a
 Markdown table; quote ratios from one run (the machine is noisy).
+
+--split: also where a step's time goes inside the decode loop (not each part alone and hot). The dense
+step is run as its per-layer compiled calls from Python (attention_layer, ffn_layer_dense, then
+output_head: the calls forward_token makes in one), the flash step with its compiled calls timed where
+the runtime makes them (flashstep.layer_select, the FFN's run_layer with its layer_ffn, the head).
 """
 
 import argparse
 import time
+from collections import defaultdict
 
 import numpy as np
 
@@ -35,6 +41,77 @@ def _decode(model, toks, n):
     return float(np.median(times) * 1e3), (time.process_time() - c0) / n * 1e3
 
 
+def _timed(obj, name, parts, key):
+    """Replace obj.name by a wrapper that adds its wall time to parts[key]."""
+    f = getattr(obj, name)
+
+    def wrapper(*args):
+        t0 = time.perf_counter()
+        r = f(*args)
+        parts[key] += time.perf_counter() - t0
+        return r
+    setattr(obj, name, wrapper)
+    return lambda: setattr(obj, name, f)
+
+
+def dense_split(model, toks, n) -> dict:
+    """ms per token of the dense step's parts, its per-layer compiled calls made from Python."""
+    from gguf_flash.kernels import forward as fw, nn
+    w, s, parts = model.w, model.st, defaultdict(float)
+
+    def step(token, pos):
+        fw.embed(s.x, w.blob, w.embd, token, w.fp[fw.FP_EMBD_SCALE], w.ts)
+        nn.rope_cos_sin(s.cos[0], s.sin[0], pos, w.inv_freq[0])
+        nn.rope_cos_sin(s.cos[1], s.sin[1], pos, w.inv_freq[1])
+        for il in range(model.cfg.n_layer):
+            t0 = time.perf_counter()
+            fw.attention_layer(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin,
+                               s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.ip,
+                               w.fp, il, pos, w.ts)
+            t1 = time.perf_counter()
+            fw.ffn_layer_dense(s.x, s.xb, s.hg, s.hu, s.xq_embd, s.xq_ff, w.blob, w.mats, w.norms, w.ip, w.fp, il,
+                               w.thresholds[il], w.ts)
+            parts["attention (+ selection)"] += t1 - t0
+            parts["FFN"] += time.perf_counter() - t1
+        t0 = time.perf_counter()
+        fw.output_head(s.logits, s.x, s.xb, s.xq_embd, w.blob, w.output, w.output_norm, w.fp[fw.FP_EPS], w.ts)
+        parts["head"] += time.perf_counter() - t0
+        return s.logits
+
+    for i, t in enumerate(toks):
+        model.forward(t, i)
+    t, pos = toks[-1], len(toks)
+    step(t, pos)
+    parts.clear()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        t, pos = int(np.argmax(step(t, pos))), pos + 1
+    parts["step"] = time.perf_counter() - t0
+    return {k: v / n * 1e3 for k, v in parts.items()}
+
+
+def flash_split(llm, toks, n) -> dict:
+    """ms per token of the flash step's parts, timed where the runtime makes its calls."""
+    from gguf_flash.kernels import flashstep
+    m, parts = llm.model, defaultdict(float)
+    for i, t in enumerate(toks):
+        m.forward(t, i)
+    undo = [_timed(flashstep, "layer_select", parts, "attention (+ selection)"),
+            _timed(m.ffn, "run_layer", parts, "FFN"),
+            _timed(flashstep, "layer_ffn", parts, "FFN: its compiled call"),
+            _timed(m, "decode_head", parts, "head")]
+    try:
+        t, pos = toks[-1], len(toks)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            t, pos = int(np.argmax(m.forward(t, pos))), pos + 1
+        parts["step"] = time.perf_counter() - t0
+    finally:
+        for u in undo:
+            u()
+    return {k: v / n * 1e3 for k, v in parts.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("source")
@@ -42,6 +119,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--selectors", default="gate,product,bundle")
+    ap.add_argument("--split", action="store_true", help="also the parts of each step inside the loop")
     a = ap.parse_args()
     import gguf_flash
     from gguf_flash.models import resolve
@@ -62,6 +140,14 @@ def main():
         rows.append((sel, total, comp, cpu, active))
         del llm, m
     d1, c1 = dense()
+    splits = {}
+    if a.split:
+        llm = gguf_flash.load(resolve(a.source), n_threads=a.threads)
+        splits["dense"] = dense_split(llm.model, llm.tokenize(PROMPT), a.tokens)
+        for sel in a.selectors.split(","):
+            llm = gguf_flash.load(a.flash, selector=sel, n_threads=a.threads)
+            splits[sel] = flash_split(llm, llm.tokenize(PROMPT), a.tokens)
+            del llm
     d, dc = (d0 + d1) / 2, (c0 + c1) / 2
     print(f"dense engine: {d0:.2f} / {d1:.2f} ms per token (before / after), CPU {c0:.2f} / {c1:.2f} ms, "
           f"{a.threads} threads")
@@ -72,6 +158,14 @@ def main():
         target = d * (active + 0.15)
         print(f"| {sel} | {total:.2f} | {comp:.2f} | {cpu:.2f} | {active:.1%} | {target:.2f} | {comp / target:.2f} | "
               f"{cpu / (dc * (active + 0.15)):.2f} |")
+    if splits:
+        names = list(splits)
+        print(f"\nInside the decode loop, ms per token ({a.tokens} tokens, the calls timed from Python):\n")
+        print("| part | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
+        for part in ("attention (+ selection)", "FFN", "FFN: its compiled call", "head", "step"):
+            print(f"| {part} | " + " | ".join(f"{splits[k][part]:.2f}" if part in splits[k] else "" for k in names)
+                  + " |")
 
 
 if __name__ == "__main__":
