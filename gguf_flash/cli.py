@@ -147,7 +147,7 @@ def cmd_convert(a):
                 rank=a.rank, down_type=a.down_type, force=a.force, full_curve=a.curve,
                 predictor=a.predictor, head_index=not a.no_head_index,
                 head_index_rank=a.head_index_rank, product=not a.no_product, allocate=a.allocate,
-                max_ram=a.max_ram, progress=True)
+                max_ram=a.max_ram, progress=True, topk=not a.no_topk, topk_sparsity=a.topk_sparsity)
     stored = [i for i, k in enumerate(r.ranks) if k]
     preds = (f"rank {min(r.ranks[i] for i in stored)}-{max(r.ranks[i] for i in stored)}, "
              f"recall {min(r.recall[i] for i in stored):.3f}-{max(r.recall[i] for i in stored):.3f}, "
@@ -164,6 +164,10 @@ def cmd_convert(a):
               "sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in r.prod_curve))
         print(_per_layer("product sparsity per layer", r.prod_layer_target if r.allocated else [],
                          r.prod_layer_sparsity))
+    if len(r.keep_curve) > 1:
+        print((f"gate rows' per-token top-k (--selector gate): sparsity {r.keep_sparsity:.2f}" if r.keep_sparsity else
+               "gate rows' per-token top-k: not stored (no sparsity past the threshold's within the budget)")
+              + "; held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in r.keep_curve))
     if r.head_index is not None:
         hi = r.head_index
         print(f"head index: rank {hi.rank}, {hi.n_bytes / 2**20:.1f} MiB ({100 * hi.n_bytes / r.head_bytes:.0f}% of "
@@ -321,8 +325,8 @@ def cmd_inspect(a):
 
 def _print_flash_summary(f):
     from .config import config_from_gguf
-    from .flash.format import (K_CURVE_PPL, K_CURVE_S, K_LAYER_SPARSITY, K_PROD_CURVE_PPL, K_PROD_CURVE_S,
-                               K_PROD_LAYER_SPARSITY, read_flash)
+    from .flash.format import (K_CURVE_PPL, K_CURVE_S, K_KEEP_CURVE_PPL, K_KEEP_CURVE_S, K_LAYER_SPARSITY,
+                               K_PROD_CURVE_PPL, K_PROD_CURVE_S, K_PROD_LAYER_SPARSITY, read_flash)
     cfg = config_from_gguf(f)
     info = read_flash(f, cfg)
     lsp = f.get(K_LAYER_SPARSITY, [float("nan")] * cfg.n_layer)
@@ -341,6 +345,12 @@ def _print_flash_summary(f):
                  if pcurve else ""))
     else:
         print("product criterion: none (--selector product needs a file converted with it)")
+    if info.keep_sparsity:
+        kcurve = list(zip(f.get(K_KEEP_CURVE_S, []), f.get(K_KEEP_CURVE_PPL, [])))
+        print(f"gate rows' per-token top-k (--selector gate): keep {info.layers[0].keep} of {cfg.n_ff} rows a token "
+              f"(sparsity {info.keep_sparsity:.2f}); the other selectors keep the threshold"
+              + ("; held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in kcurve)
+                 if kcurve else ""))
     # per layer: the gate criterion's sparsity on held-out tokens; the product criterion's last
     print("layer threshold sparsity predictor rank recall precision bundle-B  freq@1 @10% @50% @90%"
           + ("  product-sparsity" if len(psp) else ""))
@@ -510,6 +520,12 @@ def build_parser():
                    help="a sparsity per layer (greedy on the loss of a calibration chunk, as TEAL does) instead "
                         "of one for all layers, the mean within 2%% on that chunk; the held-out perplexity is "
                         "reported, not enforced. Much slower; it helped Gemma 3's gate, not SmolLM2 (docs/design.md)")
+    p.add_argument("--no-topk", action="store_true",
+                   help="do not try the gate rows' per-token top-k rule (each token keeps its own largest "
+                        "|act(gate)|; stored where it keeps more sparsity within the 2%% budget than the threshold, "
+                        "used by --selector gate)")
+    p.add_argument("--topk-sparsity", type=float, default=None,
+                   help="store the per-token top-k rule at this sparsity (no search)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("chat", help="interactive chat with the model's chat template")

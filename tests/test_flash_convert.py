@@ -381,3 +381,45 @@ def test_row_blocks_write_the_rows_in_order_and_release_each_block(tmp_path):
         with open(path, "wb") as fout:
             rb.tofile(fout)
         assert rb.nbytes == a.nbytes and path.read_bytes() == want.tobytes() and len(calls) == blocks
+
+
+def test_gate_rows_top_k_rule_is_stored_and_computed(tmp_path, tiny_src):
+    """--topk-sparsity stores the gate rows' per-token top-k rule (format.K_GATE_KEEP); --selector gate
+    then chooses exactly keep rows a token in every layer, and computes the model the converter measured
+    it on: the source model with the same rule (thresholds -keep, forward.rows_glu) gives the same prompt
+    logits as the flash file's prompt chunk and, token by token, its decode step. The bundle selector
+    keeps the threshold rule; inspect names the rule."""
+    import subprocess
+    import sys
+    from gguf_flash.model import Model
+    src, calib = tiny_src
+    out = tmp_path / "topk.flash.gguf"
+    r = gguf_flash.convert(src, out, calib=calib, calib_tokens=512, sparsity=0.4, predictor="never",
+                           topk_sparsity=0.5)
+    assert r.keep_sparsity == 0.5 and [s for s, _ in r.keep_curve] == [0.0, 0.5]
+    f = GGUFFile(out)
+    assert list(f.get(ff.K_GATE_KEEP)) == [64, 64]
+    gate = gguf_flash.load(out, n_ctx=64, selector="gate")
+    info = gate.model.info
+    assert info.keep_sparsity == pytest.approx(0.5) and [l.keep for l in info.layers] == [64, 64]
+    assert list(gate.model.thresholds) == [0.0, 0.0]
+    bundle = gguf_flash.load(out, n_ctx=64, selector="bundle")
+    assert all(t == pytest.approx(l.threshold) and t > 0 for t, l in zip(bundle.model.thresholds, info.layers))
+
+    toks = [5, 17, 99, 200, 3, 41, 8]
+    ref = Model(GGUFFile(src), n_ctx=64)
+    ref.w.thresholds[:] = -64.0
+    want = ref.prefill(toks, 0).astype(np.float64)
+    chunk = gguf_flash.load(out, n_ctx=64, selector="gate")
+    got_chunk = chunk.model.prefill(toks, 0).astype(np.float64)
+    got_step = [gate.model.forward(t, p).astype(np.float64).copy() for p, t in enumerate(toks)][-1]
+    for got in (got_chunk, got_step):
+        assert int(np.argmax(got)) == int(np.argmax(want))
+        np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
+    assert all(s.active == 2 * 64 for s in gate.model.stats)      # exactly keep rows, every layer
+    dense = Model(GGUFFile(src), n_ctx=64).prefill(toks, 0).astype(np.float64)
+    assert np.abs(want - dense).max() > 10 * np.abs(got_step - want).max()   # the rule is not a no-op
+
+    p = subprocess.run([sys.executable, "-m", "gguf_flash.cli", "inspect", str(out)], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and "gate rows' per-token top-k (--selector gate): keep 64 of 128" in p.stdout

@@ -104,13 +104,38 @@ def test_chunk_kernel_sum_is_the_same_however_the_union_is_cut():
 def test_mask_and_union_of_a_chunk():
     HG = np.array([[0.5, -2.0, 0.01, 3.0], [0.0, 0.0, 0.2, -0.01]], np.float32)
     MK = np.zeros(HG.shape, np.uint8)
-    sparse.mask_by_gate(MK, HG, ACT_RELU, 0.1)
+    sparse.mask_by_gate(MK, HG, ACT_RELU, 0.1, np.zeros(HG.shape[1], np.float32))
     np.testing.assert_array_equal(MK, [[1, 0, 0, 1], [0, 0, 1, 0]])
     union = np.zeros(4, np.int32)
     assert sparse.union_rows(union, MK) == 3 and list(union[:3]) == [0, 2, 3]
     mk = np.zeros(4, np.uint8)
     sparse.mask_by_logit(mk, np.array([0.5, -2.0, 0.01, 3.0], np.float32), 1.0, True)
     np.testing.assert_array_equal(mk, [0, 1, 0, 1])
+
+
+def test_per_token_top_k_rule_keeps_each_tokens_largest():
+    """The gate criterion's top-k rule (a negative threshold -k): each token keeps exactly its own k
+    largest |act(g)|, in a chunk's mask and as nn.topk_threshold's threshold (quickselect against a
+    sort, ties and sizes 1 and 2 included)."""
+    from gguf_flash.kernels.nn import kth_smallest, topk_threshold
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 100, 1536):
+        for _ in range(10):
+            a = rng.standard_normal(n).astype(np.float32)
+            if n > 4:
+                a[:3] = a[3]
+            k = int(rng.integers(0, n))
+            assert kth_smallest(a.copy(), k) == np.sort(a)[k]
+    HG = (rng.standard_normal((5, 256)) * 2).astype(np.float32)
+    MK = np.zeros(HG.shape, np.uint8)
+    sparse.mask_by_gate(MK, HG, ACT_SILU, -40.0, np.zeros(HG.shape[1], np.float32))
+    act = np.abs(HG / (1 + np.exp(-HG.astype(np.float64))))
+    for j in range(5):
+        assert MK[j].sum() == 40
+        assert set(np.flatnonzero(MK[j])) == set(np.argsort(-act[j])[:40])
+        assert topk_threshold(HG[j], ACT_SILU, 40, np.zeros(256, np.float32)) == pytest.approx(np.sort(act[j])[-41],
+                                                                                             rel=1e-5)
+    assert topk_threshold(HG[0], ACT_SILU, 256, np.zeros(256, np.float32)) < 0     # every row
 
 
 @pytest.mark.parametrize("qt", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0])

@@ -96,6 +96,8 @@ class ConvertReport:
     layer_target: list = field(default_factory=list)       # per layer, the grid sparsity chosen (0: dense)
     prod_layer_target: list = field(default_factory=list)  # the same for the product criterion
     allocated: bool = False         # per-layer allocation (allocate.py), not one sparsity for all layers
+    keep_sparsity: float = 0.0      # the gate rows' per-token top-k rule's (0: not stored)
+    keep_curve: list = field(default_factory=list)   # [(sparsity, held-out ppl)] of that rule
 
 
 def _heldout_nll(lp, cal, thresholds, scale=None) -> float:
@@ -120,6 +122,21 @@ def _search(ppl_at, grid, dense_ppl, fixed: bool, full_curve: bool):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if ppl_at(mid) <= dense_ppl * PPL_BUDGET else (lo, mid)
     return lo
+
+
+def _search_topk(ppl_at, grid, start: int, dense_ppl, full_curve: bool) -> int:
+    """The largest grid index >= start whose held-out perplexity under the per-token top-k rule stays
+    within PPL_BUDGET (-1: none): the rule is kept only where it beats the threshold's own choice, so
+    the points are tried upward from the one past it and the search stops at the first over budget."""
+    best = -1
+    for j in range(start, len(grid)):
+        if ppl_at(j) > dense_ppl * PPL_BUDGET:
+            break
+        best = j
+    if full_curve:
+        for j in range(len(grid)):
+            ppl_at(j)
+    return best
 
 
 def exercise_kernels(f) -> tuple:
@@ -149,7 +166,8 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
             rank: int | None = None, down_type: str = "Q8_0", force: bool = False,
             target_recall: float = 0.95, full_curve: bool = False, predictor: str = "auto",
             head_index: bool = True, head_index_rank: int | None = None, product: bool = True,
-            allocate: bool = False, max_ram=None, progress: bool = False) -> ConvertReport:
+            allocate: bool = False, max_ram=None, progress: bool = False, topk: bool = True,
+            topk_sparsity: float | None = None) -> ConvertReport:
     """Write the flash GGUF of `src` to `dst` (see the module docstring). full_curve evaluates the
     held-out perplexity at every grid sparsity (the default bisects the grid: 5 evaluations, not 18).
     predictor: "auto" (a layer's predictor only where it is smaller than its gate rows), "always",
@@ -157,7 +175,9 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
     A given `sparsity` applies to both criteria, in every layer. allocate: a sparsity per layer instead
     (allocate.py: greedy on the loss of training chunks, judged on the held-out ones; slower, see
     docs/design.md). max_ram ("1.5G", bytes): refused before the model is read
-    when below the floor convert_ram.py estimates from the model's shape; it sets the training threads."""
+    when below the floor convert_ram.py estimates from the model's shape; it sets the training threads.
+    topk: also try the gate rows' per-token top-k rule above the threshold's choice (format.K_GATE_KEEP);
+    topk_sparsity: store that rule at this sparsity (no search)."""
     args = dict(locals())
     sampler = PeakSampler()
     try:
@@ -167,7 +187,8 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
 
 
 def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_type, force, target_recall, full_curve,
-             predictor, head_index, head_index_rank, product, allocate, max_ram, progress) -> ConvertReport:
+             predictor, head_index, head_index_rank, product, allocate, max_ram, progress, topk,
+             topk_sparsity) -> ConvertReport:
     t_start = time.perf_counter()
     src_path = models.resolve(src, progress)
     dst = Path(dst)
@@ -177,6 +198,8 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
         raise InvalidArgumentError(f"--down-type {down_type}: choose one of {', '.join(DOWN_TYPES)}")
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise InvalidArgumentError(f"--sparsity must be in [0, 1), got {sparsity}")
+    if topk_sparsity is not None and not 0.0 < topk_sparsity < 1.0:
+        raise InvalidArgumentError(f"--topk-sparsity must be in (0, 1), got {topk_sparsity}")
     if allocate and sparsity is not None:
         raise InvalidArgumentError("--allocate chooses a sparsity per layer: it cannot be combined with --sparsity")
     if rank is not None and rank < 1:
@@ -310,6 +333,21 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
         jg, chosen, thresholds, curve = pick(q_train, None, "gate")
     jp, p_chosen, p_thresholds, p_curve = pick(qp_train, dn, "product") if product else \
         (np.full(L, -1), 0.0, None, [])
+    # the gate rows' per-token top-k rule (nn.topk_threshold): each token keeps its own largest
+    # |act(g)|; stored where it keeps more sparsity within the budget than the threshold's choice
+    keep, keep_chosen, keep_curve = None, 0.0, []
+    if act != ACT_RELU and not allocate and (topk_sparsity is not None or (topk and sparsity is None)):
+        kgrid = grid if topk_sparsity is None else np.array([topk_sparsity])
+        keeps = [max(1, cfg.n_ff - int(round(x * cfg.n_ff))) for x in kgrid]
+        ppl_at, evaluated = evaluator(np.array([[-float(k) for k in keeps]] * L, np.float32), None)
+        if topk_sparsity is None:
+            jk = _search_topk(ppl_at, kgrid, int(jg[0]) + 1, dense_ppl, full_curve)
+        else:
+            ppl_at(0)       # the forced point, evaluated for the curve
+            jk = 0
+        keep_curve = [(0.0, dense_ppl)] + [(float(kgrid[k]), evaluated[k]) for k in sorted(evaluated)]
+        if jk >= 0:
+            keep, keep_chosen = [keeps[jk]] * L, 1.0 - keeps[jk] / cfg.n_ff
     if bar:
         bar.close()
     phases["sparsity"] = time.perf_counter() - t
@@ -408,7 +446,8 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
         thresholds=thresholds, sparsity=chosen, layer_sparsity=layer_sparsity, preds=preds,
         cal_tokens=n_cal_tokens, source=source, curve=curve, head_index=hindex,
         product=dict(thresholds=p_thresholds, sparsity=p_chosen, layer_sparsity=prod_layer_sparsity,
-                     curve=p_curve, down_norm=dn, freq=prod_freq) if product else None)
+                     curve=p_curve, down_norm=dn, freq=prod_freq) if product else None,
+        topk=dict(keep=keep, sparsity=keep_chosen, curve=keep_curve) if keep is not None else None)
     # a locked temp file renamed on success: Ctrl-C or a full disk leave nothing at dst, and a converter
     # killed outright leaves a temp file that the next conversion to dst removes (atomic.py)
     with atomic_output(dst) as tmp:
@@ -426,7 +465,8 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
         time.perf_counter() - t_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, phases,
         hindex, head_raw.nbytes, p_chosen, p_curve, prod_layer_sparsity if product else [], phase_peak,
         sampler.total / MiB, [float(grid[j]) if j >= 0 else 0.0 for j in jg],
-        [float(grid[j]) if j >= 0 else 0.0 for j in jp] if product else [], bool(allocate))
+        [float(grid[j]) if j >= 0 else 0.0 for j in jp] if product else [], bool(allocate), keep_chosen,
+        keep_curve)
 
 
 def _wants_predictor(choice, max_rank, cfg, gate_type) -> bool:

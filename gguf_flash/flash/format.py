@@ -45,6 +45,15 @@ K_PROD_LAYER_SPARSITY = "flash.product.sparsity.layer"  # f32 (n_layer,): measur
 K_PROD_CURVE_S = "flash.product.curve.sparsity"    # f32: the grid points evaluated (0: dense)
 K_PROD_CURVE_PPL = "flash.product.curve.perplexity"  # f32: held-out perplexity at each
 
+# the gate criterion's per-token top-k rule (optional; the converter stores it where it keeps a larger
+# sparsity within the budget than the threshold t_l): the gate-rows selector chooses, for each token,
+# its own keep_l largest |act(gate . x)| instead of those above t_l. The other selectors keep t_l
+# (they decide before, or without, every row's gate value).
+K_GATE_KEEP = "flash.gate.keep"                    # u32 (n_layer,): rows each token keeps (0: the threshold)
+K_GATE_KEEP_SPARSITY = "flash.gate.keep.sparsity"  # f32: 1 - keep / n_ff, the rule's target sparsity
+K_KEEP_CURVE_S = "flash.gate.keep.curve.sparsity"  # f32: the grid points evaluated (0: dense)
+K_KEEP_CURVE_PPL = "flash.gate.keep.curve.perplexity"  # f32: held-out perplexity at each
+
 # the output head's index (flash/head_build.py; optional: a file without it streams or holds the head)
 K_HI_MARGIN = "flash.head_index.margin"        # f32: rows above bar - margin x (best - mean preview) are read
 K_HI_MARGIN_DIST = "flash.head_index.margin_dist"  # f32: the same for samplers (rows near the top read too)
@@ -97,6 +106,7 @@ class FlashLayer:
     prod_threshold: float = 0.0             # the product criterion's t_l (with down_norm)
     down_norm: np.ndarray | None = None     # (n_ff,) f32 view: ||down_i|| of each stored row; None: no product
     prod_freq: np.ndarray | None = None     # (n_ff,) f32 view: how often each stored row is chosen by it
+    keep: int = 0                           # the gate-rows selector's per-token top-k (0: the threshold)
 
     @property
     def rank(self) -> int:
@@ -122,6 +132,7 @@ class FlashInfo:
     old_head_index: bool = False     # the file has an index of an older converter (K_HI_Z), which is not used
     head_order: np.ndarray | None = None  # (n_vocab,) int32: stored head row j is token head_order[j]
                                           # (T_HI_ORDER); None: the head is in token order
+    keep_sparsity: float = 0.0       # the gate-rows selector's top-k rule's target sparsity (0: none)
 
     @property
     def bundle_bytes_total(self) -> int:
@@ -206,6 +217,9 @@ def read_flash(f, cfg) -> FlashInfo:
     product = K_PROD_THRESHOLD in f.meta
     prod_thr = numbers(K_PROD_THRESHOLD, L, lo=0.0) if product else np.zeros(L, np.float32)
     prod_sparsity = scalar(K_PROD_SPARSITY, float, 0.0, 1.0) if product else 0.0
+    topk = K_GATE_KEEP in f.meta
+    keep = numbers(K_GATE_KEEP, L, np.int64, 1, n_ff) if topk else np.zeros(L, np.int64)
+    keep_sparsity = scalar(K_GATE_KEEP_SPARSITY, float, 0.0, 1.0) if topk else 0.0
     layers = []
     for il in range(L):
         t = tuple(int(x) for x in types[3 * il:3 * il + 3])
@@ -259,7 +273,7 @@ def read_flash(f, cfg) -> FlashInfo:
                     raise FlashFormatError(f"{f.path}: {name} has a value that is not finite")
         layers.append(FlashLayer(info.offset, sum(pb), t, pb, nid, freq, float(thresholds[il]), a, b, bias,
                                  float(recall[il]), float(precision[il]), bool(kinds[il]), float(offsets[il]),
-                                 float(prod_thr[il]), dn, pf))
+                                 float(prod_thr[il]), dn, pf, int(keep[il])))
     head_index = _read_head_index(f, cfg, scalar, tensor) if K_HI_MARGIN in f.meta else None
     head_order = _read_head_order(f, cfg.n_vocab, tensor) if T_HI_ORDER in f.tensors else None
     sha = f.get(K_SOURCE_SHA, "")
@@ -267,7 +281,8 @@ def read_flash(f, cfg) -> FlashInfo:
     cal_tokens = f.get(K_CAL_TOKENS, 0)
     return FlashInfo(version, activation, sparsity, layers, sha if isinstance(sha, str) else "",
                      int(cal_tokens) if isinstance(cal_tokens, int) else 0, source if isinstance(source, str) else "",
-                     head_index, prod_sparsity, K_HI_Z in f.meta and K_HI_MARGIN not in f.meta, head_order)
+                     head_index, prod_sparsity, K_HI_Z in f.meta and K_HI_MARGIN not in f.meta, head_order,
+                     keep_sparsity=keep_sparsity)
 
 
 def _read_head_index(f, cfg, scalar, tensor) -> dict:

@@ -75,6 +75,8 @@ class PlanInput:
     up_bytes: int = 0              # all layers' up rows (+ a prompt chunk's up values); 0: no product selector
     up_part: list | None = None    # per layer: bytes of its up part
     prod_freq: list | None = None  # per layer: (n_ff,) f32 how often the product criterion chooses each row
+    keep_freq: list | None = None  # per layer: (n_ff,) f32 the gate rows' top-k rule's frequencies (the
+                                   # threshold's scaled to its mean keep / n_ff); None: no top-k rule
 
 
 @dataclass
@@ -167,6 +169,8 @@ def _plan(p: PlanInput, selector: str) -> Plan:
     freq = p.freq
     if selector == "gate":
         resident["gate rows"] = p.gate_bytes
+        if p.keep_freq is not None:
+            freq = p.keep_freq
     elif selector == "product":
         resident["gate and up rows"] = p.gate_bytes + p.up_bytes
         freq = p.prod_freq

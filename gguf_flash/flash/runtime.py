@@ -101,7 +101,7 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     fw.rows_rmsnorm(pre.XB, pre.X, w.norms[0, fw.NORM_FFN], 1e-5)
     fw.rows_round_q8(pre.XR, pre.XB)
     fw.rows_residual(pre.X, pre.XB, w.norms[0, fw.NORM_POST_FFW], 1e-5, False)
-    sparse.mask_by_gate(pre.MK, pre.HG, c.activation, 0.0)
+    sparse.mask_by_gate(pre.MK, pre.HG, c.activation, 0.0, pre.HU[0])
     sparse.mask_by_product(pre.MK, pre.HG, pre.HU, g, c.activation, 0.0)
     sparse.mask_by_logit(pre.MK[0], pre.HG[0], 0.0, True)
     sparse.union_rows(idx, pre.MK)
@@ -230,8 +230,10 @@ class FlashModel:
             for il in range(L):
                 for name in (ff.t_pred_a(il), ff.t_pred_b(il)):
                     f.release_tensor(name)
-        self.thresholds = np.array([l.threshold for l in info.layers], np.float32) if mode == "flash" \
-            else np.zeros(L, np.float32)
+        # the FFN kernels' own gate rule; with the gate rows' top-k rule the selector has chosen the rows
+        # already, so the kernels compute every chosen row (0: |act| > 0 holds for each of them)
+        self.thresholds = np.array([0.0 if self.selector == "gate" and l.keep else l.threshold
+                                    for l in info.layers], np.float32) if mode == "flash" else np.zeros(L, np.float32)
         self.ffn = FFNLoader(self.store, info.layers, self.plan, c.n_ff, c.n_embd, numba.get_num_threads(),
                              window_k, self.w.ts)
         # what stays resident is copied out of the file map (flash/pinned.py: a file truncated under the

@@ -63,7 +63,7 @@ class Selector:
         if self.kind in ("gate", "product"):
             sparse.gate_chunk(HG, self.gates[il], int(l.types[0]), XR if _q8x(l.types[0]) else XB, self.tset)
             if self.kind == "gate":
-                sparse.mask_by_gate(MK, HG, self.act, l.threshold)
+                sparse.mask_by_gate(MK, HG, self.act, gate_rule(l), self.z)
                 return sparse.KNOWN_GATE
             sparse.gate_chunk(HU, self.ups[il], int(l.types[1]), XR if _q8x(l.types[1]) else XB, self.tset)
             sparse.mask_by_product(MK, HG, HU, self.down_norm[il], self.act, l.prod_threshold)
@@ -73,6 +73,13 @@ class Selector:
             sparse.predictor_logits(self.z, self.tmp[:a.shape[1]], XB[j], a, b, self.pred_bias[il])
             sparse.mask_by_logit(MK[j], self.z, l.pred_offset, l.pred_abs)
         return sparse.KNOWN_NONE
+
+
+def gate_rule(l) -> float:
+    """The gate-rows selector's rule for layer info l, as the kernels take it: the threshold t_l, or
+    -keep for the per-token top-k rule (l.keep > 0: each token chooses its own keep largest
+    |act(gate . x)|; format.K_GATE_KEEP)."""
+    return -float(l.keep) if l.keep > 0 else float(l.threshold)
 
 
 def _q8x(qt) -> bool:
@@ -104,7 +111,8 @@ def selector_args(sel, il) -> tuple:
         kind = _KINDS[sel.kind]
         if sel.kind != "none":
             l = sel.layers[il]
-            t = float(l.prod_threshold if sel.kind == "product" else l.threshold)
+            t = float(l.prod_threshold) if sel.kind == "product" else gate_rule(l) if sel.kind == "gate" else \
+                float(l.threshold)
             if sel.kind in ("gate", "product"):
                 gates, gt = sel.gates[il], int(l.types[0])
             if sel.kind == "product":

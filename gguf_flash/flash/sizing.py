@@ -59,6 +59,16 @@ def disk_settings(f, info, io_threads: int) -> DiskSettings:
     return DiskSettings(gap, io_threads, small, large, max_range)
 
 
+def keep_frequencies(freq, keep: int) -> np.ndarray:
+    """(n_ff,) f32: how often the top-k rule (keep rows a token) chooses each row, estimated from the
+    threshold rule's calibration frequencies scaled to the rule's mean keep / n_ff (the file stores no
+    frequencies of its own for it); keep 0: the threshold's."""
+    f = np.asarray(freq, np.float64)
+    if keep <= 0 or f.mean() <= 0:
+        return np.asarray(freq, np.float32)
+    return np.minimum(1.0, f * (keep / len(f)) / f.mean()).astype(np.float32)
+
+
 def choose_plan(f, c, info, w, st, cap, baseline: int, mode: str, selector: str, head: str,
                 disk: DiskSettings, logit_rows: int, n_ctx: int, prefill_chunk: int | None):
     """(the RAM plan, the prompt chunk's tokens) from the runtime's measured RSS (baseline), the file's
@@ -89,6 +99,8 @@ def choose_plan(f, c, info, w, st, cap, baseline: int, mode: str, selector: str,
         bundle_bytes=bb, gate_part=[l.part_bytes[0] for l in info.layers],
         up_part=[l.part_bytes[1] for l in info.layers],
         freq=[l.freq for l in info.layers], precision=[l.precision for l in info.layers],
+        keep_freq=[keep_frequencies(l.freq, l.keep) for l in info.layers] if any(l.keep for l in info.layers)
+        else None,
         staging_rows=c.n_ff if mode == "naive" else max(1, min(c.n_ff, STAGING_BYTES // slot_max)),
         staging_rows_max=max(1, min(c.n_ff, STAGING_MAX_BYTES // slot_max)),
         gap_bytes=disk.gap, startup_peak=peak_rss() if cap is not None else 0, path=str(f.path))

@@ -16,7 +16,7 @@ from numba import njit
 
 from .dispatch import quantize_x
 from .forward import FP_EPS, IP_ACT, NORM_FFN, attention_layer, residual_add
-from .nn import FASTMATH, rmsnorm
+from .nn import FASTMATH, rmsnorm, topk_threshold
 from .sparse import (KNOWN_GATE, KNOWN_H, KNOWN_NONE, matvec_rows, predictor_logits, select_by_gate,
                      select_by_logit, select_by_product, sparse_ffn_range, sum_partials)
 
@@ -61,7 +61,10 @@ def select_rows(xb, xq_embd, act, kind, gates, gate_type, ups, up_type, down_nor
     known = KNOWN_NONE
     if kind == SEL_GATE:
         matvec_rows(hg, gates, gate_type, xb, xq_embd, tset)
-        n = select_by_gate(active, gvals, hg, act, sel_threshold)
+        t = sel_threshold   # negative: -k, the per-token top-k rule (pz, the predictor's logits, is scratch)
+        if sel_threshold < 0.0:
+            t = topk_threshold(hg, act, int(-sel_threshold), pz)
+        n = select_by_gate(active, gvals, hg, act, t)
         known = KNOWN_GATE
     elif kind == SEL_PRODUCT:
         matvec_rows(hg, gates, gate_type, xb, xq_embd, tset)

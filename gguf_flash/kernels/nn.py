@@ -127,6 +127,46 @@ def glu(out, gate, up, act, threshold):
         out[i] = v if abs(a) > threshold else np.float32(0.0)
 
 
+@njit(cache=True, error_model="numpy")
+def kth_smallest(a, k):
+    """The k-th smallest value of a (0-based), found in place (a is reordered): Hoare's selection."""
+    lo, hi = 0, a.shape[0] - 1
+    while lo < hi:
+        p = a[(lo + hi) >> 1]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < p:
+                i += 1
+            while a[j] > p:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            return a[k]
+    return a[k]
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def topk_threshold(gate, act, keep, scratch):
+    """The gate criterion's per-token top-k rule as a threshold: the largest |act(gate_i)| among the
+    n_ff - keep smallest, so the rows with |act(gate_i)| > it are the keep largest (fewer on ties).
+    gate (n_ff,) f32 gate values; scratch (>= n_ff,) f32 is overwritten. keep >= n_ff: -1 (every row)."""
+    n = gate.shape[0]
+    if keep >= n:
+        return np.float32(-1.0)
+    if scratch.shape[0] < n:
+        raise ValueError("topk_threshold: scratch shorter than the gate values")
+    for i in range(n):
+        scratch[i] = abs(activate(gate[i], act))
+    return kth_smallest(scratch[:n], n - max(keep, 0) - 1)
+
+
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def glu_product(out, gate, up, act, threshold, scale):
     """out (n_ff,) = h = act(gate) * up where |h| * scale[i] > threshold, else 0 (the product criterion:

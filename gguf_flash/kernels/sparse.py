@@ -9,7 +9,7 @@ import numpy as np
 from numba import njit, prange
 
 from .dispatch import axpy_row, dequant_into, dot_row, uses_q8x
-from .nn import FASTMATH, activate
+from .nn import FASTMATH, activate, topk_threshold
 from .quant_basic import MM_ROWS, _gemm_rows, _u16_as_f16_to_f32, prefetch, prefetch_ahead
 
 # what the selector computed for each chosen row (sparse_ffn_range, sparse_ffn_chunk)
@@ -199,9 +199,17 @@ def gate_chunk(HG, gates, qt, X, tset):
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
-def mask_by_gate(MK, HG, act, threshold):
-    """MK[j, i] = 1 where |act(HG[j, i])| > threshold (token j chooses row i). MK (T, n_ff) uint8,
+def mask_by_gate(MK, HG, act, threshold, scratch):
+    """MK[j, i] = 1 where |act(HG[j, i])| > threshold (token j chooses row i); a negative threshold -k
+    is the per-token top-k rule (nn.topk_threshold: each token its own k largest), the tokens then taken
+    one after another through scratch (n_ff,) f32 (overwritten; ~10 us a token). MK (T, n_ff) uint8,
     HG (T, n_ff) f32 gate values."""
+    if threshold < 0.0:
+        for j in range(HG.shape[0]):
+            t = topk_threshold(HG[j], act, int(-threshold), scratch)
+            for i in range(HG.shape[1]):
+                MK[j, i] = 1 if abs(activate(HG[j, i], act)) > t else 0
+        return
     for j in prange(HG.shape[0]):
         for i in range(HG.shape[1]):
             MK[j, i] = 1 if abs(activate(HG[j, i], act)) > threshold else 0
