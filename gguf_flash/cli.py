@@ -168,6 +168,11 @@ def cmd_convert(a):
         print((f"gate rows' per-token top-k (--selector gate): sparsity {r.keep_sparsity:.2f}" if r.keep_sparsity else
                "gate rows' per-token top-k: not stored (no sparsity past the threshold's within the budget)")
               + "; held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in r.keep_curve))
+    if len(r.prod_keep_curve) > 1:
+        print((f"product per-token top-k (--selector product): sparsity {r.prod_keep_sparsity:.2f}"
+               if r.prod_keep_sparsity else
+               "product per-token top-k: not stored (no sparsity past the threshold's within the budget)")
+              + "; held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in r.prod_keep_curve))
     if r.head_index is not None:
         hi = r.head_index
         print(f"head index: rank {hi.rank}, {hi.n_bytes / 2**20:.1f} MiB ({100 * hi.n_bytes / r.head_bytes:.0f}% of "
@@ -326,7 +331,8 @@ def cmd_inspect(a):
 def _print_flash_summary(f):
     from .config import config_from_gguf
     from .flash.format import (K_CURVE_PPL, K_CURVE_S, K_KEEP_CURVE_PPL, K_KEEP_CURVE_S, K_LAYER_SPARSITY,
-                               K_PROD_CURVE_PPL, K_PROD_CURVE_S, K_PROD_LAYER_SPARSITY, read_flash)
+                               K_PROD_CURVE_PPL, K_PROD_CURVE_S, K_PROD_KEEP_CURVE_PPL, K_PROD_KEEP_CURVE_S,
+                               K_PROD_LAYER_SPARSITY, read_flash)
     cfg = config_from_gguf(f)
     info = read_flash(f, cfg)
     lsp = f.get(K_LAYER_SPARSITY, [float("nan")] * cfg.n_layer)
@@ -349,6 +355,12 @@ def _print_flash_summary(f):
         kcurve = list(zip(f.get(K_KEEP_CURVE_S, []), f.get(K_KEEP_CURVE_PPL, [])))
         print(f"gate rows' per-token top-k (--selector gate): keep {info.layers[0].keep} of {cfg.n_ff} rows a token "
               f"(sparsity {info.keep_sparsity:.2f}); the other selectors keep the threshold"
+              + ("; held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in kcurve)
+                 if kcurve else ""))
+    if info.prod_keep_sparsity:
+        kcurve = list(zip(f.get(K_PROD_KEEP_CURVE_S, []), f.get(K_PROD_KEEP_CURVE_PPL, [])))
+        print(f"product per-token top-k (--selector product): keep {info.layers[0].prod_keep} of {cfg.n_ff} rows a "
+              f"token (sparsity {info.prod_keep_sparsity:.2f})"
               + ("; held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in kcurve)
                  if kcurve else ""))
     # per layer: the gate criterion's sparsity on held-out tokens; the product criterion's last
@@ -521,11 +533,11 @@ def build_parser():
                         "of one for all layers, the mean within 2%% on that chunk; the held-out perplexity is "
                         "reported, not enforced. Much slower; it helped Gemma 3's gate, not SmolLM2 (docs/design.md)")
     p.add_argument("--no-topk", action="store_true",
-                   help="do not try the gate rows' per-token top-k rule (each token keeps its own largest "
-                        "|act(gate)|; stored where it keeps more sparsity within the 2%% budget than the threshold, "
-                        "used by --selector gate)")
+                   help="do not try the per-token top-k rules (each token keeps its own largest |act(gate)|, or "
+                        "|act(gate) up| ||down||; stored where they keep more sparsity within the 2%% budget than the "
+                        "thresholds, used by --selector gate and --selector product)")
     p.add_argument("--topk-sparsity", type=float, default=None,
-                   help="store the per-token top-k rule at this sparsity (no search)")
+                   help="store both per-token top-k rules at this sparsity (no search)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("chat", help="interactive chat with the model's chat template")

@@ -383,12 +383,13 @@ def test_row_blocks_write_the_rows_in_order_and_release_each_block(tmp_path):
         assert rb.nbytes == a.nbytes and path.read_bytes() == want.tobytes() and len(calls) == blocks
 
 
-def test_gate_rows_top_k_rule_is_stored_and_computed(tmp_path, tiny_src):
+def test_per_token_top_k_rules_are_stored_and_computed(tmp_path, tiny_src):
     """--topk-sparsity stores the gate rows' per-token top-k rule (format.K_GATE_KEEP); --selector gate
     then chooses exactly keep rows a token in every layer, and computes the model the converter measured
     it on: the source model with the same rule (thresholds -keep, forward.rows_glu) gives the same prompt
     logits as the flash file's prompt chunk and, token by token, its decode step. The bundle selector
-    keeps the threshold rule; inspect names the rule."""
+    keeps the threshold rule; inspect names the rule. The same for the product criterion's rule and
+    --selector product (the source model with ffn_scale and thresholds -keep)."""
     import subprocess
     import sys
     from gguf_flash.model import Model
@@ -420,6 +421,30 @@ def test_gate_rows_top_k_rule_is_stored_and_computed(tmp_path, tiny_src):
     dense = Model(GGUFFile(src), n_ctx=64).prefill(toks, 0).astype(np.float64)
     assert np.abs(want - dense).max() > 10 * np.abs(got_step - want).max()   # the rule is not a no-op
 
+    # the product criterion's own top-k rule, stored at the same forced sparsity
+    assert r.prod_keep_sparsity == 0.5 and list(f.get(ff.K_PROD_KEEP)) == [64, 64]
+    assert [l.prod_keep for l in info.layers] == [64, 64]
+    prod = gguf_flash.load(out, n_ctx=64, selector="product")
+    ref = Model(GGUFFile(src), n_ctx=64)
+    scale = np.zeros((2, 128), np.float32)
+    for il, l in enumerate(info.layers):
+        scale[il, l.neuron_id] = l.down_norm       # stored row order -> the source's neuron order
+    ref.w.ffn_scale, ref.w.thresholds[:] = scale, -64.0
+    want = ref.prefill(toks, 0).astype(np.float64)
+    got_chunk = gguf_flash.load(out, n_ctx=64, selector="product").model.prefill(toks, 0).astype(np.float64)
+    got_step = [prod.model.forward(t, p).astype(np.float64).copy() for p, t in enumerate(toks)][-1]
+    for got in (got_chunk, got_step):
+        assert int(np.argmax(got)) == int(np.argmax(want))
+        np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
+    assert all(s.active == 2 * 64 for s in prod.model.stats)
+    # the file's own re-quantized down parts differ from the source by ~0.03 a logit (dense mode against
+    # dense); the product rule adds rows flipped at its boundary by the 8-bit inputs (half of them near
+    # ties on these random weights) but stays within 3x that, and moves the logits more than it errs
+    file_dense = gguf_flash.load(out, n_ctx=64, mode="dense").model.prefill(toks, 0).astype(np.float64)
+    err = np.abs(got_step - want).mean()
+    assert err < 3 * np.abs(file_dense - dense).mean() and np.abs(want - dense).mean() > err
+
     p = subprocess.run([sys.executable, "-m", "gguf_flash.cli", "inspect", str(out)], capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0 and "gate rows' per-token top-k (--selector gate): keep 64 of 128" in p.stdout
+    assert "product per-token top-k (--selector product): keep 64 of 128" in p.stdout

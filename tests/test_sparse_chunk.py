@@ -136,6 +136,15 @@ def test_per_token_top_k_rule_keeps_each_tokens_largest():
         assert topk_threshold(HG[j], ACT_SILU, 40, np.zeros(256, np.float32)) == pytest.approx(np.sort(act[j])[-41],
                                                                                              rel=1e-5)
     assert topk_threshold(HG[0], ACT_SILU, 256, np.zeros(256, np.float32)) < 0     # every row
+    # the product criterion's: each token's 40 largest |act(g) u| scale; HG then holds h
+    U = rng.standard_normal((5, 256)).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, 256).astype(np.float32)
+    H = HG.copy()
+    sparse.mask_by_product(MK, H, U, scale, ACT_SILU, -40.0, np.zeros(256, np.float32))
+    h = HG / (1 + np.exp(-HG.astype(np.float64))) * U
+    np.testing.assert_allclose(H, h, rtol=1e-5, atol=1e-6)
+    for j in range(5):
+        assert MK[j].sum() == 40 and set(np.flatnonzero(MK[j])) == set(np.argsort(-np.abs(h[j]) * scale)[:40])
 
 
 @pytest.mark.parametrize("qt", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0])
@@ -168,7 +177,7 @@ def test_product_selection_decode_and_chunk_agree_with_numpy():
     h = _np_act(G.astype(np.float64), ACT_SILU) * U
     want = np.abs(h) * dn > 0.3
     HG, MK = G.copy(), np.zeros(G.shape, np.uint8)
-    sparse.mask_by_product(MK, HG, U, dn, ACT_SILU, 0.3)
+    sparse.mask_by_product(MK, HG, U, dn, ACT_SILU, 0.3, np.zeros(HG.shape[1], np.float32))
     np.testing.assert_array_equal(MK, want)
     np.testing.assert_allclose(HG, h, rtol=1e-5, atol=1e-6)
     for j in range(3):

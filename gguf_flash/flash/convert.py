@@ -98,6 +98,8 @@ class ConvertReport:
     allocated: bool = False         # per-layer allocation (allocate.py), not one sparsity for all layers
     keep_sparsity: float = 0.0      # the gate rows' per-token top-k rule's (0: not stored)
     keep_curve: list = field(default_factory=list)   # [(sparsity, held-out ppl)] of that rule
+    prod_keep_sparsity: float = 0.0  # the product's per-token top-k rule's (0: not stored)
+    prod_keep_curve: list = field(default_factory=list)
 
 
 def _heldout_nll(lp, cal, thresholds, scale=None) -> float:
@@ -176,8 +178,8 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
     (allocate.py: greedy on the loss of training chunks, judged on the held-out ones; slower, see
     docs/design.md). max_ram ("1.5G", bytes): refused before the model is read
     when below the floor convert_ram.py estimates from the model's shape; it sets the training threads.
-    topk: also try the gate rows' per-token top-k rule above the threshold's choice (format.K_GATE_KEEP);
-    topk_sparsity: store that rule at this sparsity (no search)."""
+    topk: also try each criterion's per-token top-k rule above its threshold's choice (format.K_GATE_KEEP,
+    K_PROD_KEEP); topk_sparsity: store both rules at this sparsity (no search)."""
     args = dict(locals())
     sampler = PeakSampler()
     try:
@@ -335,19 +337,22 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
         (np.full(L, -1), 0.0, None, [])
     # the gate rows' per-token top-k rule (nn.topk_threshold): each token keeps its own largest
     # |act(g)|; stored where it keeps more sparsity within the budget than the threshold's choice
-    keep, keep_chosen, keep_curve = None, 0.0, []
-    if act != ACT_RELU and not allocate and (topk_sparsity is not None or (topk and sparsity is None)):
+    def topk_rule(scale, j_threshold):
+        """(keep per layer or None, its sparsity, its curve): the criterion's per-token top-k rule."""
         kgrid = grid if topk_sparsity is None else np.array([topk_sparsity])
         keeps = [max(1, cfg.n_ff - int(round(x * cfg.n_ff))) for x in kgrid]
-        ppl_at, evaluated = evaluator(np.array([[-float(k) for k in keeps]] * L, np.float32), None)
+        ppl_at, evaluated = evaluator(np.array([[-float(k) for k in keeps]] * L, np.float32), scale)
         if topk_sparsity is None:
-            jk = _search_topk(ppl_at, kgrid, int(jg[0]) + 1, dense_ppl, full_curve)
+            jk = _search_topk(ppl_at, kgrid, j_threshold + 1, dense_ppl, full_curve)
         else:
             ppl_at(0)       # the forced point, evaluated for the curve
             jk = 0
-        keep_curve = [(0.0, dense_ppl)] + [(float(kgrid[k]), evaluated[k]) for k in sorted(evaluated)]
-        if jk >= 0:
-            keep, keep_chosen = [keeps[jk]] * L, 1.0 - keeps[jk] / cfg.n_ff
+        kcurve = [(0.0, dense_ppl)] + [(float(kgrid[k]), evaluated[k]) for k in sorted(evaluated)]
+        return ([keeps[jk]] * L, 1.0 - keeps[jk] / cfg.n_ff, kcurve) if jk >= 0 else (None, 0.0, kcurve)
+
+    try_topk = act != ACT_RELU and not allocate and (topk_sparsity is not None or (topk and sparsity is None))
+    keep, keep_chosen, keep_curve = topk_rule(None, int(jg[0])) if try_topk else (None, 0.0, [])
+    p_keep, p_keep_chosen, p_keep_curve = topk_rule(dn, int(jp[0])) if try_topk and product else (None, 0.0, [])
     if bar:
         bar.close()
     phases["sparsity"] = time.perf_counter() - t
@@ -447,7 +452,8 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
         cal_tokens=n_cal_tokens, source=source, curve=curve, head_index=hindex,
         product=dict(thresholds=p_thresholds, sparsity=p_chosen, layer_sparsity=prod_layer_sparsity,
                      curve=p_curve, down_norm=dn, freq=prod_freq) if product else None,
-        topk=dict(keep=keep, sparsity=keep_chosen, curve=keep_curve) if keep is not None else None)
+        topk=dict(keep=keep, sparsity=keep_chosen, curve=keep_curve) if keep is not None else None,
+        prod_topk=dict(keep=p_keep, sparsity=p_keep_chosen, curve=p_keep_curve) if p_keep is not None else None)
     # a locked temp file renamed on success: Ctrl-C or a full disk leave nothing at dst, and a converter
     # killed outright leaves a temp file that the next conversion to dst removes (atomic.py)
     with atomic_output(dst) as tmp:
@@ -466,7 +472,7 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
         hindex, head_raw.nbytes, p_chosen, p_curve, prod_layer_sparsity if product else [], phase_peak,
         sampler.total / MiB, [float(grid[j]) if j >= 0 else 0.0 for j in jg],
         [float(grid[j]) if j >= 0 else 0.0 for j in jp] if product else [], bool(allocate), keep_chosen,
-        keep_curve)
+        keep_curve, p_keep_chosen, p_keep_curve)
 
 
 def _wants_predictor(choice, max_rank, cfg, gate_type) -> bool:

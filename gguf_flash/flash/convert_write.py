@@ -75,6 +75,12 @@ def write_flash(f, cfg, path, meta, orders, freq, down_q, progress):
         w.add_float32(ff.K_GATE_KEEP_SPARSITY, tk["sparsity"])
         f32s(ff.K_KEEP_CURVE_S, [s for s, _ in tk["curve"]])
         f32s(ff.K_KEEP_CURVE_PPL, [p for _, p in tk["curve"]])
+    tk = meta.get("prod_topk")
+    if tk is not None:
+        w.add_key_value(ff.K_PROD_KEEP, [int(k) for k in tk["keep"]], GGUFValueType.ARRAY, GGUFValueType.UINT32)
+        w.add_float32(ff.K_PROD_KEEP_SPARSITY, tk["sparsity"])
+        f32s(ff.K_PROD_KEEP_CURVE_S, [s for s, _ in tk["curve"]])
+        f32s(ff.K_PROD_KEEP_CURVE_PPL, [p for _, p in tk["curve"]])
     hi = meta["head_index"]
     if hi is not None:
         w.add_float32(ff.K_HI_MARGIN, hi.margin)

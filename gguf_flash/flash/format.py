@@ -53,6 +53,12 @@ K_GATE_KEEP = "flash.gate.keep"                    # u32 (n_layer,): rows each t
 K_GATE_KEEP_SPARSITY = "flash.gate.keep.sparsity"  # f32: 1 - keep / n_ff, the rule's target sparsity
 K_KEEP_CURVE_S = "flash.gate.keep.curve.sparsity"  # f32: the grid points evaluated (0: dense)
 K_KEEP_CURVE_PPL = "flash.gate.keep.curve.perplexity"  # f32: held-out perplexity at each
+# the same rule on the product criterion, for the product selector (it has every row's h before choosing):
+# each token keeps its own keep'_l largest |act(gate . x) (up . x)| ||down_i|| instead of those above t'_l
+K_PROD_KEEP = "flash.product.keep"                   # u32 (n_layer,)
+K_PROD_KEEP_SPARSITY = "flash.product.keep.sparsity"  # f32
+K_PROD_KEEP_CURVE_S = "flash.product.keep.curve.sparsity"      # f32
+K_PROD_KEEP_CURVE_PPL = "flash.product.keep.curve.perplexity"  # f32
 
 # the output head's index (flash/head_build.py; optional: a file without it streams or holds the head)
 K_HI_MARGIN = "flash.head_index.margin"        # f32: rows above bar - margin x (best - mean preview) are read
@@ -107,6 +113,7 @@ class FlashLayer:
     down_norm: np.ndarray | None = None     # (n_ff,) f32 view: ||down_i|| of each stored row; None: no product
     prod_freq: np.ndarray | None = None     # (n_ff,) f32 view: how often each stored row is chosen by it
     keep: int = 0                           # the gate-rows selector's per-token top-k (0: the threshold)
+    prod_keep: int = 0                      # the product selector's per-token top-k (0: its threshold)
 
     @property
     def rank(self) -> int:
@@ -133,6 +140,7 @@ class FlashInfo:
     head_order: np.ndarray | None = None  # (n_vocab,) int32: stored head row j is token head_order[j]
                                           # (T_HI_ORDER); None: the head is in token order
     keep_sparsity: float = 0.0       # the gate-rows selector's top-k rule's target sparsity (0: none)
+    prod_keep_sparsity: float = 0.0  # the product selector's top-k rule's (0: none)
 
     @property
     def bundle_bytes_total(self) -> int:
@@ -220,6 +228,9 @@ def read_flash(f, cfg) -> FlashInfo:
     topk = K_GATE_KEEP in f.meta
     keep = numbers(K_GATE_KEEP, L, np.int64, 1, n_ff) if topk else np.zeros(L, np.int64)
     keep_sparsity = scalar(K_GATE_KEEP_SPARSITY, float, 0.0, 1.0) if topk else 0.0
+    ptopk = product and K_PROD_KEEP in f.meta
+    prod_keep = numbers(K_PROD_KEEP, L, np.int64, 1, n_ff) if ptopk else np.zeros(L, np.int64)
+    prod_keep_sparsity = scalar(K_PROD_KEEP_SPARSITY, float, 0.0, 1.0) if ptopk else 0.0
     layers = []
     for il in range(L):
         t = tuple(int(x) for x in types[3 * il:3 * il + 3])
@@ -273,7 +284,7 @@ def read_flash(f, cfg) -> FlashInfo:
                     raise FlashFormatError(f"{f.path}: {name} has a value that is not finite")
         layers.append(FlashLayer(info.offset, sum(pb), t, pb, nid, freq, float(thresholds[il]), a, b, bias,
                                  float(recall[il]), float(precision[il]), bool(kinds[il]), float(offsets[il]),
-                                 float(prod_thr[il]), dn, pf, int(keep[il])))
+                                 float(prod_thr[il]), dn, pf, int(keep[il]), int(prod_keep[il])))
     head_index = _read_head_index(f, cfg, scalar, tensor) if K_HI_MARGIN in f.meta else None
     head_order = _read_head_order(f, cfg.n_vocab, tensor) if T_HI_ORDER in f.tensors else None
     sha = f.get(K_SOURCE_SHA, "")
@@ -282,7 +293,7 @@ def read_flash(f, cfg) -> FlashInfo:
     return FlashInfo(version, activation, sparsity, layers, sha if isinstance(sha, str) else "",
                      int(cal_tokens) if isinstance(cal_tokens, int) else 0, source if isinstance(source, str) else "",
                      head_index, prod_sparsity, K_HI_Z in f.meta and K_HI_MARGIN not in f.meta, head_order,
-                     keep_sparsity=keep_sparsity)
+                     keep_sparsity=keep_sparsity, prod_keep_sparsity=prod_keep_sparsity)
 
 
 def _read_head_index(f, cfg, scalar, tensor) -> dict:

@@ -77,6 +77,7 @@ class PlanInput:
     prod_freq: list | None = None  # per layer: (n_ff,) f32 how often the product criterion chooses each row
     keep_freq: list | None = None  # per layer: (n_ff,) f32 the gate rows' top-k rule's frequencies (the
                                    # threshold's scaled to its mean keep / n_ff); None: no top-k rule
+    prod_keep_freq: list | None = None  # the same for the product's top-k rule (from prod_freq)
 
 
 @dataclass
@@ -173,7 +174,7 @@ def _plan(p: PlanInput, selector: str) -> Plan:
             freq = p.keep_freq
     elif selector == "product":
         resident["gate and up rows"] = p.gate_bytes + p.up_bytes
-        freq = p.prod_freq
+        freq = p.prod_freq if p.prod_keep_freq is None else p.prod_keep_freq
     elif selector == "predictor":
         resident["predictors"] = p.pred_bytes
         if p.precision is not None:   # it chooses freq / precision of the rows, not freq

@@ -102,7 +102,7 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     fw.rows_round_q8(pre.XR, pre.XB)
     fw.rows_residual(pre.X, pre.XB, w.norms[0, fw.NORM_POST_FFW], 1e-5, False)
     sparse.mask_by_gate(pre.MK, pre.HG, c.activation, 0.0, pre.HU[0])
-    sparse.mask_by_product(pre.MK, pre.HG, pre.HU, g, c.activation, 0.0)
+    sparse.mask_by_product(pre.MK, pre.HG, pre.HU, g, c.activation, 0.0, pre.HU[0])
     sparse.mask_by_logit(pre.MK[0], pre.HG[0], 0.0, True)
     sparse.union_rows(idx, pre.MK)
     sparse.gate_chunk(np.zeros((1, MM_ROWS), np.float32), np.zeros((MM_ROWS, l0.part_bytes[0]), np.uint8), int(l0.types[0]),

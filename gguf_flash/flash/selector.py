@@ -66,7 +66,7 @@ class Selector:
                 sparse.mask_by_gate(MK, HG, self.act, gate_rule(l), self.z)
                 return sparse.KNOWN_GATE
             sparse.gate_chunk(HU, self.ups[il], int(l.types[1]), XR if _q8x(l.types[1]) else XB, self.tset)
-            sparse.mask_by_product(MK, HG, HU, self.down_norm[il], self.act, l.prod_threshold)
+            sparse.mask_by_product(MK, HG, HU, self.down_norm[il], self.act, product_rule(l), self.z)
             return sparse.KNOWN_H
         a, b = self.pred[il]
         for j in range(XB.shape[0]):
@@ -80,6 +80,12 @@ def gate_rule(l) -> float:
     -keep for the per-token top-k rule (l.keep > 0: each token chooses its own keep largest
     |act(gate . x)|; format.K_GATE_KEEP)."""
     return -float(l.keep) if l.keep > 0 else float(l.threshold)
+
+
+def product_rule(l) -> float:
+    """The product selector's rule for layer info l: t'_l, or -prod_keep for its per-token top-k rule
+    (format.K_PROD_KEEP)."""
+    return -float(l.prod_keep) if l.prod_keep > 0 else float(l.prod_threshold)
 
 
 def _q8x(qt) -> bool:
@@ -111,7 +117,7 @@ def selector_args(sel, il) -> tuple:
         kind = _KINDS[sel.kind]
         if sel.kind != "none":
             l = sel.layers[il]
-            t = float(l.prod_threshold) if sel.kind == "product" else gate_rule(l) if sel.kind == "gate" else \
+            t = product_rule(l) if sel.kind == "product" else gate_rule(l) if sel.kind == "gate" else \
                 float(l.threshold)
             if sel.kind in ("gate", "product"):
                 gates, gt = sel.gates[il], int(l.types[0])

@@ -101,6 +101,8 @@ def choose_plan(f, c, info, w, st, cap, baseline: int, mode: str, selector: str,
         freq=[l.freq for l in info.layers], precision=[l.precision for l in info.layers],
         keep_freq=[keep_frequencies(l.freq, l.keep) for l in info.layers] if any(l.keep for l in info.layers)
         else None,
+        prod_keep_freq=[keep_frequencies(l.prod_freq, l.prod_keep) for l in info.layers]
+        if info.has_product and any(l.prod_keep for l in info.layers) else None,
         staging_rows=c.n_ff if mode == "naive" else max(1, min(c.n_ff, STAGING_BYTES // slot_max)),
         staging_rows_max=max(1, min(c.n_ff, STAGING_MAX_BYTES // slot_max)),
         gap_bytes=disk.gap, startup_peak=peak_rss() if cap is not None else 0, path=str(f.path))

@@ -16,7 +16,7 @@ from numba import njit
 
 from .dispatch import quantize_x
 from .forward import FP_EPS, IP_ACT, NORM_FFN, attention_layer, residual_add
-from .nn import FASTMATH, rmsnorm, topk_threshold
+from .nn import FASTMATH, product_topk_threshold, rmsnorm, topk_threshold
 from .sparse import (KNOWN_GATE, KNOWN_H, KNOWN_NONE, matvec_rows, predictor_logits, select_by_gate,
                      select_by_logit, select_by_product, sparse_ffn_range, sum_partials)
 
@@ -69,7 +69,10 @@ def select_rows(xb, xq_embd, act, kind, gates, gate_type, ups, up_type, down_nor
     elif kind == SEL_PRODUCT:
         matvec_rows(hg, gates, gate_type, xb, xq_embd, tset)
         matvec_rows(hu, ups, up_type, xb, xq_embd, tset)
-        n = select_by_product(active, gvals, hg, hu, down_norm, act, sel_threshold)
+        t = sel_threshold   # negative: -k, the product's per-token top-k rule (pz scratch, as above)
+        if sel_threshold < 0.0:
+            t = product_topk_threshold(hg, hu, down_norm, act, int(-sel_threshold), pz)
+        n = select_by_product(active, gvals, hg, hu, down_norm, act, t)
         known = KNOWN_H
     elif kind == SEL_PREDICTOR:
         predictor_logits(pz, ptmp, xb, pa, pb, pbias)

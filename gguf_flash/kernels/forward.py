@@ -23,7 +23,7 @@ from .quant_basic import round_q8
 from .dispatch import dequant_row, matmat, matvec, quantize_x, uses_q8x
 from .kvcache import kv_put
 from .nn import (FASTMATH, attention, attention_batch, glu, glu_product, rmsnorm, rmsnorm_heads, rope, rope_cos_sin,
-                 topk_threshold)
+                 product_topk_threshold, topk_threshold)
 
 MAT_Q, MAT_K, MAT_V, MAT_O, MAT_GATE, MAT_UP, MAT_DOWN = range(7)
 NORM_ATTN, NORM_FFN, NORM_POST_ATTN, NORM_POST_FFW = range(4)
@@ -149,12 +149,17 @@ def rows_residual(x, y, post_w, eps, post_norm):
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def rows_glu(HG, HU, act, threshold, ffn_scale, il):
     """HG[j] = glu(HG[j], HU[j]) for every row j (nn.glu), or nn.glu_product with ffn_scale[il] when
-    ffn_scale has layers. A negative threshold -k on the gate criterion is its per-token top-k rule: row
-    j keeps its own k largest |act(g)| (nn.topk_threshold; a scratch row is allocated then: the
-    converter's evaluation, not a decode path)."""
+    ffn_scale has layers. A negative threshold -k is the criterion's per-token top-k rule: row j keeps
+    its own k largest |act(g)| (nn.topk_threshold), or with ffn_scale its k largest |act(g) u| scale
+    (nn.product_topk_threshold); a scratch row is allocated then (the converter's evaluation, not a
+    decode path)."""
     for j in prange(HG.shape[0]):
         if ffn_scale.shape[0] > 0:
-            glu_product(HG[j], HG[j], HU[j], act, threshold, ffn_scale[il])
+            t = threshold
+            if threshold < 0.0:   # the product's own top-k rule
+                t = product_topk_threshold(HG[j], HU[j], ffn_scale[il], act, int(-threshold),
+                                           np.empty(HG.shape[1], np.float32))
+            glu_product(HG[j], HG[j], HU[j], act, t, ffn_scale[il])
         elif threshold < 0.0:
             t = topk_threshold(HG[j], act, int(-threshold), np.empty(HG.shape[1], np.float32))
             glu(HG[j], HG[j], HU[j], act, t)

@@ -168,6 +168,20 @@ def topk_threshold(gate, act, keep, scratch):
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def product_topk_threshold(gate, up, scale, act, keep, scratch):
+    """topk_threshold for the product criterion: the largest |act(gate_i) up_i| scale_i among the
+    n_ff - keep smallest (the rows above it: each token's keep largest contributions)."""
+    n = gate.shape[0]
+    if keep >= n:
+        return np.float32(-1.0)
+    if scratch.shape[0] < n:
+        raise ValueError("product_topk_threshold: scratch shorter than the gate values")
+    for i in range(n):
+        scratch[i] = abs(activate(gate[i], act) * up[i]) * scale[i]
+    return kth_smallest(scratch[:n], n - max(keep, 0) - 1)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def glu_product(out, gate, up, act, threshold, scale):
     """out (n_ff,) = h = act(gate) * up where |h| * scale[i] > threshold, else 0 (the product criterion:
     scale (n_ff,) f32 = the norms of W_down's columns, so |h_i| scale_i bounds neuron i's contribution)."""

@@ -9,7 +9,7 @@ import numpy as np
 from numba import njit, prange
 
 from .dispatch import axpy_row, dequant_into, dot_row, uses_q8x
-from .nn import FASTMATH, activate, topk_threshold
+from .nn import FASTMATH, activate, product_topk_threshold, topk_threshold
 from .quant_basic import MM_ROWS, _gemm_rows, _u16_as_f16_to_f32, prefetch, prefetch_ahead
 
 # what the selector computed for each chosen row (sparse_ffn_range, sparse_ffn_chunk)
@@ -216,9 +216,19 @@ def mask_by_gate(MK, HG, act, threshold, scratch):
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
-def mask_by_product(MK, HG, HU, scale, act, threshold):
+def mask_by_product(MK, HG, HU, scale, act, threshold, scratch):
     """A chunk's product selection (select_by_product's rule): HG[j, i] becomes h = act(HG[j, i]) *
-    HU[j, i], and MK[j, i] = 1 where |h| * scale[i] > threshold. MK (T, n_ff) uint8; HG, HU (T, n_ff) f32."""
+    HU[j, i], and MK[j, i] = 1 where |h| * scale[i] > threshold. MK (T, n_ff) uint8; HG, HU (T, n_ff) f32.
+    A negative threshold -k is the per-token top-k rule (nn.product_topk_threshold), the tokens then
+    taken one after another through scratch (n_ff,) f32."""
+    if threshold < 0.0:
+        for j in range(HG.shape[0]):
+            t = product_topk_threshold(HG[j], HU[j], scale, act, int(-threshold), scratch)
+            for i in range(HG.shape[1]):
+                h = activate(HG[j, i], act) * HU[j, i]
+                HG[j, i] = h
+                MK[j, i] = 1 if abs(h) * scale[i] > t else 0
+        return
     for j in prange(HG.shape[0]):
         for i in range(HG.shape[1]):
             h = activate(HG[j, i], act) * HU[j, i]
