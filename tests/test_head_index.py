@@ -266,3 +266,29 @@ def test_releasing_the_heads_pages_changes_nothing():
     for k in ("basis", "preview", "scale", "order"):
         assert np.array_equal(getattr(a, k), getattr(b, k)), k
     assert (a.margin, a.margin_dist, a.read_frac, a.bytes_frac) == (b.margin, b.margin_dist, b.read_frac, b.bytes_frac)
+
+
+@pytest.mark.parametrize("qt", ["Q8_0", "Q4_1", "Q5_0"])
+def test_head_rows_decode_as_gguf_quants_does(qt):
+    """The head index's passes decode the head with kernels/dispatch.dequant_rows: the same floats as
+    gguf.quants.dequantize, bit for bit, for any block of rows (the last one short)."""
+    from gguf import GGMLQuantizationType, quants
+    from gguf_flash.flash.head_build import head_rows
+    q = GGMLQuantizationType[qt]
+    w = np.random.default_rng(4).standard_normal((37, 256)).astype(np.float32)
+    raw = quants.quantize(w, q)
+    want = quants.dequantize(raw, q).astype(np.float32)
+    np.testing.assert_array_equal(head_rows(raw, int(q), 0, 37), want)
+    np.testing.assert_array_equal(head_rows(raw, int(q), 30, 40), want[30:])
+
+
+@pytest.mark.parametrize("name", ["blk.0.attn_output.weight", "blk.0.ffn_down.weight"])
+def test_k_quant_head_rows_decode_as_gguf_quants_does(gemma3_path, name):
+    """The same for K-quant rows (gguf.quants cannot write them): Gemma 3's own Q4_K and Q6_K tensors."""
+    from gguf import GGMLQuantizationType, quants
+    from gguf_flash.flash.head_build import head_rows
+    from gguf_flash.gguf_file import GGUFFile
+    f = GGUFFile(gemma3_path)
+    raw, q = np.ascontiguousarray(f.raw(name)[:64]), GGMLQuantizationType(f.tensor(name).qtype)
+    want = quants.dequantize(raw, q).astype(np.float32)
+    np.testing.assert_allclose(head_rows(raw, int(q), 0, 64), want, rtol=1e-6, atol=1e-7)

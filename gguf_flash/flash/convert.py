@@ -45,12 +45,13 @@ from . import format as ff
 from .allocate import bisect_path, greedy_path, layer_costs
 from .budget import PeakSampler, parse_size
 from .calibrate import calibrate, read_calibration_text
-from .head_build import build_head_index, calibration_states, index_rank
+from .head_build import build_head_index, calibration_states, head_rows, index_rank
 from .convert_ram import convert_ram
 from .convert_stats import SparsityStats, gate_rows, release_freed_memory
 from .convert_write import as_stored, progress_bar, write_flash
 from .layerwise import LayerPass
 from .plan import MiB
+from .quantile import quantiles
 from .predictor import (DEFAULT_RANKS, single_threaded_blas, active_mask, fit_smallest_rank,
                         gate_basis, predictor_bytes, train_predictor)
 from .spill import Spill
@@ -153,6 +154,9 @@ def exercise_kernels(f) -> tuple:
     lp.nll(seqs)
     lp.nll(seqs, np.ones(model.cfg.n_layer, np.float32), np.ones((model.cfg.n_layer, model.cfg.n_ff), np.float32))
     lp.greedy_states([[1, 2, 3]], 2)                 # the head index's greedy continuations
+    name = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+    head_rows(f.raw(name), f.tensor(name).qtype)     # the head index's passes over the head's rows
+    quantiles(np.zeros(4, np.float32), [0.5])        # the sparsity statistics' counting pass
     return model.w.ts
 
 

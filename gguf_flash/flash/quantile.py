@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kernels.nn import search_slots
+
 SAMPLE = 1 << 20        # values sampled to place the brackets (4 MiB of f32)
 SIGMAS = 5.0            # bracket half-width in standard deviations of the sample rank
 BLOCK = 1 << 19         # values per block of the counting pass (its temporaries: ~10 MiB)
@@ -92,9 +94,11 @@ def _select(a, ranks, lo, hi) -> list:
     edges[0::2], edges[1::2] = starts, ends
     count = np.zeros(len(edges) + 1, np.int64)                        # values per slot between edges
     inside = [[] for _ in starts]
+    slots = np.empty(min(a.size, BLOCK), np.int64)                    # (BLOCK,) int64
     for s in range(0, a.size, BLOCK):
         block = a[s:s + BLOCK]
-        slot = np.searchsorted(edges, block, side="left")            # number of edges < value
+        slot = slots[:len(block)]
+        search_slots(slot, edges, block)                             # number of edges < value
         count += np.bincount(slot, minlength=len(count))
         odd = (slot & 1).astype(bool)                                # inside interval slot // 2
         vals, which = block[odd], slot[odd] // 2
