@@ -328,6 +328,12 @@ def cmd_inspect(a):
         _print_flash_summary(f)
 
 
+def _stored_curve(f, key_s, key_ppl) -> str:
+    """'; held-out perplexity by sparsity: 0.00: 11.19, ...' from a flash file's curve keys ('' if none)."""
+    curve = list(zip(f.get(key_s, []), f.get(key_ppl, [])))
+    return ("; held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in curve)) if curve else ""
+
+
 def _print_flash_summary(f):
     from .config import config_from_gguf
     from .flash.format import (K_CURVE_PPL, K_CURVE_S, K_KEEP_CURVE_PPL, K_KEEP_CURVE_S, K_LAYER_SPARSITY,
@@ -344,25 +350,19 @@ def _print_flash_summary(f):
         print("held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in curve))
     psp = f.get(K_PROD_LAYER_SPARSITY, []) if info.has_product else []
     if info.has_product:
-        pcurve = list(zip(f.get(K_PROD_CURVE_S, []), f.get(K_PROD_CURVE_PPL, [])))
         print(f"product criterion (--selector product): target sparsity {info.prod_sparsity:.2f}"
               + (f", held-out per layer {min(psp):.3f}-{max(psp):.3f}" if len(psp) else "")
-              + ("; held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in pcurve)
-                 if pcurve else ""))
+              + _stored_curve(f, K_PROD_CURVE_S, K_PROD_CURVE_PPL))
     else:
         print("product criterion: none (--selector product needs a file converted with it)")
     if info.keep_sparsity:
-        kcurve = list(zip(f.get(K_KEEP_CURVE_S, []), f.get(K_KEEP_CURVE_PPL, [])))
         print(f"gate rows' per-token top-k (--selector gate): keep {info.layers[0].keep} of {cfg.n_ff} rows a token "
               f"(sparsity {info.keep_sparsity:.2f}); the other selectors keep the threshold"
-              + ("; held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in kcurve)
-                 if kcurve else ""))
+              + _stored_curve(f, K_KEEP_CURVE_S, K_KEEP_CURVE_PPL))
     if info.prod_keep_sparsity:
-        kcurve = list(zip(f.get(K_PROD_KEEP_CURVE_S, []), f.get(K_PROD_KEEP_CURVE_PPL, [])))
         print(f"product per-token top-k (--selector product): keep {info.layers[0].prod_keep} of {cfg.n_ff} rows a "
-              f"token (sparsity {info.prod_keep_sparsity:.2f})"
-              + ("; held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in kcurve)
-                 if kcurve else ""))
+              f"token (sparsity {info.prod_keep_sparsity:.2f})" + _stored_curve(f, K_PROD_KEEP_CURVE_S,
+                                                                               K_PROD_KEEP_CURVE_PPL))
     # per layer: the gate criterion's sparsity on held-out tokens; the product criterion's last
     print("layer threshold sparsity predictor rank recall precision bundle-B  freq@1 @10% @50% @90%"
           + ("  product-sparsity" if len(psp) else ""))

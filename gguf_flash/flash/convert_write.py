@@ -69,18 +69,16 @@ def write_flash(f, cfg, path, meta, orders, freq, down_q, progress):
         f32s(ff.K_PROD_LAYER_SPARSITY, pr["layer_sparsity"])
         f32s(ff.K_PROD_CURVE_S, [s for s, _ in pr["curve"]])
         f32s(ff.K_PROD_CURVE_PPL, [p for _, p in pr["curve"]])
-    tk = meta.get("topk")
-    if tk is not None:
-        w.add_key_value(ff.K_GATE_KEEP, [int(k) for k in tk["keep"]], GGUFValueType.ARRAY, GGUFValueType.UINT32)
-        w.add_float32(ff.K_GATE_KEEP_SPARSITY, tk["sparsity"])
-        f32s(ff.K_KEEP_CURVE_S, [s for s, _ in tk["curve"]])
-        f32s(ff.K_KEEP_CURVE_PPL, [p for _, p in tk["curve"]])
-    tk = meta.get("prod_topk")
-    if tk is not None:
-        w.add_key_value(ff.K_PROD_KEEP, [int(k) for k in tk["keep"]], GGUFValueType.ARRAY, GGUFValueType.UINT32)
-        w.add_float32(ff.K_PROD_KEEP_SPARSITY, tk["sparsity"])
-        f32s(ff.K_PROD_KEEP_CURVE_S, [s for s, _ in tk["curve"]])
-        f32s(ff.K_PROD_KEEP_CURVE_PPL, [p for _, p in tk["curve"]])
+    # the per-token top-k rules (optional): keep per layer, its sparsity, its curve
+    for rule, keys in (("topk", (ff.K_GATE_KEEP, ff.K_GATE_KEEP_SPARSITY, ff.K_KEEP_CURVE_S, ff.K_KEEP_CURVE_PPL)),
+                       ("prod_topk", (ff.K_PROD_KEEP, ff.K_PROD_KEEP_SPARSITY, ff.K_PROD_KEEP_CURVE_S,
+                                      ff.K_PROD_KEEP_CURVE_PPL))):
+        tk = meta.get(rule)
+        if tk is not None:
+            w.add_key_value(keys[0], [int(k) for k in tk["keep"]], GGUFValueType.ARRAY, GGUFValueType.UINT32)
+            w.add_float32(keys[1], tk["sparsity"])
+            f32s(keys[2], [s for s, _ in tk["curve"]])
+            f32s(keys[3], [p for _, p in tk["curve"]])
     hi = meta["head_index"]
     if hi is not None:
         w.add_float32(ff.K_HI_MARGIN, hi.margin)

@@ -169,33 +169,42 @@ def kth_smallest(a, k):
     return a[k]
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def topk_threshold(gate, act, keep, scratch):
-    """The gate criterion's per-token top-k rule as a threshold: the largest |act(gate_i)| among the
-    n_ff - keep smallest, so the rows with |act(gate_i)| > it are the keep largest (fewer on ties).
-    gate (n_ff,) f32 gate values; scratch (>= n_ff,) f32 is overwritten. keep >= n_ff: -1 (every row)."""
-    n = gate.shape[0]
+@njit(cache=True)
+def _scores_buffer(scratch, n):
+    """scratch[:n], refused when scratch is shorter (the compiled code checks no bounds)."""
+    if scratch.shape[0] < n:
+        raise ValueError("top-k rule: scratch shorter than the gate values")
+    return scratch[:n]
+
+
+@njit(cache=True, error_model="numpy")
+def _largest_dropped(scores, keep):
+    """Of scores (n,) (reordered): the largest among the n - keep smallest, so the scores above it are
+    the keep largest (fewer on ties); keep >= n: -1 (every row)."""
+    n = scores.shape[0]
     if keep >= n:
         return np.float32(-1.0)
-    if scratch.shape[0] < n:
-        raise ValueError("topk_threshold: scratch shorter than the gate values")
-    for i in range(n):
-        scratch[i] = abs(activate(gate[i], act))
-    return kth_smallest(scratch[:n], n - max(keep, 0) - 1)
+    return kth_smallest(scores, n - max(keep, 0) - 1)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def topk_threshold(gate, act, keep, scratch):
+    """The gate criterion's per-token top-k rule as a threshold: the rows with |act(gate_i)| above it
+    are the token's keep largest. gate (n_ff,) f32 gate values; scratch (>= n_ff,) f32 is overwritten."""
+    s = _scores_buffer(scratch, gate.shape[0])
+    for i in range(s.shape[0]):
+        s[i] = abs(activate(gate[i], act))
+    return _largest_dropped(s, keep)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def product_topk_threshold(gate, up, scale, act, keep, scratch):
-    """topk_threshold for the product criterion: the largest |act(gate_i) up_i| scale_i among the
-    n_ff - keep smallest (the rows above it: each token's keep largest contributions)."""
-    n = gate.shape[0]
-    if keep >= n:
-        return np.float32(-1.0)
-    if scratch.shape[0] < n:
-        raise ValueError("product_topk_threshold: scratch shorter than the gate values")
-    for i in range(n):
-        scratch[i] = abs(activate(gate[i], act) * up[i]) * scale[i]
-    return kth_smallest(scratch[:n], n - max(keep, 0) - 1)
+    """topk_threshold for the product criterion: the rows with |act(gate_i) up_i| scale_i above it are
+    the token's keep largest contributions."""
+    s = _scores_buffer(scratch, gate.shape[0])
+    for i in range(s.shape[0]):
+        s[i] = abs(activate(gate[i], act) * up[i]) * scale[i]
+    return _largest_dropped(s, keep)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
