@@ -157,22 +157,18 @@ def cmd_convert(a):
           f"(FFN in the source {r.ffn_bytes / 2**20:.1f} MiB), predictors {r.predictor_bytes / 2**20:.1f} MiB "
           f"({100 * r.predictor_bytes / r.ffn_bytes:.0f}% of the FFN) in {len(stored)} of {len(r.ranks)} "
           f"layers, {preds}")
-    print("held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in r.curve))
+    print(_curve_text(r.curve))
     print(_per_layer("sparsity per layer", r.layer_target if r.allocated else [], r.layer_sparsity))
     if r.prod_curve:
-        print(f"product criterion (--selector product): sparsity {r.prod_sparsity:.2f}; held-out perplexity by "
-              "sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in r.prod_curve))
+        print(f"product criterion (--selector product): sparsity {r.prod_sparsity:.2f}; {_curve_text(r.prod_curve)}")
         print(_per_layer("product sparsity per layer", r.prod_layer_target if r.allocated else [],
                          r.prod_layer_sparsity))
-    if len(r.keep_curve) > 1:
-        print((f"gate rows' per-token top-k (--selector gate): sparsity {r.keep_sparsity:.2f}" if r.keep_sparsity else
-               "gate rows' per-token top-k: not stored (no sparsity past the threshold's within the budget)")
-              + "; held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in r.keep_curve))
-    if len(r.prod_keep_curve) > 1:
-        print((f"product per-token top-k (--selector product): sparsity {r.prod_keep_sparsity:.2f}"
-               if r.prod_keep_sparsity else
-               "product per-token top-k: not stored (no sparsity past the threshold's within the budget)")
-              + "; held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in r.prod_keep_curve))
+    for rule, selector, chosen, curve in (("gate rows'", "gate", r.keep_sparsity, r.keep_curve),
+                                          ("product", "product", r.prod_keep_sparsity, r.prod_keep_curve)):
+        if len(curve) > 1:    # the per-token top-k rule was tried
+            print((f"{rule} per-token top-k (--selector {selector}): sparsity {chosen:.2f}" if chosen else
+                   f"{rule} per-token top-k: not stored (no sparsity past the threshold's within the budget)")
+                  + f"; {_curve_text(curve)}")
     if r.head_index is not None:
         hi = r.head_index
         print(f"head index: rank {hi.rank}, {hi.n_bytes / 2**20:.1f} MiB ({100 * hi.n_bytes / r.head_bytes:.0f}% of "
@@ -328,10 +324,15 @@ def cmd_inspect(a):
         _print_flash_summary(f)
 
 
+def _curve_text(curve) -> str:
+    """'held-out perplexity by sparsity: 0.00: 11.19, 0.10: 11.29, ...' of [(sparsity, perplexity)]."""
+    return "held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in curve)
+
+
 def _stored_curve(f, key_s, key_ppl) -> str:
-    """'; held-out perplexity by sparsity: 0.00: 11.19, ...' from a flash file's curve keys ('' if none)."""
+    """'; ' + _curve_text of a flash file's curve keys ('' if none)."""
     curve = list(zip(f.get(key_s, []), f.get(key_ppl, [])))
-    return ("; held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in curve)) if curve else ""
+    return f"; {_curve_text(curve)}" if curve else ""
 
 
 def _print_flash_summary(f):
@@ -347,7 +348,7 @@ def _print_flash_summary(f):
           f"source sha256 {info.source_sha256[:16]}...")
     curve = list(zip(f.get(K_CURVE_S, []), f.get(K_CURVE_PPL, [])))
     if curve:
-        print("held-out perplexity by sparsity: " + ", ".join(f"{s:.2f}: {p:.2f}" for s, p in curve))
+        print(_curve_text(curve))
     psp = f.get(K_PROD_LAYER_SPARSITY, []) if info.has_product else []
     if info.has_product:
         print(f"product criterion (--selector product): target sparsity {info.prod_sparsity:.2f}"

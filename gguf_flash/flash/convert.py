@@ -339,8 +339,8 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
         jg, chosen, thresholds, curve = pick(q_train, None, "gate")
     jp, p_chosen, p_thresholds, p_curve = pick(qp_train, dn, "product") if product else \
         (np.full(L, -1), 0.0, None, [])
-    # the gate rows' per-token top-k rule (nn.topk_threshold): each token keeps its own largest
-    # |act(g)|; stored where it keeps more sparsity within the budget than the threshold's choice
+    # each criterion's per-token top-k rule (nn.topk_threshold, product_topk_threshold): each token keeps
+    # its own largest scores; stored where it keeps more sparsity within the budget than the threshold's
     def topk_rule(scale, j_threshold):
         """(keep per layer or None, its sparsity, its curve): the criterion's per-token top-k rule."""
         kgrid = grid if topk_sparsity is None else np.array([topk_sparsity])

@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+from gguf import GGMLQuantizationType, quants
 
 from ..kernels import dispatch
 from .predictor import GateRows, gate_basis
@@ -93,12 +93,6 @@ def index_rank(n_vocab: int, n_embd: int, head_bytes: int) -> int:
     return int(max(0, min(r, n_embd // 2)))
 
 
-def head_width(raw, qtype) -> int:
-    """n_embd of head rows raw (n_vocab, row_bytes) uint8 of ggml type qtype."""
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
-    return raw.shape[1] // size * block
-
-
 def head_rows(raw, qtype, r0: int = 0, r1: int = 1) -> np.ndarray:
     """(r1 - r0, n_embd) f32 of head rows r0..r1, as the head index's passes decode them (the converter's
     kernel warm-up calls this on one row)."""
@@ -115,12 +109,13 @@ class _Head:
     def __init__(self, raw, qtype, release=None):
         self.raw, self.qtype, self.release = raw, GGMLQuantizationType(qtype), release or (lambda: None)
         self.shape = raw.shape
-        self.n_embd = head_width(raw, qtype)
+        self.n_embd = quants.quant_shape_from_byte_shape(raw.shape, self.qtype)[-1]
+        self.tset = dispatch.type_set([self.qtype])        # its rows' kernels (dispatch.dequant_rows)
 
     def rows(self, r0, r1) -> np.ndarray:
         """(r1 - r0, n_embd) f32 of head rows r0..r1 (kernels/dispatch.dequant_rows)."""
         out = np.empty((max(0, min(r1, self.shape[0]) - r0), self.n_embd), np.float32)
-        dispatch.dequant_rows(out, self.raw[r0:r1], int(self.qtype), dispatch.type_set([self.qtype]))
+        dispatch.dequant_rows(out, self.raw[r0:r1], int(self.qtype), self.tset)
         self.release()
         return out
 

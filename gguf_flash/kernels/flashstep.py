@@ -16,7 +16,7 @@ from numba import njit
 
 from .dispatch import quantize_x
 from .forward import FP_EPS, IP_ACT, NORM_FFN, attention_layer, residual_add
-from .nn import FASTMATH, product_topk_threshold, rmsnorm, topk_threshold
+from .nn import FASTMATH, gate_rule, product_rule, rmsnorm
 from .sparse import (KNOWN_GATE, KNOWN_H, KNOWN_NONE, matvec_rows, predictor_logits, select_by_gate,
                      select_by_logit, select_by_product, sparse_ffn_range, sum_partials)
 
@@ -61,18 +61,14 @@ def select_rows(xb, xq_embd, act, kind, gates, gate_type, ups, up_type, down_nor
     known = KNOWN_NONE
     if kind == SEL_GATE:
         matvec_rows(hg, gates, gate_type, xb, xq_embd, tset)
-        t = sel_threshold   # negative: -k, the per-token top-k rule (pz, the predictor's logits, is scratch)
-        if sel_threshold < 0.0:
-            t = topk_threshold(hg, act, int(-sel_threshold), pz)
-        n = select_by_gate(active, gvals, hg, act, t)
+        # a negative sel_threshold is the per-token top-k rule (scratch: pz, the predictor's logits)
+        n = select_by_gate(active, gvals, hg, act, gate_rule(sel_threshold, hg, act, pz))
         known = KNOWN_GATE
     elif kind == SEL_PRODUCT:
         matvec_rows(hg, gates, gate_type, xb, xq_embd, tset)
         matvec_rows(hu, ups, up_type, xb, xq_embd, tset)
-        t = sel_threshold   # negative: -k, the product's per-token top-k rule (pz scratch, as above)
-        if sel_threshold < 0.0:
-            t = product_topk_threshold(hg, hu, down_norm, act, int(-sel_threshold), pz)
-        n = select_by_product(active, gvals, hg, hu, down_norm, act, t)
+        n = select_by_product(active, gvals, hg, hu, down_norm, act,
+                              product_rule(sel_threshold, hg, hu, down_norm, act, pz))
         known = KNOWN_H
     elif kind == SEL_PREDICTOR:
         predictor_logits(pz, ptmp, xb, pa, pb, pbias)

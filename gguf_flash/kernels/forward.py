@@ -22,8 +22,8 @@ from .quant_basic import round_q8
 
 from .dispatch import dequant_row, matmat, matvec, quantize_x, uses_q8x
 from .kvcache import kv_put
-from .nn import (FASTMATH, attention, attention_batch, glu, glu_product, rmsnorm, rmsnorm_heads, rope, rope_cos_sin,
-                 product_topk_threshold, topk_threshold)
+from .nn import (FASTMATH, attention, attention_batch, gate_rule, glu, glu_product, product_rule, rmsnorm,
+                 rmsnorm_heads, rope, rope_cos_sin)
 
 MAT_Q, MAT_K, MAT_V, MAT_O, MAT_GATE, MAT_UP, MAT_DOWN = range(7)
 NORM_ATTN, NORM_FFN, NORM_POST_ATTN, NORM_POST_FFW = range(4)
@@ -154,17 +154,15 @@ def rows_glu(HG, HU, act, threshold, ffn_scale, il):
     (nn.product_topk_threshold); a scratch row is allocated then (the converter's evaluation, not a
     decode path)."""
     for j in prange(HG.shape[0]):
+        t = threshold
+        if threshold < 0.0:   # a top-k rule: its scratch row allocated here only (dense prompts allocate nothing)
+            scratch = np.empty(HG.shape[1], np.float32)
+            t = product_rule(threshold, HG[j], HU[j], ffn_scale[il], act, scratch) if ffn_scale.shape[0] > 0 \
+                else gate_rule(threshold, HG[j], act, scratch)
         if ffn_scale.shape[0] > 0:
-            t = threshold
-            if threshold < 0.0:   # the product's own top-k rule
-                t = product_topk_threshold(HG[j], HU[j], ffn_scale[il], act, int(-threshold),
-                                           np.empty(HG.shape[1], np.float32))
             glu_product(HG[j], HG[j], HU[j], act, t, ffn_scale[il])
-        elif threshold < 0.0:
-            t = topk_threshold(HG[j], act, int(-threshold), np.empty(HG.shape[1], np.float32))
-            glu(HG[j], HG[j], HU[j], act, t)
         else:
-            glu(HG[j], HG[j], HU[j], act, threshold)
+            glu(HG[j], HG[j], HU[j], act, t)
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)

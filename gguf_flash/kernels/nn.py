@@ -208,6 +208,19 @@ def product_topk_threshold(gate, up, scale, act, keep, scratch):
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def gate_rule(rule, gate, act, scratch):
+    """One token's threshold on |act(gate_i)| under a selector's rule as the kernels take it
+    (flash/selector.gate_rule): rule itself (t_l >= 0), or for -k the top-k rule's (topk_threshold)."""
+    return rule if rule >= 0.0 else topk_threshold(gate, act, int(-rule), scratch)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def product_rule(rule, gate, up, scale, act, scratch):
+    """gate_rule for the product criterion (product_topk_threshold for -k)."""
+    return rule if rule >= 0.0 else product_topk_threshold(gate, up, scale, act, int(-rule), scratch)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def glu_product(out, gate, up, act, threshold, scale):
     """out (n_ff,) = h = act(gate) * up where |h| * scale[i] > threshold, else 0 (the product criterion:
     scale (n_ff,) f32 = the norms of W_down's columns, so |h_i| scale_i bounds neuron i's contribution)."""

@@ -9,7 +9,7 @@ import numpy as np
 from numba import njit, prange
 
 from .dispatch import axpy_row, dequant_into, dot_row, uses_q8x
-from .nn import FASTMATH, activate, product_topk_threshold, topk_threshold
+from .nn import FASTMATH, activate, gate_rule, product_rule
 from .quant_basic import MM_ROWS, _gemm_rows, _u16_as_f16_to_f32, prefetch, prefetch_ahead
 
 # what the selector computed for each chosen row (sparse_ffn_range, sparse_ffn_chunk)
@@ -206,13 +206,17 @@ def mask_by_gate(MK, HG, act, threshold, scratch):
     HG (T, n_ff) f32 gate values."""
     if threshold < 0.0:
         for j in range(HG.shape[0]):
-            t = topk_threshold(HG[j], act, int(-threshold), scratch)
-            for i in range(HG.shape[1]):
-                MK[j, i] = 1 if abs(activate(HG[j, i], act)) > t else 0
+            _mask_gate_row(MK[j], HG[j], act, gate_rule(threshold, HG[j], act, scratch))
         return
     for j in prange(HG.shape[0]):
-        for i in range(HG.shape[1]):
-            MK[j, i] = 1 if abs(activate(HG[j, i], act)) > threshold else 0
+        _mask_gate_row(MK[j], HG[j], act, threshold)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
+def _mask_gate_row(mk, hg, act, t):
+    """mk[i] = 1 where |act(hg[i])| > t: one token's row of mask_by_gate."""
+    for i in range(hg.shape[0]):
+        mk[i] = 1 if abs(activate(hg[i], act)) > t else 0
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
@@ -223,17 +227,21 @@ def mask_by_product(MK, HG, HU, scale, act, threshold, scratch):
     taken one after another through scratch (n_ff,) f32."""
     if threshold < 0.0:
         for j in range(HG.shape[0]):
-            t = product_topk_threshold(HG[j], HU[j], scale, act, int(-threshold), scratch)
-            for i in range(HG.shape[1]):
-                h = activate(HG[j, i], act) * HU[j, i]
-                HG[j, i] = h
-                MK[j, i] = 1 if abs(h) * scale[i] > t else 0
+            _mask_product_row(MK[j], HG[j], HU[j], scale, act,
+                              product_rule(threshold, HG[j], HU[j], scale, act, scratch))
         return
     for j in prange(HG.shape[0]):
-        for i in range(HG.shape[1]):
-            h = activate(HG[j, i], act) * HU[j, i]
-            HG[j, i] = h
-            MK[j, i] = 1 if abs(h) * scale[i] > threshold else 0
+        _mask_product_row(MK[j], HG[j], HU[j], scale, act, threshold)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
+def _mask_product_row(mk, hg, hu, scale, act, t):
+    """hg[i] becomes h = act(hg[i]) hu[i], mk[i] = 1 where |h| scale[i] > t: one token's row of
+    mask_by_product."""
+    for i in range(hg.shape[0]):
+        h = activate(hg[i], act) * hu[i]
+        hg[i] = h
+        mk[i] = 1 if abs(h) * scale[i] > t else 0
 
 
 @njit(cache=True, fastmath=FASTMATH)
