@@ -23,7 +23,8 @@ def decode_ffn(model, il, t, stats, threshold=None):
     n, known, nw, no = flashstep.select_rows(
         s.xb, s.xq_embd, model.cfg.activation, *sel.step_args(il), s.hg,
         sel.hu if model.selector == "product" else s.hu, sel.active, sel.gvals,
-        win.neuron_slot if win else ffn.no_slot, ffn.win_rows, ffn.ovf_pos, win.capacity if win else 0, model.w.ts)
+        win.neuron_slot if win else ffn.no_slot, ffn.win_rows, ffn.ovf_pos, win.capacity if win else 0,
+        model.ptsets)
     out = np.zeros(model.cfg.n_embd, np.float32)
     ffn.run_layer(out, il, sel.active, sel.gvals, n, known, nw, no, s.xb, s.xq_embd, model.cfg.activation,
                   model.thresholds[il] if threshold is None else threshold,

@@ -50,7 +50,7 @@ def main():
     x = rng.standard_normal(cfg.n_embd).astype(np.float32)
     xq = np.zeros(q8x_scratch_bytes(cfg.n_embd), np.uint8)
     dispatch.quantize_x(xq, x)
-    tset = dispatch.type_set({t for l in info.layers for t in l.types})
+    tset = dispatch.part_type_sets(l.types for l in info.layers)
     partial = np.zeros((numba.get_num_threads(), cfg.n_embd), np.float32)
     stage = np.zeros((1, layers[0][0].shape[1]), np.uint8)
     gate = rng.standard_normal(max(len(l[3]) for l in layers)).astype(np.float32)

@@ -32,8 +32,9 @@ def _zeros_u8(n_rows, n_cols):
 class FFNLoader:
     """Window slots and overflow staging for every layer; `run` computes one layer's sparse FFN."""
 
-    def __init__(self, store, layers, plan, n_ff: int, n_embd: int, n_part: int, window_k: int, tset):
+    def __init__(self, store, layers, plan, n_ff: int, n_embd: int, n_part: int, window_k: int, tset, ptsets):
         self.tset = tset                                          # the model's type set (dispatch.type_set)
+        self.ptsets = ptsets                                      # the parts' (dispatch.part_type_sets)
         self.store, self.layers, self.n_ff = store, layers, n_ff
         # the bundle parts a slot leaves out: gate (gate rows resident), gate and up (product selector)
         self.n_resident_parts = {"gate": 1, "product": 2}.get(plan.selector, 0)
@@ -115,11 +116,11 @@ class FFNLoader:
                 add_read(ts, self.store.read_rows(chunk, staging, self.stage_idx[:m]), m)
                 j1 = int(self.ovf_pos[k0 + m - 1]) + 1 if k0 + m < no else n
                 sparse.sparse_ffn_range(self.partial, wslots, wmap, staging, self.stage_map, active, n, j0, j1,
-                                        gvals, known, xb, xq, types, offs, act, threshold, self.tset)
+                                        gvals, known, xb, xq, types, offs, act, threshold, self.ptsets)
                 j0 = j1
             ts.overflow += no
         flashstep.layer_ffn(x, self.out, self.partial, no == 0, wslots, wmap, staging, self.stage_map, active, n,
-                            j0, gvals, known, xb, xq, types, offs, act, threshold, *post, self.tset)
+                            j0, gvals, known, xb, xq, types, offs, act, threshold, *post, self.ptsets)
 
     def run_chunk(self, OUT, il, union, n, MK, HG, known, XB, XR, act, threshold, t, ts, buf):
         """OUT[j] (T, n_embd) = the FFN of layer il for prompt token j over the rows it chose (MK[j]),

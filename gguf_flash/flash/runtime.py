@@ -58,8 +58,10 @@ def compile_out_of_process(f, kv_type: str = "f16", logit_rows: int = 0, progres
     c = config_from_gguf(f)
     info = read_flash(f, c)
     tset = Weights(f, c, ffn=False, more_types=bundle_types(info)).ts
-    firstrun.ensure_compiled(f.path, "flash", tset, kv_type, logit_rows, progress,
-                             extra="index" if info.head_index is not None else "")
+    # the row kernels are specialized on the parts' own types (dispatch.part_type_sets): they name the marker
+    parts = ".".join("_".join(dispatch.type_names(t)) for t in part_tsets(info))
+    extra = ("index-" if info.head_index is not None else "") + parts
+    firstrun.ensure_compiled(f.path, "flash", tset, kv_type, logit_rows, progress, extra=extra)
 
 
 def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: int = 0) -> tuple:
@@ -81,18 +83,19 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     idx = np.zeros(c.n_ff, np.int32)
     g = np.zeros(c.n_ff, np.float32)
     partial = np.zeros((2, c.n_embd), np.float32)
+    pts = part_tsets(info)
     sparse.sparse_ffn_range(partial, one, idx, one, idx, idx, 0, 0, 0, g, sparse.KNOWN_NONE, s.xb, s.xq_embd,
                             np.array(l0.types, np.int64), np.array(np.cumsum((0,) + l0.part_bytes), np.int64),
-                            c.activation, np.float32(0), w.ts)
+                            c.activation, np.float32(0), pts)
     # a decode step's two calls (kernels/flashstep.py), with the selector's stand-ins (every kind has
     # their types) and no row chosen
     none = np.zeros(0, np.int32)
     flashstep.layer_select(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin,
                            s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp, 0,
-                           *selector_args(None, 0), s.hg, s.hu, none, g, idx, idx, idx, 0, 0, w.ts)
+                           *selector_args(None, 0), s.hg, s.hu, none, g, idx, idx, idx, 0, 0, w.ts, pts)
     flashstep.layer_ffn(s.x, ffn_out, partial, True, one, idx, one, idx, none, 0, 0, g, sparse.KNOWN_NONE, s.xb,
                         s.xq_embd, np.array(l0.types, np.int64), np.array(np.cumsum((0,) + l0.part_bytes), np.int64),
-                        c.activation, np.float32(0), w.norms[0, fw.NORM_POST_FFW], 1e-5, c.post_norms, w.ts)
+                        c.activation, np.float32(0), w.norms[0, fw.NORM_POST_FFW], 1e-5, c.post_norms, pts)
     # the prompt chunk's kernels (flash/prefill.py), on one token
     pre = ChunkBuffers(c, s.k_cache.shape[1], 2, True, chunk=1)
     fw.attention_batch_layer(pre.X, pre.XB, pre.XR, pre.Q, pre.K, pre.V, pre.ATT, pre.ATR, pre.scores,
@@ -234,8 +237,9 @@ class FlashModel:
         # already, so the kernels compute every chosen row (0: |act| > 0 holds for each of them)
         self.thresholds = np.array([0.0 if self.selector == "gate" and l.keep else l.threshold
                                     for l in info.layers], np.float32) if mode == "flash" else np.zeros(L, np.float32)
+        self.ptsets = part_tsets(info)
         self.ffn = FFNLoader(self.store, info.layers, self.plan, c.n_ff, c.n_embd, numba.get_num_threads(),
-                             window_k, self.w.ts)
+                             window_k, self.w.ts, self.ptsets)
         # what stays resident is copied out of the file map (flash/pinned.py: a file truncated under the
         # model is then a read error naming it, not SIGBUS); streamed parts keep their file offsets
         embd_resident = self.plan.embedding != "on demand (a row per token)"
@@ -301,7 +305,8 @@ class FlashModel:
         sel, ffn, wins = self.select, self.ffn, self.ffn.windows
         for il in range(c.n_layer):
             win = wins[il]
-            n, known, nw, no = flashstep.layer_select(*self._step[il], pos, win.capacity if win else 0, w.ts)
+            n, known, nw, no = flashstep.layer_select(*self._step[il], pos, win.capacity if win else 0, w.ts,
+                                                      self.ptsets)
             ts.predicted += n
             ts.active += n
             ffn.run_layer(s.x, il, sel.active, sel.gvals, n, known, nw, no, s.xb, s.xq_embd, c.activation,
@@ -374,6 +379,11 @@ class FlashModel:
 
     def close(self):
         self.store.close()
+
+
+def part_tsets(info) -> tuple:
+    """The (gate, up, down) type sets of the file's bundle parts (dispatch.part_type_sets)."""
+    return dispatch.part_type_sets(l.types for l in info.layers)
 
 
 def bundle_types(info) -> list:

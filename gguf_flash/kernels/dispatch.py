@@ -45,6 +45,15 @@ def type_set(qtypes) -> tuple:
     return tuple(0 if t in have else None for t in SUPPORTED)
 
 
+def part_type_sets(layer_types) -> tuple:
+    """(gate, up, down) type sets of a flash file's bundle parts, from each layer's (gate, up, down) ggml
+    types: the row kernels (dot_row, axpy_row) then test one part's types, not the model's every type.
+    With two types in a chain, each row paid ~15 ns for it (SmolLM2's Q4_1 up dot and Q8_0 down axpy,
+    in cache, one thread: 70 -> 85 ns a row): LLVM compiles the row loop around both kernels."""
+    lt = [tuple(int(t) for t in ts) for ts in layer_types]
+    return tuple(type_set({ts[k] for ts in lt}) for k in range(3))
+
+
 ALL_TYPES = type_set(SUPPORTED)   # every type's kernels (tests and benchmarks of the kernels themselves)
 TYPE_NAMES = {F32: "F32", F16: "F16", BF16: "BF16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1",
               Q8_0: "Q8_0", Q2_K: "Q2_K", Q3_K: "Q3_K", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K",

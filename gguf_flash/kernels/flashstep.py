@@ -52,21 +52,22 @@ def split_rows(win_rows, ovf_pos, active, n, neuron_slot, capacity):
 @njit(cache=True, fastmath=FASTMATH)
 def select_rows(xb, xq_embd, act, kind, gates, gate_type, ups, up_type, down_norm, pa, pb, pbias, pz, ptmp,
                 pred_offset, pred_abs, sel_threshold, hg, hu, active, gvals, neuron_slot, win_rows, ovf_pos,
-                capacity, tset):
+                capacity, ptsets):
     """The selector on the FFN input xb (xq_embd: its 8-bit blocks): active[:n] (increasing rows) and
     gvals[:n] (what the selector computed for them, known) as flash/selector.py describes; win_rows[:nw]
     the rows the window is to hold (capacity slots, neuron_slot its map) and ovf_pos[:no] the positions
     of the rest. Returns (n, known, nw, no). kind SEL_NONE leaves active as it is (every row:
-    0..n_ff-1) and n = len(active)."""
+    0..n_ff-1) and n = len(active). ptsets: the bundle parts' type sets (the resident gate and up rows
+    have the gate's and the up's types)."""
     known = KNOWN_NONE
     if kind == SEL_GATE:
-        matvec_rows(hg, gates, gate_type, xb, xq_embd, tset)
+        matvec_rows(hg, gates, gate_type, xb, xq_embd, ptsets[0])
         # a negative sel_threshold is the per-token top-k rule (scratch: pz, the predictor's logits)
         n = select_by_gate(active, gvals, hg, act, gate_rule(sel_threshold, hg, act, pz))
         known = KNOWN_GATE
     elif kind == SEL_PRODUCT:
-        matvec_rows(hg, gates, gate_type, xb, xq_embd, tset)
-        matvec_rows(hu, ups, up_type, xb, xq_embd, tset)
+        matvec_rows(hg, gates, gate_type, xb, xq_embd, ptsets[0])
+        matvec_rows(hu, ups, up_type, xb, xq_embd, ptsets[1])
         n = select_by_product(active, gvals, hg, hu, down_norm, act,
                               product_rule(sel_threshold, hg, hu, down_norm, act, pz))
         known = KNOWN_H
@@ -83,28 +84,29 @@ def select_rows(xb, xq_embd, act, kind, gates, gate_type, ups, up_type, down_nor
 def layer_select(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
                  blob, mats, norms, qk_norms, biases, swa, ip, fp, il,
                  kind, gates, gate_type, ups, up_type, down_norm, pa, pb, pbias, pz, ptmp, pred_offset, pred_abs,
-                 sel_threshold, hg, hu, active, gvals, neuron_slot, win_rows, ovf_pos, pos, capacity, tset):
+                 sel_threshold, hg, hu, active, gvals, neuron_slot, win_rows, ovf_pos, pos, capacity, tset, ptsets):
     """Layer il up to its chosen rows: x += attention; xb = RMSNorm(x) * ffn_norm and xq_embd its 8-bit
-    blocks; then select_rows. Returns (n, known, nw, no)."""
+    blocks; then select_rows. Returns (n, known, nw, no). tset: the model's type set (attention);
+    ptsets: the bundle parts' (dispatch.part_type_sets)."""
     attention_layer(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
                     blob, mats, norms, qk_norms, biases, swa, ip, fp, il, pos, tset)
     rmsnorm(xb, x, norms[il, NORM_FFN], fp[FP_EPS])
     quantize_x(xq_embd, xb)
     return select_rows(xb, xq_embd, ip[IP_ACT], kind, gates, gate_type, ups, up_type, down_norm, pa, pb, pbias,
                        pz, ptmp, pred_offset, pred_abs, sel_threshold, hg, hu, active, gvals, neuron_slot,
-                       win_rows, ovf_pos, capacity, tset)
+                       win_rows, ovf_pos, capacity, ptsets)
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def layer_ffn(x, out, partial, fresh, slots, neuron_slot, stage, stage_map, active, n, j0, gvals, known,
-              xb, xq, types, offs, act, threshold, post_w, eps, post_norm, tset):
+              xb, xq, types, offs, act, threshold, post_w, eps, post_norm, ptsets):
     """The rest of layer il's FFN and its residual: partial (zeroed first when fresh) += positions
     j0..n-1 of active (sparse.sparse_ffn_range: window slots and staging), out = the parts' sum,
-    x += out (post-normed where the model does)."""
+    x += out (post-normed where the model does). ptsets: the bundle parts' type sets."""
     if fresh:
         partial[:] = 0.0
     if j0 < n:
         sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j0, n, gvals, known,
-                         xb, xq, types, offs, act, threshold, tset)
+                         xb, xq, types, offs, act, threshold, ptsets)
     sum_partials(out, partial)
     residual_add(x, out, post_w, eps, post_norm)

@@ -96,7 +96,7 @@ def predictor_logits(z, tmp, x, a, b, bias):
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
 def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j0, j1, gvals, known,
-                     x, xq, types, offs, act, threshold, tset):
+                     x, xq, types, offs, act, threshold, ptsets):
     """partial[c] += the FFN contributions of positions j0 <= j < j1 of `active` (of n chosen rows) that
     fall in part c: the n positions are cut into n_part contiguous blocks, c n / n_part <= j <
     (c + 1) n / n_part.
@@ -115,7 +115,7 @@ def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j
     partial (n_part, n_embd) f32, zeroed by the caller before the first range; slots/stage (rows,
     slot_bytes) uint8; neuron_slot/stage_map (n_ff,) int32; active (>= j1,) int32; types (3,) int64;
     offs (4,) int64 byte offsets of gate, up, down inside a slot (empty parts when the slot holds only
-    up|down, or only down)."""
+    up|down, or only down); ptsets the parts' (gate, up, down) type sets (dispatch.part_type_sets)."""
     n_part = partial.shape[0]
     t_gate, t_up, t_down = types[0], types[1], types[2]
     o_gate, o_up, o_down, o_end = offs[0], offs[1], offs[2], offs[3]
@@ -133,7 +133,7 @@ def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j
                                           o_end)
                         a = active[j]
                         gvals[j] = dot_row(t_gate, _row(slots, stage, neuron_slot[a], stage_map[a])[o_gate:o_up],
-                                           x, xq, tset)
+                                           x, xq, ptsets[0])
                     for j in range(g0, g1):
                         gvals[j] = activate(gvals[j], act)
                 for j in range(g0, g1):
@@ -144,7 +144,7 @@ def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j
                     h = np.float32(0.0)
                     if abs(v) > threshold:
                         h = v * dot_row(t_up, _row(slots, stage, neuron_slot[a], stage_map[a])[o_up:o_down], x, xq,
-                                        tset)
+                                        ptsets[1])
                     gvals[j] = h
             for j in range(g0, g1):
                 if known == KNOWN_H and j + PREFETCH_AHEAD < b1:
@@ -153,7 +153,7 @@ def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j
                 if h != 0.0:
                     a = active[j]
                     axpy_row(t_down, acc, h, _row(slots, stage, neuron_slot[a], stage_map[a])[o_down:o_end],
-                             tset)
+                             ptsets[2])
 
 
 @njit(cache=True, inline="always")
