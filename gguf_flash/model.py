@@ -106,6 +106,21 @@ def set_threads(n_threads: int | None) -> None:
         numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
 
 
+CACHE_LINE = 64
+
+
+def line_zeros(shape, dtype=np.float32) -> np.ndarray:
+    """np.zeros whose data starts on a cache line (np.zeros gives 16-byte alignment: 0, 16, 32 or 48
+    bytes into a line). The row kernels load and store 64-byte vectors of their input and accumulator;
+    misaligned, every one spans two lines: the Q8_0 down part's axpy took 34-35 ns a row against 27
+    (SmolLM2, in cache, one thread), the bundle FFN 7-9% longer."""
+    dt = np.dtype(dtype)
+    n = int(np.prod(shape)) * dt.itemsize
+    buf = np.zeros(n + CACHE_LINE, np.uint8)
+    off = -buf.ctypes.data % CACHE_LINE
+    return buf[off:off + n].view(dt).reshape(shape)
+
+
 def lazy_zeros(shape, dtype=np.float32) -> np.ndarray:
     """A zero array whose pages become resident only where written, one 4 KiB page at a time.
     np.zeros gets the same lazy pages, but with transparent huge pages on, writing the first row of each
@@ -125,21 +140,22 @@ class RunState:
     def __init__(self, cfg: ModelConfig, n_ctx: int, n_ubatch: int = N_UBATCH, kv_type: str = "f16"):
         c, f32 = cfg, np.float32
         self.n_ctx = n_ctx
-        self.x = np.zeros(c.n_embd, f32)                # (n_embd,) residual stream
-        self.xb = np.zeros(c.n_embd, f32)                # (n_embd,) scratch
-        self.q = np.zeros(c.q_dim, f32)                 # (n_head * head_dim,)
-        self.k = np.zeros(c.kv_dim, f32)                # (n_head_kv * head_dim,)
-        self.v = np.zeros(c.kv_dim, f32)
-        self.att = np.zeros(c.q_dim, f32)
+        # the decode step's vectors start on cache lines (line_zeros)
+        self.x = line_zeros(c.n_embd)                    # (n_embd,) residual stream
+        self.xb = line_zeros(c.n_embd)                   # (n_embd,) scratch
+        self.q = line_zeros(c.q_dim)                     # (n_head * head_dim,)
+        self.k = line_zeros(c.kv_dim)                    # (n_head_kv * head_dim,)
+        self.v = line_zeros(c.kv_dim)
+        self.att = line_zeros(c.q_dim)
         self.scores = np.zeros((c.n_head, n_ctx), f32)   # (n_head, n_ctx)
-        self.hg = np.zeros(c.n_ff, f32)                  # (n_ff,) gate activations
-        self.hu = np.zeros(c.n_ff, f32)                  # (n_ff,) up
+        self.hg = line_zeros(c.n_ff)                     # (n_ff,) gate activations
+        self.hu = line_zeros(c.n_ff)                     # (n_ff,) up
         self.cos = np.zeros((2, c.rope_dim // 2), f32)   # [global, local]
         self.sin = np.zeros((2, c.rope_dim // 2), f32)
         self.logits = np.zeros(c.n_vocab, f32)
-        self.xq_embd = np.zeros(q8x_scratch_bytes(c.n_embd), np.uint8)  # quantized input vectors
-        self.xq_q = np.zeros(q8x_scratch_bytes(c.q_dim), np.uint8)
-        self.xq_ff = np.zeros(q8x_scratch_bytes(c.n_ff), np.uint8)
+        self.xq_embd = line_zeros(q8x_scratch_bytes(c.n_embd), np.uint8)  # quantized input vectors
+        self.xq_q = line_zeros(q8x_scratch_bytes(c.q_dim), np.uint8)
+        self.xq_ff = line_zeros(q8x_scratch_bytes(c.n_ff), np.uint8)
         kv = kv_dtype(kv_type)
         self.k_cache = lazy_zeros((c.n_layer, n_ctx, c.kv_dim), kv)  # (n_layer, n_ctx, kv_dim) f16 bits or f32
         self.v_cache = lazy_zeros((c.n_layer, n_ctx, c.kv_dim), kv)

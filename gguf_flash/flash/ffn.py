@@ -19,6 +19,7 @@ import time
 import numpy as np
 from ..kernels import flashstep, sparse
 from ..kernels.flashstep import split_rows as _split   # (run_chunk; decoding splits in layer_select)
+from ..model import line_zeros
 from .stats import add_read
 from .window import Window
 
@@ -50,8 +51,9 @@ class FFNLoader:
         self.ovf_pos = np.zeros(n_ff, np.int32)                   # (n_ff,) int32 positions of the rest
         self.ovf_rows = np.zeros(n_ff, np.int32)                  # (n_ff,) int32 their rows, one chunk
         self.no_slot = np.full(n_ff, -1, np.int32)                # (n_ff,) int32 "not in a window"
-        self.partial = np.zeros((max(2, n_part), n_embd), np.float32)  # (n_part, n_embd)
-        self.out = np.zeros(n_embd, np.float32)                   # (n_embd,) the FFN's output (run_layer)
+        # (n_part, n_embd) the threads' sums, on cache lines (model.line_zeros; rows too where n_embd % 16 == 0)
+        self.partial = line_zeros((max(2, n_part), n_embd))
+        self.out = line_zeros(n_embd)                             # (n_embd,) the FFN's output (run_layer)
         # per layer: where a slot's bytes start in the bundle, the part types and slot-relative offsets
         self.read_offset, self.types, self.offs = [], [], []
         for l in layers:
