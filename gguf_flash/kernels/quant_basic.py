@@ -92,7 +92,7 @@ def _u32_as_f32(typingctx, u):
 @intrinsic
 def prefetch(typingctx, row, off):
     """Ask the CPU to bring the cache line of row[off] (row (n,) uint8 C-contiguous) into cache, without
-    waiting (llvm.prefetch: read, high locality). Used where rows are visited in an order the hardware
+    waiting (llvm.prefetch: read, into L2). Used where rows are visited in an order the hardware
     prefetcher cannot guess (window slots)."""
     sig = types.void(row, off)
 
@@ -102,7 +102,10 @@ def prefetch(typingctx, row, off):
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        # locality 2 (x86 prefetcht1: to L2, not L1): the bundle FFN over rows held in RAM ran at 1.33-1.35x
+        # the dense FFN's time, against 1.35-1.54x with prefetcht0 (SmolLM2, 30 layers, 2 threads,
+        # alternating runs); the dense matvecs the same either way
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -382,9 +385,16 @@ def _store(b, val, base, off):
     b.store(val, b.bitcast(b.gep(base, [off]), ir.PointerType(val.type)), align=4)
 
 
-def _part8(b, v, k):
-    """lanes 8k..8k+7 of a <32 x float> (free: one AVX2 register)."""
-    return b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), _vconst(_I32, range(8 * k, 8 * k + 8)))
+# The axpy's vectors: 16 floats. With 8, LLVM still converted each block's codes in two 512-bit halves on
+# AVX-512 and then split them for the 256-bit multiply-adds, loads and stores (an extract each); a Q8_0
+# row of 576 took 36-37 ns, 29-31 with 16 (one thread, in cache, the output on a cache line). AVX2 and
+# NEON split the 16 into two or four registers, as they split the 8 before.
+AXPY_LANES = 16
+
+
+def _part(b, v, k, w=8):
+    """lanes w k .. w k + w - 1 of a vector (w=8 of a <32 x float>: one AVX2 register, free)."""
+    return b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), _vconst(_I32, range(w * k, w * k + w)))
 
 
 def _hsum8(b, v):
@@ -459,9 +469,9 @@ def _make_dot(kind):
                 xb = b.gep(xp, [b.shl(i, ir.Constant(_I64, 5))])
                 xs = [_load(b, xb, ir.Constant(_I64, 8 * k), _vec(_F32, 8), 4) for k in range(4)]
                 codes = _block_codes(b, bp, kind)
-                t = b.fmul(_part8(b, codes, 0), xs[0], flags=_FMF)
+                t = b.fmul(_part(b, codes, 0), xs[0], flags=_FMF)
                 for k in (1, 2, 3):
-                    t = b.fadd(t, b.fmul(_part8(b, codes, k), xs[k], flags=_FMF), flags=_FMF)
+                    t = b.fadd(t, b.fmul(_part(b, codes, k), xs[k], flags=_FMF), flags=_FMF)
                 d, m = _block_scales(b, bp, kind)
                 b.store(b.fadd(b.load(acc_d), b.fmul(_splat(b, d, 8), t, flags=_FMF), flags=_FMF), acc_d)
                 if kind != "q8_0":
@@ -500,14 +510,15 @@ def _make_axpy(kind, dequant):
                 if not dequant:
                     d = b.fmul(av, d, flags=_FMF)
                     m = b.fmul(av, m, flags=_FMF)
-                ds, ms = _splat(b, d, 8), _splat(b, m, 8)
-                for k in range(4):
-                    v = b.fmul(ds, _part8(b, codes, k), flags=_FMF)
+                ds, ms = _splat(b, d, AXPY_LANES), _splat(b, m, AXPY_LANES)
+                for k in range(32 // AXPY_LANES):
+                    v = b.fmul(ds, _part(b, codes, k, AXPY_LANES), flags=_FMF)
                     if kind != "q8_0":   # Q8_0 has no offset: adding a * d * 0 cost an add per 8 values
                         v = b.fadd(v, ms, flags=_FMF)
                     if not dequant:
-                        v = b.fadd(_load(b, ob, ir.Constant(_I64, 8 * k), _vec(_F32, 8), 4), v, flags=_FMF)
-                    _store(b, v, ob, ir.Constant(_I64, 8 * k))
+                        v = b.fadd(_load(b, ob, ir.Constant(_I64, AXPY_LANES * k), _vec(_F32, AXPY_LANES), 4), v,
+                                   flags=_FMF)
+                    _store(b, v, ob, ir.Constant(_I64, AXPY_LANES * k))
             return context.get_dummy_value()
 
         return types.none(out, a, row), codegen
