@@ -289,6 +289,31 @@ def test_overflow_streaming_with_a_window_of_one_slot(smollm2_flash, selector):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("mode,selector", [("flash", "bundle"), ("dense", "auto")])
+def test_one_call_per_token_when_every_row_is_held(smollm2_flash, mode, selector, monkeypatch):
+    """With every row held and chosen (bundle rows once the window has them all, dense mode), a token
+    is one compiled call over the layers (flashstep.layers_held), and its logits are bitwise those of
+    the per-layer calls; a window that no longer holds every row takes the per-layer path again."""
+    from gguf_flash.kernels import flashstep
+    path, _ = smollm2_flash
+    toks = [1, 504, 3458, 30, 1000, 17]
+    per_layer = gguf_flash.load(path, n_ctx=64, mode=mode, selector=selector)
+    monkeypatch.setattr(per_layer.model, "_held", lambda: None)
+    want = np.stack([per_layer.model.forward(t, p).copy() for p, t in enumerate(toks)])
+    calls = []
+    real = flashstep.layers_held
+    monkeypatch.setattr(flashstep, "layers_held", lambda *a: calls.append(1) or real(*a))
+    held = gguf_flash.load(path, n_ctx=64, mode=mode, selector=selector)
+    got = np.stack([held.model.forward(t, p).copy() for p, t in enumerate(toks)])
+    np.testing.assert_array_equal(got, want)
+    assert len(calls) >= len(toks) - 1   # bundle rows: the first token fills the windows
+    assert [s.active for s in held.model.stats] == [s.active for s in per_layer.model.stats]
+    held.model.windows[3].shrink(10)
+    n = len(calls)
+    held.model.forward(5, len(toks))
+    assert len(calls) == n and held.model.stats[-1].loaded > 0
+
+
 STREAMED = r"""
 import sys, json, numpy as np, gguf_flash
 path, cold, out, capped = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4] == "1"
@@ -356,7 +381,7 @@ print(json.dumps(dict(new=sorted(map(list, signatures() - before)), streamed=llm
 
 
 @pytest.mark.parametrize("cap_extra,mode,selector,rows", [(200, "flash", "gate", 0), (8, "flash", "predictor", 0),
-                                                          (200, "flash", "product", 0),
+                                                          (200, "flash", "product", 0), (200, "flash", "bundle", 0),
                                                           (8, "naive", "auto", 0), (200, "flash", "gate", 16),
                                                           (8, "naive", "auto", 16)])
 def test_nothing_compiles_after_the_plan(smollm2_flash, cap_extra, mode, selector, rows):

@@ -13,7 +13,9 @@ Markdown table; quote ratios from one run (the machine is noisy).
 --split: also where a step's time goes inside the decode loop (not each part alone and hot). The dense
 step is run as its per-layer compiled calls from Python (attention_layer, ffn_layer_dense, then
 output_head: the calls forward_token makes in one), the flash step with its compiled calls timed where
-the runtime makes them (flashstep.layer_select, the FFN's run_layer with its layer_ffn, the head).
+the runtime makes them (flashstep.layer_select, the FFN's run_layer with its layer_ffn, the head); a
+token that reads nothing and takes every row (bundle rows, all held) is one call over the layers in the
+table above (flashstep.layers_held), and the split times it as these per-layer calls.
 """
 
 import argparse
@@ -94,6 +96,7 @@ def flash_split(llm, toks, n) -> dict:
     """ms per token of the flash step's parts, timed where the runtime makes its calls."""
     from gguf_flash.kernels import flashstep
     m, parts = llm.model, defaultdict(float)
+    m._held = lambda: None   # the per-layer calls even where a token could be one (flashstep.layers_held)
     for i, t in enumerate(toks):
         m.forward(t, i)
     undo = [_timed(flashstep, "layer_select", parts, "attention (+ selection)"),

@@ -96,6 +96,12 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     flashstep.layer_ffn(s.x, ffn_out, partial, True, one, idx, one, idx, none, 0, 0, g, sparse.KNOWN_NONE, s.xb,
                         s.xq_embd, np.array(l0.types, np.int64), np.array(np.cumsum((0,) + l0.part_bytes), np.int64),
                         c.activation, np.float32(0), w.norms[0, fw.NORM_POST_FFW], 1e-5, c.post_norms, pts)
+    L = c.n_layer   # every layer in one call (a token that reads nothing), no row chosen
+    flashstep.layers_held(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin, s.xq_embd,
+                          s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp,
+                          *selector_args(None, 0), s.hg, s.hu, none, g, idx, idx, ffn_out, partial, one, idx,
+                          (one,) * L, (idx,) * L, (idx,) * L, np.zeros((L, 3), np.int64), np.zeros((L, 4), np.int64),
+                          np.zeros(L, np.float32), 0, 0, w.ts, pts)
     # the prompt chunk's kernels (flash/prefill.py), on one token
     pre = ChunkBuffers(c, s.k_cache.shape[1], 2, True, chunk=1)
     fw.attention_batch_layer(pre.X, pre.XB, pre.XR, pre.Q, pre.K, pre.V, pre.ATT, pre.ATR, pre.scores,
@@ -259,6 +265,7 @@ class FlashModel:
             for il in range(L):
                 self.ffn.load_all(il)
         self._step, self._post = self._step_arguments()
+        self._types, self._offs = np.stack(self.ffn.types), np.stack(self.ffn.offs)   # (n_layer, 3), (n_layer, 4)
         self.stats: list = []         # TokenStats of every forward() call (decode tokens)
         self.prompt_stats: list = []  # ChunkStats of every prompt chunk
         self.t = 0   # token counter for the window
@@ -269,14 +276,28 @@ class FlashModel:
         layer_select's (all but pos and the window's capacity, which the watchdog may lower) and the
         residual's (post-norm weight, eps, post_norm). The selector's thresholds are read here, once."""
         c, s, w, sel, ffn = self.cfg, self.st, self.w, self.select, self.ffn
-        step = [(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin, s.xq_embd, s.xq_q,
-                 w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp, il) + sel.step_args(il)
-                + (s.hg, sel.hu if self.selector == "product" else s.hu, sel.active, sel.gvals,
-                   ffn.windows[il].neuron_slot if ffn.windows[il] else ffn.no_slot, ffn.win_rows, ffn.ovf_pos)
+        self._state = (s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin, s.xq_embd,
+                       s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp)
+        self._rows = (s.hg, sel.hu if self.selector == "product" else s.hu, sel.active, sel.gvals)
+        self._sel0 = sel.step_args(0)   # layers_held's: SEL_NONE's stand-ins are every layer's
+        step = [self._state + (il,) + sel.step_args(il) + self._rows
+                + (ffn.windows[il].neuron_slot if ffn.windows[il] else ffn.no_slot, ffn.win_rows, ffn.ovf_pos)
                 for il in range(c.n_layer)]
         eps = float(w.fp[fw.FP_EPS])
         post = [(w.norms[il, fw.NORM_POST_FFW], eps, c.post_norms) for il in range(c.n_layer)]
         return step, post
+
+    def _held(self):
+        """layers_held's arguments but pos, t and the type sets when this token reads nothing: the
+        selector takes every row (bundle rows, dense mode) and every layer's window holds all of them
+        (after the first token, under a cap that leaves them room); else None."""
+        ffn, wins = self.ffn, self.ffn.windows
+        if self._sel0[0] != flashstep.SEL_NONE or any(win is None or win.n_used < self.cfg.n_ff for win in wins):
+            return None
+        return (self._state + self._sel0 + self._rows
+                + (ffn.win_rows, ffn.ovf_pos, ffn.out, ffn.partial, ffn.staging, ffn.stage_map,
+                   tuple(win.slots for win in wins), tuple(win.neuron_slot for win in wins),
+                   tuple(win.last_active for win in wins), self._types, self._offs, self.thresholds))
 
     @property
     def windows(self):
@@ -303,7 +324,12 @@ class FlashModel:
         nn.rope_cos_sin(s.cos[1], s.sin[1], pos, w.inv_freq[1])
         eps = float(w.fp[fw.FP_EPS])
         sel, ffn, wins = self.select, self.ffn, self.ffn.windows
-        for il in range(c.n_layer):
+        held = self._held()
+        if held is not None:   # nothing to read: every layer in one call
+            n = flashstep.layers_held(*held, pos, self.t, w.ts, self.ptsets)
+            ts.predicted += n
+            ts.active += n
+        for il in range(c.n_layer if held is None else 0):
             win = wins[il]
             n, known, nw, no = flashstep.layer_select(*self._step[il], pos, win.capacity if win else 0, w.ts,
                                                       self.ptsets)

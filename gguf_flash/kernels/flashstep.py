@@ -6,16 +6,19 @@
   (Python)      the window's update and the reads of what it lacks (flash/ffn.py);
   layer_ffn     the sparse FFN over the rows held, the parts' sum, the residual add.
 
+A token with nothing to read that takes every row (bundle rows or dense mode, every window holding all
+of its rows) is one call, layers_held: the same two calls per layer inside it.
 Before, the runtime made ten compiled calls per layer with Python between each (SmolLM2: ~2 ms of a
 ~9 ms token with every row resident). The arguments are the runtime's own buffers (runtime.py builds
 each layer's tuple once); the selector's arrays that a kind does not use are 1-element stand-ins of the
 same types, so one specialization serves every selector.
 """
 
+import numpy as np
 from numba import njit
 
 from .dispatch import quantize_x
-from .forward import FP_EPS, IP_ACT, NORM_FFN, attention_layer, residual_add
+from .forward import FP_EPS, IP_ACT, IP_N_LAYER, IP_POST_NORMS, NORM_FFN, NORM_POST_FFW, attention_layer, residual_add
 from .nn import FASTMATH, gate_rule, product_rule, rmsnorm
 from .sparse import (KNOWN_GATE, KNOWN_H, KNOWN_NONE, matvec_rows, predictor_logits, select_by_gate,
                      select_by_logit, select_by_product, sparse_ffn_range, sum_partials)
@@ -110,3 +113,34 @@ def layer_ffn(x, out, partial, fresh, slots, neuron_slot, stage, stage_map, acti
                          xb, xq, types, offs, act, threshold, ptsets)
     sum_partials(out, partial)
     residual_add(x, out, post_w, eps, post_norm)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def layers_held(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
+                blob, mats, norms, qk_norms, biases, swa, ip, fp,
+                kind, gates, gate_type, ups, up_type, down_norm, pa, pb, pbias, pz, ptmp, pred_offset, pred_abs,
+                sel_threshold, hg, hu, active, gvals, win_rows, ovf_pos, out, partial, stage, stage_map,
+                slots, neuron_slot, last_active, types, offs, thresholds, pos, t, tset, ptsets):
+    """Every layer of a decode step in one call, when nothing is to be read: each layer's window holds all
+    of its rows and the selector takes every row (kind SEL_NONE: bundle rows, dense mode), so each layer
+    is layer_select, the window's update and layer_ffn with nothing between them. The window's update is
+    then exactly "each row active at t" (no row is missing, none can be evicted): last_active[il][row] =
+    t. slots, neuron_slot, last_active: (n_layer,) tuples of the windows' arrays; types (n_layer, 3),
+    offs (n_layer, 4) int64; thresholds (n_layer,) f32 the FFN kernels' gate rule. The rest as
+    layer_select and layer_ffn take them. Returns the rows computed over all layers. The same calls in
+    the same order as the per-layer path: the logits are bitwise the same."""
+    total = 0
+    for il in range(ip[IP_N_LAYER]):
+        ns, la = neuron_slot[il], last_active[il]
+        n, known, nw, no = layer_select(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
+                                        blob, mats, norms, qk_norms, biases, swa, ip, fp, il,
+                                        kind, gates, gate_type, ups, up_type, down_norm, pa, pb, pbias, pz, ptmp,
+                                        pred_offset, pred_abs, sel_threshold, hg, hu, active, gvals, ns, win_rows,
+                                        ovf_pos, pos, slots[il].shape[0], tset, ptsets)
+        for j in range(n):
+            la[active[j]] = t
+        layer_ffn(x, out, partial, True, slots[il], ns, stage, stage_map, active, n, 0, gvals, known, xb, xq_embd,
+                  types[il], offs[il], ip[IP_ACT], thresholds[il], norms[il, NORM_POST_FFW], np.float64(fp[FP_EPS]),
+                  ip[IP_POST_NORMS] != 0, ptsets)
+        total += n
+    return total
