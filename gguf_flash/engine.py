@@ -41,7 +41,7 @@ class LLM:
         if flash and max_ram is not None:
             # kernels first, while the process is small: LLVM's ~70 MiB peak (released after loading)
             # then sits under the cap with room to spare (flash/runtime.preload_kernels)
-            preload_kernels(self.file, kv_type=kv_type, logit_rows=logit_rows)
+            preload_kernels(self.file, kv_type=kv_type, logit_rows=logit_rows, held=False)
         self.tokenizer = tokenizer_from_gguf(self.file)  # before the model: a flash plan measures RSS
         if n_ctx is None and n_ctx_for is not None and max_ram is not None:
             n_ctx = n_ctx_for(self.tokenizer)   # under a cap the KV cache is budgeted for this run only

@@ -64,9 +64,11 @@ def compile_out_of_process(f, kv_type: str = "f16", logit_rows: int = 0, progres
     firstrun.ensure_compiled(f.path, "flash", tset, kv_type, logit_rows, progress, extra=extra)
 
 
-def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: int = 0) -> tuple:
+def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: int = 0, held: bool = True) -> tuple:
     """Load every compiled function the token loop uses (from numba's cache) on tiny inputs, then hand
-    LLVM's pages back (kernels.release_compiler_pages). Called before the tokenizer and the model's own
+    LLVM's pages back (kernels.release_compiler_pages). held=False leaves out flashstep.layers_held (5 MiB
+    of machine code, resident like the rest: a run under a cap never loads it, the first-run child
+    compiles it). Called before the tokenizer and the model's own
     buffers exist, LLVM's ~70 MiB peak comes while the process is small; FlashModel calls it again (then it
     loads nothing) and measures its runtime. Nothing compiles or loads under the cap afterwards (a cache
     load would touch LLVM again: ~50 MiB)."""
@@ -96,9 +98,12 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     flashstep.layer_ffn(s.x, ffn_out, partial, True, one, idx, one, idx, none, 0, 0, g, sparse.KNOWN_NONE, s.xb,
                         s.xq_embd, np.array(l0.types, np.int64), np.array(np.cumsum((0,) + l0.part_bytes), np.int64),
                         c.activation, np.float32(0), w.norms[0, fw.NORM_POST_FFW], 1e-5, c.post_norms, pts)
-    L = c.n_layer   # every layer in one call (a token that reads nothing), no row chosen
-    flashstep.layers_held(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin, s.xq_embd,
-                          s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp,
+    # every layer in one call (a token that reads nothing): loaded, but run over no layer (ip's layer
+    # count 0), so no attention weight is paged in here to be counted in the runtime's RSS (+19 MiB)
+    L, ip0 = c.n_layer, w.ip.copy()
+    ip0[fw.IP_N_LAYER] = 0
+    held and flashstep.layers_held(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin, s.xq_embd,
+                          s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, ip0, w.fp,
                           *selector_args(None, 0), s.hg, s.hu, none, g, idx, idx, ffn_out, partial, one, idx,
                           (one,) * L, (idx,) * L, (idx,) * L, np.zeros((L, 3), np.int64), np.zeros((L, 4), np.int64),
                           np.zeros(L, np.float32), 0, 0, w.ts, pts)
@@ -218,7 +223,10 @@ class FlashModel:
 
         # ---- kernels loaded (compiled in a child on a first run), LLVM released, the runtime measured ----
         compile_out_of_process(f, kv_type, logit_rows)
-        preload_kernels(f, c, info, kv_type, logit_rows)
+        # without a cap, a token that reads nothing is one call (layers_held); under one its 5 MiB of
+        # machine code would come off the window, and such a token is rare there
+        self._held_loaded = self.cap is None
+        preload_kernels(f, c, info, kv_type, logit_rows, held=self._held_loaded)
         baseline = budget.rss()
 
         # ---- the plan (refuses an impossible cap before anything large is loaded) ----
@@ -290,9 +298,10 @@ class FlashModel:
     def _held(self):
         """layers_held's arguments but pos, t and the type sets when this token reads nothing: the
         selector takes every row (bundle rows, dense mode) and every layer's window holds all of them
-        (after the first token, under a cap that leaves them room); else None."""
+        (after the first token), with no cap (under one layers_held is not loaded); else None."""
         ffn, wins = self.ffn, self.ffn.windows
-        if self._sel0[0] != flashstep.SEL_NONE or any(win is None or win.n_used < self.cfg.n_ff for win in wins):
+        if not self._held_loaded or self._sel0[0] != flashstep.SEL_NONE or \
+                any(win is None or win.n_used < self.cfg.n_ff for win in wins):
             return None
         return (self._state + self._sel0 + self._rows
                 + (ffn.win_rows, ffn.ovf_pos, ffn.out, ffn.partial, ffn.staging, ffn.stage_map,
