@@ -100,13 +100,14 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
                         c.activation, np.float32(0), w.norms[0, fw.NORM_POST_FFW], 1e-5, c.post_norms, pts)
     # every layer in one call (a token that reads nothing): loaded, but run over no layer (ip's layer
     # count 0), so no attention weight is paged in here to be counted in the runtime's RSS (+19 MiB)
-    L, ip0 = c.n_layer, w.ip.copy()
-    ip0[fw.IP_N_LAYER] = 0
-    held and flashstep.layers_held(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin, s.xq_embd,
-                          s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, ip0, w.fp,
-                          *selector_args(None, 0), s.hg, s.hu, none, g, idx, idx, ffn_out, partial, one, idx,
-                          (one,) * L, (idx,) * L, (idx,) * L, np.zeros((L, 3), np.int64), np.zeros((L, 4), np.int64),
-                          np.zeros(L, np.float32), 0, 0, w.ts, pts)
+    if held:
+        L, ip0 = c.n_layer, w.ip.copy()
+        ip0[fw.IP_N_LAYER] = 0
+        flashstep.layers_held(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin,
+                              s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, ip0, w.fp,
+                              *selector_args(None, 0), s.hg, s.hu, none, g, idx, idx, ffn_out, partial, one, idx,
+                              (one,) * L, (idx,) * L, (idx,) * L, np.zeros((L, 3), np.int64),
+                              np.zeros((L, 4), np.int64), np.zeros(L, np.float32), 0, 0, w.ts, pts)
     # the prompt chunk's kernels (flash/prefill.py), on one token
     pre = ChunkBuffers(c, s.k_cache.shape[1], 2, True, chunk=1)
     fw.attention_batch_layer(pre.X, pre.XB, pre.XR, pre.Q, pre.K, pre.V, pre.ATT, pre.ATR, pre.scores,
