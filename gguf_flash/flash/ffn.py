@@ -54,16 +54,19 @@ class FFNLoader:
         # (n_part, n_embd) the threads' sums, on cache lines (model.line_zeros; rows too where n_embd % 16 == 0)
         self.partial = line_zeros((max(2, n_part), n_embd))
         self.out = line_zeros(n_embd)                             # (n_embd,) the FFN's output (run_layer)
-        # per layer: where a slot's bytes start in the bundle, the part types and slot-relative offsets
-        self.read_offset, self.types, self.offs = [], [], []
+        # per layer: where a slot's bytes start in the bundle, the part types (n_layer, 3) and the
+        # slot-relative offsets (n_layer, 4) int64 (a row per layer for the per-layer calls, the whole
+        # arrays for flashstep.layers_held)
+        self.read_offset, types, offs = [], [], []
         for l in layers:
             g, u, d = l.part_bytes
             held = [g, u, d]
             for k in range(self.n_resident_parts):   # parts not in a slot are empty ranges at its start
                 held[k] = 0
             self.read_offset.append(l.bundle_offset + sum(l.part_bytes[:self.n_resident_parts]))
-            self.types.append(np.array(l.types, np.int64))
-            self.offs.append(np.cumsum([0] + held).astype(np.int64))
+            types.append(l.types)
+            offs.append(np.cumsum([0] + held))
+        self.types, self.offs = np.array(types, np.int64), np.array(offs, np.int64)
 
     def _select_layer(self, il, n_rows):
         l = self.layers[il]

@@ -274,7 +274,6 @@ class FlashModel:
             for il in range(L):
                 self.ffn.load_all(il)
         self._step, self._post = self._step_arguments()
-        self._types, self._offs = np.stack(self.ffn.types), np.stack(self.ffn.offs)   # (n_layer, 3), (n_layer, 4)
         self.stats: list = []         # TokenStats of every forward() call (decode tokens)
         self.prompt_stats: list = []  # ChunkStats of every prompt chunk
         self.t = 0   # token counter for the window
@@ -307,7 +306,7 @@ class FlashModel:
         return (self._state + self._sel0 + self._rows
                 + (ffn.win_rows, ffn.ovf_pos, ffn.out, ffn.partial, ffn.staging, ffn.stage_map,
                    tuple(win.slots for win in wins), tuple(win.neuron_slot for win in wins),
-                   tuple(win.last_active for win in wins), self._types, self._offs, self.thresholds))
+                   tuple(win.last_active for win in wins), ffn.types, ffn.offs, self.thresholds))
 
     @property
     def windows(self):

@@ -38,7 +38,7 @@ def select_by_gate(active, gvals, hg, act, threshold):
     active (n_ff,) int32 and gvals (n_ff,) f32 receive the rows (increasing) and their activated gate
     values act(hg[i]) (computed here once: the activation is ~a third of a row's work in the FFN);
     hg becomes act(hg). The activations first, in a loop of their own that LLVM vectorizes, then the
-    rows that pass: 6.4 -> 2.8 us for 1536 rows. Returns how many."""
+    rows that pass: 6.4 -> 2.3 us for 1536 rows. Returns how many."""
     for i in range(hg.shape[0]):
         hg[i] = activate(hg[i], act)
     n = 0
