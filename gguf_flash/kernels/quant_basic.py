@@ -388,7 +388,8 @@ def _store(b, val, base, off):
 # The axpy's vectors: 16 floats. With 8, LLVM still converted each block's codes in two 512-bit halves on
 # AVX-512 and then split them for the 256-bit multiply-adds, loads and stores (an extract each); a Q8_0
 # row of 576 took 36-37 ns, 29-31 with 16 (one thread, in cache, the output on a cache line). AVX2 and
-# NEON split the 16 into two or four registers, as they split the 8 before.
+# NEON split the 16 into two or four registers, as they split the 8 before. A block is two such halves
+# (_block_code_halves for the 4- and 5-bit kinds).
 AXPY_LANES = 16
 
 
@@ -523,17 +524,17 @@ def _make_axpy(kind, dequant):
                 i = loop.index
                 bp = b.gep(rp, [b.mul(i, ir.Constant(_I64, nbytes))])
                 ob = b.gep(op, [b.shl(i, ir.Constant(_I64, 5))])
-                if kind != "q8_0" and AXPY_LANES == 16:
-                    parts = _block_code_halves(b, bp, kind)
-                else:
+                if kind == "q8_0":   # one sign extension from memory per 16 codes already
                     codes = _block_codes(b, bp, kind)
-                    parts = [_part(b, codes, k, AXPY_LANES) for k in range(32 // AXPY_LANES)]
+                    parts = [_part(b, codes, k, AXPY_LANES) for k in range(2)]
+                else:
+                    parts = _block_code_halves(b, bp, kind)
                 d, m = _block_scales(b, bp, kind)
                 if not dequant:
                     d = b.fmul(av, d, flags=_FMF)
                     m = b.fmul(av, m, flags=_FMF)
                 ds, ms = _splat(b, d, AXPY_LANES), _splat(b, m, AXPY_LANES)
-                for k in range(32 // AXPY_LANES):
+                for k in range(2):
                     v = b.fmul(ds, parts[k], flags=_FMF)
                     if kind != "q8_0":   # Q8_0 has no offset: adding a * d * 0 cost an add per 8 values
                         v = b.fadd(v, ms, flags=_FMF)
