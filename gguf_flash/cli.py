@@ -378,6 +378,14 @@ def _print_flash_summary(f):
     print(f"bundles {info.bundle_bytes_total / 2**20:.1f} MiB, predictors {pred / 2**20:.1f} MiB "
           f"({100 * pred / info.bundle_bytes_total:.0f}% of the bundles) in {n_pred} of {len(info.layers)} layers"
           + ("" if n_pred == len(info.layers) else " (--selector predictor needs one in every layer)"))
+    from .flash.format import part_type_name
+    kinds: dict = {}
+    for l in info.layers:
+        kinds[part_type_name(l.types[2])] = kinds.get(part_type_name(l.types[2]), 0) + 1
+    tables = sum(l.table_bytes for l in info.layers)
+    print("down parts: " + ", ".join(f"{k} in {n} layers" for k, n in kinds.items())
+          + (f" (cols-*: the source's codes; their scale tables, {tables / 2**20:.1f} MiB, are held in RAM)"
+             if tables else ""))
     hi = info.head_index
     print("head rows: stored in the head index's order (rows one state reads sit together)"
           if info.head_order is not None else "head rows: in token order")
@@ -505,9 +513,10 @@ def build_parser():
     p.add_argument("--sparsity", type=float, default=None,
                    help="target fraction of inactive neurons (default: largest within 2%% held-out perplexity)")
     p.add_argument("--rank", type=int, default=None, help="predictor rank (default: smallest reaching recall 0.95)")
-    p.add_argument("--down-type", default="Q8_0",
-                   help="type of the re-quantized down columns (default Q8_0; Q5_0: a third smaller, read "
-                        "faster under a cap, +0.9%% perplexity on SmolLM2 and +3.3%% on Gemma 3; README "
+    p.add_argument("--down-type", default="source",
+                   help="the bundles' down columns: source (default): each in the source's own codes, its "
+                        "blocks' scales in a table held in RAM (Q4_0, Q4_1, Q4_K, Q8_0, Q5_0 sources; the "
+                        "other layers Q8_0); or a ggml type to re-quantize them to (Q8_0, Q5_0, ...; README "
                         "\"The down parts' type\")")
     p.add_argument("--predictor", choices=("auto", "always", "never"), default="auto",
                    help="store low-rank predictors: auto (default) only in layers where one is smaller than "

@@ -10,6 +10,7 @@ import gguf_flash
 from gguf_flash.errors import GGUFFormatError, InvalidArgumentError, UnsupportedModelError
 from gguf_flash.flash import format as ff
 from gguf_flash.gguf_file import GGUFFile
+from gguf_flash.kernels.quant_cols import COLS_U4
 
 
 def test_flash_file_is_a_valid_gguf(smollm2_flash, smollm2_path):
@@ -32,7 +33,8 @@ def test_flash_file_is_a_valid_gguf(smollm2_flash, smollm2_path):
     info = ff.read_flash(f, cfg)
     assert info.source_sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     l0 = info.layers[0]
-    assert l0.bundle_offset % 4096 == 0 and l0.part_bytes == (360, 360, 612)   # Q4_1, Q4_1, Q8_0
+    # Q4_1 gate and up rows, the Q4_1 down column in its own 4-bit codes (docs/flash-gguf.md)
+    assert l0.bundle_offset % 4096 == 0 and l0.part_bytes == (360, 360, 288) and l0.types[2] == COLS_U4
     assert np.all(np.diff(l0.freq) <= 0)            # hot-first
     # gate and up rows byte for byte, in the stored (hot-first) order
     bundle = f.raw(ff.t_bundle(0)).reshape(cfg.n_ff, -1)
@@ -41,9 +43,10 @@ def test_flash_file_is_a_valid_gguf(smollm2_flash, smollm2_path):
 
 
 def test_every_neuron_active_reproduces_the_source(smollm2_flash, smollm2_llm, smollm2_ref):
-    """Dense mode on the flash file = the source model up to the down columns' re-quantization
-    (Q4_1 -> Q8_0): the next-token distributions agree (KL < 0.1 nats, the bound the dense decode
-    path meets against the batch path) and llama.cpp's teacher-forced check passes."""
+    """Dense mode on the flash file = the source model (its down columns are the source's own values;
+    the down projection takes float activations where the source's matvec rounds them to 8 bits): the
+    next-token distributions agree (KL < 0.1 nats, the bound the dense decode path meets against the
+    batch path) and llama.cpp's teacher-forced check passes."""
     from gguf_flash.sampling import log_softmax
     path, _ = smollm2_flash
     llm = gguf_flash.load(path, mode="dense", n_ctx=128)

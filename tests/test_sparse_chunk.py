@@ -9,6 +9,7 @@ from gguf.quants import dequantize, quantize
 
 from gguf_flash.kernels import dispatch, sparse
 from gguf_flash.config import ACT_GELU_TANH as ACT_GELU, ACT_RELU, ACT_SILU
+from gguf_flash.flash.ffn import NO_TABLES
 from gguf_flash.kernels.quant_basic import MM_ROWS
 
 N_EMBD, N_FF, T = 64, 96, 9
@@ -69,7 +70,8 @@ def _run(rows, offs, XB, MK, HG, known, act, thr, qt, cuts, in_window, T_=T):
     bounds = [0] + [c for c in cuts if 0 < c < n] + [n]
     for p0, p1 in zip(bounds[:-1], bounds[1:]):
         sparse.sparse_ffn_chunk(PART, DEC, H, slots, slot_map, stage, stage_map, union, p0, p1, MK, HG,
-                                known, XB, XB, types, offs, act, np.float32(thr), dispatch.ALL_TYPES)
+                                known, XB, XB, types, offs, NO_TABLES, act, np.float32(thr), dispatch.ALL_TYPES,
+                                (None, None))
     out = np.zeros((T_, N_EMBD), np.float32)
     sparse.sum_parts_chunk(out, PART)
     return out, union[:n]

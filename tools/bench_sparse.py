@@ -30,9 +30,11 @@ def main():
     from gguf_flash.config import config_from_gguf
     from gguf_flash.flash.format import read_flash, t_bundle
     from gguf_flash.gguf_file import GGUFFile
+    from gguf_flash.flash.ffn import down_tables
     from gguf_flash.kernels import dispatch, sparse
     from gguf_flash.kernels.nn import activate
     from gguf_flash.kernels.quant_basic import q8x_scratch_bytes
+    from gguf_flash.model import line_zeros
 
     numba.set_num_threads(a.threads)
     f = GGUFFile(a.flash)
@@ -46,12 +48,14 @@ def main():
         rows = np.array(f.raw(t_bundle(il)))     # (n_ff, bundle_bytes), in RAM like a full window
         offs = np.cumsum([0, *l.part_bytes]).astype(np.int64)
         active = np.sort(rng.choice(n_ff, int(a.active * n_ff), replace=False)).astype(np.int32)
-        layers.append((rows, np.array(l.types, np.int64), offs, active, np.arange(n_ff, dtype=np.int32)))
+        layers.append((rows, np.array(l.types, np.int64), offs, active, np.arange(n_ff, dtype=np.int32),
+                       down_tables(l)))
     x = rng.standard_normal(cfg.n_embd).astype(np.float32)
     xq = np.zeros(q8x_scratch_bytes(cfg.n_embd), np.uint8)
     dispatch.quantize_x(xq, x)
     tset = dispatch.part_type_sets(l.types for l in info.layers)
     partial = np.zeros((numba.get_num_threads(), cfg.n_embd), np.float32)
+    hsum = line_zeros((numba.get_num_threads(), -(-cfg.n_ff // 32 // 16) * 16))   # as FFNLoader's
     stage = np.zeros((1, layers[0][0].shape[1]), np.uint8)
     gate = rng.standard_normal(max(len(l[3]) for l in layers)).astype(np.float32)
     act_gate = np.array([activate(g, act) for g in gate], np.float32)
@@ -61,10 +65,10 @@ def main():
         for _ in range(reps):
             g = (act_gate if known == sparse.KNOWN_GATE else gate).copy()   # the kernel writes h there
             t0 = time.perf_counter()
-            for rows, types, offs, active, slot in which:
+            for rows, types, offs, active, slot, dtab in which:
                 n = len(active)
-                sparse.sparse_ffn_range(partial, rows, slot, stage, slot, active, n, 0, n, g, known, x, xq,
-                                        types, offs, act, -1.0, tset)
+                sparse.sparse_ffn_range(partial, hsum, rows, slot, stage, slot, active, n, 0, n, g, known, x, xq,
+                                        types, offs, dtab, act, -1.0, tset)
             best = min(best, time.perf_counter() - t0)
         return best / sum(len(w[3]) for w in which) * 1e9
 

@@ -49,6 +49,7 @@ from .head_build import build_head_index, calibration_states, head_rows, index_r
 from .convert_ram import convert_ram
 from .convert_stats import SparsityStats, gate_rows, release_freed_memory
 from .convert_write import as_stored, progress_bar, write_flash
+from .down_cols import down_part_type
 from .layerwise import LayerPass
 from .plan import MiB
 from .quantile import quantiles
@@ -67,7 +68,7 @@ PPL_BUDGET = 1.02          # default sparsity: held-out perplexity within 2% of 
 # ones) whose loss drives the choice; the held-out chunks only judge it
 ALLOC_LEVELS = {"gate": (0.2, 0.3), "product": (0.3, 0.5)}
 DRIVE_CHUNKS = 1
-DOWN_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "F32")
+DOWN_TYPES = ("source", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "F32")
 PREDICTOR_CHOICES = ("auto", "always", "never")
 
 
@@ -169,7 +170,7 @@ def _compile_out_of_process(f, progress: bool) -> None:
 
 
 def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float | None = None,
-            rank: int | None = None, down_type: str = "Q8_0", force: bool = False,
+            rank: int | None = None, down_type: str = "source", force: bool = False,
             target_recall: float = 0.95, full_curve: bool = False, predictor: str = "auto",
             head_index: bool = True, head_index_rank: int | None = None, product: bool = True,
             allocate: bool = False, max_ram=None, progress: bool = False, topk: bool = True,
@@ -183,7 +184,9 @@ def convert(src, dst, *, calib=None, calib_tokens: int = 4096, sparsity: float |
     docs/design.md). max_ram ("1.5G", bytes): refused before the model is read
     when below the floor convert_ram.py estimates from the model's shape; it sets the training threads.
     topk: also try each criterion's per-token top-k rule above its threshold's choice (format.K_GATE_KEEP,
-    K_PROD_KEEP); topk_sparsity: store both rules at this sparsity (no search)."""
+    K_PROD_KEEP); topk_sparsity: store both rules at this sparsity (no search). down_type: "source" (each
+    down column in the source's own codes where its type allows, down_cols.py) or the ggml type name to
+    re-quantize the columns to."""
     args = dict(locals())
     sampler = PeakSampler()
     try:
@@ -442,11 +445,10 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
     cal.close()     # the spill file is anonymous: an exception before this leaves nothing on disk either
     del cal
     release_freed_memory()
-    down_q = GGMLQuantizationType[down_type]
     part_types, part_bytes = [], []
     for il in range(cfg.n_layer):
         g, u = f.tensor(f"blk.{il}.ffn_gate.weight"), f.tensor(f"blk.{il}.ffn_up.weight")
-        types = (g.qtype, u.qtype, int(down_q))
+        types = (g.qtype, u.qtype, down_part_type(f.tensor(f"blk.{il}.ffn_down.weight").qtype, down_type))
         part_types += types
         part_bytes += [ff.part_bytes(q, cfg.n_embd) for q in types]
     sha = models.sha256_file(src_path)
@@ -461,7 +463,7 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
     # a locked temp file renamed on success: Ctrl-C or a full disk leave nothing at dst, and a converter
     # killed outright leaves a temp file that the next conversion to dst removes (atomic.py)
     with atomic_output(dst) as tmp:
-        write_flash(f, cfg, tmp, meta, orders, freq, down_q, progress)
+        write_flash(f, cfg, tmp, meta, orders, freq, progress)
     parked.close()
     phases["write"] = time.perf_counter() - t
     phase_peak["write"] = sampler.mark() / MiB

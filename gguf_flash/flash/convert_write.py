@@ -14,6 +14,8 @@ from ..errors import InvalidArgumentError
 from . import format as ff
 from .convert_ram import NEURON_BLOCK, WRITE_BLOCK_BYTES
 from .convert_stats import dequant_rows
+from .down_cols import column_parts
+from ..kernels.quant_cols import COLS_BLOCK, COLS_TYPES, cols_has_min
 from .spill import Parked
 
 
@@ -24,7 +26,7 @@ def progress_bar(enabled, total, desc):
     return tqdm(total=total, desc=desc, unit="", leave=True, dynamic_ncols=True)
 
 
-def write_flash(f, cfg, path, meta, orders, freq, down_q, progress):
+def write_flash(f, cfg, path, meta, orders, freq, progress):
     """Stream the flash GGUF: header and tensor infos first, then each tensor's data in order."""
     w = GGUFWriter(path, cfg.arch)
     w.add_custom_alignment(ff.ALIGNMENT)
@@ -104,12 +106,19 @@ def write_flash(f, cfg, path, meta, orders, freq, down_q, progress):
         rows_order = order if name == head_name else None
         plan.append((lambda a=arr, n=name, o=rows_order: _RowBlocks(a, o, lambda: f.release_tensor(n)),
                      [name]))
+    tables = {}   # layer -> its column-down tables, made with its bundles and written after them
     for il in range(L):
         bb = sum(meta["bytes"][3 * il:3 * il + 3])
         p = preds[il]
+        down_q = int(meta["types"][3 * il + 2])
         w.add_tensor_info(ff.t_bundle(il), (cfg.n_ff, bb), np.dtype(np.int8), cfg.n_ff * bb)
-        plan.append((lambda il=il: _bundle(f, cfg, il, orders[il], down_q).view(np.int8),
+        plan.append((lambda il=il, dq=down_q: _bundle(f, cfg, il, orders[il], dq, tables).view(np.int8),
                      [f"blk.{il}.{p}.weight" for p in ("ffn_gate", "ffn_up", "ffn_down")]))
+        if down_q in COLS_TYPES:
+            nb = cfg.n_ff // COLS_BLOCK
+            for k, name in enumerate((ff.t_down_scale(il), ff.t_down_min(il))[:1 + cols_has_min(down_q)]):
+                w.add_tensor_info(name, (nb, cfg.n_embd), np.dtype(np.float16), nb * cfg.n_embd * 2)
+                plan.append((lambda il=il, k=k: tables[il][k], []))
         w.add_tensor_info(ff.t_neuron_id(il), (cfg.n_ff,), np.dtype(np.int32), cfg.n_ff * 4)
         plan.append((lambda il=il: orders[il].astype(np.int32), []))
         w.add_tensor_info(ff.t_freq(il), (cfg.n_ff,), np.dtype(np.float32), cfg.n_ff * 4)
@@ -212,10 +221,17 @@ def _balanced(A, B):
     return np.ascontiguousarray(A, np.float32), np.ascontiguousarray(B, np.float32)
 
 
-def _bundle(f, cfg, il, order, down_q) -> np.ndarray:
-    """(n_ff, bundle_bytes) uint8: row i = gate[order[i]] | up[order[i]] | requantized down[:, order[i]]."""
+def _bundle(f, cfg, il, order, down_q, tables) -> np.ndarray:
+    """(n_ff, bundle_bytes) uint8: row i = gate[order[i]] | up[order[i]] | down[:, order[i]], the down
+    column re-quantized as a row of down_q, or in the source's codes for a column kind (down_cols.py;
+    its (scale, min) tables then go to tables[il])."""
     gate = f.raw(f"blk.{il}.ffn_gate.weight")                     # (n_ff, gate_bytes)
     up = f.raw(f"blk.{il}.ffn_up.weight")                         # (n_ff, up_bytes)
+    if down_q in COLS_TYPES:
+        codes, scale, dmin = column_parts(f, il, order, down_q, cfg.n_embd, cfg.n_ff)
+        tables[il] = (scale, dmin)
+        return np.concatenate([gate[order], up[order], codes], axis=1)
+    down_q = GGMLQuantizationType(down_q)
     down_cols = np.empty((cfg.n_ff, cfg.n_embd), np.float32)      # (n_ff, n_embd): down's columns, stored order
     for r0 in range(0, cfg.n_embd, NEURON_BLOCK):
         D = dequant_rows(f, f"blk.{il}.ffn_down.weight", r0, r0 + NEURON_BLOCK)   # (<= block, n_ff)

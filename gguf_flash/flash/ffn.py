@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 from ..kernels import flashstep, sparse
+from ..kernels.quant_cols import COLS_BLOCK, min8_table
 from ..kernels.flashstep import split_rows as _split   # (run_chunk; decoding splits in layer_select)
 from ..model import line_zeros
 from .stats import add_read
@@ -28,6 +29,27 @@ def _zeros_u8(n_rows, n_cols):
     """(n_rows, n_cols) uint8 on an anonymous map: pages are resident only once written."""
     m = mmap.mmap(-1, max(n_rows * n_cols, 1))
     return np.frombuffer(m, np.uint8, n_rows * n_cols).reshape(n_rows, n_cols)
+
+
+NO_TABLES = (np.zeros((1, 1), np.uint16), np.zeros((1, 1), np.uint16), np.zeros(1, np.int32),
+             np.zeros((1, 1), np.float32))
+
+
+def down_tables(l) -> tuple:
+    """A layer's column-down tables as the kernels take them (dispatch.axpy_down): (scale, min
+    (n_ff / 32, n_embd) uint16 (float16 bits), block (n_ff,) int32 of each stored row, min + 8 scale
+    (n_ff / 32, n_embd) f32: the decode step's per-block rest, quant_cols.add_block_mins), copied into
+    RAM; 1-row stand-ins of the same types when its down parts are a ggml type
+    (format.LayerInfo.down_scale is None) or have no min."""
+    if l.down_scale is None:
+        return NO_TABLES
+    scale = np.array(l.down_scale, np.float16).view(np.uint16)
+    if l.down_min is None:
+        dmin, dmin8 = NO_TABLES[1], NO_TABLES[3]
+    else:
+        dmin = np.array(l.down_min, np.float16).view(np.uint16)
+        dmin8 = min8_table(scale, dmin)
+    return scale, dmin, (np.asarray(l.neuron_id) // COLS_BLOCK).astype(np.int32), dmin8
 
 
 class FFNLoader:
@@ -54,6 +76,10 @@ class FFNLoader:
         # (n_part, n_embd) the threads' sums, on cache lines (model.line_zeros; rows too where n_embd % 16 == 0)
         self.partial = line_zeros((max(2, n_part), n_embd))
         self.out = line_zeros(n_embd)                             # (n_embd,) the FFN's output (run_layer)
+        # (n_part, >= n_ff / 32) each thread's h per source block (COLS_U4 down parts), a row per thread on
+        # cache lines of its own: with SmolLM2's 48 blocks sharing a line, the bundle FFN ran 1.3x slower
+        # on 2 threads (sparse.sparse_ffn_range's hsum)
+        self.hsum = line_zeros((max(2, n_part), -(-max(1, n_ff // COLS_BLOCK) // 16) * 16))
         # per layer: where a slot's bytes start in the bundle, the part types (n_layer, 3) and the
         # slot-relative offsets (n_layer, 4) int64 (a row per layer for the per-layer calls, the whole
         # arrays for flashstep.layers_held)
@@ -67,6 +93,7 @@ class FFNLoader:
             types.append(l.types)
             offs.append(np.cumsum([0] + held))
         self.types, self.offs = np.array(types, np.int64), np.array(offs, np.int64)
+        self.dtabs = tuple(down_tables(l) for l in layers)   # per layer (dispatch.axpy_down), resident
 
     def _select_layer(self, il, n_rows):
         l = self.layers[il]
@@ -112,6 +139,7 @@ class FFNLoader:
         if no:
             self._select_layer(il, self.n_ff)
             self.partial[:] = 0.0
+            self.hsum[:] = 0.0
             step = staging.shape[0]
             for k0 in range(0, no, step):
                 m = min(step, no - k0)
@@ -120,12 +148,14 @@ class FFNLoader:
                 self.stage_map[chunk] = self.stage_idx[:m]
                 add_read(ts, self.store.read_rows(chunk, staging, self.stage_idx[:m]), m)
                 j1 = int(self.ovf_pos[k0 + m - 1]) + 1 if k0 + m < no else n
-                sparse.sparse_ffn_range(self.partial, wslots, wmap, staging, self.stage_map, active, n, j0, j1,
-                                        gvals, known, xb, xq, types, offs, act, threshold, self.ptsets)
+                sparse.sparse_ffn_range(self.partial, self.hsum, wslots, wmap, staging, self.stage_map, active, n,
+                                        j0, j1, gvals, known, xb, xq, types, offs, self.dtabs[il], act, threshold,
+                                        self.ptsets)
                 j0 = j1
             ts.overflow += no
-        flashstep.layer_ffn(x, self.out, self.partial, no == 0, wslots, wmap, staging, self.stage_map, active, n,
-                            j0, gvals, known, xb, xq, types, offs, act, threshold, *post, self.ptsets)
+        flashstep.layer_ffn(x, self.out, self.partial, self.hsum, no == 0, wslots, wmap, staging, self.stage_map,
+                            active, n, j0, gvals, known, xb, xq, types, offs, self.dtabs[il], act, threshold, *post,
+                            self.ptsets)
 
     def run_chunk(self, OUT, il, union, n, MK, HG, known, XB, XR, act, threshold, t, ts, buf):
         """OUT[j] (T, n_embd) = the FFN of layer il for prompt token j over the rows it chose (MK[j]),
@@ -157,7 +187,8 @@ class FFNLoader:
             p1 = int(self.ovf_pos[k0 + m]) if k0 + m < no else n
             if p1 > p0:
                 sparse.sparse_ffn_chunk(PART, buf.DEC, buf.H, wslots, wmap, staging, self.stage_map, union, p0,
-                                        p1, MK, HG, known, XB, XR, types, offs, act, threshold, self.tset)
+                                        p1, MK, HG, known, XB, XR, types, offs, self.dtabs[il], act, threshold,
+                                        self.tset, self.ptsets[3])
             p0 = p1
         sparse.sum_parts_chunk(OUT, PART)
         ts.overflow += no

@@ -14,6 +14,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import FlashFormatError
+from ..kernels.quant_cols import COLS_BLOCK, COLS_NAMES, COLS_TYPES, cols_bytes, cols_has_min
 
 FLASH_VERSION = 1
 ALIGNMENT = 4096  # general.alignment of flash files: bundle ranges can be read with O_DIRECT
@@ -86,11 +87,20 @@ def t_pred_b(il): return f"blk.{il}.ffn_pred_b"
 def t_pred_bias(il): return f"blk.{il}.ffn_pred_bias"
 def t_down_norm(il): return f"blk.{il}.ffn_down_norm"      # f32 (n_ff,) ||down_i||, stored row order
 def t_prod_freq(il): return f"blk.{il}.ffn_prod_freq"      # f32 (n_ff,) product-criterion frequency
+def t_down_scale(il): return f"blk.{il}.ffn_down_scale"    # f16 (n_ff / 32, n_embd) column-down scales
+def t_down_min(il): return f"blk.{il}.ffn_down_min"        # f16 (n_ff / 32, n_embd) column-down offsets (COLS_U4)
 
 
 def part_bytes(qtype: int, n: int) -> int:
+    """Bytes of a part of n values: a ggml type, or a column kind of the down part (quant_cols.py)."""
+    if qtype in COLS_TYPES:
+        return cols_bytes(qtype, n)
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
     return n // block * size
+
+
+def part_type_name(qtype: int) -> str:
+    return COLS_NAMES[qtype] if qtype in COLS_TYPES else GGMLQuantizationType(qtype).name
 
 
 @dataclass
@@ -114,6 +124,16 @@ class FlashLayer:
     prod_freq: np.ndarray | None = None     # (n_ff,) f32 view: how often each stored row is chosen by it
     keep: int = 0                           # the gate-rows selector's per-token top-k (0: the threshold)
     prod_keep: int = 0                      # the product selector's per-token top-k (0: its threshold)
+    down_scale: np.ndarray | None = None    # (n_ff / 32, n_embd) f16 view: column down parts' scales (None:
+                                            # the down part is a ggml type)
+    down_min: np.ndarray | None = None      # (n_ff / 32, n_embd) f16 view: their offsets (COLS_U4 only)
+
+    @property
+    def table_bytes(self) -> int:
+        """Bytes of the column-down tables the runtime holds in RAM (0 without): both as stored, and the
+        mins again as min + 8 scale in float32 (ffn.down_tables)."""
+        return sum(0 if v is None else v.nbytes for v in (self.down_scale, self.down_min)) + \
+            (0 if self.down_min is None else 2 * self.down_min.nbytes)
 
     @property
     def rank(self) -> int:
@@ -235,6 +255,11 @@ def read_flash(f, cfg) -> FlashInfo:
     for il in range(L):
         t = tuple(int(x) for x in types[3 * il:3 * il + 3])
         for part, qt in zip(PARTS, t):
+            if part == "down" and qt in COLS_TYPES:
+                if n_embd % COLS_BLOCK or n_ff % COLS_BLOCK:
+                    raise FlashFormatError(f"{f.path}: layer {il} has column down parts ({COLS_NAMES[qt]}), "
+                                           f"which need n_embd and n_ff multiples of {COLS_BLOCK}")
+                continue
             if qt not in SUPPORTED:
                 raise FlashFormatError(f"{f.path}: layer {il} {part} rows have ggml type {qt}, which this "
                                        f"engine does not implement")
@@ -282,9 +307,10 @@ def read_flash(f, cfg) -> FlashInfo:
             for name, v in ((t_down_norm(il), dn), (t_prod_freq(il), pf)):
                 if not np.isfinite(v).all():
                     raise FlashFormatError(f"{f.path}: {name} has a value that is not finite")
+        dscale, dmin = _read_down_tables(f, il, t[2], n_ff, n_embd, tensor)
         layers.append(FlashLayer(info.offset, sum(pb), t, pb, nid, freq, float(thresholds[il]), a, b, bias,
                                  float(recall[il]), float(precision[il]), bool(kinds[il]), float(offsets[il]),
-                                 float(prod_thr[il]), dn, pf, int(keep[il]), int(prod_keep[il])))
+                                 float(prod_thr[il]), dn, pf, int(keep[il]), int(prod_keep[il]), dscale, dmin))
     head_index = _read_head_index(f, cfg, scalar, tensor) if K_HI_MARGIN in f.meta else None
     head_order = _read_head_order(f, cfg.n_vocab, tensor) if T_HI_ORDER in f.tensors else None
     sha = f.get(K_SOURCE_SHA, "")
@@ -294,6 +320,31 @@ def read_flash(f, cfg) -> FlashInfo:
                      int(cal_tokens) if isinstance(cal_tokens, int) else 0, source if isinstance(source, str) else "",
                      head_index, prod_sparsity, K_HI_Z in f.meta and K_HI_MARGIN not in f.meta, head_order,
                      keep_sparsity=keep_sparsity, prod_keep_sparsity=prod_keep_sparsity)
+
+
+def _read_down_tables(f, il, down_type, n_ff, n_embd, tensor):
+    """(scale, min) views of layer il's column-down tables, (None, None) when its down parts are a ggml
+    type (and then neither tensor may exist); min is None for the kinds without one."""
+    names = (t_down_scale(il), t_down_min(il))
+    if down_type not in COLS_TYPES:
+        for name in names:
+            if name in f.tensors:
+                raise FlashFormatError(f"{f.path}: layer {il} has {name} but its down parts are "
+                                       f"{part_type_name(down_type)}")
+        return None, None
+    want = names if cols_has_min(down_type) else names[:1]
+    out = []
+    for name in want:
+        if name not in f.tensors:
+            raise FlashFormatError(f"{f.path}: layer {il} has {COLS_NAMES[down_type]} down parts but no tensor {name}")
+        tensor(name, (n_embd, n_ff // COLS_BLOCK), (F16,), "F16")
+        v = f.array(name)
+        if not np.isfinite(v).all():
+            raise FlashFormatError(f"{f.path}: {name} has a value that is not finite")
+        out.append(v)
+    if not cols_has_min(down_type) and names[1] in f.tensors:
+        raise FlashFormatError(f"{f.path}: layer {il} has {names[1]}, which {COLS_NAMES[down_type]} does not use")
+    return out[0], out[1] if len(out) > 1 else None
 
 
 def _read_head_index(f, cfg, scalar, tensor) -> dict:

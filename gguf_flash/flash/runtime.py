@@ -25,9 +25,10 @@ from ..errors import (ContextOverflowError, GGUFFormatError, InvalidArgumentErro
 from .. import firstrun
 from ..kernels import dispatch, flashstep, forward as fw, nn, release_compiler_pages, sparse
 from ..kernels.quant_basic import MM_ROWS
+from ..kernels.quant_cols import COLS_TYPES
 from ..model import RunState, Weights, set_threads
 from . import budget
-from .ffn import FFNLoader, _split
+from .ffn import FFNLoader, _split, down_tables
 from .selector import selector_args
 from . import format as ff
 from .format import read_flash
@@ -59,7 +60,7 @@ def compile_out_of_process(f, kv_type: str = "f16", logit_rows: int = 0, progres
     info = read_flash(f, c)
     tset = Weights(f, c, ffn=False, more_types=bundle_types(info)).ts
     # the row kernels are specialized on the parts' own types (dispatch.part_type_sets): they name the marker
-    parts = ".".join("_".join(dispatch.type_names(t)) for t in part_tsets(info))
+    parts = ".".join("_".join(names) for names in dispatch.part_type_names(part_tsets(info)))
     extra = ("index-" if info.head_index is not None else "") + parts
     firstrun.ensure_compiled(f.path, "flash", tset, kv_type, logit_rows, progress, extra=extra)
 
@@ -85,19 +86,21 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     idx = np.zeros(c.n_ff, np.int32)
     g = np.zeros(c.n_ff, np.float32)
     partial = np.zeros((2, c.n_embd), np.float32)
+    hsum = np.zeros((2, 1), np.float32)
     pts = part_tsets(info)
-    sparse.sparse_ffn_range(partial, one, idx, one, idx, idx, 0, 0, 0, g, sparse.KNOWN_NONE, s.xb, s.xq_embd,
+    dt = down_tables(l0)   # the kernels' argument types only: a table of the file's first layer kind
+    sparse.sparse_ffn_range(partial, hsum, one, idx, one, idx, idx, 0, 0, 0, g, sparse.KNOWN_NONE, s.xb, s.xq_embd,
                             np.array(l0.types, np.int64), np.array(np.cumsum((0,) + l0.part_bytes), np.int64),
-                            c.activation, np.float32(0), pts)
+                            dt, c.activation, np.float32(0), pts)
     # a decode step's two calls (kernels/flashstep.py), with the selector's stand-ins (every kind has
     # their types) and no row chosen
     none = np.zeros(0, np.int32)
     flashstep.layer_select(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin,
                            s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp, 0,
                            *selector_args(None, 0), s.hg, s.hu, none, g, idx, idx, idx, 0, 0, w.ts, pts)
-    flashstep.layer_ffn(s.x, ffn_out, partial, True, one, idx, one, idx, none, 0, 0, g, sparse.KNOWN_NONE, s.xb,
+    flashstep.layer_ffn(s.x, ffn_out, partial, hsum, True, one, idx, one, idx, none, 0, 0, g, sparse.KNOWN_NONE, s.xb,
                         s.xq_embd, np.array(l0.types, np.int64), np.array(np.cumsum((0,) + l0.part_bytes), np.int64),
-                        c.activation, np.float32(0), w.norms[0, fw.NORM_POST_FFW], 1e-5, c.post_norms, pts)
+                        dt, c.activation, np.float32(0), w.norms[0, fw.NORM_POST_FFW], 1e-5, c.post_norms, pts)
     # every layer in one call (a token that reads nothing): loaded, but run over no layer (ip's layer
     # count 0), so no attention weight is paged in here to be counted in the runtime's RSS (+19 MiB)
     if held:
@@ -105,9 +108,9 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
         ip0[fw.IP_N_LAYER] = 0
         flashstep.layers_held(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin,
                               s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, ip0, w.fp,
-                              *selector_args(None, 0), s.hg, s.hu, none, g, idx, idx, ffn_out, partial, one, idx,
+                              *selector_args(None, 0), s.hg, s.hu, none, g, idx, idx, ffn_out, partial, hsum, one, idx,
                               (one,) * L, (idx,) * L, (idx,) * L, np.zeros((L, 3), np.int64),
-                              np.zeros((L, 4), np.int64), np.zeros(L, np.float32), 0, 0, w.ts, pts)
+                              np.zeros((L, 4), np.int64), (dt,) * L, np.zeros(L, np.float32), 0, 0, w.ts, pts)
     # the prompt chunk's kernels (flash/prefill.py), on one token
     pre = ChunkBuffers(c, s.k_cache.shape[1], 2, True, chunk=1)
     fw.attention_batch_layer(pre.X, pre.XB, pre.XR, pre.Q, pre.K, pre.V, pre.ATT, pre.ATR, pre.scores,
@@ -124,7 +127,8 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
                       pre.XB, w.ts)
     sparse.sparse_ffn_chunk(pre.PART, pre.DEC, pre.H, one, idx, one, idx, idx, 0, 0, pre.MK, pre.HG, sparse.KNOWN_NONE,
                             pre.XB, pre.XR, np.array(l0.types, np.int64),
-                            np.array(np.cumsum((0,) + l0.part_bytes), np.int64), c.activation, np.float32(0), w.ts)
+                            np.array(np.cumsum((0,) + l0.part_bytes), np.int64), dt, c.activation, np.float32(0),
+                            w.ts, pts[3])
     sparse.sum_parts_chunk(pre.X, pre.PART)
     _split(idx, idx, idx, 0, idx, 1)
     # the factors as Selector holds them (uint16 copies), the bias a read-only view of the map
@@ -200,7 +204,7 @@ def check_file(f, c, info, mode: str, selector: str) -> None:
                                    f"this version; models with ReLU have none)")
     for il, l in enumerate(info.layers):
         for part, qt in zip(("gate", "up", "down"), l.types):
-            if qt not in dispatch.SUPPORTED:
+            if qt not in dispatch.SUPPORTED and not (part == "down" and qt in COLS_TYPES):
                 raise UnsupportedModelError(f"{f.path}: layer {il} {part} rows have ggml type {qt}, "
                                             f"which this engine does not implement")
 
@@ -304,9 +308,9 @@ class FlashModel:
                 any(win is None or win.n_used < self.cfg.n_ff for win in wins):
             return None
         return (self._state + self._sel0 + self._rows
-                + (ffn.win_rows, ffn.ovf_pos, ffn.out, ffn.partial, ffn.staging, ffn.stage_map,
+                + (ffn.win_rows, ffn.ovf_pos, ffn.out, ffn.partial, ffn.hsum, ffn.staging, ffn.stage_map,
                    tuple(win.slots for win in wins), tuple(win.neuron_slot for win in wins),
-                   tuple(win.last_active for win in wins), ffn.types, ffn.offs, self.thresholds))
+                   tuple(win.last_active for win in wins), ffn.types, ffn.offs, ffn.dtabs, self.thresholds))
 
     @property
     def windows(self):
@@ -422,5 +426,5 @@ def part_tsets(info) -> tuple:
 
 
 def bundle_types(info) -> list:
-    """The ggml types of every layer's bundle parts (gate, up, down)."""
-    return sorted({int(t) for l in info.layers for t in l.types})
+    """The ggml types of every layer's bundle parts (gate, up, down); column down parts have none."""
+    return sorted({int(t) for l in info.layers for t in l.types if int(t) not in COLS_TYPES})

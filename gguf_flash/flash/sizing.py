@@ -80,6 +80,9 @@ def choose_plan(f, c, info, w, st, cap, baseline: int, mode: str, selector: str,
     fixed = {"attention": attn, "KV cache": kv, "scratch": scratch, "I/O staging": disk.io_threads * disk.max_range}
     if logit_rows > 1:
         fixed["prompt logits"] = logit_rows * c.n_vocab * 4
+    tables = sum(l.table_bytes for l in info.layers)   # column down parts' scales (FFNLoader copies them)
+    if tables:
+        fixed["down tables"] = tables
     hi = info.head_index
     if info.head_order is not None:   # the head's stored row order (flash/head.py)
         fixed["head order"] = HeadOrder.ram(c.n_vocab)

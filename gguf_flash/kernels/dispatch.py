@@ -18,6 +18,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from . import quant_basic as qb
+from . import quant_cols as qc
 from . import quant_k as qk
 from . import quant_kq8 as kq8
 
@@ -46,12 +47,28 @@ def type_set(qtypes) -> tuple:
 
 
 def part_type_sets(layer_types) -> tuple:
-    """(gate, up, down) type sets of a flash file's bundle parts, from each layer's (gate, up, down) ggml
-    types: the row kernels (dot_row, axpy_row) then test one part's types, not the model's every type.
+    """(gate, up, down) type sets of a flash file's bundle parts, from each layer's (gate, up, down)
+    types: the row kernels (dot_row, axpy_down) then test one part's types, not the model's every type.
     With two types in a chain, each row paid ~15 ns for it (SmolLM2's Q4_1 up dot and Q8_0 down axpy,
-    in cache, one thread: 70 -> 85 ns a row): LLVM compiles the row loop around both kernels."""
+    in cache, one thread: 70 -> 85 ns a row): LLVM compiles the row loop around both kernels.
+    A fourth element says which column kinds of quant_cols.py the down parts use: (COLS_U4, COLS_I8),
+    each 0 or None (flat, not nested in the down part's set: numba's parallel loops refused a tuple of
+    tuples as an argument)."""
     lt = [tuple(int(t) for t in ts) for ts in layer_types]
-    return tuple(type_set({ts[k] for ts in lt}) for k in range(3))
+    downs = {ts[2] for ts in lt}
+    return (type_set({ts[0] for ts in lt}), type_set({ts[1] for ts in lt}), type_set(downs), cols_set(downs))
+
+
+def cols_set(qtypes) -> tuple:
+    """(COLS_U4, COLS_I8) each 0 when among qtypes, else None: the column kinds' "type set"."""
+    have = {int(t) for t in qtypes}
+    return tuple(0 if k in have else None for k in qc.COLS_TYPES)
+
+
+def part_type_names(ptsets) -> list:
+    """[gate names, up names, down names] of part_type_sets' result (the column kinds among the down's)."""
+    return [type_names(ptsets[0]), type_names(ptsets[1]),
+            type_names(ptsets[2]) + [qc.COLS_NAMES[k] for k, h in zip(qc.COLS_TYPES, ptsets[3]) if h is not None]]
 
 
 ALL_TYPES = type_set(SUPPORTED)   # every type's kernels (tests and benchmarks of the kernels themselves)
@@ -187,6 +204,50 @@ def _ov_axpy(qt, out, a, row, tset):
     return _chain(AXPY, "qt, out, a, row, tset", "out, a, row", "out, np.float32(a), row", "return None", tset)
 
 
+def _axpy_down_t(qt, out, a, row, dtab, ia, dset, cols):
+    raise NotImplementedError("numba only")
+
+
+def _dequant_down_t(qt, out, row, dtab, ia, dset, cols):
+    raise NotImplementedError("numba only")
+
+
+_DOWN_CHAINS: dict = {}
+
+
+def _down_chain(dequant, cols):
+    """`if qt == COLS_U4: ...` for the column kinds present in cols, then the ggml types' chain of dset:
+    generated like _chain, so a file without column down parts compiles none of their code."""
+    have = tuple(k for k, ty in zip(qc.COLS_TYPES, cols.types) if not isinstance(ty, types.NoneType))
+    key = (dequant, have)
+    if key not in _DOWN_CHAINS:
+        params = "qt, out, row, dtab, ia, dset, cols" if dequant else "qt, out, a, row, dtab, ia, dset, cols"
+        lines = [f"def chain({params}):"]
+        for k in have:
+            lines += [f"    if qt == {k}:", "        b = dtab[2][ia]"]
+            m = "dtab[1][b]" if dequant and qc.cols_has_min(k) else "dtab[0][b]"   # axpy: no min (above)
+            a = "np.float32(1)" if dequant else "np.float32(a)"
+            lines.append(f"        return k{k}(out, {a}, row, dtab[0][b], {m})")
+        lines.append("    return fallback(qt, out, row, dset)" if dequant
+                     else "    return fallback(qt, out, a, row, dset)")
+        scope = {"np": np, "fallback": _dequant_t if dequant else _axpy_t}
+        for k in have:
+            scope[f"k{k}"] = qc.DEQUANT_IR[k] if dequant else qc.AXPY_IR[k]
+        exec("\n".join(lines), scope)
+        _DOWN_CHAINS[key] = scope["chain"]
+    return _DOWN_CHAINS[key]
+
+
+@overload(_axpy_down_t, inline="always")
+def _ov_axpy_down(qt, out, a, row, dtab, ia, dset, cols):
+    return _down_chain(False, cols)
+
+
+@overload(_dequant_down_t, inline="always")
+def _ov_dequant_down(qt, out, row, dtab, ia, dset, cols):
+    return _down_chain(True, cols)
+
+
 # ---- the entry points ----------------------------------------------------------------------------
 
 @njit(cache=True)
@@ -223,6 +284,23 @@ def dot_row(qt, row, x, xq, tset):
 def axpy_row(qt, out, a, row, tset):
     """out (n,) += a * dequant(row)."""
     _axpy_t(qt, out, a, row, tset)
+
+
+@njit(cache=True, inline="always")
+def axpy_down(qt, out, a, row, dtab, ia, dset, cols):
+    """out (n,) += a * dequant(row) for the down part of stored row ia: a ggml type, or a column kind
+    (quant_cols.py) whose scale rows come from dtab = (scale (n_blocks, n) f32, min (n_blocks, n) f32,
+    block (n_ff,) int32 of each stored row). COLS_U4 adds a * scale * code only: the caller sums a per
+    block and adds the mins once (quant_cols.add_block_mins). dset, cols: the down part's type set and
+    column kinds (part_type_sets' third and fourth)."""
+    _axpy_down_t(qt, out, a, row, dtab, ia, dset, cols)
+
+
+@njit(cache=True)
+def dequant_down(qt, out, row, dtab, ia, dset, cols):
+    """out (n,) f32 = the down part of stored row ia, decoded (the whole value: scale * code + min for
+    COLS_U4). Not inlined: see dequant_into."""
+    _dequant_down_t(qt, out, row, dtab, ia, dset, cols)
 
 
 @njit(cache=True)

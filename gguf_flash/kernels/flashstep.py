@@ -20,6 +20,7 @@ from numba import njit
 from .dispatch import quantize_x
 from .forward import FP_EPS, IP_ACT, IP_N_LAYER, IP_POST_NORMS, NORM_FFN, NORM_POST_FFW, attention_layer, residual_add
 from .nn import FASTMATH, gate_rule, product_rule, rmsnorm
+from .quant_cols import COLS_U4, add_block_mins
 from .sparse import (KNOWN_GATE, KNOWN_H, KNOWN_NONE, matvec_rows, predictor_logits, select_by_gate,
                      select_by_logit, select_by_product, sparse_ffn_range, sum_partials)
 
@@ -101,17 +102,22 @@ def layer_select(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_emb
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def layer_ffn(x, out, partial, fresh, slots, neuron_slot, stage, stage_map, active, n, j0, gvals, known,
-              xb, xq, types, offs, act, threshold, post_w, eps, post_norm, ptsets):
+def layer_ffn(x, out, partial, hsum, fresh, slots, neuron_slot, stage, stage_map, active, n, j0, gvals, known,
+              xb, xq, types, offs, dtab, act, threshold, post_w, eps, post_norm, ptsets):
     """The rest of layer il's FFN and its residual: partial (zeroed first when fresh) += positions
     j0..n-1 of active (sparse.sparse_ffn_range: window slots and staging), out = the parts' sum,
-    x += out (post-normed where the model does). ptsets: the bundle parts' type sets."""
+    x += out (post-normed where the model does), the mins of COLS_U4 down parts added once per block.
+    dtab, hsum: the layer's column-down tables and the per-block sums of h (sparse.sparse_ffn_range);
+    ptsets: the bundle parts' type sets."""
     if fresh:
         partial[:] = 0.0
+        hsum[:] = 0.0
     if j0 < n:
-        sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j0, n, gvals, known,
-                         xb, xq, types, offs, act, threshold, ptsets)
+        sparse_ffn_range(partial, hsum, slots, neuron_slot, stage, stage_map, active, n, j0, n, gvals, known,
+                         xb, xq, types, offs, dtab, act, threshold, ptsets)
     sum_partials(out, partial)
+    if types[2] == COLS_U4:
+        add_block_mins(out, dtab[3], hsum)
     residual_add(x, out, post_w, eps, post_norm)
 
 
@@ -119,16 +125,17 @@ def layer_ffn(x, out, partial, fresh, slots, neuron_slot, stage, stage_map, acti
 def layers_held(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
                 blob, mats, norms, qk_norms, biases, swa, ip, fp,
                 kind, gates, gate_type, ups, up_type, down_norm, pa, pb, pbias, pz, ptmp, pred_offset, pred_abs,
-                sel_threshold, hg, hu, active, gvals, win_rows, ovf_pos, out, partial, stage, stage_map,
-                slots, neuron_slot, last_active, types, offs, thresholds, pos, t, tset, ptsets):
+                sel_threshold, hg, hu, active, gvals, win_rows, ovf_pos, out, partial, hsum, stage, stage_map,
+                slots, neuron_slot, last_active, types, offs, dtabs, thresholds, pos, t, tset, ptsets):
     """Every layer of a decode step in one call, when nothing is to be read: each layer's window holds all
     of its rows and the selector takes every row (kind SEL_NONE: bundle rows, dense mode), so each layer
     is layer_select, the window's update and layer_ffn with nothing between them. The window's update is
     then exactly "each row active at t" (no row is missing, none can be evicted): last_active[il][row] =
     t. slots, neuron_slot, last_active: (n_layer,) tuples of the windows' arrays; types (n_layer, 3),
-    offs (n_layer, 4) int64; thresholds (n_layer,) f32 the FFN kernels' gate rule. The rest as
-    layer_select and layer_ffn take them. Returns the rows computed over all layers. The same calls in
-    the same order as the per-layer path: the logits are bitwise the same."""
+    offs (n_layer, 4) int64; dtabs (n_layer,) tuple of the layers' column-down tables; thresholds
+    (n_layer,) f32 the FFN kernels' gate rule. The rest as layer_select and layer_ffn take them. Returns
+    the rows computed over all layers. The same calls in the same order as the per-layer path: the logits
+    are bitwise the same."""
     total = 0
     for il in range(ip[IP_N_LAYER]):
         ns, la = neuron_slot[il], last_active[il]
@@ -139,8 +146,8 @@ def layers_held(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd
                                         ovf_pos, pos, slots[il].shape[0], tset, ptsets)
         for j in range(n):
             la[active[j]] = t
-        layer_ffn(x, out, partial, True, slots[il], ns, stage, stage_map, active, n, 0, gvals, known, xb, xq_embd,
-                  types[il], offs[il], ip[IP_ACT], thresholds[il], norms[il, NORM_POST_FFW], np.float64(fp[FP_EPS]),
-                  ip[IP_POST_NORMS] != 0, ptsets)
+        layer_ffn(x, out, partial, hsum, True, slots[il], ns, stage, stage_map, active, n, 0, gvals, known, xb,
+                  xq_embd, types[il], offs[il], dtabs[il], ip[IP_ACT], thresholds[il], norms[il, NORM_POST_FFW],
+                  np.float64(fp[FP_EPS]), ip[IP_POST_NORMS] != 0, ptsets)
         total += n
     return total

@@ -8,7 +8,8 @@ its slot. Identity (tests/test_flash_runtime.py): every neuron selected = the de
 import numpy as np
 from numba import njit, prange
 
-from .dispatch import axpy_row, dequant_into, dot_row, uses_q8x
+from .dispatch import axpy_down, dequant_down, dequant_into, dot_row, uses_q8x
+from .quant_cols import COLS_U4
 from .nn import FASTMATH, activate, gate_rule, product_rule
 from .quant_basic import MM_ROWS, _gemm_rows, _u16_as_f16_to_f32, prefetch, prefetch_ahead
 
@@ -101,8 +102,8 @@ def predictor_logits(z, tmp, x, a, b, bias):
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
-def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j0, j1, gvals, known,
-                     x, xq, types, offs, act, threshold, ptsets):
+def sparse_ffn_range(partial, hsum, slots, neuron_slot, stage, stage_map, active, n, j0, j1, gvals, known,
+                     x, xq, types, offs, dtab, act, threshold, ptsets):
     """partial[c] += the FFN contributions of positions j0 <= j < j1 of `active` (of n chosen rows) that
     fall in part c: the n positions are cut into n_part contiguous blocks, c n / n_part <= j <
     (c + 1) n / n_part.
@@ -121,7 +122,10 @@ def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j
     partial (n_part, n_embd) f32, zeroed by the caller before the first range; slots/stage (rows,
     slot_bytes) uint8; neuron_slot/stage_map (n_ff,) int32; active (>= j1,) int32; types (3,) int64;
     offs (4,) int64 byte offsets of gate, up, down inside a slot (empty parts when the slot holds only
-    up|down, or only down); ptsets the parts' (gate, up, down) type sets (dispatch.part_type_sets)."""
+    up|down, or only down); dtab the layer's column-down tables (dispatch.axpy_down; 1-row stand-ins
+    when its down parts are a ggml type) and hsum (n_part, n_ff / 32) f32, zeroed with partial: part c's
+    h summed per source block for COLS_U4 down parts, whose mins the caller adds once
+    (quant_cols.add_block_mins); ptsets the parts' (gate, up, down) type sets (dispatch.part_type_sets)."""
     n_part = partial.shape[0]
     t_gate, t_up, t_down = types[0], types[1], types[2]
     o_gate, o_up, o_down, o_end = offs[0], offs[1], offs[2], offs[3]
@@ -158,8 +162,10 @@ def sparse_ffn_range(partial, slots, neuron_slot, stage, stage_map, active, n, j
                 h = gvals[j]
                 if h != 0.0:
                     a = active[j]
-                    axpy_row(t_down, acc, h, _row(slots, stage, neuron_slot[a], stage_map[a])[o_down:o_end],
-                             ptsets[2])
+                    axpy_down(t_down, acc, h, _row(slots, stage, neuron_slot[a], stage_map[a])[o_down:o_end],
+                              dtab, a, ptsets[2], ptsets[3])
+                    if t_down == COLS_U4:
+                        hsum[c, dtab[2][a]] += h
 
 
 @njit(cache=True, inline="always")
@@ -273,7 +279,7 @@ def union_rows(union, MK):
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
 def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, u0, u1, MK, HG, known,
-                     XB, XR, types, offs, act, threshold, tset):
+                     XB, XR, types, offs, dtab, act, threshold, tset, cols):
     """PART[c, j] += the FFN contributions, for token j, of the rows a = union[p], u0 <= p < u1,
     a % n_part == c, that token j chose (MK[j, a]) and whose |act(gate)| > threshold.
 
@@ -288,7 +294,8 @@ def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, 
     H (n_part, 2, T, MM_ROWS) f32 scratch; slots/stage (rows, slot_bytes) uint8; neuron_slot/stage_map
     (n_ff,) int32; union (>= u1,) int32; MK (T, n_ff) uint8; HG (T, n_ff) f32; XB (T, n_embd) f32 the
     FFN inputs and XR the same as 8-bit blocks (round_q8), used for the part types whose decode dot reads
-    those (so the chunk computes what token-by-token decoding does, up to float rounding)."""
+    those (so the chunk computes what token-by-token decoding does, up to float rounding). dtab, cols:
+    the down part's tables and column kinds (dispatch.dequant_down)."""
     n_part = PART.shape[0]
     T = XB.shape[0]
     xg = XR if uses_q8x(types[0]) else XB
@@ -316,7 +323,7 @@ def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, 
                     dequant_into(types[0], gb[r], row[offs[0]:offs[1]], tset)
                 if known != KNOWN_H:
                     dequant_into(types[1], ub[r], row[offs[1]:offs[2]], tset)
-                dequant_into(types[2], db[r], row[offs[2]:offs[3]], tset)
+                dequant_down(types[2], db[r], row[offs[2]:offs[3]], dtab, a, tset, cols)
             # whole blocks of 4 rows (zero rows pad the last): _gemm_rows computes each row of a block
             # by the same code, so a row's dot products do not depend on its neighbours
             nr4 = (nr + 3) // 4 * 4

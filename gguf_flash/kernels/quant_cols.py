@@ -1,0 +1,200 @@
+"""A bundle's down part in its source's own codes (docs/flash-gguf.md, "Column down parts").
+
+Column i of a quantized W_down (n_embd rows, n_ff columns) is not a run of whole ggml blocks: its n_embd
+values lie in n_embd different rows, each in the block of 32 columns that holds i. So the converter
+either re-quantizes the column (Q8_0: 34 bytes per 32 values, and a second rounding), or keeps the
+source's codes of the column and moves the blocks' scales to a table that stays in RAM:
+
+    value[r] = scale[i // 32, r] * code[r] + min[i // 32, r]        r = 0 .. n_embd - 1
+
+scale and min (n_ff / 32, n_embd) float16 are shared by the 32 neurons of a source block; a neuron's
+own bytes are its codes only. Float16 because the Q4_0/Q4_1/Q5_0/Q8_0 blocks' own d and m are (the
+values are the source's exactly; Q4_K's d x sub-scale is rounded to float16, 2^-11 of itself), and
+because float32 tables cost the axpy more than the bytes it saves: SmolLM2's bundle FFN on 2 threads,
+rows in RAM, 94 -> 78.5 ns a row (tools/bench_sparse.py), against 80.6 with Q8_0 down parts. Two
+kinds of codes (pseudo type ids, not ggml's):
+
+    COLS_U4  n_embd / 2 bytes: per 32 values 16 bytes, byte j holds value j (low nibble) and j + 16
+             (high nibble), ggml's Q4 order; unsigned 0..15.    Q4_0, Q4_1, Q4_K sources
+    COLS_I8  n_embd bytes, signed.  min is 0 (no table).          Q8_0, Q5_0 sources
+
+SmolLM2's Q4_1 down column: 288 bytes instead of Q8_0's 612, and the source's values exactly.
+
+Kernels (out (n,) float32, s and m (n,) uint16 rows of the tables (float16 bits); row (n / 2 or n,) uint8):
+    axpy_cols_u4(out, a, row, s, m)    out += a * (s * code + m)
+    axpy_cols_u4_centred(out, a, row, s)   out += a * s * (code - 8): the decode step's (dispatch.axpy_down)
+    add_block_mins(out, dmin8, hsum)   ... and the rest, a * (min + 8 s), once per block and layer
+    axpy_cols_i8(out, a, row, s)       out += a * (s * code)
+    dequant_cols_u4(out, row, s, m)    out = s * code + m
+    dequant_cols_i8(out, row, s)       out = s * code
+decode_cols (numpy) is their twin.
+"""
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .quant_basic import FASTMATH, _F32, _FMF, _I8, _I32, _I64, _is_vec, _load, _part, _splat, _store, _vconst, _vec
+
+COLS_U4 = 200
+COLS_I8 = 201
+COLS_TYPES = (COLS_U4, COLS_I8)
+COLS_NAMES = {COLS_U4: "cols-u4", COLS_I8: "cols-i8"}
+COLS_BLOCK = 32     # neurons that share a row of the tables (the source's block of columns)
+
+
+def cols_bytes(kind: int, n: int) -> int:
+    """Bytes of one column of n values."""
+    return n // 2 if kind == COLS_U4 else n
+
+
+def cols_has_min(kind: int) -> bool:
+    return kind == COLS_U4
+
+
+def decode_cols(kind: int, row: np.ndarray, s: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+    """(n,) float32 values of a column (numpy; the kernels' twin and the converter's check); s, m float16
+    (or their uint16 bits) or float32."""
+    row = np.asarray(row, np.uint8)
+    s = _as_f32(s)
+    m = None if m is None else _as_f32(m)
+    if kind == COLS_U4:
+        q = row.reshape(-1, 16)
+        codes = np.concatenate([q & 15, q >> 4], axis=1).reshape(-1).astype(np.float32)
+        return s * codes + m
+    return s * row.view(np.int8).astype(np.float32)
+
+
+def _as_f32(t):
+    t = np.asarray(t)
+    return (t.view(np.float16) if t.dtype == np.uint16 else t).astype(np.float32)
+
+
+def _make_axpy_cols(kind, dequant, with_min=True):
+    """intrinsic (out, a, row, s, m) -> None: out (+)= a * (s * code + m); m unused for COLS_I8.
+    with_min=False (COLS_U4, the decode step): out += a * s * (code - 8), the rest, a * (m + 8 s), added
+    once per block (add_block_mins). Centred codes: with the min split off whole, both sums were ~8x the
+    output they cancel to, and the decode step's rounding differed from the prompt chunk's by 2x more."""
+
+    @intrinsic
+    def _axpy(typingctx, out, a, row, s, m):
+        if not (_is_vec(out, types.float32, mutable=True) and _is_vec(row, types.uint8)
+                and _is_vec(s, types.uint16) and _is_vec(m, types.uint16)
+                and isinstance(a, (types.Float, types.Integer))):
+            return None
+
+        def codegen(context, b, sig, args):
+            oa = context.make_array(sig.args[0])(context, b, args[0])
+            op = b.bitcast(oa.data, ir.PointerType(_F32))
+            rp = b.bitcast(context.make_array(sig.args[2])(context, b, args[2]).data, ir.PointerType(_I8))
+            sp = b.bitcast(context.make_array(sig.args[3])(context, b, args[3]).data, ir.PointerType(ir.HalfType()))
+            mp = b.bitcast(context.make_array(sig.args[4])(context, b, args[4]).data, ir.PointerType(ir.HalfType()))
+
+            def tload(p, e):   # 16 float16 table entries, widened (vcvtph2ps on x86)
+                return b.fpext(_load(b, p, e, _vec(ir.HalfType(), 16), 2), _vec(_F32, 16))
+            av = _splat(b, context.cast(b, args[1], sig.args[1], types.float32), 16)
+            nb = b.lshr(b.extract_value(oa.shape, 0), ir.Constant(_I64, 5))
+            with cgutils.for_range(b, nb) as loop:
+                i = loop.index
+                e0 = b.shl(i, ir.Constant(_I64, 5))           # first element of the block
+                if kind == COLS_U4:
+                    q = _load(b, rp, b.shl(i, ir.Constant(_I64, 4)), _vec(_I8, 16))
+                    halves = [b.zext(b.and_(q, _vconst(_I8, [15] * 16)), _vec(_I32, 16)),
+                              b.zext(b.lshr(q, _vconst(_I8, [4] * 16)), _vec(_I32, 16))]
+                    if not with_min:
+                        halves = [b.sub(h, _vconst(_I32, [8] * 16)) for h in halves]
+                    parts = [b.sitofp(h, _vec(_F32, 16)) for h in halves]
+                else:
+                    codes = b.sitofp(_load(b, rp, e0, _vec(_I8, 32)), _vec(_F32, 32))
+                    parts = [_part(b, codes, k, 16) for k in range(2)]
+                for k in range(2):
+                    e = b.add(e0, ir.Constant(_I64, 16 * k))
+                    v = b.fmul(tload(sp, e), parts[k], flags=_FMF)
+                    if kind == COLS_U4 and with_min:
+                        v = b.fadd(v, tload(mp, e), flags=_FMF)
+                    if not dequant:
+                        v = b.fadd(_load(b, op, e, _vec(_F32, 16), 4), b.fmul(av, v, flags=_FMF), flags=_FMF)
+                    _store(b, v, op, e)
+            return context.get_dummy_value()
+
+        return types.none(out, a, row, s, m), codegen
+
+    return _axpy
+
+
+if numba.config.DISABLE_JIT:   # plain-Python twins (STYLE.md: the suite runs once without the JIT)
+    def _py(kind, dequant):
+        def f(out, a, row, s, m):
+            v = decode_cols(kind, row, s, m)
+            if dequant:
+                out[:] = v
+            else:
+                out += np.float32(a) * v
+        return f
+
+    def _py_nomin(out, a, row, s, m):
+        out += np.float32(a) * (decode_cols(COLS_U4, row, s, np.zeros_like(s)) - 8 * _as_f32(s))
+
+    _axpy_u4, _axpy_i8 = _py(COLS_U4, False), _py(COLS_I8, False)
+    _deq_u4, _deq_i8 = _py(COLS_U4, True), _py(COLS_I8, True)
+    _axpy_u4_nomin = _py_nomin
+else:
+    _axpy_u4, _axpy_i8 = _make_axpy_cols(COLS_U4, False), _make_axpy_cols(COLS_I8, False)
+    _deq_u4, _deq_i8 = _make_axpy_cols(COLS_U4, True), _make_axpy_cols(COLS_I8, True)
+    _axpy_u4_nomin = _make_axpy_cols(COLS_U4, False, with_min=False)
+
+# (out, a, row, s, m), inlined by dispatch.axpy_down: COLS_U4 without its min, which the decode step
+# adds once per source block (add_block_mins: a second table row per row was 18 ns of its ~75). The
+# prompt chunk decodes a row once for all its tokens, with its min (dispatch.dequant_down).
+AXPY_IR = {COLS_U4: _axpy_u4_nomin, COLS_I8: _axpy_i8}
+DEQUANT_IR = {COLS_U4: _deq_u4, COLS_I8: _deq_i8}
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def axpy_cols_u4(out, a, row, s, m):
+    _axpy_u4(out, np.float32(a), row, s, m)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def axpy_cols_u4_centred(out, a, row, s):
+    _axpy_u4_nomin(out, np.float32(a), row, s, s)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def axpy_cols_i8(out, a, row, s):
+    _axpy_i8(out, np.float32(a), row, s, s)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def dequant_cols_u4(out, row, s, m):
+    _deq_u4(out, np.float32(1), row, s, m)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def dequant_cols_i8(out, row, s):
+    _deq_i8(out, np.float32(1), row, s, s)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def add_block_mins(out, dmin8, hsum):
+    """out (n,) += sum over blocks b of dmin8[b] (n,) f32 * (sum over c of hsum[c, b]): what the decode
+    step's COLS_U4 rows left out (their min + 8 scale: min8_table), hsum (n_part, n_blocks) f32 their h
+    summed per source block (in c order, so the same at every cap)."""
+    for b in range(hsum.shape[1]):
+        t = np.float32(0.0)
+        for c in range(hsum.shape[0]):
+            t += hsum[c, b]
+        if t != 0.0:
+            m = dmin8[b]
+            for i in range(out.shape[0]):
+                out[i] += t * m[i]
+
+
+def min8_table(scale, dmin) -> np.ndarray:
+    """(n_blocks, n) f32 min + 8 scale of float16 tables (uint16 bits): add_block_mins' table. Exact in
+    float32 for the tables' float16 values."""
+    return (_as_f32(dmin) + np.float32(8) * _as_f32(scale)).astype(np.float32)
+
