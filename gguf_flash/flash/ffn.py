@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 from ..kernels import flashstep, sparse
-from ..kernels.quant_cols import COLS_BLOCK, min8_table
+from ..kernels.quant_cols import COLS_BLOCK
 from ..kernels.flashstep import split_rows as _split   # (run_chunk; decoding splits in layer_select)
 from ..model import line_zeros
 from .stats import add_read
@@ -31,25 +31,19 @@ def _zeros_u8(n_rows, n_cols):
     return np.frombuffer(m, np.uint8, n_rows * n_cols).reshape(n_rows, n_cols)
 
 
-NO_TABLES = (np.zeros((1, 1), np.uint16), np.zeros((1, 1), np.uint16), np.zeros(1, np.int32),
-             np.zeros((1, 1), np.float32))
+NO_TABLES = (np.zeros((1, 1), np.uint16), np.zeros((1, 1), np.uint16), np.zeros(1, np.int32))
 
 
 def down_tables(l) -> tuple:
     """A layer's column-down tables as the kernels take them (dispatch.axpy_down): (scale, min
-    (n_ff / 32, n_embd) uint16 (float16 bits), block (n_ff,) int32 of each stored row, min + 8 scale
-    (n_ff / 32, n_embd) f32: the decode step's per-block rest, quant_cols.add_block_mins), copied into
-    RAM; 1-row stand-ins of the same types when its down parts are a ggml type
-    (format.LayerInfo.down_scale is None) or have no min."""
+    (n_ff / 32, n_embd) uint16 (float16 bits), block (n_ff,) int32 of each stored row), copied into RAM;
+    1-row stand-ins of the same types when its down parts are a ggml type (format.LayerInfo.down_scale
+    is None) or have no min."""
     if l.down_scale is None:
         return NO_TABLES
     scale = np.array(l.down_scale, np.float16).view(np.uint16)
-    if l.down_min is None:
-        dmin, dmin8 = NO_TABLES[1], NO_TABLES[3]
-    else:
-        dmin = np.array(l.down_min, np.float16).view(np.uint16)
-        dmin8 = min8_table(scale, dmin)
-    return scale, dmin, (np.asarray(l.neuron_id) // COLS_BLOCK).astype(np.int32), dmin8
+    dmin = np.array(l.down_min, np.float16).view(np.uint16) if l.down_min is not None else NO_TABLES[1]
+    return scale, dmin, (np.asarray(l.neuron_id) // COLS_BLOCK).astype(np.int32)
 
 
 class FFNLoader:

@@ -130,10 +130,8 @@ class FlashLayer:
 
     @property
     def table_bytes(self) -> int:
-        """Bytes of the column-down tables the runtime holds in RAM (0 without): both as stored, and the
-        mins again as min + 8 scale in float32 (ffn.down_tables)."""
-        return sum(0 if v is None else v.nbytes for v in (self.down_scale, self.down_min)) + \
-            (0 if self.down_min is None else 2 * self.down_min.nbytes)
+        """Bytes of the column-down tables, which the runtime holds in RAM (0 without)."""
+        return sum(0 if v is None else v.nbytes for v in (self.down_scale, self.down_min))
 
     @property
     def rank(self) -> int:

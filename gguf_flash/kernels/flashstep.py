@@ -117,7 +117,7 @@ def layer_ffn(x, out, partial, hsum, fresh, slots, neuron_slot, stage, stage_map
                          xb, xq, types, offs, dtab, act, threshold, ptsets)
     sum_partials(out, partial)
     if types[2] == COLS_U4:
-        add_block_mins(out, dtab[3], hsum)
+        add_block_mins(out, dtab[0], dtab[1], hsum)
     residual_add(x, out, post_w, eps, post_norm)
 
 
