@@ -19,6 +19,8 @@ from gguf_flash.kernels import quant_cols as qc
 
 @pytest.mark.parametrize("kind", qc.COLS_TYPES)
 def test_kernels_equal_their_numpy_twin(kind):
+    """Each kind's decode and its axpy as the decode step calls it (COLS_U4: the centred codes, without
+    the min, which add_block_mins adds: the test below) against decode_cols."""
     rng = np.random.default_rng(3)
     n = 96
     row = rng.integers(0, 256, qc.cols_bytes(kind, n), dtype=np.uint8)
@@ -30,12 +32,14 @@ def test_kernels_equal_their_numpy_twin(kind):
     before = out.copy()
     if kind == qc.COLS_U4:
         qc.dequant_cols_u4(got, row, s, m)
-        qc.axpy_cols_u4(out, 0.75, row, s, m)
+        qc.axpy_cols_u4_centred(out, 0.75, row, s)
+        added = qc.decode_cols(kind, row, s, -8 * s.view(np.float16).astype(np.float32))   # s * (code - 8)
     else:
         qc.dequant_cols_i8(got, row, s)
         qc.axpy_cols_i8(out, 0.75, row, s)
+        added = want
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(out, before + np.float32(0.75) * want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, before + np.float32(0.75) * added, rtol=1e-5, atol=1e-5)
     # the nibble order is ggml's: byte j holds value j (low) and j + 16 (high) of each 32
     if kind == qc.COLS_U4:
         one = np.zeros(16, np.uint8)

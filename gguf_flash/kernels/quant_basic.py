@@ -381,6 +381,11 @@ def _load(b, base, off, ty, align=1):
     return b.load(b.bitcast(b.gep(base, [off]), ir.PointerType(ty)), align=align)
 
 
+def _arg_ptr(context, b, sig, args, k, ty):
+    """The data pointer of array argument k of an intrinsic, as a `ty` pointer."""
+    return b.bitcast(context.make_array(sig.args[k])(context, b, args[k]).data, ir.PointerType(ty))
+
+
 def _store(b, val, base, off):
     b.store(val, b.bitcast(b.gep(base, [off]), ir.PointerType(val.type)), align=4)
 
@@ -477,7 +482,7 @@ def _make_dot(kind):
         def codegen(context, b, sig, args):
             xa = context.make_array(sig.args[1])(context, b, args[1])
             xp = b.bitcast(xa.data, ir.PointerType(_F32))
-            rp = b.bitcast(context.make_array(sig.args[0])(context, b, args[0]).data, ir.PointerType(_I8))
+            rp = _arg_ptr(context, b, sig, args, 0, _I8)
             zero = ir.Constant(_vec(_F32, 8), [0.0] * 8)
             acc_d = cgutils.alloca_once_value(b, zero)  # mem2reg turns these into registers
             acc_m = cgutils.alloca_once_value(b, zero)
@@ -517,7 +522,7 @@ def _make_axpy(kind, dequant):
         def codegen(context, b, sig, args):
             oa = context.make_array(sig.args[0])(context, b, args[0])
             op = b.bitcast(oa.data, ir.PointerType(_F32))
-            rp = b.bitcast(context.make_array(sig.args[2])(context, b, args[2]).data, ir.PointerType(_I8))
+            rp = _arg_ptr(context, b, sig, args, 2, _I8)
             av = context.cast(b, args[1], sig.args[1], types.float32)
             nb = b.lshr(b.extract_value(oa.shape, 0), ir.Constant(_I64, 5))
             with cgutils.for_range(b, nb) as loop:
@@ -920,8 +925,8 @@ def _make_dot_q8x(kind):
             return None
 
         def codegen(context, b, sig, args):
-            rp = b.bitcast(context.make_array(sig.args[0])(context, b, args[0]).data, ir.PointerType(_I8))
-            sp = b.bitcast(context.make_array(sig.args[1])(context, b, args[1]).data, ir.PointerType(_I8))
+            rp = _arg_ptr(context, b, sig, args, 0, _I8)
+            sp = _arg_ptr(context, b, sig, args, 1, _I8)
             n = context.cast(b, args[2], sig.args[2], types.int64)
             nb = b.lshr(n, ir.Constant(_I64, 5))
             xdp = b.bitcast(b.gep(sp, [n]), ir.PointerType(_F32))  # (nb,) f32

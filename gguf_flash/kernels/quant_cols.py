@@ -21,7 +21,6 @@ kinds of codes (pseudo type ids, not ggml's):
 SmolLM2's Q4_1 down column: 288 bytes instead of Q8_0's 612, and the source's values exactly.
 
 Kernels (out (n,) float32, s and m (n,) uint16 rows of the tables (float16 bits); row (n / 2 or n,) uint8):
-    axpy_cols_u4(out, a, row, s, m)    out += a * (s * code + m)
     axpy_cols_u4_centred(out, a, row, s)   out += a * s * (code - 8): the decode step's (dispatch.axpy_down)
     add_block_mins(out, s, m, hsum)    ... and the rest, a * (min + 8 s), once per block and layer
     axpy_cols_i8(out, a, row, s)       out += a * (s * code)
@@ -37,7 +36,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .quant_basic import FASTMATH, _F32, _FMF, _I8, _I32, _I64, _is_vec, _load, _part, _splat, _store, _vconst, _vec
+from .quant_basic import (FASTMATH, _F32, _FMF, _I8, _I32, _I64, _arg_ptr, _is_vec, _load, _part, _splat, _store,
+                          _vconst, _vec)
 
 COLS_U4 = 200
 COLS_I8 = 201
@@ -73,6 +73,11 @@ def _as_f32(t):
     return (t.view(np.float16) if t.dtype == np.uint16 else t).astype(np.float32)
 
 
+def _half16(b, p, e):
+    """16 float16 table entries at element e of p, widened to float32 (vcvtph2ps on x86)."""
+    return b.fpext(_load(b, p, e, _vec(ir.HalfType(), 16), 2), _vec(_F32, 16))
+
+
 def _make_axpy_cols(kind, dequant, with_min=True):
     """intrinsic (out, a, row, s, m) -> None: out (+)= a * (s * code + m); m unused for COLS_I8.
     with_min=False (COLS_U4, the decode step): out += a * s * (code - 8), the rest, a * (m + 8 s), added
@@ -89,12 +94,8 @@ def _make_axpy_cols(kind, dequant, with_min=True):
         def codegen(context, b, sig, args):
             oa = context.make_array(sig.args[0])(context, b, args[0])
             op = b.bitcast(oa.data, ir.PointerType(_F32))
-            rp = b.bitcast(context.make_array(sig.args[2])(context, b, args[2]).data, ir.PointerType(_I8))
-            sp = b.bitcast(context.make_array(sig.args[3])(context, b, args[3]).data, ir.PointerType(ir.HalfType()))
-            mp = b.bitcast(context.make_array(sig.args[4])(context, b, args[4]).data, ir.PointerType(ir.HalfType()))
-
-            def tload(p, e):   # 16 float16 table entries, widened (vcvtph2ps on x86)
-                return b.fpext(_load(b, p, e, _vec(ir.HalfType(), 16), 2), _vec(_F32, 16))
+            rp = _arg_ptr(context, b, sig, args, 2, _I8)
+            sp, mp = (_arg_ptr(context, b, sig, args, k, ir.HalfType()) for k in (3, 4))
             av = _splat(b, context.cast(b, args[1], sig.args[1], types.float32), 16)
             nb = b.lshr(b.extract_value(oa.shape, 0), ir.Constant(_I64, 5))
             with cgutils.for_range(b, nb) as loop:
@@ -112,9 +113,9 @@ def _make_axpy_cols(kind, dequant, with_min=True):
                     parts = [_part(b, codes, k, 16) for k in range(2)]
                 for k in range(2):
                     e = b.add(e0, ir.Constant(_I64, 16 * k))
-                    v = b.fmul(tload(sp, e), parts[k], flags=_FMF)
+                    v = b.fmul(_half16(b, sp, e), parts[k], flags=_FMF)
                     if kind == COLS_U4 and with_min:
-                        v = b.fadd(v, tload(mp, e), flags=_FMF)
+                        v = b.fadd(v, _half16(b, mp, e), flags=_FMF)
                     if not dequant:
                         v = b.fadd(_load(b, op, e, _vec(_F32, 16), 4), b.fmul(av, v, flags=_FMF), flags=_FMF)
                     _store(b, v, op, e)
@@ -137,16 +138,13 @@ def _add_min8(typingctx, out, a, s, m):
     def codegen(context, b, sig, args):
         oa = context.make_array(sig.args[0])(context, b, args[0])
         op = b.bitcast(oa.data, ir.PointerType(_F32))
-        sp = b.bitcast(context.make_array(sig.args[2])(context, b, args[2]).data, ir.PointerType(ir.HalfType()))
-        mp = b.bitcast(context.make_array(sig.args[3])(context, b, args[3]).data, ir.PointerType(ir.HalfType()))
+        sp, mp = (_arg_ptr(context, b, sig, args, k, ir.HalfType()) for k in (2, 3))
         av = _splat(b, context.cast(b, args[1], sig.args[1], types.float32), 16)
         eight = _splat(b, ir.Constant(_F32, 8.0), 16)
         nv = b.lshr(b.extract_value(oa.shape, 0), ir.Constant(_I64, 4))
         with cgutils.for_range(b, nv) as loop:
             e = b.shl(loop.index, ir.Constant(_I64, 4))
-            sv = b.fpext(_load(b, sp, e, _vec(ir.HalfType(), 16), 2), _vec(_F32, 16))
-            mv = b.fpext(_load(b, mp, e, _vec(ir.HalfType(), 16), 2), _vec(_F32, 16))
-            v = b.fadd(mv, b.fmul(eight, sv, flags=_FMF), flags=_FMF)
+            v = b.fadd(_half16(b, mp, e), b.fmul(eight, _half16(b, sp, e), flags=_FMF), flags=_FMF)
             _store(b, b.fadd(_load(b, op, e, _vec(_F32, 16), 4), b.fmul(av, v, flags=_FMF), flags=_FMF), op, e)
         return context.get_dummy_value()
 
@@ -166,14 +164,14 @@ if numba.config.DISABLE_JIT:   # plain-Python twins (STYLE.md: the suite runs on
     def _py_nomin(out, a, row, s, m):
         out += np.float32(a) * (decode_cols(COLS_U4, row, s, np.zeros_like(s)) - 8 * _as_f32(s))
 
-    _axpy_u4, _axpy_i8 = _py(COLS_U4, False), _py(COLS_I8, False)
+    _axpy_i8 = _py(COLS_I8, False)
     _deq_u4, _deq_i8 = _py(COLS_U4, True), _py(COLS_I8, True)
     _axpy_u4_nomin = _py_nomin
 
     def _add_min8(out, a, s, m):  # noqa: F811
         out += np.float32(a) * (_as_f32(m) + 8 * _as_f32(s))
 else:
-    _axpy_u4, _axpy_i8 = _make_axpy_cols(COLS_U4, False), _make_axpy_cols(COLS_I8, False)
+    _axpy_i8 = _make_axpy_cols(COLS_I8, False)
     _deq_u4, _deq_i8 = _make_axpy_cols(COLS_U4, True), _make_axpy_cols(COLS_I8, True)
     _axpy_u4_nomin = _make_axpy_cols(COLS_U4, False, with_min=False)
 
@@ -182,11 +180,6 @@ else:
 # prompt chunk decodes a row once for all its tokens, with its min (dispatch.dequant_down).
 AXPY_IR = {COLS_U4: _axpy_u4_nomin, COLS_I8: _axpy_i8}
 DEQUANT_IR = {COLS_U4: _deq_u4, COLS_I8: _deq_i8}
-
-
-@njit(cache=True, fastmath=FASTMATH)
-def axpy_cols_u4(out, a, row, s, m):
-    _axpy_u4(out, np.float32(a), row, s, m)
 
 
 @njit(cache=True, fastmath=FASTMATH)

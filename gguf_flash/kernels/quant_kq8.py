@@ -30,7 +30,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .quant_basic import (_F32, _FMF, _I8, _I16, _I32, _I64, FASTMATH, HAS_AVX2, QK, _call_x86, _hsum8,
+from .quant_basic import (_arg_ptr, _F32, _FMF, _I8, _I16, _I32, _I64, FASTMATH, HAS_AVX2, QK, _call_x86, _hsum8,
                           _is_vec, _load, _splat, _vconst, _vec, prefetch_ahead)
 from .quant_k import Q2_K_BYTES, Q3_K_BYTES, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES, QK_K
 
@@ -228,8 +228,8 @@ def _make_dot_q8x(kind, avx2=HAS_AVX2):
             return None
 
         def codegen(context, b, sig, args):
-            rp = b.bitcast(context.make_array(sig.args[0])(context, b, args[0]).data, ir.PointerType(_I8))
-            sp = b.bitcast(context.make_array(sig.args[1])(context, b, args[1]).data, ir.PointerType(_I8))
+            rp = _arg_ptr(context, b, sig, args, 0, _I8)
+            sp = _arg_ptr(context, b, sig, args, 1, _I8)
             n = context.cast(b, args[2], sig.args[2], types.int64)
             xdp = b.bitcast(b.gep(sp, [n]), ir.PointerType(_F32))  # (n/32,) f32
             xsp = b.gep(xdp, [b.lshr(n, _c(5))])  # (n/32,) f32
