@@ -339,6 +339,7 @@ def _read_down_tables(f, il, down_type, n_ff, n_embd, tensor):
         v = f.array(name)
         if not np.isfinite(v).all():
             raise FlashFormatError(f"{f.path}: {name} has a value that is not finite")
+        f.release_tensor(name)   # the check read them: the runtime copies them (ffn.down_tables)
         out.append(v)
     if not cols_has_min(down_type) and names[1] in f.tensors:
         raise FlashFormatError(f"{f.path}: layer {il} has {names[1]}, which {COLS_NAMES[down_type]} does not use")
@@ -383,6 +384,15 @@ def _check_permutation(f, name, a, what) -> None:
     """FlashFormatError naming the file and tensor unless a (n,) holds each of 0..n-1 once."""
     if not np.array_equal(np.sort(a), np.arange(len(a))):
         raise FlashFormatError(f"{f.path}: {name} is not a permutation of {len(a)} {what}")
+
+
+def release_down_tables(f, n_layer: int) -> None:
+    """Drop the map's pages of the column-down tables from this process's RSS (the runtime's copies
+    are what it uses)."""
+    for il in range(n_layer):
+        for name in (t_down_scale(il), t_down_min(il)):
+            if name in f.tensors:
+                f.release_tensor(name)
 
 
 def release_head_index(f) -> None:

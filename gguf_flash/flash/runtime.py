@@ -28,7 +28,7 @@ from ..kernels.quant_basic import MM_ROWS
 from ..kernels.quant_cols import COLS_TYPES
 from ..model import RunState, Weights, set_threads
 from . import budget
-from .ffn import FFNLoader, _split, down_tables
+from .ffn import NO_TABLES, FFNLoader, _split
 from .selector import selector_args
 from . import format as ff
 from .format import read_flash
@@ -88,7 +88,7 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     partial = np.zeros((2, c.n_embd), np.float32)
     hsum = np.zeros((2, 1), np.float32)
     pts = part_tsets(info)
-    dt = down_tables(l0)   # the kernels' argument types only: a table of the file's first layer kind
+    dt = NO_TABLES   # the kernels' argument types only (every layer's tables have them; no copy here)
     sparse.sparse_ffn_range(partial, hsum, one, idx, one, idx, idx, 0, 0, 0, g, sparse.KNOWN_NONE, s.xb, s.xq_embd,
                             np.array(l0.types, np.int64), np.array(np.cumsum((0,) + l0.part_bytes), np.int64),
                             dt, c.activation, np.float32(0), pts)
@@ -259,6 +259,7 @@ class FlashModel:
         self.ptsets = part_tsets(info)
         self.ffn = FFNLoader(self.store, info.layers, self.plan, c.n_ff, c.n_embd, numba.get_num_threads(),
                              window_k, self.w.ts, self.ptsets)
+        ff.release_down_tables(f, L)   # copied by the loader: the map's pages would be held twice
         # what stays resident is copied out of the file map (flash/pinned.py: a file truncated under the
         # model is then a read error naming it, not SIGBUS); streamed parts keep their file offsets
         embd_resident = self.plan.embedding != "on demand (a row per token)"
