@@ -378,10 +378,10 @@ def _print_flash_summary(f):
     print(f"bundles {info.bundle_bytes_total / 2**20:.1f} MiB, predictors {pred / 2**20:.1f} MiB "
           f"({100 * pred / info.bundle_bytes_total:.0f}% of the bundles) in {n_pred} of {len(info.layers)} layers"
           + ("" if n_pred == len(info.layers) else " (--selector predictor needs one in every layer)"))
+    from collections import Counter
+
     from .flash.format import part_type_name
-    kinds: dict = {}
-    for l in info.layers:
-        kinds[part_type_name(l.types[2])] = kinds.get(part_type_name(l.types[2]), 0) + 1
+    kinds = Counter(part_type_name(l.types[2]) for l in info.layers)
     tables = sum(l.table_bytes for l in info.layers)
     print("down parts: " + ", ".join(f"{k} in {n} layers" for k, n in kinds.items())
           + (f" (cols-*: the source's codes; their scale tables, {tables / 2**20:.1f} MiB, are held in RAM)"

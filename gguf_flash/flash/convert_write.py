@@ -106,7 +106,7 @@ def write_flash(f, cfg, path, meta, orders, freq, progress):
         rows_order = order if name == head_name else None
         plan.append((lambda a=arr, n=name, o=rows_order: _RowBlocks(a, o, lambda: f.release_tensor(n)),
                      [name]))
-    tables = {}   # layer -> its column-down tables, made with its bundles and written after them
+    tables = {}   # (layer, 0 scale / 1 min) -> a column-down table, made with the bundles, dropped once written
     for il in range(L):
         bb = sum(meta["bytes"][3 * il:3 * il + 3])
         p = preds[il]
@@ -118,7 +118,7 @@ def write_flash(f, cfg, path, meta, orders, freq, progress):
             nb = cfg.n_ff // COLS_BLOCK
             for k, name in enumerate((ff.t_down_scale(il), ff.t_down_min(il))[:1 + cols_has_min(down_q)]):
                 w.add_tensor_info(name, (nb, cfg.n_embd), np.dtype(np.float16), nb * cfg.n_embd * 2)
-                plan.append((lambda il=il, k=k: tables[il][k], []))
+                plan.append((lambda il=il, k=k: tables.pop((il, k)), []))
         w.add_tensor_info(ff.t_neuron_id(il), (cfg.n_ff,), np.dtype(np.int32), cfg.n_ff * 4)
         plan.append((lambda il=il: orders[il].astype(np.int32), []))
         w.add_tensor_info(ff.t_freq(il), (cfg.n_ff,), np.dtype(np.float32), cfg.n_ff * 4)
@@ -224,12 +224,13 @@ def _balanced(A, B):
 def _bundle(f, cfg, il, order, down_q, tables) -> np.ndarray:
     """(n_ff, bundle_bytes) uint8: row i = gate[order[i]] | up[order[i]] | down[:, order[i]], the down
     column re-quantized as a row of down_q, or in the source's codes for a column kind (down_cols.py;
-    its (scale, min) tables then go to tables[il])."""
+    its scale and min tables then go to tables[(il, 0)] and tables[(il, 1)])."""
     gate = f.raw(f"blk.{il}.ffn_gate.weight")                     # (n_ff, gate_bytes)
     up = f.raw(f"blk.{il}.ffn_up.weight")                         # (n_ff, up_bytes)
     if down_q in COLS_TYPES:
-        codes, scale, dmin = column_parts(f, il, order, down_q, cfg.n_embd, cfg.n_ff)
-        tables[il] = (scale, dmin)
+        codes, tables[(il, 0)], dmin = column_parts(f, il, order, down_q, cfg.n_embd, cfg.n_ff)
+        if dmin is not None:
+            tables[(il, 1)] = dmin
         return np.concatenate([gate[order], up[order], codes], axis=1)
     down_q = GGMLQuantizationType(down_q)
     down_cols = np.empty((cfg.n_ff, cfg.n_embd), np.float32)      # (n_ff, n_embd): down's columns, stored order
