@@ -20,8 +20,7 @@ import numpy as np
 import numba
 
 from ..config import config_from_gguf
-from ..errors import (ContextOverflowError, GGUFFormatError, InvalidArgumentError, RamCapError,
-                      UnsupportedModelError)
+from ..errors import ContextOverflowError, GGUFFormatError, InvalidArgumentError, RamCapError
 from .. import firstrun
 from ..kernels import dispatch, flashstep, forward as fw, nn, release_compiler_pages, sparse
 from ..kernels.quant_basic import MM_ROWS
@@ -192,8 +191,8 @@ def check_request(mode: str, selector: str, head: str) -> None:
 
 
 def check_file(f, c, info, mode: str, selector: str) -> None:
-    """What the options ask of the file (a predictor in every layer, the product criterion) and the
-    bundles' types this engine implements: one-line errors naming the file."""
+    """What the options ask of the file (a predictor in every layer, the product criterion): one-line
+    errors naming the file. The bundles' types were checked by read_flash."""
     if mode == "flash" and selector == "predictor" and not info.has_predictors:
         have = sum(l.pred_a is not None for l in info.layers)
         raise InvalidArgumentError(f"{f.path}: this file has no predictors"
@@ -202,11 +201,6 @@ def check_file(f, c, info, mode: str, selector: str) -> None:
     if mode == "flash" and selector == "product" and not info.has_product:
         raise InvalidArgumentError(f"{f.path}: this file has no product criterion (convert it again with "
                                    f"this version; models with ReLU have none)")
-    for il, l in enumerate(info.layers):
-        for part, qt in zip(("gate", "up", "down"), l.types):
-            if qt not in dispatch.SUPPORTED and not (part == "down" and qt in COLS_TYPES):
-                raise UnsupportedModelError(f"{f.path}: layer {il} {part} rows have ggml type {qt}, "
-                                            f"which this engine does not implement")
 
 
 class FlashModel:
