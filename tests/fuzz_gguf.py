@@ -200,9 +200,9 @@ def rng_for(seed: int) -> np.random.Generator:
 
 def rewrite(src, dst, meta=None, tensors=None, drop=()):
     """Copy the GGUF `src` to `dst` with metadata overrides or additions {key: (value, GGUFValueType, sub
-    type)} (an added key must be a scalar), keys and tensors in `drop` left out, and
-    tensor replacements {name: (ggml ne as a numpy shape (ne reversed), numpy array, raw ggml type)}:
-    files that are well-formed GGUFs but disagree with themselves."""
+    type)} (an added key must be a scalar), keys and tensors in `drop` left out, and tensor replacements
+    or additions {name: (numpy array, raw ggml type or None)} (added after the source's tensors): files
+    that are well-formed GGUFs but disagree with themselves."""
     from gguf_flash.gguf_file import GGUFFile
     meta, tensors = meta or {}, tensors or {}
     f = GGUFFile(src)
@@ -236,6 +236,9 @@ def rewrite(src, dst, meta=None, tensors=None, drop=()):
             w.add_tensor(name, np.array(f.array(name)))
         else:
             w.add_tensor(name, np.array(f.raw(name)), raw_dtype=gguf.GGMLQuantizationType(info.qtype))
+    for name, (arr, raw_type) in tensors.items():   # tensors the source does not have
+        if name not in f.tensors:
+            w.add_tensor(name, arr, raw_dtype=None if raw_type is None else gguf.GGMLQuantizationType(raw_type))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

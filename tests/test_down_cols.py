@@ -179,34 +179,20 @@ def test_q4_k_blocks_give_the_source_values(gemma3_path):
     assert (err <= big / 254).all()
 
 
-def test_missing_or_stray_tables_are_refused(tmp_path):
-    """A file whose column down parts lack their scale table, or a ggml-typed layer with one, is refused
-    with a FlashFormatError naming the file (a GGUF rewritten without / with the tensor)."""
-    import gguf
-    src, calib = _tiny(tmp_path, "Q4_1")
-    out = tmp_path / "src.flash.gguf"
-    gguf_flash.convert(src, out, calib=calib, calib_tokens=1024, sparsity=0.5, rank=8, down_type="source")
-    r = gguf.GGUFReader(out)
-    bad = tmp_path / "bad.flash.gguf"
-    w = gguf.GGUFWriter(bad, "llama")
-    w.add_custom_alignment(4096)
-    for field in r.fields.values():
-        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.alignment"):
-            continue
-        val = field.contents()
-        vt = field.types[0]
-        if vt == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(field.name, val, vt, sub_type=field.types[-1])
-        else:
-            w.add_key_value(field.name, val, vt)
-    for t in r.tensors:
-        if t.name == "blk.1.ffn_down_scale":
-            continue
-        w.add_tensor(t.name, np.asarray(t.data), raw_shape=None if t.tensor_type in (T.F32, T.F16) else None,
-                     raw_dtype=t.tensor_type if t.tensor_type not in (T.F32, T.F16, T.I32, T.I8) else None)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(FlashFormatError, match="bad.flash.gguf.*ffn_down_scale"):
+@pytest.mark.parametrize("qtype,down_type,drop,add,match", [
+    ("Q4_1", "source", "blk.1.ffn_down_scale", None, "cols-u4 down parts but no tensor blk.1.ffn_down_scale"),
+    ("Q8_0", "source", None, "blk.1.ffn_down_min", "has blk.1.ffn_down_min, which cols-i8 does not use"),
+    ("Q8_0", "Q8_0", None, "blk.1.ffn_down_scale", "has blk.1.ffn_down_scale but its down parts are Q8_0")])
+def test_missing_or_stray_tables_are_refused(tmp_path, qtype, down_type, drop, add, match):
+    """A file whose column down parts lack their scale table, a min table on a kind without one, or a
+    table on a layer of ggml-typed down parts is refused with a FlashFormatError naming the file (a GGUF
+    rewritten without / with the tensor: tests/fuzz_gguf.rewrite)."""
+    from fuzz_gguf import rewrite
+    src, calib = _tiny(tmp_path, qtype)
+    out = tmp_path / "t.flash.gguf"
+    gguf_flash.convert(src, out, calib=calib, calib_tokens=1024, sparsity=0.5, rank=8, down_type=down_type)
+    table = np.zeros((128 // 32, 64), np.float16)
+    bad = rewrite(out, tmp_path / "bad.flash.gguf", drop=(drop,) if drop else (),
+                  tensors={add: (table, None)} if add else None)
+    with pytest.raises(FlashFormatError, match=f"bad.flash.gguf.*{match}"):
         gguf_flash.load(bad, n_ctx=64)
