@@ -12,6 +12,7 @@ IQ4_NL's codebook, floats) keep the re-quantized Q8_0 column.
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
@@ -43,14 +44,13 @@ def block_scales(raw: np.ndarray, qtype: int) -> tuple:
     qtype = Q(qtype)
     n_rows = raw.shape[0]
     if qtype == Q.Q4_K:
-        blocks = raw.reshape(-1, quants.Q4_K.type_size)                 # (n_rows * n_super, 144)
+        blocks = raw.reshape(-1, GGML_QUANT_SIZES[qtype][1])             # (n_rows * n_super, 144)
         d, dmin = _f16(blocks, 0), _f16(blocks, 2)
         sc, m = quants.Q4_K.get_scale_min(blocks[:, 4:4 + quants.Q4_K.K_SCALE_SIZE])   # (n_blocks, 8)
         scale = d[:, None] * sc.astype(np.float32)
         dmn = -(dmin[:, None] * m.astype(np.float32))
         return scale.reshape(n_rows, -1), dmn.reshape(n_rows, -1)
-    size = {Q.Q4_0: 18, Q.Q4_1: 20, Q.Q8_0: 34, Q.Q5_0: 22}[qtype]
-    blocks = raw.reshape(-1, size)
+    blocks = raw.reshape(-1, GGML_QUANT_SIZES[qtype][1])              # Q4_0, Q4_1, Q8_0, Q5_0: d first
     d = _f16(blocks, 0)
     if qtype == Q.Q4_1:
         m = _f16(blocks, 2)
