@@ -121,6 +121,21 @@ def line_zeros(shape, dtype=np.float32) -> np.ndarray:
     return buf[off:off + n].view(dt).reshape(shape)
 
 
+THREAD_GAP = 32   # float32s (two cache lines) between the threads' rows (thread_rows)
+
+
+def thread_rows(n_rows: int, n: int) -> np.ndarray:
+    """(n_rows, >= n + THREAD_GAP) float32 zeros on cache lines, for accumulators that each thread adds
+    into many times: thread c uses row c, [:n]. Rows packed end to end (line_zeros) each started on a
+    line of their own, yet the hardware prefetchers of the core that walks row c-1 fetch the first lines
+    of row c, and the two cores fought for them on every row of the sparse FFN's axpy: SmolLM2's product
+    rows, 2 threads, in cache (tools/bench_sparse.py), 39-42 ns a row with packed rows, 24.5-25.5 with a gap
+    of 2 lines or more (1, 16 floats: 30-35), the same as 4 parts on 2 threads, whose neighbours were
+    not in use at the same time."""
+    stride = -(-n // 16) * 16 + THREAD_GAP
+    return line_zeros((n_rows, stride))
+
+
 def lazy_zeros(shape, dtype=np.float32) -> np.ndarray:
     """A zero array whose pages become resident only where written, one 4 KiB page at a time.
     np.zeros gets the same lazy pages, but with transparent huge pages on, writing the first row of each

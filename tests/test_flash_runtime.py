@@ -23,6 +23,18 @@ def test_parse_size():
             parse_size(bad)
 
 
+def test_thread_rows_keep_the_threads_lines_apart():
+    """Each thread's accumulator row starts on a cache line, two lines or more after the part of the row
+    before it in use (model.thread_rows: the prefetchers of one core fetched its neighbour's first lines)."""
+    from gguf_flash.model import CACHE_LINE, thread_rows
+    for n in (576, 100, 1):
+        a = thread_rows(3, n)
+        assert a.dtype == np.float32 and a.shape[0] == 3 and a.shape[1] >= n and not a.any()
+        starts = [a[c].ctypes.data for c in range(3)]
+        assert all(s % CACHE_LINE == 0 for s in starts)
+        assert all(starts[c + 1] - (starts[c] + 4 * n) >= 2 * CACHE_LINE for c in range(2))
+
+
 def _tiny_source(tmp_path):
     """(a 2-layer synthetic Q8_0 llama GGUF, a calibration text file) under tmp_path."""
     from gguf_flash.synthetic import write_synthetic

@@ -34,7 +34,7 @@ def main():
     from gguf_flash.kernels import dispatch, sparse
     from gguf_flash.kernels.nn import activate
     from gguf_flash.kernels.quant_basic import q8x_scratch_bytes
-    from gguf_flash.model import line_zeros
+    from gguf_flash.model import thread_rows
 
     numba.set_num_threads(a.threads)
     f = GGUFFile(a.flash)
@@ -54,8 +54,8 @@ def main():
     xq = np.zeros(q8x_scratch_bytes(cfg.n_embd), np.uint8)
     dispatch.quantize_x(xq, x)
     tset = dispatch.part_type_sets(l.types for l in info.layers)
-    partial = np.zeros((numba.get_num_threads(), cfg.n_embd), np.float32)
-    hsum = line_zeros((numba.get_num_threads(), -(-cfg.n_ff // 32 // 16) * 16))   # as FFNLoader's
+    partial = thread_rows(numba.get_num_threads(), cfg.n_embd)   # as FFNLoader's
+    hsum = thread_rows(numba.get_num_threads(), cfg.n_ff // 32)
     stage = np.zeros((1, layers[0][0].shape[1]), np.uint8)
     gate = rng.standard_normal(max(len(l[3]) for l in layers)).astype(np.float32)
     act_gate = np.array([activate(g, act) for g in gate], np.float32)

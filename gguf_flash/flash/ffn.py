@@ -20,7 +20,7 @@ import numpy as np
 from ..kernels import flashstep, sparse
 from ..kernels.quant_cols import COLS_BLOCK
 from ..kernels.flashstep import split_rows as _split   # (run_chunk; decoding splits in layer_select)
-from ..model import line_zeros
+from ..model import line_zeros, thread_rows
 from .stats import add_read
 from .window import Window
 
@@ -67,13 +67,13 @@ class FFNLoader:
         self.ovf_pos = np.zeros(n_ff, np.int32)                   # (n_ff,) int32 positions of the rest
         self.ovf_rows = np.zeros(n_ff, np.int32)                  # (n_ff,) int32 their rows, one chunk
         self.no_slot = np.full(n_ff, -1, np.int32)                # (n_ff,) int32 "not in a window"
-        # (n_part, n_embd) the threads' sums, on cache lines (model.line_zeros; rows too where n_embd % 16 == 0)
-        self.partial = line_zeros((max(2, n_part), n_embd))
+        # (n_part, >= n_embd) the threads' sums, [:, :n_embd] in use, a gap between them (model.thread_rows)
+        self.partial = thread_rows(max(2, n_part), n_embd)
         self.out = line_zeros(n_embd)                             # (n_embd,) the FFN's output (run_layer)
         # (n_part, >= n_ff / 32) each thread's h per source block (COLS_U4 down parts), a row per thread on
         # cache lines of its own: with SmolLM2's 48 blocks sharing a line, the bundle FFN ran 1.3x slower
-        # on 2 threads (sparse.sparse_ffn_range's hsum)
-        self.hsum = line_zeros((max(2, n_part), -(-max(1, n_ff // COLS_BLOCK) // 16) * 16))
+        # on 2 threads (sparse.sparse_ffn_range's hsum); the columns past n_ff / 32 stay 0
+        self.hsum = thread_rows(max(2, n_part), max(1, n_ff // COLS_BLOCK))
         # per layer: where a slot's bytes start in the bundle, the part types (n_layer, 3) and the
         # slot-relative offsets (n_layer, 4) int64 (a row per layer for the per-layer calls, the whole
         # arrays for flashstep.layers_held)

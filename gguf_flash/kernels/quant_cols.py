@@ -206,9 +206,9 @@ def dequant_cols_i8(out, row, s):
 def add_block_mins(out, scale, dmin, hsum):
     """out (n,) += sum over blocks b of (dmin[b] + 8 scale[b]) (n,) * (sum over c of hsum[c, b]): what
     the decode step's COLS_U4 rows left out (axpy_cols_u4_centred); scale, dmin (n_blocks, n) uint16
-    (float16 bits), hsum (n_part, n_blocks) f32 their h summed per source block (in c order, so the same
+    (float16 bits), hsum (n_part, >= n_blocks) f32 their h summed per source block (in c order, so the same
     at every cap)."""
-    for b in range(hsum.shape[1]):
+    for b in range(scale.shape[0]):
         t = np.float32(0.0)
         for c in range(hsum.shape[0]):
             t += hsum[c, b]

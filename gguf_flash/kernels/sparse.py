@@ -119,11 +119,12 @@ def sparse_ffn_range(partial, hsum, slots, neuron_slot, stage, stage_map, active
     come from the row, |act(gate)| > threshold decides), KNOWN_GATE the activated gate values (up from
     the row, same rule), KNOWN_H the neuron's value act(gate) * up itself (the product selector chose
     the rows: only the down part is used). On return gvals[j0:j1] holds each row's h (0: not added).
-    partial (n_part, n_embd) f32, zeroed by the caller before the first range; slots/stage (rows,
+    partial (n_part, >= n_embd) f32, row c's first n_embd (= len(x)) part c's sum (model.thread_rows),
+    zeroed by the caller before the first range; slots/stage (rows,
     slot_bytes) uint8; neuron_slot/stage_map (n_ff,) int32; active (>= j1,) int32; types (3,) int64;
     offs (4,) int64 byte offsets of gate, up, down inside a slot (empty parts when the slot holds only
     up|down, or only down); dtab the layer's column-down tables (dispatch.axpy_down; 1-row stand-ins
-    when its down parts are a ggml type) and hsum (n_part, n_ff / 32) f32, zeroed with partial: part c's
+    when its down parts are a ggml type) and hsum (n_part, >= n_ff / 32) f32, zeroed with partial: part c's
     h summed per source block for COLS_U4 down parts, whose mins the caller adds once
     (quant_cols.add_block_mins); ptsets the parts' (gate, up, down) type sets (dispatch.part_type_sets)."""
     n_part = partial.shape[0]
@@ -131,7 +132,7 @@ def sparse_ffn_range(partial, hsum, slots, neuron_slot, stage, stage_map, active
     o_gate, o_up, o_down, o_end = offs[0], offs[1], offs[2], offs[3]
     lo = o_down if known == KNOWN_H else o_up if known == KNOWN_GATE else o_gate   # bytes used
     for c in prange(n_part):
-        acc = partial[c]
+        acc = partial[c][:x.shape[0]]
         b1 = min(j1, (c + 1) * n // n_part)
         for g0 in range(max(j0, c * n // n_part), b1, H_GROUP):
             g1 = min(b1, g0 + H_GROUP)
@@ -184,7 +185,7 @@ def _prefetch_row(slots, neuron_slot, stage, stage_map, a, o0, o1):
 
 @njit(cache=True)
 def sum_partials(out, partial):
-    """out (n_embd,) = sum over c of partial[c], in c order."""
+    """out (n_embd,) = sum over c of partial[c, :n_embd], in c order."""
     for i in range(out.shape[0]):
         s = np.float32(0.0)
         for c in range(partial.shape[0]):
