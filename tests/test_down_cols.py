@@ -11,7 +11,7 @@ from gguf import quants
 import gguf_flash
 from gguf_flash.config import config_from_gguf
 from gguf_flash.errors import FlashFormatError
-from gguf_flash.flash.down_cols import block_scales, down_part_type
+from gguf_flash.flash.down_cols import block_scales, down_part_type, stored_order
 from gguf_flash.flash.format import read_flash
 from gguf_flash.gguf_file import GGUFFile
 from gguf_flash.kernels import quant_cols as qc
@@ -67,6 +67,115 @@ def test_centred_axpy_and_block_mins_add_up_to_the_columns():
         want += h[r] * qc.decode_cols(qc.COLS_U4, codes[r], scale[block[r]], dmin[block[r]])
     qc.add_block_mins(out, scale, dmin, hsum)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kind", [qc.COLS_U4, qc.COLS_I8])
+def test_pair_axpy_adds_both_rows(kind):
+    """Two rows of one source block in one pass (the decode step's pairs): scale x (h0 x code0 + h1 x
+    code1), centred codes for COLS_U4, against numpy's sum of the two rows' decoded columns without the
+    min (what add_block_mins adds)."""
+    rng = np.random.default_rng(12)
+    n = 64
+    scale = rng.standard_normal(n).astype(np.float16).view(np.uint16)
+    rows = rng.integers(0, 256, (2, qc.cols_bytes(kind, n)), dtype=np.uint8)
+    h = rng.standard_normal(2).astype(np.float32)
+    base = rng.standard_normal(n).astype(np.float32)
+    out = base.copy()
+    pair = qc.axpy_cols_u4_pair if kind == qc.COLS_U4 else qc.axpy_cols_i8_pair
+    pair(out, h[0], rows[0], h[1], rows[1], scale)
+    centre = 8 * qc._as_f32(scale) if kind == qc.COLS_U4 else 0
+    zero = np.zeros(n, np.uint16) if kind == qc.COLS_U4 else None
+    want = base.astype(np.float64) + sum(
+        h[k] * (qc.decode_cols(kind, rows[k], scale, zero) - centre) for k in range(2))
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_stored_order_pairs_the_rows_of_a_source_block():
+    """Column down parts: stored rows 2p and 2p + 1 come from one source block of 32 neurons, the pairs
+    hot-first by their summed frequency, each block's hottest neuron paired with its second; ggml down
+    parts keep the plain hot-first order."""
+    rng = np.random.default_rng(13)
+    freq = rng.random(256).astype(np.float32)
+    assert np.array_equal(stored_order(freq, int(T.Q8_0)), np.argsort(-freq, kind="stable"))
+    order = stored_order(freq, qc.COLS_U4)
+    assert np.array_equal(np.sort(order), np.arange(256))
+    pairs = order.reshape(-1, 2)
+    assert np.all(pairs[:, 0] // 32 == pairs[:, 1] // 32)
+    assert np.all(freq[pairs[:, 0]] >= freq[pairs[:, 1]])
+    assert np.all(np.diff(freq[pairs].astype(np.float64).sum(axis=1)) <= 0)
+    for b in range(8):   # within a block: ranks (0, 1), (2, 3), ...
+        mine = pairs[pairs[:, 0] // 32 == b]
+        ranks = np.argsort(np.argsort(-freq[b * 32:(b + 1) * 32], kind="stable"))
+        assert sorted(tuple(ranks[p - b * 32]) for p in mine) == [(2 * i, 2 * i + 1) for i in range(16)]
+
+
+def test_sparse_ffn_with_pairs_adds_every_chosen_row_once():
+    """The decode step's down parts over chosen rows with pairs (kernels/sparse.sparse_ffn_range, the
+    gate values known: each row's h = act(gate) x its up dot, computed a group of rows at a time): pairs
+    inside a group, across a group's end (the second row's h is the next group's), across the two
+    threads' parts, with one or both h zero, and single rows, in one call and cut into two calls (at a
+    position no pair spans): the parts' sums plus the block mins equal numpy's sum of h x column."""
+    from gguf_flash.kernels import dispatch, sparse
+    from gguf_flash.kernels.quant_basic import q8x_scratch_bytes
+    from gguf_flash.model import thread_rows
+    rng = np.random.default_rng(14)
+    n, n_ff, nb = 64, 96, 3
+    up = rng.standard_normal((n_ff, n)).astype(np.float32)
+    down = rng.integers(0, 256, (n_ff, qc.cols_bytes(qc.COLS_U4, n)), dtype=np.uint8)
+    rows = np.concatenate([up.view(np.uint8), down], axis=1)    # F32 up part | COLS_U4 down part
+    block = ((np.arange(n_ff) // 2) % nb).astype(np.int32)      # stored rows 2p, 2p + 1 share a block
+    dtab = (rng.standard_normal((nb, n)).astype(np.float16).view(np.uint16),
+            rng.standard_normal((nb, n)).astype(np.float16).view(np.uint16), block)
+    active = np.sort(rng.choice(n_ff, 70, replace=False)).astype(np.int32)
+    gate = rng.standard_normal(len(active)).astype(np.float32)
+    gate[rng.choice(len(active), 12, replace=False)] = 0.0     # h = 0 for these rows
+    pairs = [j for j in range(len(active) - 1) if sparse._pair_at(active, j, block)]
+    assert len(pairs) >= 15 and any(j % sparse.H_GROUP == sparse.H_GROUP - 1 for j in pairs)
+    types = np.array([int(T.F32), int(T.F32), qc.COLS_U4], np.int64)
+    ptsets = dispatch.part_type_sets([types])
+    offs = np.array([0, 0, 4 * n, rows.shape[1]], np.int64)
+    ns, stage = np.arange(n_ff, dtype=np.int32), np.zeros((1, rows.shape[1]), np.uint8)
+    x = rng.standard_normal(n).astype(np.float32)
+    xq = np.zeros(q8x_scratch_bytes(n), np.uint8)
+    dispatch.quantize_x(xq, x)
+    h = gate.astype(np.float64) * (up[active].astype(np.float64) @ x)
+    want = sum(h[j] * qc.decode_cols(qc.COLS_U4, down[a], dtab[0][block[a]], dtab[1][block[a]]).astype(np.float64)
+               for j, a in enumerate(active))
+    cut = next(j for j in range(20, 40) if not sparse._pair_at(active, j - 1, block))
+    got = []
+    for ranges in ([(0, len(active))], [(0, cut), (cut, len(active))]):
+        partial, hsum = thread_rows(2, n), thread_rows(2, nb)
+        g = gate.copy()
+        for j0, j1 in ranges:
+            sparse.sparse_ffn_range(partial, hsum, rows, ns, stage, ns, active, len(active), j0, j1, g,
+                                    sparse.KNOWN_GATE, x, xq, types, offs, dtab, 0, np.float32(-1), ptsets)
+        np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-6)
+        out = np.zeros(n, np.float32)
+        sparse.sum_partials(out, partial)
+        qc.add_block_mins(out, dtab[0], dtab[1], hsum)
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        got.append(out)
+    np.testing.assert_array_equal(got[0], got[1])
+
+
+def test_pair_cut_never_ends_a_call_between_the_rows_of_a_pair():
+    """The overflow chunks (flash/ffn.pair_cut): a chunk whose last row's pair is the next chunk's first
+    gives that row to the next chunk; one whose pair is held in the window takes it along; the last chunk
+    runs to the end; without column parts (block None) the cut is where the chunk ends."""
+    from gguf_flash.flash.ffn import pair_cut
+    active = np.array([0, 1, 2, 3, 6, 7, 9, 10, 11], np.int32)
+    block = np.zeros(12, np.int32)
+    block[10:] = 1                   # rows 10, 11: a pair of another block; 8, 9 would pair in block 0
+    ovf = np.array([1, 2, 3, 4, 6, 7, 8], np.int32)   # positions; 0 and 5 (rows 0 and 7) in the window
+    no, n = len(ovf), len(active)
+    assert pair_cut(active, n, ovf, 0, 2, no, block) == (1, 2)   # rows 1, 2: 2 pairs with 3, next chunk's
+    assert pair_cut(active, n, ovf, 1, 3, no, block) == (3, 6)   # rows 2, 3, 6: 6's pair 7 is in the window
+    assert pair_cut(active, n, ovf, 0, 4, no, block) == (4, 6)   # ... ending at position 4 the same
+    assert pair_cut(active, n, ovf, 4, 1, no, block) == (1, 7)   # row 9: odd, no pair
+    assert pair_cut(active, n, ovf, 4, 2, no, block) == (1, 7)   # rows 9, 10: 10 pairs with the next's 11
+    assert pair_cut(active, n, ovf, 5, 1, no, block) == (1, 8)   # ... but a one-row chunk cannot give it
+    assert pair_cut(active, n, ovf, 5, 2, no, block) == (2, n)   # the last chunk runs to n
+    assert pair_cut(active, n, ovf, 0, 2, no, None) == (2, 3)
 
 
 def _tiny(tmp_path, qtype):
@@ -133,28 +242,38 @@ def test_source_columns_decode_to_the_source_values(tmp_path, qtype, kind):
         assert drift["source"] <= drift["Q8_0"], drift
 
 
-def test_window_size_never_changes_the_logits_with_source_columns(tmp_path):
-    """The same prompt and decode steps with every window whole and with a window of one slot a layer
-    (what a tight cap leaves): the rows streamed through the staging buffer and those held use the same
-    tables and per-block sums of the mins (bitwise the same logits), for each selector. SmolLM2's
-    default conversion (tests/conftest.py) runs the same paths on the real model in test_flash_runtime.py
-    and test_flash_prefill.py."""
+def test_window_size_never_changes_the_logits_with_source_columns(tmp_path, monkeypatch):
+    """The same prompt and decode steps with every window whole, with a window of one slot a layer
+    (what a tight cap leaves), and with five slots and a staging buffer of a few rows (the overflow
+    streamed in many chunks, pairs of rows split between window and staging and at chunk ends:
+    ffn.pair_cut): the rows streamed and those held use the same tables, per-block sums of the mins and
+    pairs (bitwise the same logits), for each selector. SmolLM2's default conversion (tests/conftest.py)
+    runs the same paths on the real model in test_flash_runtime.py and test_flash_prefill.py."""
+    from gguf_flash.flash import sizing
     src, calib = _tiny(tmp_path, "Q4_1")
     out = tmp_path / "src.flash.gguf"
     gguf_flash.convert(src, out, calib=calib, calib_tokens=1024, sparsity=0.5, rank=8, down_type="source")
     toks = [5, 17, 99, 200, 3, 42, 7, 8]
+    bundle = read_flash(GGUFFile(out), config_from_gguf(GGUFFile(out))).layers[0].bundle_bytes
     for selector in ("bundle", "gate", "product"):
         outs = {}
-        for name in ("whole", "one slot"):
-            llm = gguf_flash.load(out, n_ctx=64, selector=selector)
-            if name == "one slot":
+        for name in ("whole", "one slot", "few rows staged"):
+            with monkeypatch.context() as mp:
+                if name == "few rows staged":   # 3 bundles: 4 and 10 rows of the gate and product slots
+                    mp.setattr(sizing, "STAGING_BYTES", 3 * bundle)
+                    mp.setattr(sizing, "STAGING_MAX_BYTES", 3 * bundle)
+                llm = gguf_flash.load(out, n_ctx=64, selector=selector)
+            if name == "few rows staged":
+                assert llm.model.ffn.staging.shape[0] * llm.model.ffn.staging.shape[1] <= 3 * bundle
+            if name != "whole":
                 for w in llm.model.windows:
-                    w.shrink(1)
+                    w.shrink(1 if name == "one slot" else 5)
             got = [llm.model.prefill(toks[:4], 0).copy()]
             got += [llm.model.forward(t, 4 + i).copy() for i, t in enumerate(toks[4:])]
             outs[name] = np.array(got)
-            assert (min(s.overflow for s in llm.model.stats) > 0) == (name == "one slot")
-        np.testing.assert_array_equal(outs["whole"], outs["one slot"], err_msg=selector)
+            assert (min(s.overflow for s in llm.model.stats) > 0) == (name != "whole")
+        for name in ("one slot", "few rows staged"):
+            np.testing.assert_array_equal(outs["whole"], outs[name], err_msg=f"{selector}, {name}")
 
 
 def test_q4_k_blocks_give_the_source_values(gemma3_path):

@@ -35,7 +35,10 @@ def test_flash_file_is_a_valid_gguf(smollm2_flash, smollm2_path):
     l0 = info.layers[0]
     # Q4_1 gate and up rows, the Q4_1 down column in its own 4-bit codes (docs/flash-gguf.md)
     assert l0.bundle_offset % 4096 == 0 and l0.part_bytes == (360, 360, 288) and l0.types[2] == COLS_U4
-    assert np.all(np.diff(l0.freq) <= 0)            # hot-first
+    # hot-first in pairs of one source block (down_cols.stored_order): stored rows 2p, 2p + 1
+    pairs = np.asarray(l0.neuron_id).reshape(-1, 2)
+    assert np.all(pairs[:, 0] // 32 == pairs[:, 1] // 32)
+    assert np.all(np.diff(np.asarray(l0.freq, np.float64).reshape(-1, 2).sum(axis=1)) <= 0)
     # gate and up rows byte for byte, in the stored (hot-first) order
     bundle = f.raw(ff.t_bundle(0)).reshape(cfg.n_ff, -1)
     gate = src.raw("blk.0.ffn_gate.weight")

@@ -49,7 +49,7 @@ from .head_build import build_head_index, calibration_states, head_rows, index_r
 from .convert_ram import convert_ram
 from .convert_stats import SparsityStats, gate_rows, release_freed_memory
 from .convert_write import as_stored, progress_bar, write_flash
-from .down_cols import down_part_type
+from .down_cols import down_part_type, stored_order
 from .layerwise import LayerPass
 from .plan import MiB
 from .quantile import quantiles
@@ -405,7 +405,8 @@ def _convert(sampler, src, dst, *, calib, calib_tokens, sparsity, rank, down_typ
         Yv = active_mask(Xv, Wg, float(thresholds[il]), ACT_NAMES[act])
         f.release_tensor(name)
         fr = Yt.mean(axis=0).astype(np.float32)                  # (n_ff,) activation frequency
-        order = np.argsort(-fr, kind="stable")                   # hot-first
+        # hot-first (column down parts: in pairs of one source block, down_cols.stored_order)
+        order = stored_order(fr, down_part_type(f.tensor(f"blk.{il}.ffn_down.weight").qtype, down_type))
         pfr, psp = None, 0.0
         if product:   # counted in phase 2 at the layer's chosen threshold (index 0: threshold 0)
             pfr = (p_count[il, jp[il] + 1] / len(Xt)).astype(np.float32)[order]

@@ -33,6 +33,22 @@ def down_part_type(src_qtype: int, down_type: str) -> int:
     return int(Q[down_type])
 
 
+def stored_order(freq: np.ndarray, kind: int) -> np.ndarray:
+    """(n_ff,) the neurons in stored order: hot-first (decreasing calibration frequency freq); for column
+    down parts (kind in COLS_TYPES) hot-first in pairs of one source block, so that the decode step adds
+    two rows sharing a row of the tables in one pass (sparse._pair_at): each block's 32 neurons are
+    paired hottest with second hottest, third with fourth, ..., and the pairs ordered by their summed
+    frequency (ties: the lower neuron first). Within a block neighbours in frequency are ~1/32 of the
+    range apart, so the order is nearly the plain one (tests/test_down_cols.py)."""
+    if kind not in (COLS_U4, COLS_I8):
+        return np.argsort(-freq, kind="stable")
+    n_blocks = len(freq) // COLS_BLOCK
+    within = np.argsort(-freq.reshape(n_blocks, COLS_BLOCK), axis=1, kind="stable")
+    pairs = (within + np.arange(0, len(freq), COLS_BLOCK)[:, None]).reshape(-1, 2)   # (n_ff / 2, 2)
+    key = freq[pairs].astype(np.float64).sum(axis=1)
+    return pairs[np.lexsort((pairs[:, 0], -key))].reshape(-1)
+
+
 def _f16(raw, off):
     return raw[:, off:off + 2].copy().view(np.float16).astype(np.float32)[:, 0]
 

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 from ..kernels import flashstep, sparse
-from ..kernels.quant_cols import COLS_BLOCK
+from ..kernels.quant_cols import COLS_BLOCK, COLS_TYPES
 from ..kernels.flashstep import split_rows as _split   # (run_chunk; decoding splits in layer_select)
 from ..model import line_zeros, thread_rows
 from .stats import add_read
@@ -44,6 +44,26 @@ def down_tables(l) -> tuple:
     scale = np.array(l.down_scale, np.float16).view(np.uint16)
     dmin = np.array(l.down_min, np.float16).view(np.uint16) if l.down_min is not None else NO_TABLES[1]
     return scale, dmin, (np.asarray(l.neuron_id) // COLS_BLOCK).astype(np.int32)
+
+
+def pair_cut(active, n: int, ovf_pos, k0: int, m: int, no: int, block) -> tuple[int, int]:
+    """(m', j1) for the overflow chunk ovf_pos[k0:k0 + m] of active[:n] (no overflow positions in all):
+    the rows to stage, m' <= m, and the end of the positions the call then computes, so that it never
+    ends between the two rows of a pair (sparse._pair_at; block: the layer's block of each stored row,
+    None without column down parts): the chunk gives its last row to the next one when that row's
+    pair is the next chunk's first, and the call takes a pair's second row along when the window holds
+    it. The last chunk's call runs to n."""
+    while True:
+        if k0 + m >= no:
+            return m, n
+        last = int(ovf_pos[k0 + m - 1])
+        if block is None or not sparse._pair_at(active, last, block):
+            return m, last + 1
+        if int(ovf_pos[k0 + m]) != last + 1:
+            return m, last + 2              # the second row is in the window
+        if m == 1:
+            return m, last + 1              # a one-row staging buffer splits the pair (the plan gives 2+)
+        m -= 1
 
 
 class FFNLoader:
@@ -135,17 +155,19 @@ class FFNLoader:
             self.partial[:] = 0.0
             self.hsum[:] = 0.0
             step = staging.shape[0]
-            for k0 in range(0, no, step):
-                m = min(step, no - k0)
+            block = self.dtabs[il][2] if types[2] in COLS_TYPES else None   # pairs (sparse._pair_at)
+            k0 = 0
+            while k0 < no:
+                m, j1 = pair_cut(active, n, self.ovf_pos, k0, min(step, no - k0), no, block)
                 chunk = self.ovf_rows[:m]
                 np.take(active, self.ovf_pos[k0:k0 + m], out=chunk)
                 self.stage_map[chunk] = self.stage_idx[:m]
                 add_read(ts, self.store.read_rows(chunk, staging, self.stage_idx[:m]), m)
-                j1 = int(self.ovf_pos[k0 + m - 1]) + 1 if k0 + m < no else n
                 sparse.sparse_ffn_range(self.partial, self.hsum, wslots, wmap, staging, self.stage_map, active, n,
                                         j0, j1, gvals, known, xb, xq, types, offs, self.dtabs[il], act, threshold,
                                         self.ptsets)
                 j0 = j1
+                k0 += m
             ts.overflow += no
         flashstep.layer_ffn(x, self.out, self.partial, self.hsum, no == 0, wslots, wmap, staging, self.stage_map,
                             active, n, j0, gvals, known, xb, xq, types, offs, self.dtabs[il], act, threshold, *post,

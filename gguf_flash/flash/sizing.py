@@ -106,8 +106,8 @@ def choose_plan(f, c, info, w, st, cap, baseline: int, mode: str, selector: str,
         else None,
         prod_keep_freq=[keep_frequencies(l.prod_freq, l.prod_keep) for l in info.layers]
         if info.has_product and any(l.prod_keep for l in info.layers) else None,
-        staging_rows=c.n_ff if mode == "naive" else max(1, min(c.n_ff, STAGING_BYTES // slot_max)),
-        staging_rows_max=max(1, min(c.n_ff, STAGING_MAX_BYTES // slot_max)),
+        staging_rows=c.n_ff if mode == "naive" else max(2, min(c.n_ff, STAGING_BYTES // slot_max)),
+        staging_rows_max=max(2, min(c.n_ff, STAGING_MAX_BYTES // slot_max)),
         gap_bytes=disk.gap, startup_peak=peak_rss() if cap is not None else 0, path=str(f.path))
     if head == "index" and (hi is None or mode != "flash"):
         why = ("its head index is an older converter's (a per-row bound that read most of the head); "

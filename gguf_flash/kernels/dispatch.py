@@ -243,6 +243,31 @@ def _ov_axpy_down(qt, out, a, row, dtab, ia, dset, cols):
     return _down_chain(False, cols)
 
 
+def _axpy_down_pair_t(qt, out, a0, row0, a1, row1, dtab, ia, cols):
+    raise NotImplementedError("numba only")
+
+
+_PAIR_CHAINS: dict = {}
+
+
+@overload(_axpy_down_pair_t, inline="always")
+def _ov_axpy_down_pair(qt, out, a0, row0, a1, row1, dtab, ia, cols):
+    """`if qt == COLS_U4: pair; return True` for the column kinds in cols, else False (generated like
+    _down_chain: a file without column down parts compiles none of it)."""
+    have = tuple(k for k, ty in zip(qc.COLS_TYPES, cols.types) if not isinstance(ty, types.NoneType))
+    if have not in _PAIR_CHAINS:
+        lines = ["def chain(qt, out, a0, row0, a1, row1, dtab, ia, cols):"]
+        for k in have:
+            lines += [f"    if qt == {k}:",
+                      f"        k{k}(out, np.float32(a0), row0, np.float32(a1), row1, dtab[0][dtab[2][ia]])",
+                      "        return True"]
+        lines.append("    return False")
+        scope = {"np": np, **{f"k{k}": qc.PAIR_IR[k] for k in have}}
+        exec("\n".join(lines), scope)
+        _PAIR_CHAINS[have] = scope["chain"]
+    return _PAIR_CHAINS[have]
+
+
 @overload(_dequant_down_t, inline="always")
 def _ov_dequant_down(qt, out, row, dtab, ia, dset, cols):
     return _down_chain(True, cols)
@@ -294,6 +319,15 @@ def axpy_down(qt, out, a, row, dtab, ia, dset, cols):
     block and adds the mins once (quant_cols.add_block_mins). dset, cols: the down part's type set and
     column kinds (part_type_sets' third and fourth)."""
     _axpy_down_t(qt, out, a, row, dtab, ia, dset, cols)
+
+
+@njit(cache=True, inline="always")
+def axpy_down_pair(qt, out, a0, row0, a1, row1, dtab, ia, cols):
+    """out (n,) += a0 * dequant(row0) + a1 * dequant(row1) for the down parts of stored rows ia and ia + 1
+    when they are column parts (quant_cols.PAIR_IR) of one source block, as axpy_down does one (COLS_U4
+    without the mins); returns False, having done nothing, for a ggml type. The caller checked that the
+    rows share a block (dtab[2])."""
+    return _axpy_down_pair_t(qt, out, a0, row0, a1, row1, dtab, ia, cols)
 
 
 @njit(cache=True)

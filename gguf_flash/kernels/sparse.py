@@ -8,8 +8,8 @@ its slot. Identity (tests/test_flash_runtime.py): every neuron selected = the de
 import numpy as np
 from numba import njit, prange
 
-from .dispatch import axpy_down, dequant_down, dequant_into, dot_row, uses_q8x
-from .quant_cols import COLS_U4
+from .dispatch import axpy_down, axpy_down_pair, dequant_down, dequant_into, dot_row, uses_q8x
+from .quant_cols import COLS_I8, COLS_U4
 from .nn import FASTMATH, activate, gate_rule, product_rule
 from .quant_basic import MM_ROWS, _gemm_rows, _u16_as_f16_to_f32, prefetch, prefetch_ahead
 
@@ -111,7 +111,10 @@ def sparse_ffn_range(partial, hsum, slots, neuron_slot, stage, stage_map, active
     A row lives in a window slot (neuron_slot[row] >= 0: slots[neuron_slot[row]]) or in the staging
     buffer (stage[stage_map[row]]). Part c always adds its rows in increasing j, however the positions
     are cut into calls, so the sum (sum_partials) is bitwise the same whether every row sat in the window
-    or most were streamed through staging in chunks: the cap never changes the logits. Contiguous
+    or most were streamed through staging in chunks: the cap never changes the logits. Column down parts
+    add a pair (stored rows 2p, 2p + 1 of one source block at positions j, j + 1 of one part: _pair_at)
+    in one pass (dispatch.axpy_down_pair); the caller never cuts the positions between the two
+    (pair_cut), so that holds for them too. Contiguous
     blocks, not every n_part-th position: rows are stored hot-first and mostly sit in ascending slots,
     so each thread walks its rows in address order (every other row defeated the hardware prefetcher:
     2.5x slower per row than the dense matvec once the layers no longer fit in cache).
@@ -131,10 +134,12 @@ def sparse_ffn_range(partial, hsum, slots, neuron_slot, stage, stage_map, active
     t_gate, t_up, t_down = types[0], types[1], types[2]
     o_gate, o_up, o_down, o_end = offs[0], offs[1], offs[2], offs[3]
     lo = o_down if known == KNOWN_H else o_up if known == KNOWN_GATE else o_gate   # bytes used
+    pairs = t_down == COLS_U4 or t_down == COLS_I8   # column down parts: pairs of one source block
     for c in prange(n_part):
         acc = partial[c][:x.shape[0]]
         b1 = min(j1, (c + 1) * n // n_part)
-        for g0 in range(max(j0, c * n // n_part), b1, H_GROUP):
+        d = max(j0, c * n // n_part)      # the next position whose down part is still to add
+        for g0 in range(d, b1, H_GROUP):
             g1 = min(b1, g0 + H_GROUP)
             if known != KNOWN_H:   # the group's h first: independent dots, then the axpys
                 if known == KNOWN_NONE:   # the gate dots of the group, one after another (they overlap)
@@ -157,16 +162,48 @@ def sparse_ffn_range(partial, hsum, slots, neuron_slot, stage, stage_map, active
                         h = v * dot_row(t_up, _row(slots, stage, neuron_slot[a], stage_map[a])[o_up:o_down], x, xq,
                                         ptsets[1])
                     gvals[j] = h
-            for j in range(g0, g1):
+            # the down parts of positions d..g1-1, but for the first row of a pair at g1 - 1, whose second
+            # row's h the next group computes
+            e = g1 - 1 if pairs and g1 < b1 and _pair_at(active, g1 - 1, dtab[2]) else g1
+            j = d
+            while j < e:
                 if known == KNOWN_H and j + PREFETCH_AHEAD < b1:
                     _prefetch_row(slots, neuron_slot, stage, stage_map, active[j + PREFETCH_AHEAD], lo, o_end)
+                a = active[j]
                 h = gvals[j]
+                if pairs and j + 1 < b1 and _pair_at(active, j, dtab[2]):
+                    if known == KNOWN_H and j + 1 + PREFETCH_AHEAD < b1:
+                        _prefetch_row(slots, neuron_slot, stage, stage_map, active[j + 1 + PREFETCH_AHEAD], lo,
+                                      o_end)
+                    h1 = gvals[j + 1]
+                    r0 = _row(slots, stage, neuron_slot[a], stage_map[a])[o_down:o_end]
+                    r1 = _row(slots, stage, neuron_slot[a + 1], stage_map[a + 1])[o_down:o_end]
+                    if h != 0.0 and h1 != 0.0:
+                        axpy_down_pair(t_down, acc, h, r0, h1, r1, dtab, a, ptsets[3])
+                    elif h != 0.0:
+                        axpy_down(t_down, acc, h, r0, dtab, a, ptsets[2], ptsets[3])
+                    elif h1 != 0.0:
+                        axpy_down(t_down, acc, h1, r1, dtab, a + 1, ptsets[2], ptsets[3])
+                    if t_down == COLS_U4:
+                        hsum[c, dtab[2][a]] += h
+                        hsum[c, dtab[2][a]] += h1
+                    j += 2
+                    continue
                 if h != 0.0:
-                    a = active[j]
                     axpy_down(t_down, acc, h, _row(slots, stage, neuron_slot[a], stage_map[a])[o_down:o_end],
                               dtab, a, ptsets[2], ptsets[3])
                     if t_down == COLS_U4:
                         hsum[c, dtab[2][a]] += h
+                j += 1
+            d = j
+
+
+@njit(cache=True, inline="always")
+def _pair_at(active, j, block):
+    """Whether positions j and j + 1 of active hold a pair: stored rows 2p and 2p + 1 of one source
+    block (block (n_ff,) int32, each stored row's; the converter stores column parts so)."""
+    a = active[j]
+    return a % 2 == 0 and active[j + 1] == a + 1 and block[a] == block[a + 1]
 
 
 @njit(cache=True, inline="always")
