@@ -171,19 +171,16 @@ def sparse_ffn_range(partial, hsum, slots, neuron_slot, stage, stage_map, active
                     _prefetch_row(slots, neuron_slot, stage, stage_map, active[j + PREFETCH_AHEAD], lo, o_end)
                 a = active[j]
                 h = gvals[j]
-                if pairs and j + 1 < b1 and _pair_at(active, j, dtab[2]):
+                # a pair with both h nonzero in one pass; one with a zero h as two single rows (one inlined
+                # copy of the single row's kernels: a third cost ~2 s of a first run's compile)
+                if pairs and j + 1 < b1 and _pair_at(active, j, dtab[2]) and h != 0.0 and gvals[j + 1] != 0.0:
                     if known == KNOWN_H and j + 1 + PREFETCH_AHEAD < b1:
                         _prefetch_row(slots, neuron_slot, stage, stage_map, active[j + 1 + PREFETCH_AHEAD], lo,
                                       o_end)
                     h1 = gvals[j + 1]
-                    r0 = _row(slots, stage, neuron_slot[a], stage_map[a])[o_down:o_end]
-                    r1 = _row(slots, stage, neuron_slot[a + 1], stage_map[a + 1])[o_down:o_end]
-                    if h != 0.0 and h1 != 0.0:
-                        axpy_down_pair(t_down, acc, h, r0, h1, r1, dtab, a, ptsets[3])
-                    elif h != 0.0:
-                        axpy_down(t_down, acc, h, r0, dtab, a, ptsets[2], ptsets[3])
-                    elif h1 != 0.0:
-                        axpy_down(t_down, acc, h1, r1, dtab, a + 1, ptsets[2], ptsets[3])
+                    axpy_down_pair(t_down, acc, h, _row(slots, stage, neuron_slot[a], stage_map[a])[o_down:o_end],
+                                   h1, _row(slots, stage, neuron_slot[a + 1], stage_map[a + 1])[o_down:o_end], dtab,
+                                   a, ptsets[3])
                     if t_down == COLS_U4:
                         hsum[c, dtab[2][a]] += h
                         hsum[c, dtab[2][a]] += h1
