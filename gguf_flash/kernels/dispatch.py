@@ -252,16 +252,15 @@ _PAIR_CHAINS: dict = {}
 
 @overload(_axpy_down_pair_t, inline="always")
 def _ov_axpy_down_pair(qt, out, a0, row0, a1, row1, dtab, ia, cols):
-    """`if qt == COLS_U4: pair; return True` for the column kinds in cols, else False (generated like
-    _down_chain: a file without column down parts compiles none of it)."""
+    """`if qt == COLS_U4: pair` for the column kinds in cols (generated like _down_chain: a file without
+    column down parts compiles none of it)."""
     have = tuple(k for k, ty in zip(qc.COLS_TYPES, cols.types) if not isinstance(ty, types.NoneType))
     if have not in _PAIR_CHAINS:
         lines = ["def chain(qt, out, a0, row0, a1, row1, dtab, ia, cols):"]
         for k in have:
             lines += [f"    if qt == {k}:",
-                      f"        k{k}(out, np.float32(a0), row0, np.float32(a1), row1, dtab[0][dtab[2][ia]])",
-                      "        return True"]
-        lines.append("    return False")
+                      f"        return k{k}(out, np.float32(a0), row0, np.float32(a1), row1, dtab[0][dtab[2][ia]])"]
+        lines.append("    return None")
         scope = {"np": np, **{f"k{k}": qc.PAIR_IR[k] for k in have}}
         exec("\n".join(lines), scope)
         _PAIR_CHAINS[have] = scope["chain"]
@@ -325,9 +324,8 @@ def axpy_down(qt, out, a, row, dtab, ia, dset, cols):
 def axpy_down_pair(qt, out, a0, row0, a1, row1, dtab, ia, cols):
     """out (n,) += a0 * dequant(row0) + a1 * dequant(row1) for the down parts of stored rows ia and ia + 1
     when they are column parts (quant_cols.PAIR_IR) of one source block, as axpy_down does one (COLS_U4
-    without the mins); returns False, having done nothing, for a ggml type. The caller checked that the
-    rows share a block (dtab[2])."""
-    return _axpy_down_pair_t(qt, out, a0, row0, a1, row1, dtab, ia, cols)
+    without the mins); nothing for a ggml type. The caller checked that the rows share a block (dtab[2])."""
+    _axpy_down_pair_t(qt, out, a0, row0, a1, row1, dtab, ia, cols)
 
 
 @njit(cache=True)

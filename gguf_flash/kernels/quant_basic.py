@@ -386,6 +386,13 @@ def _arg_ptr(context, b, sig, args, k, ty):
     return b.bitcast(context.make_array(sig.args[k])(context, b, args[k]).data, ir.PointerType(ty))
 
 
+def _out_f32(context, b, sig, args, shift):
+    """(float32 pointer, length >> shift) of an intrinsic's first argument, the float32 output vector
+    (shift 5: its 32-value blocks; 4: its 16-lane vectors)."""
+    oa = context.make_array(sig.args[0])(context, b, args[0])
+    return b.bitcast(oa.data, ir.PointerType(_F32)), b.lshr(b.extract_value(oa.shape, 0), ir.Constant(_I64, shift))
+
+
 def _store(b, val, base, off):
     b.store(val, b.bitcast(b.gep(base, [off]), ir.PointerType(val.type)), align=4)
 
@@ -520,11 +527,9 @@ def _make_axpy(kind, dequant):
             return None
 
         def codegen(context, b, sig, args):
-            oa = context.make_array(sig.args[0])(context, b, args[0])
-            op = b.bitcast(oa.data, ir.PointerType(_F32))
+            op, nb = _out_f32(context, b, sig, args, 5)
             rp = _arg_ptr(context, b, sig, args, 2, _I8)
             av = context.cast(b, args[1], sig.args[1], types.float32)
-            nb = b.lshr(b.extract_value(oa.shape, 0), ir.Constant(_I64, 5))
             with cgutils.for_range(b, nb) as loop:
                 i = loop.index
                 bp = b.gep(rp, [b.mul(i, ir.Constant(_I64, nbytes))])

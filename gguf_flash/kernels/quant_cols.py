@@ -37,8 +37,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .quant_basic import (FASTMATH, _F32, _FMF, _I8, _I32, _I64, _arg_ptr, _is_vec, _load, _part, _splat, _store,
-                          _vconst, _vec)
+from .quant_basic import (FASTMATH, _F32, _FMF, _I8, _I32, _I64, _arg_ptr, _is_vec, _load, _out_f32, _part, _splat,
+                          _store, _vconst, _vec)
 
 COLS_U4 = 200
 COLS_I8 = 201
@@ -79,6 +79,11 @@ def _half16(b, p, e):
     return b.fpext(_load(b, p, e, _vec(ir.HalfType(), 16), 2), _vec(_F32, 16))
 
 
+def _splat_arg(context, b, sig, args, k):
+    """Scalar argument k of an intrinsic as float32, in all 16 lanes."""
+    return _splat(b, context.cast(b, args[k], sig.args[k], types.float32), 16)
+
+
 def _codes16(b, kind, rp, i, centre=True):
     """The two 16-lane float vectors of the codes of block i (32 values) of a column: U4 widened from
     its nibbles (centred, code - 8, unless centre is False), I8 as stored."""
@@ -107,12 +112,10 @@ def _make_axpy_cols(kind, dequant, with_min=True):
             return None
 
         def codegen(context, b, sig, args):
-            oa = context.make_array(sig.args[0])(context, b, args[0])
-            op = b.bitcast(oa.data, ir.PointerType(_F32))
+            op, nb = _out_f32(context, b, sig, args, 5)
             rp = _arg_ptr(context, b, sig, args, 2, _I8)
             sp, mp = (_arg_ptr(context, b, sig, args, k, ir.HalfType()) for k in (3, 4))
-            av = _splat(b, context.cast(b, args[1], sig.args[1], types.float32), 16)
-            nb = b.lshr(b.extract_value(oa.shape, 0), ir.Constant(_I64, 5))
+            av = _splat_arg(context, b, sig, args, 1)
             with cgutils.for_range(b, nb) as loop:
                 i = loop.index
                 e0 = b.shl(i, ir.Constant(_I64, 5))           # first element of the block
@@ -146,12 +149,10 @@ def _make_axpy_cols_pair(kind):
             return None
 
         def codegen(context, b, sig, args):
-            oa = context.make_array(sig.args[0])(context, b, args[0])
-            op = b.bitcast(oa.data, ir.PointerType(_F32))
+            op, nb = _out_f32(context, b, sig, args, 5)
             rp0, rp1 = (_arg_ptr(context, b, sig, args, k, _I8) for k in (2, 4))
             sp = _arg_ptr(context, b, sig, args, 5, ir.HalfType())
-            av0, av1 = (_splat(b, context.cast(b, args[k], sig.args[k], types.float32), 16) for k in (1, 3))
-            nb = b.lshr(b.extract_value(oa.shape, 0), ir.Constant(_I64, 5))
+            av0, av1 = (_splat_arg(context, b, sig, args, k) for k in (1, 3))
             with cgutils.for_range(b, nb) as loop:
                 i = loop.index
                 e0 = b.shl(i, ir.Constant(_I64, 5))
@@ -178,12 +179,10 @@ def _add_min8(typingctx, out, a, s, m):
         return None
 
     def codegen(context, b, sig, args):
-        oa = context.make_array(sig.args[0])(context, b, args[0])
-        op = b.bitcast(oa.data, ir.PointerType(_F32))
+        op, nv = _out_f32(context, b, sig, args, 4)
         sp, mp = (_arg_ptr(context, b, sig, args, k, ir.HalfType()) for k in (2, 3))
-        av = _splat(b, context.cast(b, args[1], sig.args[1], types.float32), 16)
+        av = _splat_arg(context, b, sig, args, 1)
         eight = _splat(b, ir.Constant(_F32, 8.0), 16)
-        nv = b.lshr(b.extract_value(oa.shape, 0), ir.Constant(_I64, 4))
         with cgutils.for_range(b, nv) as loop:
             e = b.shl(loop.index, ir.Constant(_I64, 4))
             v = b.fadd(_half16(b, mp, e), b.fmul(eight, _half16(b, sp, e), flags=_FMF), flags=_FMF)
