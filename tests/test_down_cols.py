@@ -179,9 +179,12 @@ def test_pair_cut_never_ends_a_call_between_the_rows_of_a_pair():
 
 
 def _tiny(tmp_path, qtype):
+    """A 2-layer synthetic llama whose layers are qtype and its embedding Q8_0 (SmolLM2's mix for Q4_1:
+    the same type sets as the real model's tests, so the suite compiles their kernels once), and a
+    calibration text."""
     from gguf_flash.synthetic import write_synthetic
     src = write_synthetic(tmp_path / f"t-{qtype}.gguf", arch="llama", n_layer=2, n_embd=64, n_ff=128, n_head=4,
-                          n_head_kv=2, n_vocab=300, qtype=qtype, seed=5)
+                          n_head_kv=2, n_vocab=300, qtype=qtype, embd_qtype="Q8_0", seed=5)
     calib = tmp_path / "c.txt"
     calib.write_text(" ".join(f"w{i % 50} x{i % 7}" for i in range(3000)))
     return src, calib

@@ -33,15 +33,18 @@ def test_one_layer_of_a_chunk_equals_the_decode_kernels(smollm2_flash, mode, sel
     shrunk to one slot, the union streamed through the staging buffer in parts. The KV cache is F32
     here: the decode loop rewrites each position's K/V over the chunk's, and in an F16 cache a
     last-bit difference in K can flip a half's rounding (~5e-4 of the element), which moved this
-    layer's output by 1e-4 of its largest element on an AVX-512 machine (2.6e-7 with F32)."""
+    layer's output by 1e-4 of its largest element on an AVX-512 machine (2.6e-7 with F32). The model
+    keeps its F16 cache (the suite's compiled flash kernels); the two attention calls get F32 caches of
+    the same shape (the kernels the dense engine's -ctk f32 uses)."""
     from gguf_flash.flash.stats import ChunkStats, TokenStats
     from gguf_flash.kernels import forward as fw, nn, sparse
     path, _ = smollm2_flash
-    m = gguf_flash.load(path, n_ctx=64, mode=mode, selector=selector, kv_type="f32").model
+    m = gguf_flash.load(path, n_ctx=64, mode=mode, selector=selector).model
     if window:
         for w_ in m.windows:
             w_.shrink(1)
     c, w, s, pre = m.cfg, m.w, m.st, m.chunked
+    k_cache, v_cache = np.zeros(s.k_cache.shape, np.float32), np.zeros(s.v_cache.shape, np.float32)
     ids = [1, 504, 3458, 30, 1000, 17, 1211]
     T, il, eps = len(ids), 3, float(w.fp[fw.FP_EPS])
     X, XB, XR = pre.X[:T], pre.XB[:T], pre.XR[:T]
@@ -51,13 +54,13 @@ def test_one_layer_of_a_chunk_equals_the_decode_kernels(smollm2_flash, mode, sel
         nn.rope_cos_sin(pre.cos[j, 1], pre.sin[j, 1], j, w.inv_freq[1])
     x0 = X.copy()
     fw.attention_batch_layer(X, XB, XR, pre.Q[:T], pre.K[:T], pre.V[:T], pre.ATT[:T], pre.ATR[:T], pre.scores,
-                             s.k_cache, s.v_cache, pre.cos, pre.sin, w.blob, w.mats, w.norms, w.qk_norms,
+                             k_cache, v_cache, pre.cos, pre.sin, w.blob, w.mats, w.norms, w.qk_norms,
                              w.biases, w.swa, w.ip, w.fp, il, 0, w.ts)
     for j in range(T):
         s.x[:] = x0[j]
         nn.rope_cos_sin(s.cos[0], s.sin[0], j, w.inv_freq[0])
         nn.rope_cos_sin(s.cos[1], s.sin[1], j, w.inv_freq[1])
-        fw.attention_layer(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin,
+        fw.attention_layer(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, k_cache, v_cache, s.cos, s.sin,
                            s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp,
                            il, j, w.ts)
         np.testing.assert_allclose(X[j], s.x, atol=1e-5 * np.abs(s.x).max())

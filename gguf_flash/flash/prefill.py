@@ -105,7 +105,7 @@ class ChunkPrefill(ChunkBuffers):
         head read once per r rows; its kernel is loaded only for a model made with logit_rows > 1)."""
         m, r = self.m, out.shape[0]
         cs = m.prompt_stats[-1]
-        eps = float(m.w.fp[fw.FP_EPS])
+        eps = m.w.fp[fw.FP_EPS]
         if r == 1:
             for j in range(T):
                 m.st.x[:] = self.X[j]
@@ -132,7 +132,7 @@ class ChunkPrefill(ChunkBuffers):
             m.embed(X[j], tok, cs)
             nn.rope_cos_sin(self.cos[j, 0], self.sin[j, 0], pos0 + j, w.inv_freq[0])
             nn.rope_cos_sin(self.cos[j, 1], self.sin[j, 1], pos0 + j, w.inv_freq[1])
-        eps = float(w.fp[fw.FP_EPS])
+        eps = w.fp[fw.FP_EPS]
         s = m.st
         for il in range(c.n_layer):
             fw.attention_batch_layer(X, XB, XR, self.Q[:T], self.K[:T], self.V[:T], self.ATT[:T], self.ATR[:T],
@@ -145,7 +145,7 @@ class ChunkPrefill(ChunkBuffers):
             # the FFN's output goes to XB: its sums are written once every part has used XB
             m.ffn.run_chunk(XB, il, self.union, n, MK, HG, known, XB, XR, c.activation, m.thresholds[il],
                             m.t + T - 1, cs, self)
-            fw.rows_residual(X, XB, w.norms[il, fw.NORM_POST_FFW], eps, c.post_norms)
+            fw.rows_residual(X, XB, w.norms[il, fw.NORM_POST_FFW], eps, int(c.post_norms))
         s.x[:] = X[T - 1]
         if last:
             m.decode_head(eps, cs)

@@ -79,7 +79,7 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     ffn_out = np.zeros(c.n_embd, np.float32)
     fw.embed(s.x, w.blob, w.embd, 0, w.fp[fw.FP_EMBD_SCALE], w.ts)
     nn.rope_cos_sin(s.cos[0], s.sin[0], 0, w.inv_freq[0])
-    nn.rmsnorm(s.xb, s.x, w.norms[0, fw.NORM_FFN], 1e-5)
+    nn.rmsnorm(s.xb, s.x, w.norms[0, fw.NORM_FFN], w.fp[fw.FP_EPS])
     dispatch.quantize_x(s.xq_embd, s.xb)
     one = np.zeros((1, l0.bundle_bytes), np.uint8)
     idx = np.zeros(c.n_ff, np.int32)
@@ -99,7 +99,7 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
                            *selector_args(None, 0), s.hg, s.hu, none, g, idx, idx, idx, 0, 0, w.ts, pts)
     flashstep.layer_ffn(s.x, ffn_out, partial, hsum, True, one, idx, one, idx, none, 0, 0, g, sparse.KNOWN_NONE, s.xb,
                         s.xq_embd, np.array(l0.types, np.int64), np.array(np.cumsum((0,) + l0.part_bytes), np.int64),
-                        dt, c.activation, np.float32(0), w.norms[0, fw.NORM_POST_FFW], 1e-5, c.post_norms, pts)
+                        dt, c.activation, np.float32(0), w.norms[0, fw.NORM_POST_FFW], w.fp[fw.FP_EPS], int(c.post_norms), pts)
     # every layer in one call (a token that reads nothing): loaded, but run over no layer (ip's layer
     # count 0), so no attention weight is paged in here to be counted in the runtime's RSS (+19 MiB)
     if held:
@@ -115,9 +115,9 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     fw.attention_batch_layer(pre.X, pre.XB, pre.XR, pre.Q, pre.K, pre.V, pre.ATT, pre.ATR, pre.scores,
                              s.k_cache, s.v_cache, pre.cos, pre.sin, w.blob, w.mats, w.norms, w.qk_norms,
                              w.biases, w.swa, w.ip, w.fp, 0, 0, w.ts)
-    fw.rows_rmsnorm(pre.XB, pre.X, w.norms[0, fw.NORM_FFN], 1e-5)
+    fw.rows_rmsnorm(pre.XB, pre.X, w.norms[0, fw.NORM_FFN], w.fp[fw.FP_EPS])
     fw.rows_round_q8(pre.XR, pre.XB)
-    fw.rows_residual(pre.X, pre.XB, w.norms[0, fw.NORM_POST_FFW], 1e-5, False)
+    fw.rows_residual(pre.X, pre.XB, w.norms[0, fw.NORM_POST_FFW], w.fp[fw.FP_EPS], 0)
     sparse.mask_by_gate(pre.MK, pre.HG, c.activation, 0.0, pre.HU[0])
     sparse.mask_by_product(pre.MK, pre.HG, pre.HU, g, c.activation, 0.0, pre.HU[0])
     sparse.mask_by_logit(pre.MK[0], pre.HG[0], 0.0, True)
@@ -139,9 +139,9 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     dispatch.matvec(s.logits[:1], w.blob, head, s.xb, s.xq_embd, w.ts)
     if logit_rows > 1:   # prompt logits r rows at a time (perplexity): a matrix product over the head
         dispatch.matmat(np.zeros((1, 1), np.float32), w.blob, head, pre.XB, w.ts)
-        fw.rows_rmsnorm(pre.XB, pre.X, w.output_norm, 1e-5)
-    fw.output_head(s.logits[:1], s.x, s.xb, s.xq_embd, w.blob, head, w.output_norm, 1e-5, w.ts)
-    nn.rmsnorm(s.xb, s.x, w.output_norm, 1e-5)
+        fw.rows_rmsnorm(pre.XB, pre.X, w.output_norm, w.fp[fw.FP_EPS])
+    fw.output_head(s.logits[:1], s.x, s.xb, s.xq_embd, w.blob, head, w.output_norm, w.fp[fw.FP_EPS], w.ts)
+    nn.rmsnorm(s.xb, s.x, w.output_norm, w.fp[fw.FP_EPS])
     f.release(int(head[0]), int(head[2]))
     if info.head_index is not None:
         _preload_head_index(s, w, int(head[3]))
@@ -290,8 +290,8 @@ class FlashModel:
         step = [self._state + (il,) + sel.step_args(il) + self._rows
                 + (ffn.windows[il].neuron_slot if ffn.windows[il] else ffn.no_slot, ffn.win_rows, ffn.ovf_pos)
                 for il in range(c.n_layer)]
-        eps = float(w.fp[fw.FP_EPS])
-        post = [(w.norms[il, fw.NORM_POST_FFW], eps, c.post_norms) for il in range(c.n_layer)]
+        eps = w.fp[fw.FP_EPS]     # float32 and int: the types the compiled step passes (one specialization)
+        post = [(w.norms[il, fw.NORM_POST_FFW], eps, int(c.post_norms)) for il in range(c.n_layer)]
         return step, post
 
     def _held(self):
@@ -330,7 +330,7 @@ class FlashModel:
         self.embed(s.x, token, ts)
         nn.rope_cos_sin(s.cos[0], s.sin[0], pos, w.inv_freq[0])
         nn.rope_cos_sin(s.cos[1], s.sin[1], pos, w.inv_freq[1])
-        eps = float(w.fp[fw.FP_EPS])
+        eps = w.fp[fw.FP_EPS]
         sel, ffn, wins = self.select, self.ffn, self.ffn.windows
         held = self._held()
         if held is not None:   # nothing to read: every layer in one call

@@ -138,7 +138,9 @@ def layers_held(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd
     offs (n_layer, 4) int64; dtabs (n_layer,) tuple of the layers' column-down tables; thresholds
     (n_layer,) f32 the FFN kernels' gate rule. The rest as layer_select and layer_ffn take them. Returns
     the rows computed over all layers. The same calls in the same order as the per-layer path: the logits
-    are bitwise the same."""
+    are bitwise the same. The constants it passes are typed as the per-layer path's arguments
+    (np.int64(-1), not -1): a literal argument compiles a callee again for its value (each of
+    layer_select, layer_ffn and sparse_ffn_range twice, ~7 s of a flash file's first-run compile)."""
     total = 0
     for il in range(ip[IP_N_LAYER]):
         ns, la = neuron_slot[il], last_active[il]
@@ -146,11 +148,11 @@ def layers_held(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd
                                         blob, mats, norms, qk_norms, biases, swa, ip, fp, il,
                                         kind, gates, gate_type, ups, up_type, down_norm, pa, pb, pbias, pz, ptmp,
                                         pred_offset, pred_abs, sel_threshold, hg, hu, active, gvals, ns, win_rows,
-                                        ovf_pos, pos, -1, tset, ptsets)
+                                        ovf_pos, pos, np.int64(-1), tset, ptsets)
         for j in range(n):
             la[active[j]] = t
-        layer_ffn(x, out, partial, hsum, True, slots[il], ns, stage, stage_map, active, n, 0, gvals, known, xb,
-                  xq_embd, types[il], offs[il], dtabs[il], ip[IP_ACT], thresholds[il], norms[il, NORM_POST_FFW],
-                  np.float64(fp[FP_EPS]), ip[IP_POST_NORMS] != 0, ptsets)
+        layer_ffn(x, out, partial, hsum, np.bool_(True), slots[il], ns, stage, stage_map, active, n, np.int64(0),
+                  gvals, known, xb, xq_embd, types[il], offs[il], dtabs[il], ip[IP_ACT], thresholds[il],
+                  norms[il, NORM_POST_FFW], fp[FP_EPS], ip[IP_POST_NORMS], ptsets)
         total += n
     return total

@@ -365,10 +365,11 @@ def sparse_ffn_chunk(PART, DEC, H, slots, neuron_slot, stage, stage_map, union, 
             for r in range(nr, nr4):
                 gb[r, :] = 0.0
                 ub[r, :] = 0.0
+            r0 = np.int64(0)   # not a literal 0: a literal compiles _gemm_rows once more for its value
             if known == KNOWN_NONE:
-                _gemm_rows(hgl, gb, xg, 0, nr4)
+                _gemm_rows(hgl, gb, xg, r0, nr4)
             if known != KNOWN_H:
-                _gemm_rows(hul, ub, xu, 0, nr4)
+                _gemm_rows(hul, ub, xu, r0, nr4)
             for j in range(T):
                 out = acc[j]
                 for r in range(nr):     # token j's h for each row of the group, 0 where it adds nothing
