@@ -218,7 +218,9 @@ def read_set(P, best, margin, first) -> np.ndarray:
     """Rows (increasing) one state reads under the greedy bar: its round-1 rows and every row whose preview
     is within margin x (best - mean preview) of best (flash/head_index.py's rule)."""
     thr = best - margin * max(best - float(P.mean()), 0.0)
-    return np.union1d(np.nonzero(P > thr)[0], first)
+    mask = P > thr     # a mask, not np.union1d: its sort of every passing row took 37 ms a state for 200k rows
+    mask[first] = True
+    return np.flatnonzero(mask)
 
 
 def _read_sets(head, states, basis, preview, scale, margin, order=None):
