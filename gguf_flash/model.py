@@ -35,8 +35,7 @@ def weight_desc(f: GGUFFile, name: str, n_cols: int | None = None) -> np.ndarray
 class Weights:
     """Read-only views into the GGUF file plus small float32 copies of norms and biases."""
 
-    def __init__(self, f: GGUFFile, cfg: ModelConfig, ffn: bool = True, more_types=()):
-        """more_types: ggml types the kernels must handle besides these weights' (a flash file's bundles)."""
+    def __init__(self, f: GGUFFile, cfg: ModelConfig, ffn: bool = True):
         c = cfg
         self.blob = f._mm                                           # (file_size,) uint8, read-only map
         self.mats = np.full((c.n_layer, 7, 4), -1, dtype=np.int64)  # (n_layer, 7, 4) see forward.py
@@ -89,7 +88,7 @@ class Weights:
         self.no_capture = np.zeros((0, 1, c.n_embd), np.float32)
         # the type set every kernel call gets (kernels/dispatch.py): only these types' kernels are compiled
         self.ts = dispatch.type_set([int(t) for t in self.mats[:, :, 3].ravel() if t >= 0]
-                                    + [int(self.embd[3]), int(self.output[3])] + [int(t) for t in more_types])
+                                    + [int(self.embd[3]), int(self.output[3])])
 
 
 def kv_dtype(kv_type: str):

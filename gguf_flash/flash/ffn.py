@@ -70,7 +70,7 @@ class FFNLoader:
     """Window slots and overflow staging for every layer; `run` computes one layer's sparse FFN."""
 
     def __init__(self, store, layers, plan, n_ff: int, n_embd: int, n_part: int, window_k: int, tset, ptsets):
-        self.tset = tset                                          # the model's type set (dispatch.type_set)
+        self.tset = tset                                          # the bundle parts' (runtime.chunk_tset)
         self.ptsets = ptsets                                      # the parts' (dispatch.part_type_sets)
         self.store, self.layers, self.n_ff = store, layers, n_ff
         # the bundle parts a slot leaves out: gate (gate rows resident), gate and up (product selector)

@@ -53,11 +53,11 @@ def compile_out_of_process(f, kv_type: str = "f16", logit_rows: int = 0, progres
     """On a first run, compile the runtime's kernels in a child process (firstrun.ensure_compiled)
     before the plan measures this process's RSS: in-process, LLVM's compiling memory made the runtime
     look 734 MiB instead of ~210 and the first `run --max-ram 360M` was refused. The type set is the
-    file's attention, head and embedding weights' and its bundle parts'. Once they are cached this costs
-    a marker's lookup."""
+    file's attention, head and embedding weights'; the bundle parts' types name the marker's extra. Once
+    they are cached this costs a marker's lookup."""
     c = config_from_gguf(f)
     info = read_flash(f, c)
-    tset = Weights(f, c, ffn=False, more_types=bundle_types(info)).ts
+    tset = Weights(f, c, ffn=False).ts
     # the row kernels are specialized on the parts' own types (dispatch.part_type_sets): they name the marker
     parts = ".".join("_".join(names) for names in dispatch.part_type_names(part_tsets(info)))
     extra = ("index-" if info.head_index is not None else "") + parts
@@ -74,7 +74,7 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     load would touch LLVM again: ~50 MiB)."""
     c = cfg or config_from_gguf(f)
     info = info or read_flash(f, c)
-    w, s = Weights(f, c, ffn=False, more_types=bundle_types(info)), RunState(c, 16, n_ubatch=1, kv_type=kv_type)
+    w, s = Weights(f, c, ffn=False), RunState(c, 16, n_ubatch=1, kv_type=kv_type)
     l0 = info.layers[0]
     ffn_out = np.zeros(c.n_embd, np.float32)
     fw.embed(s.x, w.blob, w.embd, 0, w.fp[fw.FP_EMBD_SCALE], w.ts)
@@ -123,11 +123,11 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     sparse.mask_by_logit(pre.MK[0], pre.HG[0], 0.0, True)
     sparse.union_rows(idx, pre.MK)
     sparse.gate_chunk(np.zeros((1, MM_ROWS), np.float32), np.zeros((MM_ROWS, l0.part_bytes[0]), np.uint8), int(l0.types[0]),
-                      pre.XB, w.ts)
+                      pre.XB, chunk_tset(info))
     sparse.sparse_ffn_chunk(pre.PART, pre.DEC, pre.H, one, idx, one, idx, idx, 0, 0, pre.MK, pre.HG, sparse.KNOWN_NONE,
                             pre.XB, pre.XR, np.array(l0.types, np.int64),
                             np.array(np.cumsum((0,) + l0.part_bytes), np.int64), dt, c.activation, np.float32(0),
-                            w.ts, pts[3])
+                            chunk_tset(info), pts[3])
     sparse.sum_parts_chunk(pre.X, pre.PART)
     _split(idx, idx, idx, 0, idx, 1)
     # the factors as Selector holds them (uint16 copies), the bias a read-only view of the map
@@ -215,7 +215,7 @@ class FlashModel:
         self.info = info = read_flash(f, c)
         check_file(f, c, info, mode, selector)
         self.n_ctx = int(n_ctx) if n_ctx else min(1024 if max_ram else 4096, c.n_ctx_train)
-        self.w = Weights(f, c, ffn=False, more_types=bundle_types(info))
+        self.w = Weights(f, c, ffn=False)
         self.st = RunState(c, self.n_ctx, n_ubatch=1, kv_type=kv_type)   # tokens one at a time: no prompt batch buffers
         self.cap = budget.parse_size(max_ram) if max_ram is not None else None
         disk = disk_settings(f, info, io_threads)
@@ -241,7 +241,7 @@ class FlashModel:
         self.store = BundleStore(f.path, info.layers[0].bundle_offset, info.layers[0].bundle_bytes, c.n_ff,
                                  cold=cold, n_threads=disk.io_threads, gap_bytes=disk.gap, stat=f.stat,
                                  max_range=disk.max_range)
-        self.select = Selector(self.selector, info.layers, self.store, c.n_ff, c.activation, self.w.ts)
+        self.select = Selector(self.selector, info.layers, self.store, c.n_ff, c.activation, chunk_tset(info))
         if self.selector == "predictor":   # the selector copied the factors: drop the map's pages of them
             for il in range(L):
                 for name in (ff.t_pred_a(il), ff.t_pred_b(il)):
@@ -252,7 +252,7 @@ class FlashModel:
                                     for l in info.layers], np.float32) if mode == "flash" else np.zeros(L, np.float32)
         self.ptsets = part_tsets(info)
         self.ffn = FFNLoader(self.store, info.layers, self.plan, c.n_ff, c.n_embd, numba.get_num_threads(),
-                             window_k, self.w.ts, self.ptsets)
+                             window_k, chunk_tset(info), self.ptsets)
         ff.release_down_tables(f, L)   # copied by the loader: the map's pages would be held twice
         # what stays resident is copied out of the file map (flash/pinned.py: a file truncated under the
         # model is then a read error naming it, not SIGBUS); streamed parts keep their file offsets
@@ -420,6 +420,9 @@ def part_tsets(info) -> tuple:
     return dispatch.part_type_sets(l.types for l in info.layers)
 
 
-def bundle_types(info) -> list:
-    """The ggml types of every layer's bundle parts (gate, up, down); column down parts have none."""
-    return sorted({int(t) for l in info.layers for t in l.types if int(t) not in COLS_TYPES})
+def chunk_tset(info) -> tuple:
+    """The type set of the prompt chunk's kernels (sparse.gate_chunk, sparse.sparse_ffn_chunk), which
+    decode whole bundle parts of any layer: the ggml types of every part (column down parts have none).
+    The model's own type set (attention, head, embedding) leaves them out, so a file whose parts have
+    other types than its weights (--down-type Q5_0) shares those kernels with its source."""
+    return dispatch.type_set({int(t) for l in info.layers for t in l.types if int(t) not in COLS_TYPES})

@@ -18,7 +18,7 @@ from ..kernels import dispatch, flashstep, sparse
 class Selector:
     def __init__(self, kind: str, layers, store, n_ff: int, activation: int, tset):
         self.kind, self.layers, self.n_ff, self.act = kind, layers, n_ff, activation
-        self.tset = tset                                # the model's type set (dispatch.type_set)
+        self.tset = tset                                # the bundle parts' (runtime.chunk_tset)
         self.active = np.arange(n_ff, dtype=np.int32)   # (n_ff,) int32 chosen rows (all unless selecting)
         self.gvals = np.zeros(n_ff, np.float32)         # (n_ff,) f32 act(gate) or act(gate) * up (see above)
         self.z = np.zeros(n_ff, np.float32)             # (n_ff,) f32 predictor logits
