@@ -60,6 +60,28 @@ def test_sparse_ffn_with_every_neuron_equals_dense_ffn(tmp_path):
         np.testing.assert_allclose(b, a, atol=0.02 * np.abs(a).max())
 
 
+def test_the_window_keeps_what_it_read_while_it_has_room(tmp_path):
+    """Without a cap every layer's window has a slot for each row: decoding reads each row at most once
+    (flash/window.py KEEP_WHILE_ROOM), where the paper's window of k tokens (window_k=1 here) read rows
+    again once they had been inactive for k tokens; the logits are the same either way."""
+    src, calib = _tiny_source(tmp_path)
+    out = tmp_path / "t.flash.gguf"
+    gguf_flash.convert(src, out, calib=calib, calib_tokens=1024, sparsity=0.5, rank=8)
+    toks = [5, 17, 99, 200, 3, 42, 7, 8, 150, 260, 11, 64, 33, 90, 2, 120]
+    loaded, logits = {}, {}
+    from gguf_flash.flash.runtime import FlashModel
+    from gguf_flash.gguf_file import GGUFFile
+    gguf_flash.load(out, n_ctx=64)     # the kernels, compiled in a child as a run does
+    for k in (None, 1):
+        m = FlashModel(GGUFFile(out), n_ctx=64, selector="gate", window_k=k)
+        logits[k] = np.array([m.forward(t, p).copy() for p, t in enumerate(toks)])
+        loaded[k] = sum(s.loaded for s in m.stats)
+        assert all(s.overflow == 0 for s in m.stats)
+    n_rows = m.cfg.n_ff * m.cfg.n_layer
+    assert 0 < loaded[None] <= n_rows < loaded[1], loaded
+    np.testing.assert_array_equal(logits[None], logits[1])
+
+
 def test_down_type_is_written_and_used(tmp_path):
     """--down-type: each bundle's down part is the source's down column quantized by gguf.quants as that
     type (byte for byte), and a flash file in dense mode drifts from the source's logits more the

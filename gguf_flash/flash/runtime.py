@@ -40,7 +40,7 @@ from .selector import Selector
 from .sizing import choose_plan, disk_settings
 from .stats import TokenStats  # noqa: F401  (the per-token statistics; re-exported)
 from .store import BundleStore
-from .window import Window
+from .window import KEEP_WHILE_ROOM, Window
 
 log = logging.getLogger(__name__)
 MODES = ("flash", "naive", "dense")
@@ -206,7 +206,7 @@ def check_file(f, c, info, mode: str, selector: str) -> None:
 class FlashModel:
     def __init__(self, f, *, max_ram=None, mode: str = "flash", selector: str = "auto",
                  n_ctx: int | None = None, n_threads: int | None = None, cold: bool = False,
-                 window_k: int = 8, io_threads: int = 4, kv_type: str = "f16", prefill_chunk: int | None = None,
+                 window_k: int | None = None, io_threads: int = 4, kv_type: str = "f16", prefill_chunk: int | None = None,
                  logit_rows: int = 0, head: str = "auto"):
         check_request(mode, selector, head)
         set_threads(n_threads)
@@ -252,7 +252,7 @@ class FlashModel:
                                     for l in info.layers], np.float32) if mode == "flash" else np.zeros(L, np.float32)
         self.ptsets = part_tsets(info)
         self.ffn = FFNLoader(self.store, info.layers, self.plan, c.n_ff, c.n_embd, numba.get_num_threads(),
-                             window_k, chunk_tset(info), self.ptsets)
+                             KEEP_WHILE_ROOM if window_k is None else window_k, chunk_tset(info), self.ptsets)
         ff.release_down_tables(f, L)   # copied by the loader: the map's pages would be held twice
         # what stays resident is copied out of the file map (flash/pinned.py: a file truncated under the
         # model is then a read error naming it, not SIGBUS); streamed parts keep their file offsets

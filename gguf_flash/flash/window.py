@@ -1,7 +1,9 @@
 """The sliding-window slot manager: which FFN neurons of one layer are in DRAM, and where.
 
 LLM in a flash, 3.3 ("Sliding window"): keep the neurons that were active in any of the last k tokens;
-each new token loads only the ones it needs that are not already there. 3.3 ("DRAM management without
+each new token loads only the ones it needs that are not already there. The runtime's default k is
+KEEP_WHILE_ROOM: nothing ages out, and a token that needs slots takes those of the least recently active
+neurons (never one it uses), as a window of k tokens does when it is full. 3.3 ("DRAM management without
 allocation"): one preallocated matrix of bundle slots per layer plus index arrays; deleting a neuron
 moves the last used slot into its hole, new neurons are appended at the end. No LRU lists, nothing
 allocated per token.
@@ -19,6 +21,11 @@ from numba import njit
 from ..errors import InvalidArgumentError, RamCapError
 
 _NEVER = -(2 ** 30)  # last_active of a neuron never seen; far below any t - k, no int32 overflow
+# A window length that never ages a row out: rows leave only when a token needs their slots, the least
+# recently active first (the runtime's default, FlashModel(window_k=None)). The paper's k tokens emptied
+# slots that then sat unused: with every row fitting (no cap), SmolLM2's product selector read 2.4 ms a
+# token again of rows inactive for 8 tokens (tools/bench_step.py: 8.11 -> 6.30 ms a token).
+KEEP_WHILE_ROOM = 2 ** 30 - 1
 _INT32_MIN = -(2 ** 31)
 _INT32_MAX = 2 ** 31 - 1
 
