@@ -323,29 +323,37 @@ def test_overflow_streaming_with_a_window_of_one_slot(smollm2_flash, selector):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("mode,selector", [("flash", "bundle"), ("dense", "auto")])
-def test_one_call_per_token_when_every_row_is_held(smollm2_flash, mode, selector, monkeypatch):
-    """With every row held and chosen (bundle rows once the window has them all, dense mode), a token
-    is one compiled call over the layers (flashstep.layers_held), and its logits are bitwise those of
-    the per-layer calls; a window that no longer holds every row takes the per-layer path again."""
+@pytest.mark.parametrize("mode,selector", [("flash", "bundle"), ("dense", "auto"), ("flash", "gate"),
+                                           ("flash", "product"), ("flash", "predictor")])
+def test_one_call_per_token_while_nothing_is_read(smollm2_flash, mode, selector, monkeypatch):
+    """Without a cap a token's layers run in one compiled call (flashstep.layers_held) up to a layer
+    with rows to read, which Python reads and computes before calling again from the next layer: bundle
+    rows and dense mode once the windows hold every row, each selector as soon as its rows are held.
+    The logits and the rows read are bitwise those of the per-layer calls, also after a window is
+    shrunk to 10 slots (its layer then reads every token)."""
     from gguf_flash.kernels import flashstep
     path, _ = smollm2_flash
-    toks = [1, 504, 3458, 30, 1000, 17]
-    per_layer = gguf_flash.load(path, n_ctx=64, mode=mode, selector=selector)
-    monkeypatch.setattr(per_layer.model, "_held", lambda: None)
-    want = np.stack([per_layer.model.forward(t, p).copy() for p, t in enumerate(toks)])
+    toks = [1, 504, 3458, 30, 1000, 17, 42]
     calls = []
     real = flashstep.layers_held
-    monkeypatch.setattr(flashstep, "layers_held", lambda *a: calls.append(1) or real(*a))
-    held = gguf_flash.load(path, n_ctx=64, mode=mode, selector=selector)
-    got = np.stack([held.model.forward(t, p).copy() for p, t in enumerate(toks)])
-    np.testing.assert_array_equal(got, want)
-    assert len(calls) >= len(toks) - 1   # bundle rows: the first token fills the windows
-    assert [s.active for s in held.model.stats] == [s.active for s in per_layer.model.stats]
-    held.model.windows[3].shrink(10)
-    n = len(calls)
-    held.model.forward(5, len(toks))
-    assert len(calls) == n and held.model.stats[-1].loaded > 0
+    monkeypatch.setattr(flashstep, "layers_held", lambda *a: calls.append(a[-5]) or real(*a))
+    runs = {}
+    for name in ("per layer", "held"):
+        llm = gguf_flash.load(path, n_ctx=64, mode=mode, selector=selector)
+        calls.clear()                                  # the load's own (kernel preloading)
+        if name == "per layer":
+            monkeypatch.setattr(llm.model, "_held", lambda: None)
+        logits = [llm.model.forward(t, p).copy() for p, t in enumerate(toks[:-1])]
+        llm.model.windows[3].shrink(10)
+        logits.append(llm.model.forward(toks[-1], len(toks) - 1).copy())
+        runs[name] = (np.stack(logits), [(s.active, s.loaded) for s in llm.model.stats])
+    np.testing.assert_array_equal(runs["held"][0], runs["per layer"][0])
+    assert runs["held"][1] == runs["per layer"][1]
+    assert runs["held"][1][-1][1] > 0                  # the shrunk window read rows
+    assert calls.count(0) == len(toks)                 # every token starts with one call from layer 0
+    if selector in ("bundle", "auto"):   # one call a token, and one more after the shrunk window's layer;
+        fill = 29 if mode == "flash" else 0   # bundle rows: the first token's layers each read their rows
+        assert len(calls) == calls.count(0) + fill + 1
 
 
 STREAMED = r"""

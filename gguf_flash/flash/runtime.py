@@ -28,7 +28,7 @@ from ..kernels.quant_cols import COLS_TYPES
 from ..model import RunState, Weights, set_threads
 from . import budget
 from .ffn import NO_TABLES, FFNLoader, _split
-from .selector import selector_args
+from .selector import held_selector_args, selector_args
 from . import format as ff
 from .format import read_flash
 from .head import HeadOrder, OutputHead, TokenEmbedding
@@ -107,9 +107,9 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
         ip0[fw.IP_N_LAYER] = 0
         flashstep.layers_held(s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin,
                               s.xq_embd, s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, ip0, w.fp,
-                              *selector_args(None, 0), s.hg, s.hu, none, g, idx, idx, ffn_out, partial, hsum, one, idx,
-                              (one,) * L, (idx,) * L, (idx,) * L, np.zeros((L, 3), np.int64),
-                              np.zeros((L, 4), np.int64), (dt,) * L, np.zeros(L, np.float32), 0, 0, w.ts, pts)
+                              *held_selector_args(None, L), s.hg, s.hu, none, g, idx, idx, ffn_out, partial, hsum, one,
+                              idx, ((one, idx, idx, dt),) * L, np.zeros(L, np.int64), np.zeros((L, 3), np.int64),
+                              np.zeros((L, 4), np.int64), np.zeros(L, np.float32), 0, 0, 0, w.ts, pts)
     # the prompt chunk's kernels (flash/prefill.py), on one token
     pre = ChunkBuffers(c, s.k_cache.shape[1], 2, True, chunk=1)
     fw.attention_batch_layer(pre.X, pre.XB, pre.XR, pre.Q, pre.K, pre.V, pre.ATT, pre.ATR, pre.scores,
@@ -286,7 +286,7 @@ class FlashModel:
         self._state = (s.x, s.xb, s.q, s.k, s.v, s.att, s.scores, s.k_cache, s.v_cache, s.cos, s.sin, s.xq_embd,
                        s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp)
         self._rows = (s.hg, sel.hu if self.selector == "product" else s.hu, sel.active, sel.gvals)
-        self._sel0 = sel.step_args(0)   # layers_held's: SEL_NONE's stand-ins are every layer's
+        self._sel_held = held_selector_args(sel, c.n_layer)   # every layer's, for layers_held
         step = [self._state + (il,) + sel.step_args(il) + self._rows
                 + (ffn.windows[il].neuron_slot if ffn.windows[il] else ffn.no_slot, ffn.win_rows, ffn.ovf_pos)
                 for il in range(c.n_layer)]
@@ -295,17 +295,21 @@ class FlashModel:
         return step, post
 
     def _held(self):
-        """layers_held's arguments but pos, t and the type sets when this token reads nothing: the
-        selector takes every row (bundle rows, dense mode) and every layer's window holds all of them
-        (after the first token), with no cap (under one layers_held is not loaded); else None."""
+        """layers_held's arguments but il0, pos, t and the type sets, when a token's layers can run in one
+        call: no cap (under one layers_held is not loaded), a window per layer, each keeping its rows
+        while it has room (window.KEEP_WHILE_ROOM, so a layer that reads nothing evicts nothing); else
+        None. A window that holds every row while the selector takes them all (bundle rows, dense mode)
+        gets capacity -1: nothing to split or look for."""
         ffn, wins = self.ffn, self.ffn.windows
-        if not self._held_loaded or self._sel0[0] != flashstep.SEL_NONE or \
-                any(win is None or win.n_used < self.cfg.n_ff for win in wins):
+        if not self._held_loaded or any(win is None or win.k != KEEP_WHILE_ROOM or self.t >= win.k
+                                        for win in wins):
             return None
-        return (self._state + self._sel0 + self._rows
+        every = self._sel_held[0] == flashstep.SEL_NONE
+        caps = np.array([-1 if every and win.n_used == self.cfg.n_ff else win.capacity for win in wins], np.int64)
+        return (self._state + self._sel_held + self._rows
                 + (ffn.win_rows, ffn.ovf_pos, ffn.out, ffn.partial, ffn.hsum, ffn.staging, ffn.stage_map,
-                   tuple(win.slots for win in wins), tuple(win.neuron_slot for win in wins),
-                   tuple(win.last_active for win in wins), ffn.types, ffn.offs, ffn.dtabs, self.thresholds))
+                   tuple((win.slots, win.neuron_slot, win.last_active, ffn.dtabs[il]) for il, win in enumerate(wins)),
+                   caps, ffn.types, ffn.offs, self.thresholds))
 
     @property
     def windows(self):
@@ -333,18 +337,23 @@ class FlashModel:
         eps = w.fp[fw.FP_EPS]
         sel, ffn, wins = self.select, self.ffn, self.ffn.windows
         held = self._held()
-        if held is not None:   # nothing to read: every layer in one call
-            n = flashstep.layers_held(*held, pos, self.t, w.ts, self.ptsets)
-            ts.predicted += n
-            ts.active += n
-        for il in range(c.n_layer if held is None else 0):
-            win = wins[il]
-            n, known, nw, no = flashstep.layer_select(*self._step[il], pos, win.capacity if win else 0, w.ts,
-                                                      self.ptsets)
+        il = 0
+        while il < c.n_layer:
+            if held is not None:   # the layers up to one with rows to read, in one call
+                il, n, known, nw, no, total = flashstep.layers_held(*held, il, pos, self.t, w.ts, self.ptsets)
+                ts.predicted += total
+                ts.active += total
+                if il == c.n_layer:
+                    break
+            else:
+                win = wins[il]
+                n, known, nw, no = flashstep.layer_select(*self._step[il], pos, win.capacity if win else 0, w.ts,
+                                                          self.ptsets)
             ts.predicted += n
             ts.active += n
             ffn.run_layer(s.x, il, sel.active, sel.gvals, n, known, nw, no, s.xb, s.xq_embd, c.activation,
                           self.thresholds[il], self._post[il], self.t, ts)
+            il += 1
         if logits:
             self.decode_head(eps, ts)
         # compute = everything that is not reading or window bookkeeping

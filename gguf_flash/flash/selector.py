@@ -22,28 +22,39 @@ class Selector:
         self.active = np.arange(n_ff, dtype=np.int32)   # (n_ff,) int32 chosen rows (all unless selecting)
         self.gvals = np.zeros(n_ff, np.float32)         # (n_ff,) f32 act(gate) or act(gate) * up (see above)
         self.z = np.zeros(n_ff, np.float32)             # (n_ff,) f32 predictor logits
+        # each kind's resident arrays, every layer's in one flat buffer (a view per layer): the one-call
+        # token (flashstep.layers_held) takes a layer's by offsets instead of a tuple of n_layer arrays
         if kind in ("gate", "product"):
-            self.gates = [self._read_part_rows(store, l, 0) for l in layers]   # (n_ff, gate_bytes) uint8 each
+            self.gate_buf, self.gate_off, self.gates = self._read_parts(store, layers, 0)   # (n_ff, gate_bytes) views
         if kind == "product":
-            self.ups = [self._read_part_rows(store, l, 1) for l in layers]     # (n_ff, up_bytes) uint8 each
-            self.down_norm = [np.array(l.down_norm, np.float32) for l in layers]   # (n_ff,) f32 copies
-            self.hu = np.zeros(n_ff, np.float32)                               # (n_ff,) f32 up values
+            self.up_buf, self.up_off, self.ups = self._read_parts(store, layers, 1)         # (n_ff, up_bytes) views
+            self.down_norm = np.array([l.down_norm for l in layers], np.float32)   # (n_layer, n_ff) f32 copy
+            self.hu = np.zeros(n_ff, np.float32)                                   # (n_ff,) f32 up values
         elif kind == "predictor":
             self.tmp = np.zeros(max(l.rank for l in layers), np.float32)   # (r,) f32
-            # (n_embd, r), (r, n_ff) uint16: the stored float16 bits, copied out of the map (resident,
+            # (n_embd, r), (r, n_ff) uint16 views: the stored float16 bits, copied out of the map (resident,
             # 2 bytes a weight: plan.PlanInput.pred_bytes counts this)
-            self.pred = [(np.array(l.pred_a).view(np.uint16), np.array(l.pred_b).view(np.uint16))
-                         for l in layers]
-            self.pred_bias = [_readonly_copy(l.pred_bias) for l in layers]   # copies, not map views
+            self.pa_buf, self.pa_off, pa = _flat_copy([np.asarray(l.pred_a).view(np.uint16) for l in layers])
+            self.pb_buf, self.pb_off, pb = _flat_copy([np.asarray(l.pred_b).view(np.uint16) for l in layers])
+            self.pred = list(zip(pa, pb))
+            self.pred_bias = _readonly_copy([l.pred_bias for l in layers])   # (n_layer, n_ff) copy, not map views
 
-    def _read_part_rows(self, store, l, part):
-        """One part (0 gate, 1 up) of every bundle row of one layer, read once (a strided read)."""
-        g = l.part_bytes[part]
-        buf = np.zeros((self.n_ff, g), np.uint8)
-        store.select(l.bundle_offset + sum(l.part_bytes[:part]), g, self.n_ff, stride=l.bundle_bytes)
+    def _read_parts(self, store, layers, part):
+        """One part (0 gate, 1 up) of every bundle row of every layer, read once a layer (a strided read)
+        into one buffer: (buffer (total,) uint8, offsets (n_layer + 1,) int64, per layer a (n_ff,
+        part_bytes) view)."""
+        sizes = [self.n_ff * l.part_bytes[part] for l in layers]
+        off = np.cumsum([0] + sizes).astype(np.int64)
+        buf = np.zeros(int(off[-1]), np.uint8)
+        views = []
         rows = np.arange(self.n_ff, dtype=np.int32)
-        store.read_rows(rows, buf, rows)
-        return buf
+        for il, l in enumerate(layers):
+            g = l.part_bytes[part]
+            v = buf[off[il]:off[il + 1]].reshape(self.n_ff, g)
+            store.select(l.bundle_offset + sum(l.part_bytes[:part]), g, self.n_ff, stride=l.bundle_bytes)
+            store.read_rows(rows, v, rows)
+            views.append(v)
+        return buf, off, views
 
     def step_args(self, il) -> tuple:
         """Layer il's selector as kernels/flashstep.layer_select takes it: (kind, gates, gate type, ups,
@@ -92,6 +103,50 @@ def _q8x(qt) -> bool:
     """The types whose decode dot reads the input as 8-bit blocks (so a chunk's product uses XR)."""
     return int(qt) in dispatch.Q8X
 
+
+
+def held_selector_args(sel, n_layer) -> tuple:
+    """Every layer's selector as kernels/flashstep.layers_held takes it: (kind, gate types, up types,
+    logits buffer, offsets, absolute, thresholds; the scalars as arrays over the layers), then the
+    resident arrays as flat buffers and offsets: (gate buffer, offsets, bytes a row; the same for up;
+    down norms (n_layer, n_ff); A buffer, offsets, B buffer, offsets, ranks; bias (n_layer, n_ff) read-only;
+    scratch; a uint8 and a uint16 (1, 1) stand-in for what the kind does not use). sel None: all
+    stand-ins (kernel preloading)."""
+    per = [selector_args(sel, il) for il in range(n_layer)]
+    col = lambda k: np.array([p[k] for p in per])                  # noqa: E731
+    kind = sel.kind if sel is not None else "none"
+    z_off = np.zeros(n_layer + 1, np.int64)
+    u8, u16 = np.zeros(1, np.uint8), np.zeros(1, np.uint16)
+    def part(name, k):   # (buffer, offsets, bytes a row) of resident part k, or the stand-ins' (0 bytes)
+        buf = getattr(sel, f"{name}_buf", None)
+        if buf is None:
+            return u8, z_off, np.zeros(n_layer, np.int64)
+        return buf, getattr(sel, f"{name}_off"), np.array([l.part_bytes[k] for l in sel.layers], np.int64)
+    gates, ups = part("gate", 0), part("up", 1)
+    dn = sel.down_norm if kind == "product" else np.zeros((n_layer, 1), np.float32)
+    if kind == "predictor":
+        pred = (sel.pa_buf, sel.pa_off, sel.pb_buf, sel.pb_off, np.array([a.shape[1] for a, _ in sel.pred], np.int64),
+                sel.pred_bias, sel.tmp)
+    else:
+        pred = (u16, z_off, u16, z_off, np.ones(n_layer, np.int64), _readonly_copy(np.zeros((n_layer, 1))),
+                np.zeros(1, np.float32))
+    return (_KINDS[kind], col(2).astype(np.int64), col(4).astype(np.int64), per[0][9], col(11).astype(np.float64),
+            col(12).astype(np.bool_), col(13).astype(np.float64),
+            *gates, *ups, dn, *pred,
+            np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.uint16))
+
+
+def _flat_copy(arrays) -> tuple:
+    """Copies of same-dtype arrays in one flat buffer: (buffer, offsets (n + 1,) int64, views shaped as
+    the arrays), each copied in place (no second copy of them all at once)."""
+    off = np.cumsum([0] + [a.size for a in arrays]).astype(np.int64)
+    buf = np.empty(int(off[-1]), arrays[0].dtype)
+    views = []
+    for i, a in enumerate(arrays):
+        v = buf[off[i]:off[i + 1]].reshape(a.shape)
+        v[...] = a
+        views.append(v)
+    return buf, off, views
 
 
 def _readonly_copy(a) -> np.ndarray:

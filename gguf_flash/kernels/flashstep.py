@@ -6,8 +6,10 @@
   (Python)      the window's update and the reads of what it lacks (flash/ffn.py);
   layer_ffn     the sparse FFN over the rows held, the parts' sum, the residual add.
 
-A token with nothing to read that takes every row (bundle rows or dense mode, every window holding all
-of its rows) is one call, layers_held: the same two calls per layer inside it.
+Without a cap, the layers of a token run in one call, layers_held (the same two calls per layer inside
+it), up to a layer whose chosen rows are not all in its window: Python reads them and runs that layer's
+FFN, then calls again from the next layer. Bundle rows or dense mode, every window holding all of its
+rows, is one call a token; the selectors' first tokens stop where rows are missing.
 Before, the runtime made ten compiled calls per layer with Python between each (SmolLM2: ~2 ms of a
 ~9 ms token with every row resident). The arguments are the runtime's own buffers (runtime.py builds
 each layer's tuple once); the selector's arrays that a kind does not use are 1-element stand-ins of the
@@ -18,7 +20,8 @@ import numpy as np
 from numba import njit
 
 from .dispatch import quantize_x
-from .forward import FP_EPS, IP_ACT, IP_N_LAYER, IP_POST_NORMS, NORM_FFN, NORM_POST_FFW, attention_layer, residual_add
+from .forward import (FP_EPS, IP_ACT, IP_N_EMBD, IP_N_FF, IP_N_LAYER, IP_POST_NORMS, NORM_FFN, NORM_POST_FFW,
+                      attention_layer, residual_add)
 from .nn import FASTMATH, gate_rule, product_rule, rmsnorm
 from .quant_cols import COLS_U4, add_block_mins
 from .sparse import (KNOWN_GATE, KNOWN_H, KNOWN_NONE, matvec_rows, predictor_logits, select_by_gate,
@@ -127,32 +130,71 @@ def layer_ffn(x, out, partial, hsum, fresh, slots, neuron_slot, stage, stage_map
 @njit(cache=True, fastmath=FASTMATH)
 def layers_held(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
                 blob, mats, norms, qk_norms, biases, swa, ip, fp,
-                kind, gates, gate_type, ups, up_type, down_norm, pa, pb, pbias, pz, ptmp, pred_offset, pred_abs,
-                sel_threshold, hg, hu, active, gvals, win_rows, ovf_pos, out, partial, hsum, stage, stage_map,
-                slots, neuron_slot, last_active, types, offs, dtabs, thresholds, pos, t, tset, ptsets):
-    """Every layer of a decode step in one call, when nothing is to be read: each layer's window holds all
-    of its rows and the selector takes every row (kind SEL_NONE: bundle rows, dense mode), so each layer
-    is layer_select, the window's update and layer_ffn with nothing between them. The window's update is
-    then exactly "each row active at t" (no row is missing, none can be evicted): last_active[il][row] =
-    t. slots, neuron_slot, last_active: (n_layer,) tuples of the windows' arrays; types (n_layer, 3),
-    offs (n_layer, 4) int64; dtabs (n_layer,) tuple of the layers' column-down tables; thresholds
-    (n_layer,) f32 the FFN kernels' gate rule. The rest as layer_select and layer_ffn take them. Returns
-    the rows computed over all layers. The same calls in the same order as the per-layer path: the logits
-    are bitwise the same. The constants it passes are typed as the per-layer path's arguments
-    (np.int64(-1), not -1): a literal argument compiles a callee again for its value (each of
+                kind, gate_types, up_types, pz, pred_offsets, pred_abs, sel_thresholds, gate_buf, gate_off,
+                gate_bytes, up_buf, up_off, up_bytes, down_norms, pa_buf, pa_off, pb_buf, pb_off, ranks, pbias,
+                ptmp, u8s, u16s, hg, hu, active, gvals, win_rows, ovf_pos, out, partial, hsum, stage, stage_map,
+                windows, capacities, types, offs, thresholds, il0, pos, t, tset, ptsets):
+    """The layers il0.. of a decode step in one call, for as long as a layer has nothing to read: each is
+    layer_select, the window's update and layer_ffn with nothing between them. A layer whose chosen
+    rows are all in its window (no overflow, no miss) updates the window by "each row active at t",
+    which is the whole update when nothing can be evicted (the caller's windows keep rows while they
+    have room: window.KEEP_WHILE_ROOM). Returns (il, n, known, nw, no, total): il = n_layer when every
+    layer ran; else layer il has rows to read, its attention and selection done (n, known, nw, no as
+    layer_select returns them), and the caller runs its FFN (FFNLoader.run_layer) and calls again from
+    il + 1. total: the rows computed by the layers that ran.
+    windows (n_layer,) tuple: each layer's (window slots, neuron_slot, last_active, column-down tables).
+    The selector's resident arrays come as flat buffers with offsets (selector.held_selector_args: its
+    gates and ups (n_ff, bytes a row) each, down norms (n_layer, n_ff), predictor factors A (n_embd,
+    rank) and B (rank, n_ff) each, bias (n_layer, n_ff), scratch; the (1, 1) stand-ins u8s, u16s where
+    the kind has none), not as tuples of n_layer arrays: a tuple indexed at run time is a switch over
+    its elements, and seven more of them made LLVM's work on this function 4.3 -> 10.9 s. Per layer
+    (arrays of n_layer): gate_types, up_types (int64), pred_offsets (f64), pred_abs (bool),
+    sel_thresholds (f64); capacities (int64) the windows' slots, -1 where the window holds every row
+    and the selector takes them all (bundle rows, dense mode: no split, no miss to look for); types
+    (n_layer, 3), offs (n_layer, 4) int64; thresholds (f32) the FFN kernels' gate rule.
+    The rest as layer_select and layer_ffn take them. The same calls in the same order as the per-layer
+    path: the logits are bitwise the same. The constants it passes are typed as the per-layer path's
+    arguments (np.int64(0), not 0): a literal argument compiles a callee again for its value (each of
     layer_select, layer_ffn and sparse_ffn_range twice, ~7 s of a flash file's first-run compile)."""
     total = 0
-    for il in range(ip[IP_N_LAYER]):
-        ns, la = neuron_slot[il], last_active[il]
+    n_layer = ip[IP_N_LAYER]
+    for il in range(il0, n_layer):
+        slots, ns, la, dtab = windows[il]
+        gates = _rows_of(gate_buf, gate_off, il, ip[IP_N_FF], gate_bytes[il], u8s)
+        ups = _rows_of(up_buf, up_off, il, ip[IP_N_FF], up_bytes[il], u8s)
+        r = ranks[il]
+        pa = _rows_of(pa_buf, pa_off, il, ip[IP_N_EMBD], r, u16s)
+        pb = _rows_of(pb_buf, pb_off, il, r, ip[IP_N_FF], u16s)
+        cap = capacities[il]
         n, known, nw, no = layer_select(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
                                         blob, mats, norms, qk_norms, biases, swa, ip, fp, il,
-                                        kind, gates, gate_type, ups, up_type, down_norm, pa, pb, pbias, pz, ptmp,
-                                        pred_offset, pred_abs, sel_threshold, hg, hu, active, gvals, ns, win_rows,
-                                        ovf_pos, pos, np.int64(-1), tset, ptsets)
+                                        kind, gates, gate_types[il], ups, up_types[il], down_norms[il], pa, pb,
+                                        pbias[il], pz, ptmp[:r], pred_offsets[il], pred_abs[il], sel_thresholds[il],
+                                        hg, hu, active, gvals, ns, win_rows, ovf_pos, pos, cap, tset, ptsets)
+        if cap >= 0 and (no > 0 or _misses(win_rows, nw, ns)):
+            return il, n, known, nw, no, total
         for j in range(n):
             la[active[j]] = t
-        layer_ffn(x, out, partial, hsum, np.bool_(True), slots[il], ns, stage, stage_map, active, n, np.int64(0),
-                  gvals, known, xb, xq_embd, types[il], offs[il], dtabs[il], ip[IP_ACT], thresholds[il],
+        layer_ffn(x, out, partial, hsum, np.bool_(True), slots, ns, stage, stage_map, active, n, np.int64(0),
+                  gvals, known, xb, xq_embd, types[il], offs[il], dtab, ip[IP_ACT], thresholds[il],
                   norms[il, NORM_POST_FFW], fp[FP_EPS], ip[IP_POST_NORMS], ptsets)
         total += n
-    return total
+    return n_layer, 0, 0, 0, 0, total
+
+
+@njit(cache=True, inline="always")
+def _rows_of(buf, off, il, n_rows, n_cols, stand_in):
+    """Layer il's (n_rows, n_cols) array in the flat buffer (offsets off), or stand_in where the layer
+    has none there (an empty range)."""
+    if off[il + 1] == off[il]:
+        return stand_in
+    return buf[off[il]:off[il + 1]].reshape((n_rows, n_cols))
+
+
+@njit(cache=True)
+def _misses(rows, n, neuron_slot):
+    """Whether any of rows[:n] is not in the window (neuron_slot -1)."""
+    for j in range(n):
+        if neuron_slot[rows[j]] < 0:
+            return True
+    return False
