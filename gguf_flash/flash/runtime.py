@@ -112,6 +112,7 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
                               np.zeros((L, 4), np.int64), np.zeros(L, np.float32), 0, 0, 0, w.ts, pts)
     # the prompt chunk's kernels (flash/prefill.py), on one token
     pre = ChunkBuffers(c, s.k_cache.shape[1], 2, True, chunk=1)
+    cts = chunk_tset(info)
     fw.attention_batch_layer(pre.X, pre.XB, pre.XR, pre.Q, pre.K, pre.V, pre.ATT, pre.ATR, pre.scores,
                              s.k_cache, s.v_cache, pre.cos, pre.sin, w.blob, w.mats, w.norms, w.qk_norms,
                              w.biases, w.swa, w.ip, w.fp, 0, 0, w.ts)
@@ -123,11 +124,11 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
     sparse.mask_by_logit(pre.MK[0], pre.HG[0], 0.0, True)
     sparse.union_rows(idx, pre.MK)
     sparse.gate_chunk(np.zeros((1, MM_ROWS), np.float32), np.zeros((MM_ROWS, l0.part_bytes[0]), np.uint8), int(l0.types[0]),
-                      pre.XB, chunk_tset(info))
+                      pre.XB, cts)
     sparse.sparse_ffn_chunk(pre.PART, pre.DEC, pre.H, one, idx, one, idx, idx, 0, 0, pre.MK, pre.HG, sparse.KNOWN_NONE,
                             pre.XB, pre.XR, np.array(l0.types, np.int64),
                             np.array(np.cumsum((0,) + l0.part_bytes), np.int64), dt, c.activation, np.float32(0),
-                            chunk_tset(info), pts[3])
+                            cts, pts[3])
     sparse.sum_parts_chunk(pre.X, pre.PART)
     _split(idx, idx, idx, 0, idx, 1)
     # the factors as Selector holds them (uint16 copies), the bias a read-only view of the map
@@ -241,7 +242,8 @@ class FlashModel:
         self.store = BundleStore(f.path, info.layers[0].bundle_offset, info.layers[0].bundle_bytes, c.n_ff,
                                  cold=cold, n_threads=disk.io_threads, gap_bytes=disk.gap, stat=f.stat,
                                  max_range=disk.max_range)
-        self.select = Selector(self.selector, info.layers, self.store, c.n_ff, c.activation, chunk_tset(info))
+        cts = chunk_tset(info)   # the prompt chunk's kernels' type set (the selector's and the FFN's)
+        self.select = Selector(self.selector, info.layers, self.store, c.n_ff, c.activation, cts)
         if self.selector == "predictor":   # the selector copied the factors: drop the map's pages of them
             for il in range(L):
                 for name in (ff.t_pred_a(il), ff.t_pred_b(il)):
@@ -252,7 +254,7 @@ class FlashModel:
                                     for l in info.layers], np.float32) if mode == "flash" else np.zeros(L, np.float32)
         self.ptsets = part_tsets(info)
         self.ffn = FFNLoader(self.store, info.layers, self.plan, c.n_ff, c.n_embd, numba.get_num_threads(),
-                             KEEP_WHILE_ROOM if window_k is None else window_k, chunk_tset(info), self.ptsets)
+                             KEEP_WHILE_ROOM if window_k is None else window_k, cts, self.ptsets)
         ff.release_down_tables(f, L)   # copied by the loader: the map's pages would be held twice
         # what stays resident is copied out of the file map (flash/pinned.py: a file truncated under the
         # model is then a read error naming it, not SIGBUS); streamed parts keep their file offsets

@@ -108,28 +108,22 @@ def _q8x(qt) -> bool:
 def held_selector_args(sel, n_layer) -> tuple:
     """Every layer's selector as kernels/flashstep.layers_held takes it: (kind, gate types, up types,
     logits buffer, offsets, absolute, thresholds; the scalars as arrays over the layers), then the
-    resident arrays as flat buffers and offsets: (gate buffer, offsets, bytes a row; the same for up;
-    down norms (n_layer, n_ff); A buffer, offsets, B buffer, offsets, ranks; bias (n_layer, n_ff) read-only;
-    scratch; a uint8 and a uint16 (1, 1) stand-in for what the kind does not use). sel None: all
+    resident arrays as flat buffers and offsets: (gate buffer, offsets; the same for up; down norms
+    (n_layer, n_ff); A buffer, offsets, B buffer, offsets; bias (n_layer, n_ff) read-only; scratch; a
+    uint8 and a uint16 (1, 1) stand-in for what the kind does not use: empty ranges). sel None: all
     stand-ins (kernel preloading)."""
     per = [selector_args(sel, il) for il in range(n_layer)]
     col = lambda k: np.array([p[k] for p in per])                  # noqa: E731
     kind = sel.kind if sel is not None else "none"
     z_off = np.zeros(n_layer + 1, np.int64)
     u8, u16 = np.zeros(1, np.uint8), np.zeros(1, np.uint16)
-    def part(name, k):   # (buffer, offsets, bytes a row) of resident part k, or the stand-ins' (0 bytes)
-        buf = getattr(sel, f"{name}_buf", None)
-        if buf is None:
-            return u8, z_off, np.zeros(n_layer, np.int64)
-        return buf, getattr(sel, f"{name}_off"), np.array([l.part_bytes[k] for l in sel.layers], np.int64)
-    gates, ups = part("gate", 0), part("up", 1)
+    gates = (sel.gate_buf, sel.gate_off) if kind in ("gate", "product") else (u8, z_off)
+    ups = (sel.up_buf, sel.up_off) if kind == "product" else (u8, z_off)
     dn = sel.down_norm if kind == "product" else np.zeros((n_layer, 1), np.float32)
     if kind == "predictor":
-        pred = (sel.pa_buf, sel.pa_off, sel.pb_buf, sel.pb_off, np.array([a.shape[1] for a, _ in sel.pred], np.int64),
-                sel.pred_bias, sel.tmp)
+        pred = (sel.pa_buf, sel.pa_off, sel.pb_buf, sel.pb_off, sel.pred_bias, sel.tmp)
     else:
-        pred = (u16, z_off, u16, z_off, np.ones(n_layer, np.int64), _readonly_copy(np.zeros((n_layer, 1))),
-                np.zeros(1, np.float32))
+        pred = (u16, z_off, u16, z_off, _readonly_copy(np.zeros((n_layer, 1))), np.zeros(1, np.float32))
     return (_KINDS[kind], col(2).astype(np.int64), col(4).astype(np.int64), per[0][9], col(11).astype(np.float64),
             col(12).astype(np.bool_), col(13).astype(np.float64),
             *gates, *ups, dn, *pred,

@@ -131,8 +131,7 @@ def layer_ffn(x, out, partial, hsum, fresh, slots, neuron_slot, stage, stage_map
 def layers_held(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
                 blob, mats, norms, qk_norms, biases, swa, ip, fp,
                 kind, gate_types, up_types, pz, pred_offsets, pred_abs, sel_thresholds, gate_buf, gate_off,
-                gate_bytes, up_buf, up_off, up_bytes, down_norms, pa_buf, pa_off, pb_buf, pb_off, ranks, pbias,
-                ptmp, u8s, u16s, hg, hu, active, gvals, win_rows, ovf_pos, out, partial, hsum, stage, stage_map,
+                up_buf, up_off, down_norms, pa_buf, pa_off, pb_buf, pb_off, pbias, ptmp, u8s, u16s, hg, hu, active, gvals, win_rows, ovf_pos, out, partial, hsum, stage, stage_map,
                 windows, capacities, types, offs, thresholds, il0, pos, t, tset, ptsets):
     """The layers il0.. of a decode step in one call, for as long as a layer has nothing to read: each is
     layer_select, the window's update and layer_ffn with nothing between them. A layer whose chosen
@@ -146,7 +145,7 @@ def layers_held(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd
     The selector's resident arrays come as flat buffers with offsets (selector.held_selector_args: its
     gates and ups (n_ff, bytes a row) each, down norms (n_layer, n_ff), predictor factors A (n_embd,
     rank) and B (rank, n_ff) each, bias (n_layer, n_ff), scratch; the (1, 1) stand-ins u8s, u16s where
-    the kind has none), not as tuples of n_layer arrays: a tuple indexed at run time is a switch over
+    a layer's range is empty; each array's columns are its range's size over its rows), not as tuples of n_layer arrays: a tuple indexed at run time is a switch over
     its elements, and seven more of them made LLVM's work on this function 4.3 -> 10.9 s. Per layer
     (arrays of n_layer): gate_types, up_types (int64), pred_offsets (f64), pred_abs (bool),
     sel_thresholds (f64); capacities (int64) the windows' slots, -1 where the window holds every row
@@ -160,11 +159,11 @@ def layers_held(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd
     n_layer = ip[IP_N_LAYER]
     for il in range(il0, n_layer):
         slots, ns, la, dtab = windows[il]
-        gates = _rows_of(gate_buf, gate_off, il, ip[IP_N_FF], gate_bytes[il], u8s)
-        ups = _rows_of(up_buf, up_off, il, ip[IP_N_FF], up_bytes[il], u8s)
-        r = ranks[il]
-        pa = _rows_of(pa_buf, pa_off, il, ip[IP_N_EMBD], r, u16s)
-        pb = _rows_of(pb_buf, pb_off, il, r, ip[IP_N_FF], u16s)
+        gates = _rows_of(gate_buf, gate_off, il, ip[IP_N_FF], u8s)
+        ups = _rows_of(up_buf, up_off, il, ip[IP_N_FF], u8s)
+        r = (pa_off[il + 1] - pa_off[il]) // ip[IP_N_EMBD]    # the predictor's rank (0: none)
+        pa = _rows_of(pa_buf, pa_off, il, ip[IP_N_EMBD], u16s)
+        pb = _rows_of(pb_buf, pb_off, il, r, u16s)
         cap = capacities[il]
         n, known, nw, no = layer_select(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
                                         blob, mats, norms, qk_norms, biases, swa, ip, fp, il,
@@ -183,12 +182,12 @@ def layers_held(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd
 
 
 @njit(cache=True, inline="always")
-def _rows_of(buf, off, il, n_rows, n_cols, stand_in):
-    """Layer il's (n_rows, n_cols) array in the flat buffer (offsets off), or stand_in where the layer
+def _rows_of(buf, off, il, n_rows, stand_in):
+    """Layer il's array of n_rows rows in the flat buffer (offsets off), or stand_in where the layer
     has none there (an empty range)."""
     if off[il + 1] == off[il]:
         return stand_in
-    return buf[off[il]:off[il + 1]].reshape((n_rows, n_cols))
+    return buf[off[il]:off[il + 1]].reshape((n_rows, (off[il + 1] - off[il]) // n_rows))
 
 
 @njit(cache=True)
