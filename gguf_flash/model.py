@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .anon import anon_map
 from .config import ModelConfig, config_from_gguf
 from .errors import ContextOverflowError, GGUFFormatError, InvalidArgumentError, UnsupportedModelError
 from .gguf_file import GGUFFile
@@ -141,7 +142,7 @@ def lazy_zeros(shape, dtype=np.float32) -> np.ndarray:
     layer's KV slab faulted in a whole 2 MiB page per layer: 58 MiB per cache at -c 4096 for 3 tokens."""
     import mmap
     n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    m = mmap.mmap(-1, max(n, 1))
+    m = anon_map(n)
     if hasattr(m, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
         m.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(m, dtype=dtype, count=int(np.prod(shape))).reshape(shape)

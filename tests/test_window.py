@@ -1,5 +1,7 @@
 """Sliding-window slot manager against a plain Python set-based model of the same policy."""
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -144,6 +146,21 @@ def test_shrink_and_grow():
     assert win.capacity == 60 and win.slots.shape == (60, 4096)
     ids = win.slots[:win.n_used, :4].copy().view(np.int32)[:, 0]
     assert np.array_equal(ids, win.slot_neuron[:win.n_used])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_DONTNEED's Linux semantics")
+def test_shrink_frees_the_released_slots():
+    """A shrink frees the tail's memory, not just its mapping: the slots are private anonymous memory.
+    They were shared (mmap.mmap(-1, n)), whose pages MADV_DONTNEED only unmaps: RSS fell while the rows
+    stayed in RAM, and the released slots read back their old bytes."""
+    n = 256                                        # 4 MiB of slots, 16 KiB each
+    win = Window(n_ff=n, bundle_bytes=16384, capacity=n, k=1)
+    win.update(np.arange(n, dtype=np.int32), 0)
+    win.slots[:] = 7
+    win.shrink(64)
+    tail = np.frombuffer(win._mm, np.uint8)[64 * 16384:]
+    assert tail.max() == 0                          # freed: the pages read as new zero pages
+    assert np.all(win.slots[:64] == 7)             # the kept slots keep their rows
 
 
 @pytest.mark.parametrize("seed,n_ff,capacity,k,n_active", [

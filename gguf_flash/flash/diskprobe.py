@@ -8,7 +8,6 @@ the result per device in the cache so it is measured once.
 """
 
 import json
-import mmap
 import os
 import threading
 import time
@@ -17,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..anon import anon_map
 from ..errors import InvalidArgumentError
 
 KiB = 1024
@@ -69,7 +69,7 @@ def _measure(fd, direct, file_bytes, size, n_threads, seconds, rng):
     """MiB/s of random reads of `size` bytes with n_threads threads for about `seconds`."""
     n_pos = (file_bytes - size) // ALIGN + 1
     offsets = [rng.integers(0, n_pos, 4096, dtype=np.int64) * ALIGN for _ in range(n_threads)]
-    bufs = [mmap.mmap(-1, -(-size // ALIGN) * ALIGN) for _ in range(n_threads)]  # page-aligned
+    bufs = [anon_map(-(-size // ALIGN) * ALIGN) for _ in range(n_threads)]  # page-aligned
     done = [0] * n_threads
     start = threading.Barrier(n_threads + 1)
     deadline = [0.0]

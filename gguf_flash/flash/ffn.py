@@ -13,10 +13,10 @@ selector) only down.
 
 from __future__ import annotations
 
-import mmap
 import time
 
 import numpy as np
+from ..anon import anon_map
 from ..kernels import flashstep, sparse
 from ..kernels.quant_cols import COLS_BLOCK, COLS_TYPES
 from ..kernels.flashstep import split_rows as _split   # (run_chunk; decoding splits in layer_select)
@@ -27,7 +27,7 @@ from .window import Window
 
 def _zeros_u8(n_rows, n_cols):
     """(n_rows, n_cols) uint8 on an anonymous map: pages are resident only once written."""
-    m = mmap.mmap(-1, max(n_rows * n_cols, 1))
+    m = anon_map(n_rows * n_cols)
     return np.frombuffer(m, np.uint8, n_rows * n_cols).reshape(n_rows, n_cols)
 
 

@@ -11,9 +11,9 @@ RSS in steady state is unchanged: those pages were touched every token anyway.
 
 from __future__ import annotations
 
-import mmap
-
 import numpy as np
+
+from ..anon import anon_map
 
 PIECE = 4 << 20      # bytes copied between releases of the file's pages
 ALIGN = 64           # every region starts 64-byte aligned, as in the GGUF file
@@ -32,7 +32,7 @@ def pin(f, descs) -> np.ndarray:
         if off not in regions:
             regions[off] = total
             total += -(-int(d[1] * d[2]) // ALIGN) * ALIGN
-    buf = np.frombuffer(mmap.mmap(-1, max(total, 1)), np.uint8, max(total, 1))
+    buf = np.frombuffer(anon_map(total), np.uint8, max(total, 1))
     done: set[int] = set()
     for d, off in zip(unique, origin):
         n = int(d[1] * d[2])

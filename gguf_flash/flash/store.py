@@ -20,7 +20,6 @@ window's slots, so the store refuses every later read and check until the model 
 """
 
 import itertools
-import mmap
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from ..anon import anon_map
 from ..errors import FlashFormatError, InvalidArgumentError
 
 ALIGN = 4096          # O_DIRECT alignment of offset, length and buffer address
@@ -177,7 +177,7 @@ class BundleStore:
             one_row = self.row_bytes + 2 * ALIGN
             self.max_range = max(int(max_range), one_row)
             stage_bytes = -(-self.max_range // ALIGN) * ALIGN
-            self._maps = [mmap.mmap(-1, stage_bytes) for _ in range(self.n_threads)]
+            self._maps = [anon_map(stage_bytes) for _ in range(self.n_threads)]
             self._staging = [np.frombuffer(m, np.uint8) for m in self._maps]  # (stage_bytes,) uint8
             self._grow_plan(256)
             if self.n_threads > 1:
@@ -200,7 +200,7 @@ class BundleStore:
 
     def _probe_direct(self):
         """Some filesystems accept O_DIRECT at open and refuse the read: fall back to fadvise."""
-        buf = mmap.mmap(-1, ALIGN)
+        buf = anon_map(ALIGN)
         try:
             os.preadv(self._fd, [buf], self.data_offset // ALIGN * ALIGN)
         except OSError:

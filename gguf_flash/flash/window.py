@@ -13,11 +13,11 @@ slot is one row of `slots` that the caller fills from disk (flash/store.py) with
 returns as missing.
 """
 
-import mmap
 
 import numpy as np
 from numba import njit
 
+from ..anon import anon_map, release
 from ..errors import InvalidArgumentError, RamCapError
 
 _NEVER = -(2 ** 30)  # last_active of a neuron never seen; far below any t - k, no int32 overflow
@@ -183,7 +183,7 @@ class Window:
     """The neurons of one layer held in DRAM, in preallocated bundle slots.
 
     Attributes:
-        slots:       (capacity, bundle_bytes) uint8, backed by an anonymous mmap so that `shrink`
+        slots:       (capacity, bundle_bytes) uint8, backed by a private anonymous map so that `shrink`
                      returns pages to the OS (RSS drops) without reallocating
         slot_neuron: (capacity,) int32, stored row index of the neuron in each used slot
         neuron_slot: (n_ff,) int32, slot of each neuron, -1 if absent
@@ -212,7 +212,7 @@ class Window:
     def _alloc(self, capacity):
         """(Re)allocate every per-slot array for `capacity` slots, keeping the used ones."""
         n_bytes = max(capacity * self.bundle_bytes, 1)
-        mm = mmap.mmap(-1, n_bytes)  # page-aligned, zero pages are not resident until written
+        mm = anon_map(n_bytes)  # page-aligned, zero pages are not resident until written
         slots = np.frombuffer(mm, np.uint8, capacity * self.bundle_bytes).reshape(
             capacity, self.bundle_bytes)                              # (capacity, bundle_bytes) uint8
         slot_neuron = np.full(capacity, -1, np.int32)                # (capacity,) int32
@@ -230,11 +230,8 @@ class Window:
 
     def _release_tail(self):
         """Give the pages of slots beyond `capacity` back to the OS (they read as zeros later)."""
-        page = mmap.PAGESIZE
-        start = -(-self.capacity * self.bundle_bytes // page) * page
-        end = len(self._mm)
-        if end - start >= page and hasattr(self._mm, "madvise"):
-            self._mm.madvise(mmap.MADV_DONTNEED, start, (end - start) // page * page)
+        start = self.capacity * self.bundle_bytes
+        release(self._mm, start, len(self._mm) - start)
 
     # -- per token ----------------------------------------------------------------------------------
 

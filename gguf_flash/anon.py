@@ -1,0 +1,31 @@
+"""Private anonymous memory maps: pages resident only once written, and freed by MADV_DONTNEED.
+
+`mmap.mmap(-1, n)` is MAP_SHARED: shared anonymous memory lives in the kernel's shmem, whose pages
+MADV_DONTNEED only unmaps. RSS drops while the pages stay allocated and keep their data, so a buffer
+released to meet the RAM cap went on using the RAM, out of RSS's sight (a window's released slots read
+back their old rows). MAP_PRIVATE memory is the process's own: DONTNEED frees it and later reads see
+zeros. Every anonymous buffer of the package comes from here.
+"""
+
+import mmap
+
+_PRIVATE = getattr(mmap, "MAP_PRIVATE", None)
+_ANON = getattr(mmap, "MAP_ANONYMOUS", None)
+
+
+def anon_map(n_bytes: int) -> mmap.mmap:
+    """A page-aligned, zero-filled private anonymous map of max(n_bytes, 1) bytes."""
+    n = max(int(n_bytes), 1)
+    if _PRIVATE is None or _ANON is None:     # not POSIX: the default anonymous map
+        return mmap.mmap(-1, n)
+    return mmap.mmap(-1, n, flags=_PRIVATE | _ANON)
+
+
+def release(m: mmap.mmap, start: int, n_bytes: int) -> None:
+    """Free the whole pages of m[start:start + n_bytes] (they read as zeros later); a no-op where
+    madvise is missing."""
+    page = mmap.PAGESIZE
+    a = -(-int(start) // page) * page
+    n = (int(start) + int(n_bytes) - a) // page * page
+    if n > 0 and hasattr(m, "madvise"):
+        m.madvise(mmap.MADV_DONTNEED, a, n)
