@@ -14,11 +14,20 @@ _ANON = getattr(mmap, "MAP_ANONYMOUS", None)
 
 
 def anon_map(n_bytes: int) -> mmap.mmap:
-    """A page-aligned, zero-filled private anonymous map of max(n_bytes, 1) bytes."""
+    """A page-aligned, zero-filled private anonymous map of max(n_bytes, 1) bytes, in 4 KiB pages.
+
+    No transparent huge pages (MADV_NOHUGEPAGE): where THP is `always`, writing one row of a window or of
+    a layer's KV slab would make a whole 2 MiB page resident (np.zeros did that: 58 MiB per KV cache at
+    -c 4096 for 3 tokens), and RSS would outrun what the RAM plan counts. The shared maps these replace
+    had 4 KiB pages too (shmem's THP setting is `never` by default). Huge pages did not speed up the
+    flash step either (SmolLM2, windows and pinned weights on 2 MiB pages: the same ms a token)."""
     n = max(int(n_bytes), 1)
     if _PRIVATE is None or _ANON is None:     # not POSIX: the default anonymous map
         return mmap.mmap(-1, n)
-    return mmap.mmap(-1, n, flags=_PRIVATE | _ANON)
+    m = mmap.mmap(-1, n, flags=_PRIVATE | _ANON)
+    if hasattr(m, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
+        m.madvise(mmap.MADV_NOHUGEPAGE)
+    return m
 
 
 def release(m: mmap.mmap, start: int, n_bytes: int) -> None:

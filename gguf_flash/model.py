@@ -139,12 +139,10 @@ def thread_rows(n_rows: int, n: int) -> np.ndarray:
 def lazy_zeros(shape, dtype=np.float32) -> np.ndarray:
     """A zero array whose pages become resident only where written, one 4 KiB page at a time.
     np.zeros gets the same lazy pages, but with transparent huge pages on, writing the first row of each
-    layer's KV slab faulted in a whole 2 MiB page per layer: 58 MiB per cache at -c 4096 for 3 tokens."""
-    import mmap
+    layer's KV slab faulted in a whole 2 MiB page per layer: 58 MiB per cache at -c 4096 for 3 tokens
+    (anon_map asks for no huge pages)."""
     n = int(np.prod(shape)) * np.dtype(dtype).itemsize
     m = anon_map(n)
-    if hasattr(m, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
-        m.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(m, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
