@@ -20,7 +20,7 @@ def anon_map(n_bytes: int) -> mmap.mmap:
     a layer's KV slab would make a whole 2 MiB page resident (np.zeros did that: 58 MiB per KV cache at
     -c 4096 for 3 tokens), and RSS would outrun what the RAM plan counts. The shared maps these replace
     had 4 KiB pages too (shmem's THP setting is `never` by default). Huge pages did not speed up the
-    flash step either (SmolLM2, windows and pinned weights on 2 MiB pages: the same ms a token)."""
+    flash step either (docs/design.md, "Released memory is freed, not hidden")."""
     n = max(int(n_bytes), 1)
     if _PRIVATE is None or _ANON is None:     # not POSIX: the default anonymous map
         return mmap.mmap(-1, n)
