@@ -16,19 +16,12 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from ..anon import anon_map
 from ..kernels import flashstep, sparse
 from ..kernels.quant_cols import COLS_BLOCK, COLS_TYPES
 from ..kernels.flashstep import split_rows as _split   # (run_chunk; decoding splits in layer_select)
-from ..model import line_zeros, thread_rows
+from ..model import lazy_zeros, line_zeros, thread_rows
 from .stats import add_read
 from .window import Window
-
-
-def _zeros_u8(n_rows, n_cols):
-    """(n_rows, n_cols) uint8 on an anonymous map: pages are resident only once written."""
-    m = anon_map(n_rows * n_cols)
-    return np.frombuffer(m, np.uint8, n_rows * n_cols).reshape(n_rows, n_cols)
 
 
 NO_TABLES = (np.zeros((1, 1), np.uint16), np.zeros((1, 1), np.uint16), np.zeros(1, np.int32))
@@ -80,7 +73,7 @@ class FFNLoader:
         self.windows = [Window(n_ff, plan.slot_bytes[il], plan.capacities[il], window_k)
                         if plan.capacities[il] > 0 else None for il in range(L)]
         rows = max(plan.staging_rows, 1)
-        self.staging = _zeros_u8(rows, max(plan.slot_bytes))     # (staging_rows, slot_bytes) uint8
+        self.staging = lazy_zeros((rows, max(plan.slot_bytes)), np.uint8)     # (staging_rows, slot_bytes) uint8
         self.stage_idx = np.arange(rows, dtype=np.int32)          # (staging_rows,) int32
         self.stage_map = np.full(n_ff, -1, np.int32)              # (n_ff,) int32 row -> staging slot
         self.win_rows = np.zeros(n_ff, np.int32)                  # (n_ff,) int32 rows kept in the window

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..anon import release
 from ..kernels import dispatch, forward as fw
 from ..model import lazy_zeros
 from ..perplexity import rows_nll
@@ -43,11 +44,8 @@ def release_slab(arr: np.ndarray, il: int) -> None:
         m = getattr(m, "base", None) if not isinstance(m, memoryview) else m.obj
     if m is None:
         return
-    page = mmap.PAGESIZE
     n = arr[0].nbytes
-    start, end = -(-il * n // page) * page, (il + 1) * n // page * page
-    if end > start:
-        m.madvise(mmap.MADV_DONTNEED, start, end - start)
+    release(m, il * n, n)
 
 
 class LayerPass:

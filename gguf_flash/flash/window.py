@@ -13,7 +13,6 @@ slot is one row of `slots` that the caller fills from disk (flash/store.py) with
 returns as missing.
 """
 
-
 import numpy as np
 from numba import njit
 
