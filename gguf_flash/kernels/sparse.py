@@ -17,7 +17,12 @@ from .quant_basic import MM_ROWS, _gemm_rows, _u16_as_f16_to_f32, prefetch, pref
 KNOWN_NONE = 0   # nothing: gate and up come from the bundle
 KNOWN_GATE = 1   # its activated gate value act(gate) (resident gate rows)
 KNOWN_H = 2      # its value act(gate) * up (resident gate and up rows: the product selector)
-PREFETCH_AHEAD = 8   # sparse_ffn_range asks for the bytes of the row this many positions ahead
+# sparse_ffn_range asks for the rows this many positions ahead, each part in the loop that uses it: the
+# gate loop for the gate parts, the up loop for the up parts, the down loop for the down parts. Asking
+# for a whole row in the first loop put 8 rows' 128 lines in flight at once and then none while the
+# up dots and down parts ran (SmolLM2 bundle rows, 2 threads, inside the decode loop, tokens
+# alternating in one process: the FFN 3.75-3.78 -> 3.47-3.56 ms a token; /tmp harness, closing note 23)
+PREFETCH_AHEAD = 8
 # sparse_ffn_range computes the h of this many rows, then adds their down parts: each row's axpy waited
 # for its own dot (dot, horizontal sum, then 576 dependent stores), and the next row's dot could not
 # start under it; in groups the dots overlap (tools/bench_sparse.py, SmolLM2 gate rows, one thread, in
@@ -133,7 +138,6 @@ def sparse_ffn_range(partial, hsum, slots, neuron_slot, stage, stage_map, active
     n_part = partial.shape[0]
     t_gate, t_up, t_down = types[0], types[1], types[2]
     o_gate, o_up, o_down, o_end = offs[0], offs[1], offs[2], offs[3]
-    lo = o_down if known == KNOWN_H else o_up if known == KNOWN_GATE else o_gate   # bytes used
     pairs = t_down == COLS_U4 or t_down == COLS_I8   # column down parts: pairs of one source block
     for c in prange(n_part):
         acc = partial[c][:x.shape[0]]
@@ -145,16 +149,16 @@ def sparse_ffn_range(partial, hsum, slots, neuron_slot, stage, stage_map, active
                 if known == KNOWN_NONE:   # the gate dots of the group, one after another (they overlap)
                     for j in range(g0, g1):
                         if j + PREFETCH_AHEAD < b1:
-                            _prefetch_row(slots, neuron_slot, stage, stage_map, active[j + PREFETCH_AHEAD], lo,
-                                          o_end)
+                            _prefetch_row(slots, neuron_slot, stage, stage_map, active[j + PREFETCH_AHEAD], o_gate,
+                                          o_up)
                         a = active[j]
                         gvals[j] = dot_row(t_gate, _row(slots, stage, neuron_slot[a], stage_map[a])[o_gate:o_up],
                                            x, xq, ptsets[0])
                     for j in range(g0, g1):
                         gvals[j] = activate(gvals[j], act)
                 for j in range(g0, g1):
-                    if known == KNOWN_GATE and j + PREFETCH_AHEAD < b1:
-                        _prefetch_row(slots, neuron_slot, stage, stage_map, active[j + PREFETCH_AHEAD], lo, o_end)
+                    if j + PREFETCH_AHEAD < b1:
+                        _prefetch_row(slots, neuron_slot, stage, stage_map, active[j + PREFETCH_AHEAD], o_up, o_down)
                     a = active[j]
                     v = gvals[j]
                     h = np.float32(0.0)
@@ -167,15 +171,15 @@ def sparse_ffn_range(partial, hsum, slots, neuron_slot, stage, stage_map, active
             e = g1 - 1 if pairs and g1 < b1 and _pair_at(active, g1 - 1, dtab[2]) else g1
             j = d
             while j < e:
-                if known == KNOWN_H and j + PREFETCH_AHEAD < b1:
-                    _prefetch_row(slots, neuron_slot, stage, stage_map, active[j + PREFETCH_AHEAD], lo, o_end)
+                if j + PREFETCH_AHEAD < b1:
+                    _prefetch_row(slots, neuron_slot, stage, stage_map, active[j + PREFETCH_AHEAD], o_down, o_end)
                 a = active[j]
                 h = gvals[j]
                 # a pair with both h nonzero in one pass; one with a zero h as two single rows (one inlined
                 # copy of the single row's kernels: a third cost ~2 s of a first run's compile)
                 if pairs and j + 1 < b1 and _pair_at(active, j, dtab[2]) and h != 0.0 and gvals[j + 1] != 0.0:
-                    if known == KNOWN_H and j + 1 + PREFETCH_AHEAD < b1:
-                        _prefetch_row(slots, neuron_slot, stage, stage_map, active[j + 1 + PREFETCH_AHEAD], lo,
+                    if j + 1 + PREFETCH_AHEAD < b1:
+                        _prefetch_row(slots, neuron_slot, stage, stage_map, active[j + 1 + PREFETCH_AHEAD], o_down,
                                       o_end)
                     h1 = gvals[j + 1]
                     axpy_down_pair(t_down, acc, h, _row(slots, stage, neuron_slot[a], stage_map[a])[o_down:o_end],
