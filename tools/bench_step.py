@@ -2,11 +2,14 @@
 flash compute per token at most dense x (active fraction + 0.15).
 
     python tools/bench_step.py SOURCE FLASH [--tokens 48] [--threads 2] [--selectors gate,product,bundle]
+                               [--rounds 1] [--split]
 
 SOURCE is the GGUF the flash file was converted from (a path or a known name: smollm2, gemma3-270m).
 One process, interleaved: the dense engine, then flash mode with no cap (every bundle the window can
 hold stays) once per selector, then the dense engine again; the same prompt, greedy, median ms per
-decoded token. Flash "compute" is its time minus reading and window bookkeeping (TokenStats); after
+decoded token. --rounds R repeats the selectors and the dense engine R times with every model loaded
+once, so each ratio is taken R times within seconds of its own dense runs: the machine's speed drifts
+by 10-20% between processes and over minutes, more than most changes measured here. Flash "compute" is its time minus reading and window bookkeeping (TokenStats); after
 the prompt the window already holds most rows, so it is the step's arithmetic and glue. Prints a
 Markdown table; quote ratios from one run (the machine is noisy).
 
@@ -122,45 +125,63 @@ def main():
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--selectors", default="gate,product,bundle")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat dense, each selector, ... this many times in the one process (every model "
+                         "loaded once) and give each ratio's median and range over the rounds")
     ap.add_argument("--split", action="store_true", help="also the parts of each step inside the loop")
     a = ap.parse_args()
     import gguf_flash
     from gguf_flash.models import resolve
 
-    def dense():
-        llm = gguf_flash.load(resolve(a.source), n_threads=a.threads)
-        return _decode(llm.model, llm.tokenize(PROMPT), a.tokens)
+    sels = a.selectors.split(",")
+    dense_llm = gguf_flash.load(resolve(a.source), n_threads=a.threads)
+    flash_llm = {sel: gguf_flash.load(a.flash, selector=sel, n_threads=a.threads) for sel in sels}
 
-    (d0, c0) = dense()
-    rows = []
-    for sel in a.selectors.split(","):
-        llm = gguf_flash.load(a.flash, selector=sel, n_threads=a.threads)
-        m = llm.model
-        total, cpu = _decode(m, llm.tokenize(PROMPT), a.tokens)
+    def dense():
+        return _decode(dense_llm.model, dense_llm.tokenize(PROMPT), a.tokens)
+
+    def flash(sel):
+        m = flash_llm[sel].model
+        total, cpu = _decode(m, flash_llm[sel].tokenize(PROMPT), a.tokens)
         st = m.stats[-a.tokens:]
         comp = float(np.median([s.compute_ms for s in st]))
         active = float(np.mean([s.active for s in st])) / (m.cfg.n_layer * m.cfg.n_ff)
-        rows.append((sel, total, comp, cpu, active))
-        del llm, m
-    d1, c1 = dense()
+        return total, comp, cpu, active
+
+    # dense, the selectors, dense, the selectors, ..., dense: each round's target is the mean of the dense
+    # runs before and after it
+    dense_runs, runs = [dense()], {sel: [] for sel in sels}
+    for _ in range(a.rounds):
+        for sel in sels:
+            runs[sel].append(flash(sel))
+        dense_runs.append(dense())
     splits = {}
     if a.split:
-        llm = gguf_flash.load(resolve(a.source), n_threads=a.threads)
-        splits["dense"] = dense_split(llm.model, llm.tokenize(PROMPT), a.tokens)
-        for sel in a.selectors.split(","):
-            llm = gguf_flash.load(a.flash, selector=sel, n_threads=a.threads)
+        splits["dense"] = dense_split(dense_llm.model, dense_llm.tokenize(PROMPT), a.tokens)
+        for sel in sels:
+            llm = gguf_flash.load(a.flash, selector=sel, n_threads=a.threads)   # fresh: flash_split patches it
             splits[sel] = flash_split(llm, llm.tokenize(PROMPT), a.tokens)
             del llm
-    d, dc = (d0 + d1) / 2, (c0 + c1) / 2
-    print(f"dense engine: {d0:.2f} / {d1:.2f} ms per token (before / after), CPU {c0:.2f} / {c1:.2f} ms, "
-          f"{a.threads} threads")
+    print(f"dense engine: {' / '.join(f'{d:.2f}' for d, _ in dense_runs)} ms per token (runs in order), CPU "
+          f"{' / '.join(f'{c:.2f}' for _, c in dense_runs)} ms, {a.threads} threads"
+          + (f", {a.rounds} rounds (each cell the median over the rounds, the range in brackets)" if a.rounds > 1 else ""))
     print("| selector | flash ms/token | compute ms | CPU ms | active | target: dense x (active + 0.15) | "
           "compute / target | CPU / dense CPU x (active + 0.15) |")
     print("|---|---|---|---|---|---|---|---|")
-    for sel, total, comp, cpu, active in rows:
-        target = d * (active + 0.15)
-        print(f"| {sel} | {total:.2f} | {comp:.2f} | {cpu:.2f} | {active:.1%} | {target:.2f} | {comp / target:.2f} | "
-              f"{cpu / (dc * (active + 0.15)):.2f} |")
+
+    def cell(v, fmt):
+        v = np.array(v)
+        return fmt.format(np.median(v)) + (f" ({fmt.format(v.min())}-{fmt.format(v.max())})" if len(v) > 1 else "")
+
+    for sel in sels:
+        total, comp, cpu, active, target, ratio, cratio = ([] for _ in range(7))
+        for r, (t, c, u, act) in enumerate(runs[sel]):
+            d = (dense_runs[r][0] + dense_runs[r + 1][0]) / 2
+            dc = (dense_runs[r][1] + dense_runs[r + 1][1]) / 2
+            total.append(t), comp.append(c), cpu.append(u), active.append(act)
+            target.append(d * (act + 0.15)), ratio.append(c / (d * (act + 0.15))), cratio.append(u / (dc * (act + 0.15)))
+        print(f"| {sel} | {cell(total, '{:.2f}')} | {cell(comp, '{:.2f}')} | {cell(cpu, '{:.2f}')} | "
+              f"{np.mean(active):.1%} | {cell(target, '{:.2f}')} | {cell(ratio, '{:.2f}')} | {cell(cratio, '{:.2f}')} |")
     if splits:
         names = list(splits)
         print(f"\nInside the decode loop, ms per token ({a.tokens} tokens, the calls timed from Python):\n")
