@@ -330,10 +330,11 @@ def test_one_call_per_token_while_nothing_is_read(smollm2_flash, mode, selector,
     with rows to read, which Python reads and computes before calling again from the next layer: bundle
     rows and dense mode once the windows hold every row, each selector as soon as its rows are held.
     The logits and the rows read are bitwise those of the per-layer calls, also after a window is
-    shrunk to 10 slots (its layer then reads every token)."""
+    shrunk to 10 slots (its layer then reads every token) and after another grows past its slots
+    (reallocated: the one call's cached arguments must take the new ones)."""
     from gguf_flash.kernels import flashstep
     path, _ = smollm2_flash
-    toks = [1, 504, 3458, 30, 1000, 17, 42]
+    toks = [1, 504, 3458, 30, 1000, 17, 42, 7]
     calls = []
     real = flashstep.layers_held
     monkeypatch.setattr(flashstep, "layers_held", lambda *a: calls.append(a[-5]) or real(*a))
@@ -343,17 +344,22 @@ def test_one_call_per_token_while_nothing_is_read(smollm2_flash, mode, selector,
         calls.clear()                                  # the load's own (kernel preloading)
         if name == "per layer":
             monkeypatch.setattr(llm.model, "_held", lambda: None)
-        logits = [llm.model.forward(t, p).copy() for p, t in enumerate(toks[:-1])]
+        logits = [llm.model.forward(t, p).copy() for p, t in enumerate(toks[:-2])]
         llm.model.windows[3].shrink(10)
+        logits.append(llm.model.forward(toks[-2], len(toks) - 2).copy())
+        grown = llm.model.windows[5]
+        before = grown.slots
+        grown.set_capacity(grown.capacity + 64)
+        assert grown.slots is not before
         logits.append(llm.model.forward(toks[-1], len(toks) - 1).copy())
         runs[name] = (np.stack(logits), [(s.active, s.loaded) for s in llm.model.stats])
     np.testing.assert_array_equal(runs["held"][0], runs["per layer"][0])
     assert runs["held"][1] == runs["per layer"][1]
-    assert runs["held"][1][-1][1] > 0                  # the shrunk window read rows
+    assert runs["held"][1][-2][1] > 0                  # the shrunk window read rows
     assert calls.count(0) == len(toks)                 # every token starts with one call from layer 0
-    if selector in ("bundle", "auto"):   # one call a token, and one more after the shrunk window's layer;
-        fill = 29 if mode == "flash" else 0   # bundle rows: the first token's layers each read their rows
-        assert len(calls) == calls.count(0) + fill + 1
+    if selector in ("bundle", "auto"):   # one call a token, and one more after the shrunk window's layer
+        fill = 29 if mode == "flash" else 0   # (two tokens); bundle rows: the first token's layers each read
+        assert len(calls) == calls.count(0) + fill + 2
 
 
 STREAMED = r"""

@@ -2,8 +2,8 @@
 every token) or read through the bundle store (O_DIRECT when cold) into small reused buffers.
 
 A flash file with a head index stores the head's rows in the index's order (format.T_HI_ORDER, so that
-the rows one state needs sit together on disk): logits are computed in that order and scattered to token
-order (HeadOrder), and a tied embedding looks a token's row up through it.
+the rows one state needs sit together on disk): logits are computed in that order and put in token order
+(HeadOrder), and a tied embedding looks a token's row up through it.
 
 A streamed head is read in HEAD_CHUNK pieces, each multiplied as it arrives, so it never holds more
 than one chunk in RSS and its reads count in the token's I/O (a first version read it from the file
@@ -29,7 +29,7 @@ def _readonly_view(buf: np.ndarray) -> np.ndarray:
 
 class HeadOrder:
     """The order a flash file stores the head's rows in (format.T_HI_ORDER): stored row j is token
-    order[j]. Logits are computed in stored order into `logits` and scattered to token order."""
+    order[j]. Logits are computed in stored order into `logits` and gathered into token order."""
 
     def __init__(self, order: np.ndarray):
         V = order.shape[0]
@@ -44,7 +44,7 @@ class HeadOrder:
 
     def to_tokens(self, logits):
         """logits (n_vocab,) = self.logits in token order."""
-        headidx.scatter(logits, self.logits, self.order)
+        headidx.gather(logits, self.logits, self.row)
 
 
 class OutputHead:

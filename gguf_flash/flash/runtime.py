@@ -148,7 +148,7 @@ def preload_kernels(f, cfg=None, info=None, kv_type: str = "f16", logit_rows: in
         _preload_head_index(s, w, int(head[3]))
     if info.head_order is not None:     # logits from the head's stored order to token order
         from ..kernels import headidx
-        headidx.scatter(s.logits[:2], np.zeros(2, np.float32), np.zeros(2, np.int32))
+        headidx.gather(s.logits[:2], np.zeros(2, np.float32), np.zeros(2, np.int32))
     win = Window(4, 8, 4, 1)
     win.update(np.arange(2, dtype=np.int32), 0)
     win.update(np.arange(2, 4, dtype=np.int32), 5)
@@ -289,6 +289,8 @@ class FlashModel:
                        s.xq_q, w.blob, w.mats, w.norms, w.qk_norms, w.biases, w.swa, w.ip, w.fp)
         self._rows = (s.hg, sel.hu if self.selector == "product" else s.hu, sel.active, sel.gvals)
         self._sel_held = held_selector_args(sel, c.n_layer)   # every layer's, for layers_held
+        self._held_caps = np.zeros(c.n_layer, np.int64)   # (n_layer,) int64 layers_held's capacities
+        self._held_args = None   # its windows tuple (_held), rebuilt when a window reallocates
         step = [self._state + (il,) + sel.step_args(il) + self._rows
                 + (ffn.windows[il].neuron_slot if ffn.windows[il] else ffn.no_slot, ffn.win_rows, ffn.ovf_pos)
                 for il in range(c.n_layer)]
@@ -301,17 +303,26 @@ class FlashModel:
         call: no cap (under one layers_held is not loaded), a window per layer, each keeping its rows
         while it has room (window.KEEP_WHILE_ROOM, so a layer that reads nothing evicts nothing); else
         None. A window that holds every row while the selector takes them all (bundle rows, dense mode)
-        gets capacity -1: nothing to split or look for."""
+        gets capacity -1: nothing to split or look for. Built once and reused while no window has
+        reallocated its slots; the capacities are written into one array in place (every token asks)."""
         ffn, wins = self.ffn, self.ffn.windows
-        if not self._held_loaded or any(win is None or win.k != KEEP_WHILE_ROOM or self.t >= win.k
-                                        for win in wins):
+        if not self._held_loaded:
             return None
         every = self._sel_held[0] == flashstep.SEL_NONE
-        caps = np.array([-1 if every and win.n_used == self.cfg.n_ff else win.capacity for win in wins], np.int64)
-        return (self._state + self._sel_held + self._rows
-                + (ffn.win_rows, ffn.ovf_pos, ffn.out, ffn.partial, ffn.hsum, ffn.staging, ffn.stage_map,
-                   tuple((win.slots, win.neuron_slot, win.last_active, ffn.dtabs[il]) for il, win in enumerate(wins)),
-                   caps, ffn.types, ffn.offs, self.thresholds))
+        caps, cached, n_ff = self._held_caps, self._held_args, self.cfg.n_ff
+        for il, win in enumerate(wins):
+            if win is None or win.k != KEEP_WHILE_ROOM or self.t >= win.k:
+                return None
+            caps[il] = -1 if every and win.n_used == n_ff else win.capacity
+            if cached is not None and cached[il][0] is not win.slots:
+                cached = None
+        if cached is None:
+            cached = tuple((win.slots, win.neuron_slot, win.last_active, ffn.dtabs[il]) for il, win in enumerate(wins))
+            self._held_args = cached
+            self._held_tuple = (self._state + self._sel_held + self._rows
+                                + (ffn.win_rows, ffn.ovf_pos, ffn.out, ffn.partial, ffn.hsum, ffn.staging,
+                                   ffn.stage_map, cached, caps, ffn.types, ffn.offs, self.thresholds))
+        return self._held_tuple
 
     @property
     def windows(self):
