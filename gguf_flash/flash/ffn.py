@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from ..anon import huge_map
 from ..kernels import flashstep, sparse
 from ..kernels.quant_cols import COLS_BLOCK, COLS_TYPES
 from ..kernels.flashstep import split_rows as _split   # (run_chunk; decoding splits in layer_select)
@@ -62,7 +63,11 @@ def pair_cut(active, n: int, ovf_pos, k0: int, m: int, no: int, block) -> tuple[
 class FFNLoader:
     """Window slots and overflow staging for every layer; `run` computes one layer's sparse FFN."""
 
-    def __init__(self, store, layers, plan, n_ff: int, n_embd: int, n_part: int, window_k: int, tset, ptsets):
+    def __init__(self, store, layers, plan, n_ff: int, n_embd: int, n_part: int, window_k: int, tset, ptsets,
+                 huge: bool = False):
+        """huge: the windows' first slots in one map on transparent huge pages (anon.huge_map), for a
+        model with no cap, whose windows fill with every row they can hold and whose RSS is not
+        planned; under a cap each window has a map of 4 KiB pages (a huge page is resident whole)."""
         self.tset = tset                                          # the bundle parts' (runtime.chunk_tset)
         self.ptsets = ptsets                                      # the parts' (dispatch.part_type_sets)
         self.store, self.layers, self.n_ff = store, layers, n_ff
@@ -70,7 +75,10 @@ class FFNLoader:
         self.n_resident_parts = {"gate": 1, "product": 2}.get(plan.selector, 0)
         self.slot_bytes = plan.slot_bytes                         # per layer
         L = len(layers)
-        self.windows = [Window(n_ff, plan.slot_bytes[il], plan.capacities[il], window_k)
+        starts = np.cumsum([0] + [-(-c * b // 64) * 64 for c, b in zip(plan.capacities, plan.slot_bytes)])
+        arena, at = huge_map(int(starts[-1])) if huge else (None, 0)   # each window's slots from a line
+        self.windows = [Window(n_ff, plan.slot_bytes[il], plan.capacities[il], window_k,
+                               None if arena is None else (arena, at + int(starts[il])))
                         if plan.capacities[il] > 0 else None for il in range(L)]
         rows = max(plan.staging_rows, 1)
         self.staging = lazy_zeros((rows, max(plan.slot_bytes)), np.uint8)     # (staging_rows, slot_bytes) uint8

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..anon import anon_map
+from ..anon import huge_map
 
 PIECE = 4 << 20      # bytes copied between releases of the file's pages
 ALIGN = 64           # every region starts 64-byte aligned, as in the GGUF file
@@ -32,7 +32,8 @@ def pin(f, descs) -> np.ndarray:
         if off not in regions:
             regions[off] = total
             total += -(-int(d[1] * d[2]) // ALIGN) * ALIGN
-    buf = np.frombuffer(anon_map(total), np.uint8, max(total, 1))
+    mm, start = huge_map(total)                        # written whole here: huge pages cost no RSS
+    buf = np.frombuffer(mm, np.uint8, max(total, 1), offset=start)
     done: set[int] = set()
     for d, off in zip(unique, origin):
         n = int(d[1] * d[2])

@@ -254,7 +254,8 @@ class FlashModel:
                                     for l in info.layers], np.float32) if mode == "flash" else np.zeros(L, np.float32)
         self.ptsets = part_tsets(info)
         self.ffn = FFNLoader(self.store, info.layers, self.plan, c.n_ff, c.n_embd, numba.get_num_threads(),
-                             KEEP_WHILE_ROOM if window_k is None else window_k, cts, self.ptsets)
+                             KEEP_WHILE_ROOM if window_k is None else window_k, cts, self.ptsets,
+                             huge=self.cap is None)
         ff.release_down_tables(f, L)   # copied by the loader: the map's pages would be held twice
         # what stays resident is copied out of the file map (flash/pinned.py: a file truncated under the
         # model is then a read error naming it, not SIGBUS); streamed parts keep their file offsets

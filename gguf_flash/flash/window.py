@@ -183,7 +183,8 @@ class Window:
 
     Attributes:
         slots:       (capacity, bundle_bytes) uint8, backed by a private anonymous map so that `shrink`
-                     returns pages to the OS (RSS drops) without reallocating
+                     returns pages to the OS (RSS drops) without reallocating; its own map, or
+                     (storage) a range of one the caller shares between windows
         slot_neuron: (capacity,) int32, stored row index of the neuron in each used slot
         neuron_slot: (n_ff,) int32, slot of each neuron, -1 if absent
         last_active: (n_ff,) int32, last token index at which each neuron was active
@@ -191,7 +192,9 @@ class Window:
         k:           window length in tokens; adjustable at any time
     """
 
-    def __init__(self, n_ff: int, bundle_bytes: int, capacity: int, k: int):
+    def __init__(self, n_ff: int, bundle_bytes: int, capacity: int, k: int, storage=None):
+        """storage: (map, offset) of capacity * bundle_bytes bytes for the first slots (flash/ffn.py: the
+        windows on huge pages without a cap); None: a map of the window's own (anon_map)."""
         if n_ff <= 0 or bundle_bytes <= 0 or capacity <= 0 or k < 1:
             raise InvalidArgumentError(
                 f"Window needs n_ff, bundle_bytes, capacity > 0 and k >= 1 "
@@ -204,21 +207,25 @@ class Window:
         self.n_used = 0
         self.capacity = 0
         self._allocated = 0
-        self._alloc(int(capacity))
+        self._alloc(int(capacity), storage)
 
     # -- storage ------------------------------------------------------------------------------------
 
-    def _alloc(self, capacity):
-        """(Re)allocate every per-slot array for `capacity` slots, keeping the used ones."""
+    def _alloc(self, capacity, storage=None):
+        """(Re)allocate every per-slot array for `capacity` slots, keeping the used ones; the slots in
+        storage (map, offset) when given, else in a map of their own."""
         n_bytes = max(capacity * self.bundle_bytes, 1)
-        mm = anon_map(n_bytes)  # page-aligned, zero pages are not resident until written
-        slots = np.frombuffer(mm, np.uint8, capacity * self.bundle_bytes).reshape(
+        if storage is None:
+            mm, off = anon_map(n_bytes), 0   # page-aligned, zero pages are not resident until written
+        else:
+            mm, off = storage
+        slots = np.frombuffer(mm, np.uint8, capacity * self.bundle_bytes, offset=off).reshape(
             capacity, self.bundle_bytes)                              # (capacity, bundle_bytes) uint8
         slot_neuron = np.full(capacity, -1, np.int32)                # (capacity,) int32
         if self.n_used:
             slots[:self.n_used] = self.slots[:self.n_used]
             slot_neuron[:self.n_used] = self.slot_neuron[:self.n_used]
-        self._mm = mm
+        self._mm, self._mm_range = mm, (off, off + n_bytes)           # the map and the slots' bytes in it
         self.slots = slots
         self.slot_neuron = slot_neuron
         self._missing = np.empty(capacity, np.int32)                 # (capacity,) int32 scratch
@@ -229,8 +236,8 @@ class Window:
 
     def _release_tail(self):
         """Give the pages of slots beyond `capacity` back to the OS (they read as zeros later)."""
-        start = self.capacity * self.bundle_bytes
-        release(self._mm, start, len(self._mm) - start)
+        start = self._mm_range[0] + self.capacity * self.bundle_bytes
+        release(self._mm, start, self._mm_range[1] - start)   # whole pages only: never a neighbour's
 
     # -- per token ----------------------------------------------------------------------------------
 
