@@ -147,6 +147,12 @@ def main():
                                                    "a comma list runs flash mode once with each")
     ap.add_argument("--plot", default=None, help="write a PNG of latency against cap (needs matplotlib)")
     a = ap.parse_args()
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401  (checked before the runs, not after them)
+        except ImportError:
+            print(f"bench_flash.py: --plot {a.plot} needs matplotlib (pip install '.[plot]')", file=sys.stderr)
+            sys.exit(2)
     path, source = model_paths(a.model, a.source)
     size, src_size = os.path.getsize(path), os.path.getsize(source)
     dense_out, dense_peak = run_child(DENSE, [source, a.tokens, PROMPT_TEXT])
