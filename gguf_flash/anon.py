@@ -22,8 +22,8 @@ def anon_map(n_bytes: int) -> mmap.mmap:
     No transparent huge pages (MADV_NOHUGEPAGE): where THP is `always`, writing one row of a window or of
     a layer's KV slab would make a whole 2 MiB page resident (np.zeros did that: 58 MiB per KV cache at
     -c 4096 for 3 tokens), and RSS would outrun what the RAM plan counts. The shared maps these replace
-    had 4 KiB pages too (shmem's THP setting is `never` by default). Huge pages did not speed up the
-    flash step either (docs/design.md, "Released memory is freed, not hidden")."""
+    had 4 KiB pages too (shmem's THP setting is `never` by default). Memory written whole before use
+    can have huge pages: huge_map."""
     n = max(int(n_bytes), 1)
     if _PRIVATE is None or _ANON is None:     # not POSIX: the default anonymous map
         return mmap.mmap(-1, n)

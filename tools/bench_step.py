@@ -9,9 +9,10 @@ One process, interleaved: the dense engine, then flash mode with no cap (every b
 hold stays) once per selector, then the dense engine again; the same prompt, greedy, median ms per
 decoded token. --rounds R repeats the selectors and the dense engine R times with every model loaded
 once, so each ratio is taken R times within seconds of its own dense runs: the machine's speed drifts
-by 10-20% between processes and over minutes, more than most changes measured here. Flash "compute" is its time minus reading and window bookkeeping (TokenStats); after
-the prompt the window already holds most rows, so it is the step's arithmetic and glue. Prints a
-Markdown table; quote ratios from one run (the machine is noisy).
+by 10-20% between processes and over minutes, more than most changes measured here. Flash "compute"
+is its time minus reading and window bookkeeping (TokenStats); after the prompt the window already
+holds most rows, so it is the step's arithmetic and glue. Prints a Markdown table; quote ratios from
+one run (the machine is noisy).
 
 --split: also where a step's time goes inside the decode loop (not each part alone and hot). The dense
 step is run as its per-layer compiled calls from Python (attention_layer, ffn_layer_dense, then
@@ -162,9 +163,10 @@ def main():
             llm = gguf_flash.load(a.flash, selector=sel, n_threads=a.threads)   # fresh: flash_split patches it
             splits[sel] = flash_split(llm, llm.tokenize(PROMPT), a.tokens)
             del llm
+    rounds = (f", {a.rounds} rounds (each cell the median over the rounds, the range in brackets)"
+              if a.rounds > 1 else "")
     print(f"dense engine: {' / '.join(f'{d:.2f}' for d, _ in dense_runs)} ms per token (runs in order), CPU "
-          f"{' / '.join(f'{c:.2f}' for _, c in dense_runs)} ms, {a.threads} threads"
-          + (f", {a.rounds} rounds (each cell the median over the rounds, the range in brackets)" if a.rounds > 1 else ""))
+          f"{' / '.join(f'{c:.2f}' for _, c in dense_runs)} ms, {a.threads} threads{rounds}")
     print("| selector | flash ms/token | compute ms | CPU ms | active | target: dense x (active + 0.15) | "
           "compute / target | CPU / dense CPU x (active + 0.15) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -176,12 +178,14 @@ def main():
     for sel in sels:
         total, comp, cpu, active, target, ratio, cratio = ([] for _ in range(7))
         for r, (t, c, u, act) in enumerate(runs[sel]):
-            d = (dense_runs[r][0] + dense_runs[r + 1][0]) / 2
+            share = act + 0.15
+            d = (dense_runs[r][0] + dense_runs[r + 1][0]) / 2        # the dense runs before and after it
             dc = (dense_runs[r][1] + dense_runs[r + 1][1]) / 2
             total.append(t), comp.append(c), cpu.append(u), active.append(act)
-            target.append(d * (act + 0.15)), ratio.append(c / (d * (act + 0.15))), cratio.append(u / (dc * (act + 0.15)))
-        print(f"| {sel} | {cell(total, '{:.2f}')} | {cell(comp, '{:.2f}')} | {cell(cpu, '{:.2f}')} | "
-              f"{np.mean(active):.1%} | {cell(target, '{:.2f}')} | {cell(ratio, '{:.2f}')} | {cell(cratio, '{:.2f}')} |")
+            target.append(d * share), ratio.append(c / (d * share)), cratio.append(u / (dc * share))
+        cells = " | ".join(cell(v, "{:.2f}") for v in (total, comp, cpu))
+        print(f"| {sel} | {cells} | {np.mean(active):.1%} | {cell(target, '{:.2f}')} | {cell(ratio, '{:.2f}')} | "
+              f"{cell(cratio, '{:.2f}')} |")
     if splits:
         names = list(splits)
         print(f"\nInside the decode loop, ms per token ({a.tokens} tokens, the calls timed from Python):\n")

@@ -292,6 +292,7 @@ class FlashModel:
         self._sel_held = held_selector_args(sel, c.n_layer)   # every layer's, for layers_held
         self._held_caps = np.zeros(c.n_layer, np.int64)   # (n_layer,) int64 layers_held's capacities
         self._held_args = None   # its windows tuple (_held), rebuilt when a window reallocates
+        self._held_tuple = None  # all of its arguments but il0, pos, t and the type sets, with that tuple
         step = [self._state + (il,) + sel.step_args(il) + self._rows
                 + (ffn.windows[il].neuron_slot if ffn.windows[il] else ffn.no_slot, ffn.win_rows, ffn.ovf_pos)
                 for il in range(c.n_layer)]

@@ -131,7 +131,8 @@ def layer_ffn(x, out, partial, hsum, fresh, slots, neuron_slot, stage, stage_map
 def layers_held(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd, xq_q,
                 blob, mats, norms, qk_norms, biases, swa, ip, fp,
                 kind, gate_types, up_types, pz, pred_offsets, pred_abs, sel_thresholds, gate_buf, gate_off,
-                up_buf, up_off, down_norms, pa_buf, pa_off, pb_buf, pb_off, pbias, ptmp, u8s, u16s, hg, hu, active, gvals, win_rows, ovf_pos, out, partial, hsum, stage, stage_map,
+                up_buf, up_off, down_norms, pa_buf, pa_off, pb_buf, pb_off, pbias, ptmp, u8s, u16s, hg, hu, active,
+                gvals, win_rows, ovf_pos, out, partial, hsum, stage, stage_map,
                 windows, capacities, types, offs, thresholds, il0, pos, t, tset, ptsets):
     """The layers il0.. of a decode step in one call, for as long as a layer has nothing to read: each is
     layer_select, the window's update and layer_ffn with nothing between them. A layer whose chosen
@@ -145,8 +146,9 @@ def layers_held(x, xb, q, k, v, att, scores, k_cache, v_cache, cos, sin, xq_embd
     The selector's resident arrays come as flat buffers with offsets (selector.held_selector_args: its
     gates and ups (n_ff, bytes a row) each, down norms (n_layer, n_ff), predictor factors A (n_embd,
     rank) and B (rank, n_ff) each, bias (n_layer, n_ff), scratch; the (1, 1) stand-ins u8s, u16s where
-    a layer's range is empty; each array's columns are its range's size over its rows), not as tuples of n_layer arrays: a tuple indexed at run time is a switch over
-    its elements, and seven more of them made LLVM's work on this function 4.3 -> 10.9 s. Per layer
+    a layer's range is empty; each array's columns are its range's size over its rows), not as tuples
+    of n_layer arrays: a tuple indexed at run time is a switch over its elements, and seven more of them
+    made LLVM's work on this function 4.3 -> 10.9 s. Per layer
     (arrays of n_layer): gate_types, up_types (int64), pred_offsets (f64), pred_abs (bool),
     sel_thresholds (f64); capacities (int64) the windows' slots, -1 where the window holds every row
     and the selector takes them all (bundle rows, dense mode: no split, no miss to look for); types
